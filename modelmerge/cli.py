@@ -1,0 +1,156 @@
+"""`modelmerge` console script. Each subcommand imports its component lazily, so the operator and API
+images (no torch) and the merge image (no kopf/fastapi) share one entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, get_args, get_origin
+
+from pydantic import ValidationError
+
+from modelmerge.contract import MergeRequest, format_validation_error, methods_catalogue
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per contract field; a flag left unset does not override `--spec`."""
+    for name, field in MergeRequest.model_fields.items():
+        annotation = field.annotation
+        is_list = get_origin(annotation) is list or any(get_origin(a) is list for a in get_args(annotation))
+        help_text = field.description
+        if annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif is_list:
+            parser.add_argument(_flag(name), dest=name, metavar="A,B,...", default=None,
+                                help=help_text + " (comma-separated)")
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
+
+
+def request_from_args(args: argparse.Namespace) -> MergeRequest:
+    """Merge `--spec` (JSON, or a ModelMerge-like object with a `spec` key) with explicit flags."""
+    data: dict[str, Any] = {}
+    if args.spec:
+        with open(args.spec, encoding="utf-8") as handle:
+            loaded = json.load(handle)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--spec {args.spec}: expected a JSON object")
+        data = {k: v for k, v in loaded.items() if k in MergeRequest.model_fields}
+    for name in MergeRequest.model_fields:
+        value = getattr(args, name, None)
+        if value is not None:
+            data[name] = value
+    return MergeRequest.model_validate(data)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    try:
+        request = request_from_args(args)
+    except ValidationError as exc:
+        return _fail_early(args, "invalid merge request: " + format_validation_error(exc))
+    except (OSError, ValueError) as exc:
+        return _fail_early(args, str(exc))
+    from modelmerge_engine.run import run_merge  # torch is imported only here
+
+    return run_merge(request, overwrite=args.overwrite, summary_file=args.summary_file,
+                     progress=args.progress)
+
+
+def _fail_early(args: argparse.Namespace, message: str) -> int:
+    """Errors before the engine starts still produce the summary line the operator reads."""
+    summary = json.dumps({"status": "failed", "error": message})
+    print(f"error: {message}", file=sys.stderr)
+    print(summary)
+    if args.summary_file:
+        with open(args.summary_file, "w", encoding="utf-8") as handle:
+            handle.write(summary)
+    return 2
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    print(json.dumps({"methods": methods_catalogue()}, indent=2))
+    return 0
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    from modelmerge.crd import write_crds
+
+    for path in write_crds(args.output):
+        print(path)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from modelmerge_api.server import serve
+
+    return serve(args)
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from modelmerge_operator.main import run_operator
+
+    return run_operator(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelmerge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge models (the merge container's entrypoint)")
+    merge.add_argument("--spec", help="JSON file with the request fields; explicit flags override it")
+    add_request_flags(merge)
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
+    merge.add_argument("--summary-file", help="also write the final JSON summary line here")
+    merge.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                       help="progress on stderr: a bar on a terminal, else one line per step")
+    merge.set_defaults(handler=_cmd_merge)
+
+    methods = sub.add_parser("methods", help="print the method registry as JSON")
+    methods.set_defaults(handler=_cmd_methods)
+
+    crds = sub.add_parser("crds", help="generate the CRD manifests from the contract")
+    crds.add_argument("--output", default="crds/", help="directory to write the CRD YAML into")
+    crds.set_defaults(handler=_cmd_crds)
+
+    serve = sub.add_parser("serve", help="run the REST API (local backend by default)")
+    serve.set_defaults(handler=_cmd_serve)
+    _configure_serve(serve)
+
+    operator = sub.add_parser("operator", help="run the kopf operator")
+    operator.set_defaults(handler=_cmd_operator)
+    _configure_operator(operator)
+    return parser
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    try:
+        from modelmerge_api.server import add_arguments
+    except ImportError:  # API extra not installed: the subcommand explains itself when run
+        return
+    add_arguments(parser)
+
+
+def _configure_operator(parser: argparse.ArgumentParser) -> None:
+    try:
+        from modelmerge_operator.main import add_arguments
+    except ImportError:
+        return
+    add_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,6 @@ test-unit: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 crds: install
 	$(BIN)/modelmerge crds --output crds/

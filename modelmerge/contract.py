@@ -364,3 +364,168 @@ class MergeSummary(BaseModel):
     method: str | None = None
     tensors: int | None = None
     seconds: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ModelMerge spec (the CRD's spec = merge request + Kubernetes fields)
+# ---------------------------------------------------------------------------------------------------------
+# The merge request keeps the predecessor API's snake_case names; the Kubernetes fields use the camelCase
+# names of the pod/Job fields they fill, so users recognise them. `modelmerge crds` makes the CRD from these.
+
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                   r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+_RELATIVE_PATH = r"^[^/].*$"
+
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN)]
+Quantity = Annotated[
+    int | str,
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": _QUANTITY}),
+]
+
+
+def _check_quantity(value: int | str | None) -> int | str | None:
+    if isinstance(value, str) and not re.fullmatch(_QUANTITY, value):
+        raise ValueError(f"invalid quantity {value!r}")
+    return value
+
+
+def _check_relative(value: str | None) -> str | None:
+    if value is not None and (value.startswith("/") or ".." in value.split("/")):
+        raise ValueError("must be a relative path without '..'")
+    return value
+
+
+class _KubeModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+
+class MergeResources(_KubeModel):
+    """CPU, memory and GPUs of the merge container (requests = limits)."""
+
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit, e.g. 4 or '3500m'.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit, e.g. '32Gi'.")
+    gpu: int = Field(default=1, ge=1, le=64,
+                     description="Number of GPUs to request when use_gpu is true.")
+    gpuResourceName: str = Field(default=DEFAULT_GPU_RESOURCE, max_length=253, pattern=_QUALIFIED_NAME,
+                                 description="Extended resource name of a GPU, e.g. nvidia.com/gpu or "
+                                 "amd.com/gpu.")
+    shmSize: Quantity | None = Field(default=None, description="Size limit of the in-memory /dev/shm "
+                                     "volume; unset means no limit beyond the memory limit.")
+
+    _quantities = field_validator("cpu", "memory", "shmSize")(_check_quantity)
+
+
+class OutputVolume(_KubeModel):
+    """Where the merged model lands: an existing PersistentVolumeClaim in the ModelMerge's namespace."""
+
+    pvc: ObjectName = Field(description="Name of an existing PersistentVolumeClaim mounted at /output.")
+    subPath: str | None = Field(default=None, max_length=1024, pattern=_RELATIVE_PATH,
+                                description="Folder inside the claim to mount instead of its root.")
+
+    _relative = field_validator("subPath")(_check_relative)
+
+
+class CacheVolume(_KubeModel):
+    """A PersistentVolumeClaim with the Hugging Face cache, mounted at /cache with HF_HOME pointing at it."""
+
+    pvc: ObjectName = Field(description="Name of an existing PersistentVolumeClaim used as HF_HOME.")
+    subPath: str | None = Field(default=None, max_length=1024, pattern=_RELATIVE_PATH,
+                                description="Folder inside the claim to use instead of its root.")
+    readOnly: bool = Field(default=False, description="Mount the cache read-only (a pre-filled cache; "
+                           "combine with HF_HUB_OFFLINE-style use).")
+
+    _relative = field_validator("subPath")(_check_relative)
+
+
+class SecretKeyRef(_KubeModel):
+    name: ObjectName = Field(description="Name of a Secret in the ModelMerge's namespace.")
+    key: str = Field(default="token", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="Key inside the Secret.")
+
+
+class LocalObjectReference(_KubeModel):
+    name: ObjectName = Field(description="Name of an object in the same namespace.")
+
+
+class Toleration(_KubeModel):
+    key: str | None = Field(default=None, max_length=317, description="Taint key; empty with Exists "
+                            "matches all taints.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; unset matches all effects.")
+    tolerationSeconds: int | None = Field(default=None, ge=0, description="NoExecute only: how long the "
+                                          "pod stays bound after the taint appears.")
+
+
+_LABEL_VALUE = Annotated[str, Field(max_length=63)]
+
+
+class ModelMergeSpec(MergeRequest):
+    """The ModelMerge custom resource's spec: the merge request plus how to run it on Kubernetes.
+
+    `output_dir` is relative here: the merged model goes to `<output.pvc>/<output.subPath>/<output_dir>`, and
+    `output_dir` defaults to the ModelMerge's name."""
+
+    output: OutputVolume = Field(description="The PersistentVolumeClaim the merged model is written to.")
+    modelCache: CacheVolume | None = Field(default=None, description="Optional PersistentVolumeClaim with "
+                                           "the Hugging Face cache (HF_HOME).")
+    hfTokenSecret: SecretKeyRef | None = Field(default=None, description="Secret key holding a Hugging "
+                                               "Face token, passed to the merge as HF_TOKEN.")
+    resources: MergeResources = Field(default_factory=MergeResources,
+                                      description="CPU, memory and GPUs of the merge container.")
+    image: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^\S+$",
+                              description="Merge image to run instead of the operator's default.")
+    imagePullSecrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16,
+                                                         description="Secrets for pulling the image.")
+    nodeSelector: dict[Annotated[str, Field(max_length=317)], _LABEL_VALUE] = Field(
+        default_factory=dict, max_length=64, description="Node labels the merge pod must run on.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32,
+                                          description="Taints the merge pod tolerates.")
+    affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity, as in a pod spec "
+                                            "(nodeAffinity, podAffinity, podAntiAffinity).")
+    priorityClassName: str | None = Field(default=None, max_length=253, pattern=_DNS_SUBDOMAIN,
+                                          description="PriorityClass of the merge pod.")
+    queueName: str | None = Field(default=None, max_length=63, pattern=_DNS_SUBDOMAIN,
+                                  description="Kueue LocalQueue: the Job is created suspended with the "
+                                  "kueue.x-k8s.io/queue-name label and Kueue admits it.")
+    backoffLimit: int = Field(default=1, ge=0, le=20,
+                              description="Retries of a failed merge pod before the merge is Failed.")
+    activeDeadlineSeconds: int | None = Field(default=None, ge=1, le=30 * 24 * 3600,
+                                              description="Wall-clock limit of the whole Job, retries "
+                                              "included.")
+    ttlSecondsAfterFinished: int | None = Field(default=None, ge=0, le=365 * 24 * 3600,
+                                                description="Delete the finished Job (not the ModelMerge "
+                                                "or its status) after this many seconds.")
+    cancel: bool = Field(default=False, description="Set to true to stop the merge: the operator deletes "
+                         "the Job and marks the ModelMerge Cancelled. The only field that may change.")
+
+    _relative_output = field_validator("output_dir")(_check_relative)
+
+    def merge_request(self) -> MergeRequest:
+        """The engine's part of the spec."""
+        return MergeRequest.model_validate(self.model_dump(include=set(MergeRequest.model_fields)))
+
+
+class ModelMergeStatus(BaseModel):
+    """Written by the operator only (status subresource)."""
+
+    model_config = ConfigDict(extra="ignore", use_enum_values=True)
+
+    phase: Phase | None = Field(default=None, description="Pending, Running, Succeeded, Failed or Cancelled.")
+    reason: str | None = Field(default=None, description="Machine-readable reason of the phase, e.g. "
+                               "BackoffLimitExceeded, DeadlineExceeded, OOMKilled, MergeFailed, JobDeleted.")
+    message: str | None = Field(default=None, description="Human-readable detail; the engine's error "
+                                "when a merge failed.")
+    jobName: str | None = Field(default=None, description="Name of the Job running the merge.")
+    startTime: str | None = Field(default=None, description="When the Job started.")
+    completionTime: str | None = Field(default=None, description="When the merge finished.")
+    outputPath: str | None = Field(default=None, description="pvc://<claim>/<path> of the merged model.")
+    progress: str | None = Field(default=None, description="How far the merge is, when it reports it.")
+    attempts: int | None = Field(default=None, description="Merge pods that ran (retries + 1).")
+    observedGeneration: int | None = Field(default=None, description="metadata.generation last acted on.")
+    conditions: list[Condition] = Field(default_factory=list, description="Accepted, Running, Complete, "
+                                        "Failed, Cancelled, Suspended, each with its last transition.")

@@ -1,0 +1,1 @@
+"""The streaming merge engine that runs in the merge container (`modelmerge merge`)."""

@@ -1,0 +1,133 @@
+"""`modelmerge merge`: resolve inputs, stream the merge into a staging directory, publish it, report.
+
+The last line on stdout is a JSON summary (also written to `--summary-file`, which the operator points at
+the container's termination-message path). Exit codes: 0 merged, 1 merge failed, 2 invalid request,
+143/130 interrupted (SIGTERM/SIGINT) — in every failure case nothing is left in the output location."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+
+from modelmerge import __version__
+from modelmerge.contract import MergeRequest
+from modelmerge_engine.errors import MergeError
+from modelmerge_engine.output import OutputDir, copy_aux_files, disk_error, model_card
+from modelmerge_engine.progress import Progress
+
+SUMMARY_LIMIT = 3500  # the kubelet keeps at most 4096 bytes of a termination message
+
+
+class Interrupted(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: str | None = None,
+              progress: str = "auto") -> int:
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    started = time.monotonic()
+    output = None
+    try:
+        output = OutputDir(request.output_dir, overwrite)
+        summary = _merge(request, output, Progress(progress))
+        code = 0
+    except MergeError as exc:
+        summary, code = {"status": "failed", "error": str(exc)}, 1
+    except Interrupted as exc:
+        summary, code = {"status": "failed", "error": f"interrupted by {exc}"}, 128 + exc.signum
+    finally:
+        if output is not None:
+            output.discard()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    summary.setdefault("method", request.merge_method)
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    _emit_summary(summary, summary_file)
+    return code
+
+
+def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict:
+    import torch  # noqa: F401  (imported here so request errors above stay fast)
+
+    from modelmerge_engine.engine import StreamingMerge
+    from modelmerge_engine.refs import resolve
+    from modelmerge_engine.safetensors_io import SafetensorsModel, ShardedWriter
+
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+    base_ref = resolve(request.base_model, "base_model")
+    refs = [resolve(ref, f"models_to_merge[{i}]") for i, ref in enumerate(request.models_to_merge)]
+    base = SafetensorsModel(base_ref.path, f"base_model {request.base_model}")
+    finetunes = [SafetensorsModel(r.path, f"models_to_merge[{i}] {r.ref}") for i, r in enumerate(refs)]
+    merge = StreamingMerge(request, base, finetunes, progress)
+    timings["resolve"] = time.monotonic() - clock
+    progress.message(f"merging {len(finetunes)} model(s) into {request.base_model} with "
+                     f"{request.merge_method} on {merge.compute.device} ({request.dtype})")
+
+    staging = output.create_staging()
+    from modelmerge.contract import shard_size_bytes
+
+    writer = ShardedWriter(staging, merge.output_tensors(), shard_size_bytes(request.max_shard_size))
+    clock = time.monotonic()
+    try:
+        merge.run(writer)
+        files = writer.finish()
+        files += copy_aux_files(base_ref.path, staging, request.dtype)
+        timings["merge"] = time.monotonic() - clock
+        report = _report(request, base_ref, refs, merge, files, timings)
+        (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "README.md").write_text(model_card(report))
+    except OSError as exc:
+        writer.abort()
+        raise disk_error(exc, staging) from None
+    finally:
+        base.close()
+        for model in finetunes:
+            model.close()
+    output.commit()
+    return {"status": "succeeded", "output_dir": str(output.final), "tensors": len(merge.plans),
+            "files": sorted(files + ["README.md", "merge_report.json"])}
+
+
+def _report(request, base_ref, refs, merge, files, timings) -> dict:
+    return {
+        "engine": "modelmerge",
+        "engine_version": __version__,
+        "method": request.merge_method,
+        "parameters": request.merge_params(),
+        "inputs": {"base_model": base_ref.describe(), "models_to_merge": [r.describe() for r in refs]},
+        "dtype": request.dtype,
+        "device": str(merge.compute.device),
+        "tensors": len(merge.plans),
+        "merged_tensors": sum(p.merged for p in merge.plans),
+        "statistics": merge.stats,
+        "files": sorted(files),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _emit_summary(summary: dict, summary_file: str | None) -> None:
+    if summary.get("error"):
+        print(f"error: {summary['error']}", file=sys.stderr, flush=True)
+    line = json.dumps(summary)
+    if len(line) > SUMMARY_LIMIT:
+        summary.pop("files", None)
+        summary["error"] = (summary.get("error") or "")[:2000] or None
+        line = json.dumps(summary)
+    print(line, flush=True)
+    if summary_file:
+        try:
+            with open(summary_file, "w", encoding="utf-8") as handle:
+                handle.write(line)
+        except OSError as exc:
+            print(f"warning: cannot write summary file {summary_file}: {exc.strerror}", file=sys.stderr)

@@ -6,9 +6,10 @@
 #
 #     ${XDG_DATA_HOME:-$HOME/.local/share}/modelmerge-envtest/<k8s-version>/
 #
-# A build happens only when that folder lacks a binary or was built from another go.mod/go.sum (a stamp file
-# records their hash). When KUBEBUILDER_ASSETS names a folder that already holds all four binaries, that folder
-# is used and nothing is built. Progress goes to stderr; the last line on stdout is the asset folder, so
+# A build happens only when that folder lacks a binary or was built from another go.mod/go.sum or other flags
+# (a stamp file records their hash). When KUBEBUILDER_ASSETS names a folder that already holds all four
+# binaries, that folder is used and nothing is built. Progress goes to stderr; the last line on stdout is the
+# asset folder, so
 #
 #     export KUBEBUILDER_ASSETS="$(bash hack/envtest.sh | tail -n1)"
 #
@@ -52,7 +53,15 @@ HELM_VERSION="$(modver helm.sh/helm/v3)"
 
 CACHE_ROOT="${XDG_DATA_HOME:-$HOME/.local/share}/modelmerge-envtest"
 DEST="$CACHE_ROOT/${K8S_VERSION#v}"
-STAMP="$(cat "$MODDIR/go.mod" "$MODDIR/go.sum" | sha256sum | cut -c1-16)"
+
+# -X stamps the versions the release builds report (the API server's /version, `helm version`): without them
+# the API server says v0.0.0-master, which fails kubeVersion checks of charts and clients.
+K8S_MINOR="$(cut -d. -f2 <<<"$K8S_VERSION")"
+CB=k8s.io/component-base/version
+LDFLAGS="-s -w -X $CB.gitVersion=$K8S_VERSION -X $CB.gitMajor=1 -X $CB.gitMinor=$K8S_MINOR"
+LDFLAGS+=" -X $CB.gitTreeState=clean -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+# The cache is valid for exactly these modules and flags.
+STAMP="$( (cat "$MODDIR/go.mod" "$MODDIR/go.sum"; echo "$LDFLAGS") | sha256sum | cut -c1-16)"
 
 if has_all "$DEST" && [[ "$(cat "$DEST/.stamp" 2>/dev/null)" == "$STAMP" ]]; then
     log "up to date: kubernetes $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION"
@@ -73,7 +82,7 @@ export GOFLAGS="-mod=readonly -buildvcs=false"
 start=$SECONDS
 (
     cd "$MODDIR"
-    go build -trimpath -ldflags "-s -w" -o "$WORK/" \
+    go build -trimpath -ldflags "$LDFLAGS" -o "$WORK/" \
         k8s.io/kubernetes/cmd/kube-apiserver \
         k8s.io/kubernetes/cmd/kube-controller-manager \
         go.etcd.io/etcd/server/v3 \
@@ -82,6 +91,7 @@ start=$SECONDS
 # `go build -o DIR` names a package path ending in a major-version suffix after the element before it.
 mv "$WORK/server" "$WORK/etcd"
 has_all "$WORK" || { log "the build did not produce all of ${BINARIES[*]}"; exit 1; }
+chmod 755 "$WORK"
 echo "$STAMP" >"$WORK/.stamp"
 printf 'kubernetes %s\netcd %s\nhelm %s\n' "$K8S_VERSION" "$ETCD_VERSION" "$HELM_VERSION" >"$WORK/VERSIONS"
 

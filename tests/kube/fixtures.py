@@ -1,0 +1,102 @@
+"""pytest fixtures for tests against the envtest control plane (loaded by ``pytest_plugins`` in
+tests/conftest.py).
+
+* ``control_plane`` (session): a running :class:`~tests.kube.controlplane.ControlPlane`. Without the binaries
+  (``make envtest``) the tests that use it are skipped, or fail when ``REQUIRE_ENVTEST=1`` (as in CI).
+* ``kubeconfig_path`` (session): the admin kubeconfig file (``pathlib.Path``).
+* ``k8s_api`` (session): a ``kubernetes.client.ApiClient`` authenticated as cluster admin.
+* ``namespace`` (function): the name of a fresh namespace (its ``default`` ServiceAccount already exists),
+  deleted after the test.
+* ``kubelet`` (function): a started :class:`~tests.kube.kubelet.FakeKubelet` that runs the pods of
+  ``namespace``, with its files under the test's ``tmp_path / "kubelet"``; stopped after the test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kube.controlplane import ControlPlane, find_assets
+
+
+def envtest_required() -> bool:
+    return os.environ.get("REQUIRE_ENVTEST", "") not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    assets = find_assets()
+    if assets is None:
+        msg = (
+            "the envtest control plane binaries (etcd, kube-apiserver, kube-controller-manager) were not "
+            "found in $KUBEBUILDER_ASSETS or the envtest cache: run `make envtest`"
+        )
+        if envtest_required():
+            pytest.fail(f"REQUIRE_ENVTEST=1 but {msg}", pytrace=False)
+        pytest.skip(msg)
+    cp = ControlPlane(assets)
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig_path(control_plane: ControlPlane) -> Path:
+    return control_plane.kubeconfig_path
+
+
+@pytest.fixture(scope="session")
+def k8s_api(control_plane: ControlPlane):
+    api = control_plane.api_client()
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def namespace(k8s_api, request) -> Iterator[str]:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core = client.CoreV1Api(k8s_api)
+    base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:40].strip("-")
+    name = f"{base or 'test'}-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name, "labels": {"envtest": "true"}}}, _preload_content=False)
+    # Pods are rejected until the serviceaccount controller has made the namespace's "default" ServiceAccount.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            core.read_namespaced_service_account("default", name, _preload_content=False)
+            break
+        except ApiException as e:
+            if e.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        yield name
+    finally:
+        try:
+            core.delete_namespace(name, propagation_policy="Background", _preload_content=False)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+
+@pytest.fixture
+def kubelet(k8s_api, namespace: str, tmp_path: Path):
+    from tests.kube.kubelet import FakeKubelet
+
+    harness = FakeKubelet(k8s_api, namespace=namespace, root=tmp_path / "kubelet")
+    harness.start()
+    try:
+        yield harness
+    finally:
+        harness.stop()

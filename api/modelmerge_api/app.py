@@ -1,0 +1,241 @@
+"""The FastAPI app: the predecessor's routes under /api plus cancel, logs, downloads, docs and metrics.
+
+The route code is the same for every backend; a backend is the small `jobs.Backend` interface."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from modelmerge import __version__
+from modelmerge.contract import MergeRequest, describe_validation_error, format_validation_error, methods_catalogue
+from modelmerge_api import outputs
+from modelmerge_api.errors import ApiError
+from modelmerge_api.jobs import STATUSES, Backend, Job, Status, utcnow
+from modelmerge_api.middleware import BearerAuth, BodyLimit, RequestMetrics
+
+log = logging.getLogger("modelmerge.api")
+
+EXAMPLE_REQUEST: dict[str, Any] = {
+    "base_model": "Qwen/Qwen2.5-0.5B",
+    "models_to_merge": ["InfiX-ai/Qwen-base-0.5B-code", "InfiX-ai/Qwen-base-0.5B-algebra"],
+    "merge_method": "task_arithmetic",
+    "scaling_coefficient": 0.3,
+    "use_gpu": False,
+    "param_value_mask_rate": 0.8,
+    "exclude_param_names_regex": [],
+}
+TOKEN_HEADER = "x-hf-token"
+MAX_TOKEN_LENGTH = 1024
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
+
+
+@dataclass
+class AppSettings:
+    api_token: str | None = None
+    token_review: Callable[[str], bool] | None = None
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    max_body_bytes: int = 256 * 1024
+
+
+def create_app(backend: Backend, settings: AppSettings | None = None) -> FastAPI:
+    settings = settings or AppSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(backend.start)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(backend.stop)
+
+    app = FastAPI(title="ModelMerge API", version=__version__, lifespan=lifespan,
+                  description="Merge language models: the predecessor's REST API over a local or a "
+                  "Kubernetes backend.")
+    registry = CollectorRegistry()
+    registry.register(JobCollector(backend))
+    app.include_router(api_routes(backend))
+    app.add_api_route("/metrics", lambda: Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST),
+                      include_in_schema=False)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_token or settings.token_review:
+        app.add_middleware(BearerAuth, token=settings.api_token, review=settings.token_review)
+    app.add_middleware(RequestMetrics, registry=registry)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Location", "Content-Disposition"])
+    return app
+
+
+def api_routes(backend: Backend) -> APIRouter:
+    router = APIRouter(prefix="/api")
+    catalogue = {"methods": methods_catalogue()}
+    checksums = outputs.ChecksumCache()
+
+    @router.get("/health", summary="Liveness, version, and whether merges can run")
+    def health() -> dict[str, Any]:
+        info = backend.health()
+        return {"status": "healthy", "timestamp": utcnow(), "merging_available": info.pop("merging_available"),
+                "version": __version__, "backend": backend.name, "backend_info": info}
+
+    @router.get("/methods", summary="Every merge method with every parameter it takes")
+    def methods() -> dict[str, Any]:
+        return catalogue
+
+    @router.get("/example", summary="A valid example request for POST /api/merge")
+    def example() -> dict[str, Any]:
+        return EXAMPLE_REQUEST
+
+    @router.post("/merge", status_code=202, summary="Start a merge",
+                 openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                     "schema": MergeRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    async def merge(request: Request) -> JSONResponse:
+        data = _json_object(await request.body())
+        token = _pop_token(data, request.headers.get(TOKEN_HEADER))
+        merge_request = _validate(data)
+        job_id = str(uuid.uuid4())
+        output_rel = outputs.normalize_output_dir(merge_request.output_dir, default=job_id)
+        job = await run_in_threadpool(backend.submit, job_id, merge_request, output_rel, token)
+        check = f"/api/jobs/{job.job_id}"
+        return JSONResponse({"job_id": job.job_id, "status": job.status, "message": "Merging job started",
+                             "check_status": check}, status_code=202, headers={"Location": check})
+
+    @router.get("/jobs", summary="Jobs, newest first")
+    def list_jobs(status: Status | None = None, limit: int = Query(100, ge=1, le=1000),
+                  offset: int = Query(0, ge=0)) -> dict[str, Any]:
+        jobs, total = backend.list(status, limit, offset)
+        following = offset + len(jobs)
+        return {"jobs": [job.to_json() for job in jobs], "total": total, "limit": limit, "offset": offset,
+                "next_offset": following if following < total else None}
+
+    @router.get("/jobs/{job_id}", summary="One job's status")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return backend.get(job_id).to_json()
+
+    @router.delete("/jobs/{job_id}", summary="Cancel a pending or running merge")
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        job = backend.cancel(job_id)
+        return {**job.to_json(), "message": "cancellation requested"}
+
+    @router.get("/jobs/{job_id}/logs", summary="The merge log (follow=true streams it until the job ends)")
+    def job_logs(job_id: str, follow: bool = False) -> StreamingResponse:
+        return StreamingResponse(backend.logs(job_id, follow), media_type="text/plain; charset=utf-8")
+
+    @router.get("/download/{job_id}", summary="The finished output: path and files with sizes and sha256")
+    def download(job_id: str) -> dict[str, Any]:
+        job, output = _finished_output(backend, job_id)
+        files = checksums.listing(output)
+        return {"job_id": job_id, "output_path": job.output_path,
+                "message": "Merged model ready for download", "files": files,
+                "total_size": sum(f["size"] for f in files),
+                "archive_url": f"/api/download/{job_id}/archive",
+                "file_url_template": f"/api/download/{job_id}/files/{{path}}"}
+
+    @router.get("/download/{job_id}/archive", summary="The output directory as a tar stream")
+    def download_archive(job_id: str) -> StreamingResponse:
+        job, output = _finished_output(backend, job_id)
+        top = PurePosixPath(job.output_rel).name
+        return StreamingResponse(outputs.tar_stream(output, top), media_type="application/x-tar",
+                                 headers={"Content-Disposition": f'attachment; filename="{top}.tar"'})
+
+    @router.get("/download/{job_id}/files/{path:path}", summary="One file of the output")
+    def download_file(job_id: str, path: str) -> FileResponse:
+        _, output = _finished_output(backend, job_id)
+        target = outputs.safe_file(output, path)
+        return FileResponse(target, filename=target.name)
+
+    return router
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object with the merge request's fields "
+                       "(see GET /api/example)")
+    return data
+
+
+def _pop_token(data: dict[str, Any], header: str | None) -> str | None:
+    """The HF token from the body's `hf_token` or the X-HF-Token header; it goes no further than the backend."""
+    token = data.pop("hf_token", None) or header
+    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH):
+        raise ApiError(400, f"hf_token: must be a string of 1 to {MAX_TOKEN_LENGTH} characters",
+                       [{"field": "hf_token", "message": "invalid token"}])
+    return token
+
+
+def _validate(data: dict[str, Any]) -> MergeRequest:
+    try:
+        return MergeRequest.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid merge request: " + format_validation_error(exc),
+                       describe_validation_error(exc)) from None
+
+
+def _finished_output(backend: Backend, job_id: str):
+    job: Job = backend.get(job_id)
+    if job.status != "completed":
+        raise ApiError(400, f"job {job_id!r} is not completed (status: {job.status}); "
+                       "downloads are available once it is")
+    return job, outputs.job_output(backend.output_root, job.output_rel)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: "Endpoint not found", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def query_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"field": ".".join(str(p) for p in err["loc"][1:]) or "request", "message": err["msg"]}
+                   for err in exc.errors()]
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        return JSONResponse({"error": f"invalid request: {message}", "details": details}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+class JobCollector:
+    """Jobs by status and merge durations, read from the backend at scrape time (so they survive restarts)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def collect(self):
+        counts, durations = self.backend.stats()
+        gauge = GaugeMetricFamily("modelmerge_jobs", "Merge jobs by status", labels=["status"])
+        for status in STATUSES:
+            gauge.add_metric([status], counts.get(status, 0))
+        yield gauge
+        buckets = [("+Inf" if bound == float("inf") else str(bound), sum(1 for d in durations if d <= bound))
+                   for bound in DURATION_BUCKETS]
+        yield HistogramMetricFamily("modelmerge_merge_duration_seconds", "Wall time of completed merges",
+                                    buckets=buckets, sum_value=sum(durations))

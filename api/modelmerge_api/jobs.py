@@ -1,0 +1,87 @@
+"""The job view the routes serve, and the small interface both backends implement."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args
+
+from modelmerge.contract import MergeRequest
+
+Status = Literal["pending", "running", "completed", "failed", "cancelled"]
+STATUSES: tuple[str, ...] = get_args(Status)
+ACTIVE = frozenset({"pending", "running"})
+
+
+def utcnow() -> str:
+    """ISO-8601 in UTC with milliseconds, as the predecessor wrote it: 2024-01-15T10:30:00.000Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+@dataclass
+class Job:
+    job_id: str
+    status: str
+    created_at: str | None
+    started_at: str | None = None
+    completed_at: str | None = None
+    error_message: str | None = None
+    output_path: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    progress: float | None = None
+    output_rel: str | None = None  # relative to the backend's output root; not shown to clients
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["output_rel"]
+        return data
+
+    def duration(self) -> float | None:
+        start, end = parse_time(self.started_at), parse_time(self.completed_at)
+        return (end - start).total_seconds() if start and end else None
+
+
+def request_params(request: MergeRequest, output_rel: str) -> dict[str, Any]:
+    """What `params` echoes: every request field (there are no secrets among them), output_dir normalized."""
+    params = request.model_dump(mode="json")
+    params["output_dir"] = output_rel
+    return params
+
+
+class Backend(Protocol):
+    """What the routes need from a backend. Both implementations raise `errors.ApiError` subclasses."""
+
+    name: str
+    output_root: Path
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def health(self) -> dict[str, Any]:
+        """{"merging_available": bool, ...backend details}; must be cheap (cached) and never raise."""
+        ...
+
+    def submit(self, job_id: str, request: MergeRequest, output_rel: str, hf_token: str | None) -> Job:
+        """Record (and queue) a validated request; nothing is created when it raises."""
+        ...
+
+    def get(self, job_id: str) -> Job: ...
+
+    def list(self, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+        """Newest first; returns (page, total matching)."""
+        ...
+
+    def cancel(self, job_id: str) -> Job: ...
+
+    def logs(self, job_id: str, follow: bool) -> Iterator[bytes]: ...
+
+    def stats(self) -> tuple[dict[str, int], list[float]]:
+        """(job count per status, durations in seconds of finished merges) for /metrics."""
+        ...

@@ -1,0 +1,303 @@
+"""The embedded local backend: a SQLite job table under a data dir and a bounded pool of worker threads, each
+running `modelmerge merge` as a subprocess (its own process group, killed with the server).
+
+Layout of the data dir: `jobs.db`, `logs/<job>.log`, `work/<job>/{spec,summary}.json`, `output/` (the default
+output root). Restart policy: a job that was running when the server stopped is marked failed with an
+"interrupted" message (its merge wrote into a temporary sibling, so no half-written output looks finished);
+pending jobs stay queued, except those submitted with an hf_token, which is never stored: they fail with a
+message asking to resubmit."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from modelmerge.contract import MergeRequest, MergeSummary
+from modelmerge_api import outputs
+from modelmerge_api.errors import Conflict, Unavailable, job_not_found
+from modelmerge_api.jobs import ACTIVE, Job, parse_time, request_params, utcnow
+from modelmerge_api.store import JobStore
+
+INTERRUPTED = ("interrupted: the API server stopped while this merge was running; "
+               "its partial output was discarded, resubmit the job")
+TOKEN_LOST = ("interrupted: the API server restarted before this job started, and its hf_token is never "
+              "stored; resubmit the job")
+KILL_GRACE_S = 10.0
+_PERCENT = re.compile(rb"(\d{1,3}(?:\.\d+)?)\s?%")
+_SECRET_ENV = ("MODELMERGE_API_TOKEN",)
+
+
+def default_engine_command() -> list[str]:
+    return [sys.executable, "-m", "modelmerge.cli"]
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, data_dir: Path, output_root: Path | None = None, workers: int = 1,
+                 engine_command: list[str] | None = None) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.output_root = Path(output_root or self.data_dir / "output").expanduser().resolve()
+        self.workers = max(1, workers)
+        self.engine_command = engine_command or default_engine_command()
+        self.store: JobStore | None = None
+        self._tokens: dict[str, str] = {}
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._progress: dict[str, float] = {}
+        self._wake = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock_file: IO[str] | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for folder in (self.data_dir, self.data_dir / "logs", self.data_dir / "work", self.output_root):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
+        self.store = JobStore(self.data_dir / "jobs.db")
+        self._recover()
+        for index in range(self.workers):
+            thread = threading.Thread(target=self._work, name=f"merge-worker-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+        for proc in list(self._procs.values()):
+            _signal_group(proc, signal.SIGTERM)
+        for thread in self._threads:
+            thread.join(timeout=KILL_GRACE_S + 5)
+        if self.store:
+            self.store.close()
+        if self._lock_file:
+            self._lock_file.close()
+
+    def _lock_data_dir(self) -> None:
+        """Two servers on one data dir would fail each other's running jobs on start: refuse the second."""
+        self._lock_file = open(self.data_dir / "server.lock", "w")  # held until stop()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another modelmerge server already uses the data dir {self.data_dir}") from None
+
+    def _recover(self) -> None:
+        for job, _, pid in self.store.with_status("running"):
+            _kill_orphan(pid, job.job_id)
+            self.store.finish(job.job_id, "failed", INTERRUPTED)
+        for job, has_token, _ in self.store.with_status("pending"):
+            if has_token:
+                self.store.finish(job.job_id, "failed", TOKEN_LOST, was=("pending",))
+
+    # ---- the interface -----------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        available = all(_importable(name) for name in ("torch", "modelmerge_engine.run"))
+        return {"merging_available": available, "workers": self.workers,
+                "running": len(self._procs), "output_root": str(self.output_root)}
+
+    def submit(self, job_id: str, request: MergeRequest, output_rel: str, hf_token: str | None) -> Job:
+        if self._stopping.is_set():
+            raise Unavailable("the server is shutting down")
+        target = outputs.ensure_free(self.output_root, output_rel)
+        job = Job(job_id=job_id, status="pending", created_at=utcnow(), output_path=str(target),
+                  params=request_params(request, output_rel), output_rel=output_rel)
+        if hf_token:
+            self._tokens[job.job_id] = hf_token
+        self.store.insert(job, has_token=bool(hf_token))
+        with self._wake:
+            self._wake.notify()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise job_not_found(job_id)
+        job.progress = self._progress.get(job_id) if job.status == "running" else None
+        return job
+
+    def list(self, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+        jobs, total = self.store.page(status, limit, offset)
+        for job in jobs:
+            job.progress = self._progress.get(job.job_id) if job.status == "running" else None
+        return jobs, total
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.status not in ACTIVE or not self.store.finish(job_id, "cancelled", "cancelled by request",
+                                                             was=tuple(ACTIVE)):
+            raise Conflict(f"job {job_id!r} is already {self.get(job_id).status}; only pending or running "
+                           "jobs can be cancelled")
+        self._tokens.pop(job_id, None)
+        proc = self._procs.get(job_id)
+        if proc is not None:
+            _terminate(proc)
+        return self.get(job_id)
+
+    def logs(self, job_id: str, follow: bool) -> Iterator[bytes]:
+        self.get(job_id)
+        active = (lambda: self.store.get(job_id).status in ACTIVE) if follow else (lambda: False)
+        return tail(self._log_path(job_id), active)
+
+    def stats(self) -> tuple[dict[str, int], list[float]]:
+        counts, spans = self.store.stats()
+        return counts, [(parse_time(end) - parse_time(start)).total_seconds() for start, end in spans]
+
+    # ---- workers -----------------------------------------------------------------------------------
+
+    def _log_path(self, job_id: str) -> Path:
+        return self.data_dir / "logs" / f"{job_id}.log"
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                with self._wake:
+                    self._wake.wait(timeout=1.0)
+                continue
+            try:
+                self._run(job)
+            except Exception as exc:  # a worker must survive anything one job throws at it
+                self.store.finish(job.job_id, "failed", f"internal error running the merge: {exc}")
+            finally:
+                self._progress.pop(job.job_id, None)
+
+    def _run(self, job: Job) -> None:
+        token = self._tokens.pop(job.job_id, None)
+        work = self.data_dir / "work" / job.job_id
+        work.mkdir(parents=True, exist_ok=True)
+        target = outputs.contained(self.output_root, job.output_rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        spec, summary = work / "spec.json", work / "summary.json"
+        spec.write_text(json.dumps({**job.params, "output_dir": str(target)}))
+        command = [sys.executable, "-m", "modelmerge_api.child", str(os.getpid()), *self.engine_command,
+                   "merge", "--spec", str(spec), "--output-dir", str(target),
+                   "--summary-file", str(summary), "--progress", "lines"]
+        with open(self._log_path(job.job_id), "ab") as log:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, env=_child_env(token), cwd=work,
+                                    start_new_session=True)
+            self._procs[job.job_id] = proc
+            self.store.set_pid(job.job_id, proc.pid)
+            if self.store.get(job.job_id).status != "running":  # cancelled while it was being claimed
+                _terminate(proc)
+            self._pump(proc, log, job.job_id, token)
+            code = proc.wait()
+        self._procs.pop(job.job_id, None)
+        status, error = ("failed", INTERRUPTED) if self._stopping.is_set() else _outcome(code, summary)
+        self.store.finish(job.job_id, status, error)
+
+    def _pump(self, proc: subprocess.Popen[bytes], log: IO[bytes], job_id: str, token: str | None) -> None:
+        """Copy the merge's output into its log (token redacted), keeping the last percentage seen."""
+        for line in proc.stdout:
+            if token:
+                line = line.replace(token.encode(), b"***")
+            log.write(line)
+            log.flush()
+            if match := _PERCENT.search(line):
+                self._progress[job_id] = min(100.0, float(match.group(1)))
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _child_env(token: str | None) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in _SECRET_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def _outcome(code: int, summary_file: Path) -> tuple[str, str | None]:
+    summary = _read_summary(summary_file)
+    if code == 0 and (summary is None or summary.status == "succeeded"):
+        return "completed", None
+    if summary is not None and summary.error:
+        return "failed", summary.error
+    if code < 0:
+        return "failed", f"the merge process was killed by signal {signal.Signals(-code).name}"
+    return "failed", f"the merge exited with code {code} (see the job's logs)"
+
+
+def _read_summary(path: Path) -> MergeSummary | None:
+    try:
+        return MergeSummary.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the merge's process group now, SIGKILL it if it is still there after a grace period."""
+    _signal_group(proc, signal.SIGTERM)
+
+    def escalate() -> None:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGKILL)
+
+    timer = threading.Timer(KILL_GRACE_S, escalate)
+    timer.daemon = True
+    timer.start()
+
+
+def _kill_orphan(pid: int | None, job_id: str) -> None:
+    """A merge left over from a server that died: kill it, but only if that pid still is this job's merge."""
+    if not pid:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if job_id.encode() in cmdline:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def tail(path: Path, active: Callable[[], bool], poll_s: float = 0.25) -> Iterator[bytes]:
+    """The file's content; then, while `active()`, whatever is appended to it."""
+    offset = 0
+    while True:
+        running = active()
+        chunk = _read_from(path, offset)
+        offset += len(chunk)
+        if chunk:
+            yield chunk
+        elif not running:
+            return
+        else:
+            time.sleep(poll_s)
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(outputs.CHUNK)
+    except FileNotFoundError:
+        return b""

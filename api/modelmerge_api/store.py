@@ -1,0 +1,114 @@
+"""The local backend's job table: one SQLite file (WAL), one connection guarded by a lock.
+
+Secrets are never stored: the table only remembers *whether* a job came with an HF token."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+from modelmerge_api.errors import Conflict
+from modelmerge_api.jobs import Job, utcnow
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    completed_at TEXT,
+    error_message TEXT,
+    output_rel TEXT NOT NULL,
+    output_path TEXT NOT NULL,
+    params TEXT NOT NULL,
+    has_token INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_output ON jobs(output_rel)
+    WHERE status IN ('pending', 'running');
+"""
+_COLUMNS = "id, status, created_at, started_at, completed_at, error_message, output_rel, output_path, params"
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(job_id=row["id"], status=row["status"], created_at=row["created_at"],
+               started_at=row["started_at"], completed_at=row["completed_at"],
+               error_message=row["error_message"], output_path=row["output_path"],
+               params=json.loads(row["params"]), output_rel=row["output_rel"])
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _rows(self, sql: str, *args: object) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _change(self, sql: str, *args: object) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
+
+    def insert(self, job: Job, has_token: bool) -> None:
+        try:
+            self._change(
+                "INSERT INTO jobs (id, status, created_at, output_rel, output_path, params, has_token) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                job.job_id, job.status, job.created_at, job.output_rel, job.output_path,
+                json.dumps(job.params), int(has_token))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"output_dir: {job.output_rel!r} is the output of another pending or running job") \
+                from None
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._rows(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", job_id)
+        return _job(rows[0]) if rows else None
+
+    def page(self, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+        where, args = ("WHERE status = ?", (status,)) if status else ("", ())
+        rows = self._rows(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                          *args, limit, offset)
+        total = self._rows(f"SELECT count(*) FROM jobs {where}", *args)[0][0]
+        return [_job(row) for row in rows], total
+
+    def with_status(self, status: str) -> list[tuple[Job, bool, int | None]]:
+        """(job, has_token, pid) of every job in `status`, oldest first (for recovery)."""
+        rows = self._rows(f"SELECT {_COLUMNS}, has_token, pid FROM jobs WHERE status = ? ORDER BY seq", status)
+        return [(_job(row), bool(row["has_token"]), row["pid"]) for row in rows]
+
+    def claim_next(self) -> Job | None:
+        """Atomically move the oldest pending job to running."""
+        rows = self._rows(
+            f"UPDATE jobs SET status = 'running', started_at = ? WHERE seq = "
+            f"(SELECT seq FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1) RETURNING {_COLUMNS}",
+            utcnow())
+        return _job(rows[0]) if rows else None
+
+    def set_pid(self, job_id: str, pid: int) -> None:
+        self._change("UPDATE jobs SET pid = ? WHERE id = ?", pid, job_id)
+
+    def finish(self, job_id: str, status: str, error: str | None, *, was: tuple[str, ...] = ("running",)) -> bool:
+        """Move a job to a final status, only from one of the statuses in `was` (so a cancel is never undone)."""
+        marks = ", ".join("?" * len(was))
+        return self._change(
+            f"UPDATE jobs SET status = ?, error_message = ?, completed_at = ? WHERE id = ? AND status IN ({marks})",
+            status, error, utcnow(), job_id, *was) == 1
+
+    def stats(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        counts = {row[0]: row[1] for row in self._rows("SELECT status, count(*) FROM jobs GROUP BY status")}
+        spans = [(row[0], row[1]) for row in self._rows(
+            "SELECT started_at, completed_at FROM jobs WHERE status = 'completed' AND started_at IS NOT NULL")]
+        return counts, spans

@@ -14,7 +14,8 @@
 #     export KUBEBUILDER_ASSETS="$(bash hack/envtest.sh | tail -n1)"
 #
 # works. Needs only Go (the version in hack/envtest/go.mod or newer) and the Go module proxy. The first build
-# takes a while (tens of minutes on two cores); later runs return at once.
+# downloads about 750 MB of modules and compiles for several minutes (BUILD_TIME below); later runs return at
+# once.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,73 +31,80 @@ has_all() {
     done
 }
 
-if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
-    if has_all "$KUBEBUILDER_ASSETS"; then
-        log "using KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
-        echo "$KUBEBUILDER_ASSETS"
-        exit 0
-    fi
-    log "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS lacks some of ${BINARIES[*]}; using the cache instead"
-fi
-
-command -v go >/dev/null || { log "go is not installed"; exit 1; }
-
-# The pinned versions, read from go.mod so that it is the one place to change them.
+# A version pinned in go.mod, so that go.mod is the one place to change them.
 modver() { awk -v m="$1" '$1 == m && $2 ~ /^v/ {print $2; exit}' "$MODDIR/go.mod"; }
-K8S_VERSION="$(modver k8s.io/kubernetes)"
-ETCD_VERSION="$(modver go.etcd.io/etcd/server/v3)"
-HELM_VERSION="$(modver helm.sh/helm/v3)"
-[[ -n "$K8S_VERSION" && -n "$ETCD_VERSION" && -n "$HELM_VERSION" ]] || {
-    log "cannot read the pinned versions from $MODDIR/go.mod"
-    exit 1
+
+# Everything runs inside main, so bash has read the whole file before it starts (safe to edit meanwhile).
+main() {
+    if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+        if has_all "$KUBEBUILDER_ASSETS"; then
+            log "using KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
+            echo "$KUBEBUILDER_ASSETS"
+            return 0
+        fi
+        log "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS lacks some of ${BINARIES[*]}; using the cache instead"
+    fi
+
+    command -v go >/dev/null || { log "go is not installed"; return 1; }
+
+    local k8s etcd helm
+    k8s="$(modver k8s.io/kubernetes)"
+    etcd="$(modver go.etcd.io/etcd/server/v3)"
+    helm="$(modver helm.sh/helm/v3)"
+    if [[ -z "$k8s" || -z "$etcd" || -z "$helm" ]]; then
+        log "cannot read the pinned versions from $MODDIR/go.mod"
+        return 1
+    fi
+
+    local cache_root="${XDG_DATA_HOME:-$HOME/.local/share}/modelmerge-envtest"
+    local dest="$cache_root/${k8s#v}"
+
+    # -X stamps the versions release builds report (the API server's /version, `helm version`): without them
+    # the API server says v0.0.0-master, which fails the kubeVersion checks of charts and clients.
+    local cb=k8s.io/component-base/version minor
+    minor="$(cut -d. -f2 <<<"$k8s")"
+    local ldflags="-s -w -X $cb.gitVersion=$k8s -X $cb.gitMajor=1 -X $cb.gitMinor=$minor"
+    ldflags+=" -X $cb.gitTreeState=clean -X helm.sh/helm/v3/internal/version.version=$helm"
+
+    # The cache is valid for exactly these modules and flags.
+    local stamp
+    stamp="$( (cat "$MODDIR/go.mod" "$MODDIR/go.sum"; echo "$ldflags") | sha256sum | cut -c1-16)"
+    if has_all "$dest" && [[ "$(cat "$dest/.stamp" 2>/dev/null)" == "$stamp" ]]; then
+        log "up to date: kubernetes $k8s, etcd $etcd, helm $helm"
+        echo "$dest"
+        return 0
+    fi
+
+    log "building kubernetes $k8s (kube-apiserver, kube-controller-manager), etcd $etcd, helm $helm" \
+        "into $dest"
+    mkdir -p "$cache_root"
+    WORK="$(mktemp -d "$cache_root/.build-XXXXXX")"
+    trap 'rm -rf "$WORK"' EXIT
+
+    # Static, stripped binaries without VCS stamping; go.sum is authoritative (-mod=readonly). One `go build`
+    # invocation compiles all four so the packages they share (client-go, apimachinery, grpc, ...) build once.
+    local start=$SECONDS
+    (
+        cd "$MODDIR"
+        export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
+        go build -trimpath -ldflags "$ldflags" -o "$WORK/" \
+            k8s.io/kubernetes/cmd/kube-apiserver \
+            k8s.io/kubernetes/cmd/kube-controller-manager \
+            go.etcd.io/etcd/server/v3 \
+            helm.sh/helm/v3/cmd/helm
+    )
+    # `go build -o DIR` names a package whose path ends in a major-version suffix after the element before it.
+    mv "$WORK/server" "$WORK/etcd"
+    has_all "$WORK" || { log "the build did not produce all of ${BINARIES[*]}"; return 1; }
+    chmod 755 "$WORK"
+    echo "$stamp" >"$WORK/.stamp"
+    printf 'kubernetes %s\netcd %s\nhelm %s\n' "$k8s" "$etcd" "$helm" >"$WORK/VERSIONS"
+
+    rm -rf "$dest"
+    mv "$WORK" "$dest"
+    trap - EXIT
+    log "built in $((SECONDS - start))s"
+    echo "$dest"
 }
 
-CACHE_ROOT="${XDG_DATA_HOME:-$HOME/.local/share}/modelmerge-envtest"
-DEST="$CACHE_ROOT/${K8S_VERSION#v}"
-
-# -X stamps the versions the release builds report (the API server's /version, `helm version`): without them
-# the API server says v0.0.0-master, which fails kubeVersion checks of charts and clients.
-K8S_MINOR="$(cut -d. -f2 <<<"$K8S_VERSION")"
-CB=k8s.io/component-base/version
-LDFLAGS="-s -w -X $CB.gitVersion=$K8S_VERSION -X $CB.gitMajor=1 -X $CB.gitMinor=$K8S_MINOR"
-LDFLAGS+=" -X $CB.gitTreeState=clean -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
-# The cache is valid for exactly these modules and flags.
-STAMP="$( (cat "$MODDIR/go.mod" "$MODDIR/go.sum"; echo "$LDFLAGS") | sha256sum | cut -c1-16)"
-
-if has_all "$DEST" && [[ "$(cat "$DEST/.stamp" 2>/dev/null)" == "$STAMP" ]]; then
-    log "up to date: kubernetes $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION"
-    echo "$DEST"
-    exit 0
-fi
-
-log "building kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager), etcd $ETCD_VERSION," \
-    "helm $HELM_VERSION into $DEST"
-mkdir -p "$CACHE_ROOT"
-WORK="$(mktemp -d "$CACHE_ROOT/.build-XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
-
-# Static, stripped binaries without VCS stamping; go.sum is authoritative (-mod=readonly). One `go build`
-# invocation compiles all four so the packages they share (client-go, apimachinery, grpc, ...) build once.
-export CGO_ENABLED=0
-export GOFLAGS="-mod=readonly -buildvcs=false"
-start=$SECONDS
-(
-    cd "$MODDIR"
-    go build -trimpath -ldflags "$LDFLAGS" -o "$WORK/" \
-        k8s.io/kubernetes/cmd/kube-apiserver \
-        k8s.io/kubernetes/cmd/kube-controller-manager \
-        go.etcd.io/etcd/server/v3 \
-        helm.sh/helm/v3/cmd/helm
-)
-# `go build -o DIR` names a package path ending in a major-version suffix after the element before it.
-mv "$WORK/server" "$WORK/etcd"
-has_all "$WORK" || { log "the build did not produce all of ${BINARIES[*]}"; exit 1; }
-chmod 755 "$WORK"
-echo "$STAMP" >"$WORK/.stamp"
-printf 'kubernetes %s\netcd %s\nhelm %s\n' "$K8S_VERSION" "$ETCD_VERSION" "$HELM_VERSION" >"$WORK/VERSIONS"
-
-rm -rf "$DEST"
-mv "$WORK" "$DEST"
-trap - EXIT
-log "built in $((SECONDS - start))s"
-echo "$DEST"
+main "$@"

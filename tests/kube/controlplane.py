@@ -81,6 +81,15 @@ def find_assets() -> Path | None:
     return max(versions, key=lambda p: _version_key(p.name))
 
 
+def find_helm() -> Path | None:
+    """The helm binary hack/envtest.sh builds next to the control plane, else one on PATH, else None."""
+    assets = find_assets()
+    if assets is not None and os.access(assets / "helm", os.X_OK):
+        return assets / "helm"
+    found = shutil.which("helm")
+    return Path(found) if found else None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -238,11 +238,20 @@ class ControlPlane:
         if missing:
             raise ControlPlaneError(f"{self.assets} lacks {', '.join(missing)}: run `make envtest`")
         atexit.register(self.stop)
-        try:
-            self._start(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(3):
+            try:
+                self._start(timeout)
+                return
+            except ControlPlaneError as e:
+                # A port picked by free_port() can be taken before the process binds it: try again then.
+                if attempt == 2 or "address already in use" not in str(e):
+                    self.stop()
+                    raise
+                self._kill_all()
+                shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
+            except BaseException:
+                self.stop()
+                raise
 
     def _start(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -325,13 +334,16 @@ class ControlPlane:
     def stop(self) -> None:
         """Stops the processes (newest first, each whole process group) and removes the work dir."""
         atexit.unregister(self.stop)
-        while self._procs:
-            _, proc = self._procs.pop()
-            _terminate(proc)
+        self._kill_all()
         if self._own_workdir and not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- helpers --------------------------------------------------------------------------------------------
+    def _kill_all(self) -> None:
+        while self._procs:
+            _, proc = self._procs.pop()
+            _terminate(proc)
+
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.log_path(name), "ab")  # noqa: SIM115 - the child keeps it open
         try:

@@ -91,12 +91,14 @@ def namespace(k8s_api, request) -> Iterator[str]:
 
 
 @pytest.fixture
-def kubelet(k8s_api, namespace: str, tmp_path: Path):
+def kubelet(control_plane: ControlPlane, namespace: str, tmp_path: Path):
     from tests.kube.kubelet import FakeKubelet
 
-    harness = FakeKubelet(k8s_api, namespace=namespace, root=tmp_path / "kubelet")
+    api = control_plane.api_client()  # its own connection pool: the watch holds one connection for long
+    harness = FakeKubelet(api, namespace=namespace, root=tmp_path / "kubelet")
     harness.start()
     try:
         yield harness
     finally:
         harness.stop()
+        api.close()

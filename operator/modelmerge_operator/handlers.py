@@ -1,0 +1,114 @@
+"""kopf wiring: settings, the ModelMerge index, and thin handlers that call `Reconciler`.
+
+Importing this module registers the handlers with kopf's default registry (`modelmerge operator` does that, and
+so can `kopf run -m modelmerge_operator.handlers` or `kopf.testing.KopfRunner`)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import kopf
+
+from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+from modelmerge_operator import manifests
+from modelmerge_operator.config import OperatorConfig
+from modelmerge_operator.kube import Kube, api_client
+from modelmerge_operator.reconcile import Reconciler, owner_of
+
+RESOURCE = (API_GROUP, API_VERSION, PLURAL)
+HANDLER_BACKOFF = 5.0
+
+
+def emit(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(obj, type=type_, reason=reason, message=message[:1024])
+
+
+def configure(settings: kopf.OperatorSettings, workers: int) -> None:
+    """Production settings: state in our own annotations, only warnings become Kubernetes events (the
+    operator posts its own transition events), bounded watches that reconnect, retries with backoff."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "modelmerge-operator"
+    settings.posting.reporting_instance = os.environ.get("HOSTNAME", "modelmerge-operator")
+    settings.watching.server_timeout = 300  # the API server ends each watch after 5 min; kopf re-lists
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.networking.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.networking.error_backoffs = (1, 2, 5, 10, 20, 30, 60)
+    settings.queueing.error_delays = (1, 2, 5, 10, 20, 30, 60)
+    settings.execution.max_workers = workers
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    workers = int(memo.get("workers") or os.environ.get("MODELMERGE_WORKERS", "16"))
+    configure(settings, workers)
+    config = memo.get("config") or OperatorConfig()
+    kube = Kube(api_client(memo.get("kubeconfig"), pool_size=workers + 4))
+    memo.reconciler = Reconciler(kube, config, emit)
+    if config.progress_interval > 0:
+        memo.stop_progress = threading.Event()
+        threading.Thread(target=memo.reconciler.poll_progress, name="progress", daemon=True,
+                         args=(memo.stop_progress, config.progress_interval)).start()
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if "stop_progress" in memo:
+        memo.stop_progress.set()
+
+
+@kopf.on.probe(id="started")
+def probe(**_: Any) -> float:
+    return time.time()
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    """A detached copy of a kopf body, without the bulky bookkeeping the operator never reads."""
+    plain = copy.deepcopy(dict(body))
+    plain.get("metadata", {}).pop("managedFields", None)
+    plain.get("metadata", {}).pop("annotations", None)
+    return plain
+
+
+@kopf.index(*RESOURCE)
+def modelmerges(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict]:
+    """(namespace, name) → the ModelMerge, so Job events find their owner without an API call."""
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.on.create(*RESOURCE, backoff=HANDLER_BACKOFF)
+def create(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.create(_plain(body))
+
+
+@kopf.on.field(*RESOURCE, field="spec.cancel", new=True, backoff=HANDLER_BACKOFF)
+def cancel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.cancel(_plain(body))
+
+
+@kopf.on.resume(*RESOURCE, backoff=HANDLER_BACKOFF)
+def resume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.resume(_plain(body))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_MANAGED_BY: manifests.MANAGED_BY})
+def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, modelmerges: kopf.Index,
+              **_: Any) -> None:
+    owner = owner_of(body)
+    if owner is None or "reconciler" not in memo:
+        return
+    store = modelmerges.get((body["metadata"]["namespace"], owner["name"]))
+    mm = next(iter(store), None) if store else None
+    memo.reconciler.job_event(type, _plain(body), mm)
+
+

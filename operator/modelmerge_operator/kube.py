@@ -1,0 +1,96 @@
+"""The few Kubernetes API calls the operator makes, on plain dicts (no client model round trips). Each call is
+idempotent or tolerant of the races an operator meets (409 on create, 404 on delete)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def api_client(kubeconfig: str | None = None, pool_size: int = 16) -> client.ApiClient:
+    """The named kubeconfig, else in-cluster credentials, else $KUBECONFIG / ~/.kube/config."""
+    conf = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=conf)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=conf)
+    conf.connection_pool_maxsize = pool_size
+    conf.retries = 3
+    return client.ApiClient(conf)
+
+
+def _raw(response: Any) -> dict[str, Any]:
+    return json.loads(response.data or b"{}")
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient):
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def create_or_get(self, kind: str, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Creates the object, or returns the existing one of the same name: (object, created)."""
+        create, read = {
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+        }[kind]
+        namespace = manifest["metadata"]["namespace"]
+        try:
+            return _raw(create(namespace, manifest, _preload_content=False)), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        return _raw(read(manifest["metadata"]["name"], namespace, _preload_content=False)), False
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _raw(self.batch.read_namespaced_job(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete_job(self, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Deletes the Job and (in the background) its pods; False when it was already gone."""
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self.batch.delete_namespaced_job(name, namespace, body=body, _preload_content=False)
+            return True
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+
+    def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        return _raw(self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}",
+                                                  _preload_content=False)).get("items", [])
+
+    def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int = 20) -> str:
+        response = self.core.read_namespaced_pod_log(pod, namespace, container=container, tail_lines=lines,
+                                                     _preload_content=False, _request_timeout=10)
+        return response.data.decode(errors="replace")
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        """Merge-patches the ModelMerge's status subresource; False when the ModelMerge is gone."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": status},
+                _content_type=MERGE_PATCH, _preload_content=False)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise

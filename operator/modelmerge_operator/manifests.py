@@ -1,0 +1,199 @@
+"""Pure functions that build what the operator creates for a ModelMerge: the ConfigMap with the engine's request
+and the Job that runs it. No API calls here, so the whole shape is unit-tested."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from modelmerge.contract import API_GROUP, API_VERSION, KIND, ModelMergeSpec
+from modelmerge_operator.config import OperatorConfig
+
+CONTAINER = "merge"
+SPEC_DIR = "/etc/modelmerge"
+SPEC_FILE = "spec.json"
+OUTPUT_MOUNT = "/output"
+CACHE_MOUNT = "/cache"
+TERMINATION_LOG = "/dev/termination-log"
+INVALID_REQUEST_EXIT_CODE = 2  # the engine's exit code for a request it rejects: retrying cannot help
+
+MANAGED_BY = "modelmerge-operator"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = f"{API_GROUP}/name"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MAX_NAME = 63  # a Job's name ends up in its pods' job-name label
+
+
+def job_name(name: str) -> str:
+    """`<name>-merge`, shortened with a hash of the full name when that would pass 63 characters."""
+    candidate = f"{name}-merge"
+    if len(candidate) <= MAX_NAME:
+        return candidate
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"{name[:MAX_NAME - len(digest) - 7].rstrip('-.')}-{digest}-merge"
+
+
+def name_label(name: str) -> str:
+    """A ModelMerge name as a label value (≤ 63 characters, hashed like the Job name when longer)."""
+    return name if len(name) <= MAX_NAME else job_name(name).removesuffix("-merge")
+
+
+def relative_output(spec: ModelMergeSpec, name: str) -> str:
+    return (spec.output_dir or name).strip("/")
+
+
+def output_path(spec: ModelMergeSpec, name: str) -> str:
+    """`pvc://<claim>/<subPath>/<output_dir>`: where the merged model is, for people and the API."""
+    parts = [spec.output.subPath.strip("/")] if spec.output.subPath else []
+    return f"pvc://{spec.output.pvc}/" + "/".join([*parts, relative_output(spec, name)])
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "modelmerge",
+        "app.kubernetes.io/component": "merge",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_NAME: name_label(name),
+    }
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
+            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(body: dict[str, Any], extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"name": job_name(meta["name"]), "namespace": meta["namespace"],
+            "labels": {**labels(meta["name"]), **(extra_labels or {})},
+            "ownerReferences": [owner_reference(body)]}
+
+
+def request_json(spec: ModelMergeSpec) -> str:
+    """The engine's request: the merge fields only; the output directory is passed as a flag, as a path under
+    the mounted volume."""
+    return json.dumps(spec.merge_request().model_dump(mode="json", exclude={"output_dir"}), indent=2,
+                      sort_keys=True) + "\n"
+
+
+def config_map(body: dict[str, Any], spec: ModelMergeSpec) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(body),
+            "data": {SPEC_FILE: request_json(spec)}}
+
+
+def job(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    queue = {KUEUE_QUEUE_LABEL: spec.queueName} if spec.queueName else {}
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoffLimit,
+        "completions": 1,
+        "parallelism": 1,
+        # Kueue admits a queued Job by unsuspending it; the operator never touches `suspend` afterwards.
+        "suspend": bool(spec.queueName),
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": CONTAINER, "operator": "In", "values": [INVALID_REQUEST_EXIT_CODE]}}]},
+        "template": {"metadata": {"labels": {**labels(name), **queue}}, "spec": pod_spec(body, spec, config)},
+    }
+    if spec.activeDeadlineSeconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.activeDeadlineSeconds
+    if spec.ttlSecondsAfterFinished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttlSecondsAfterFinished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(body, queue), "spec": job_spec}
+
+
+def pod_spec(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",  # retries are new pods (backoffLimit), each with its termination message
+        "automountServiceAccountToken": False,  # the merge never talks to the API
+        "containers": [container(body, spec, config)],
+        "volumes": volumes(body, spec),
+    }
+    if config.service_account:
+        pod["serviceAccountName"] = config.service_account
+    optional = {
+        "nodeSelector": spec.nodeSelector or None,
+        "tolerations": [t.model_dump(exclude_none=True) for t in spec.tolerations] or None,
+        "affinity": spec.affinity or None,
+        "priorityClassName": spec.priorityClassName,
+        "imagePullSecrets": [r.model_dump() for r in spec.imagePullSecrets] or None,
+    }
+    pod.update({key: value for key, value in optional.items() if value is not None})
+    return pod
+
+
+def container(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return {
+        "name": CONTAINER,
+        "image": spec.image or config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": [*config.merge_command, "merge"],
+        "args": ["--spec", f"{SPEC_DIR}/{SPEC_FILE}",
+                 "--output-dir", f"{OUTPUT_MOUNT}/{relative_output(spec, name)}",
+                 "--summary-file", TERMINATION_LOG,
+                 "--progress", "lines"],
+        "env": env(spec, config),
+        "resources": resources(spec),
+        "volumeMounts": volume_mounts(spec),
+        "terminationMessagePath": TERMINATION_LOG,
+        # The engine writes its JSON summary there; if it dies before that, the log's tail stands in.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+
+
+def env(spec: ModelMergeSpec, config: OperatorConfig) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if spec.modelCache is not None:
+        out.append({"name": "HF_HOME", "value": CACHE_MOUNT})
+    if spec.hfTokenSecret is not None:
+        out.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": spec.hfTokenSecret.name, "key": spec.hfTokenSecret.key}}})
+    out.extend({"name": name, "value": value} for name, value in config.job_env)
+    return out
+
+
+def resources(spec: ModelMergeSpec) -> dict[str, Any]:
+    amounts = {key: str(value) for key, value in (("cpu", spec.resources.cpu),
+                                                  ("memory", spec.resources.memory)) if value is not None}
+    limits = dict(amounts)
+    if spec.use_gpu:
+        limits[spec.resources.gpuResourceName] = str(spec.resources.gpu)
+    out: dict[str, Any] = {}
+    if amounts:
+        out["requests"] = amounts
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def volumes(body: dict[str, Any], spec: ModelMergeSpec) -> list[dict[str, Any]]:
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if spec.resources.shmSize is not None:
+        shm["sizeLimit"] = str(spec.resources.shmSize)
+    out = [
+        {"name": "spec", "configMap": {"name": job_name(body["metadata"]["name"])}},
+        {"name": "output", "persistentVolumeClaim": {"claimName": spec.output.pvc}},
+        {"name": "dshm", "emptyDir": shm},
+    ]
+    if spec.modelCache is not None:
+        out.append({"name": "model-cache", "persistentVolumeClaim": {
+            "claimName": spec.modelCache.pvc, "readOnly": spec.modelCache.readOnly}})
+    return out
+
+
+def volume_mounts(spec: ModelMergeSpec) -> list[dict[str, Any]]:
+    output: dict[str, Any] = {"name": "output", "mountPath": OUTPUT_MOUNT}
+    if spec.output.subPath:
+        output["subPath"] = spec.output.subPath
+    out = [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}, output,
+           {"name": "dshm", "mountPath": "/dev/shm"}]
+    if spec.modelCache is not None:
+        cache: dict[str, Any] = {"name": "model-cache", "mountPath": CACHE_MOUNT,
+                                 "readOnly": spec.modelCache.readOnly}
+        if spec.modelCache.subPath:
+            cache["subPath"] = spec.modelCache.subPath
+        out.append(cache)
+    return out

@@ -1,0 +1,223 @@
+"""Pure functions that turn a Job (and, when it failed or finished, its pods) into the ModelMerge's status:
+phase, reason, message, times, attempts, progress and conditions. No API calls here."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from modelmerge.contract import TERMINAL_PHASES, MergeSummary, Phase
+
+MESSAGE_LIMIT = 1024
+_PROGRESS = re.compile(r"^\[(?P<step>[\w-]+)\]\s+(?P<percent>[0-9.]+)%", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the Job says about the merge; everything else in the status is derived from it."""
+
+    phase: Phase
+    reason: str
+    message: str = ""
+    start_time: str | None = None
+    completion_time: str | None = None
+    attempts: int | None = None
+    progress: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pods: the engine's summary (termination message) and how a container ended
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_summary(message: str | None) -> MergeSummary | None:
+    """The engine's JSON summary from a termination message (its last JSON line), if there is one."""
+    for line in reversed((message or "").strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return MergeSummary.model_validate(json.loads(line))
+            except (ValueError, ValidationError):
+                return None
+    return None
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = status.get("state") or {}
+        if "terminated" in state:
+            return state["terminated"]
+    return None
+
+
+def last_terminated(pods: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
+    """The container state of the most recently finished pod in `phase` (Succeeded or Failed)."""
+    done = [(t.get("finishedAt") or "", t) for pod in pods
+            if (pod.get("status") or {}).get("phase") == phase and (t := _terminated(pod)) is not None]
+    return max(done, key=lambda pair: pair[0])[1] if done else None
+
+
+def failure_detail(terminated: dict[str, Any] | None) -> tuple[str | None, str]:
+    """(reason, message) of a failed merge container: OOMKilled, or the engine's error, or the message tail."""
+    if terminated is None:
+        return None, ""
+    if terminated.get("reason") == "OOMKilled":
+        return "OOMKilled", "the merge container ran out of memory (raise spec.resources.memory)"
+    message = terminated.get("message") or ""
+    summary = parse_summary(message)
+    if summary is not None and summary.error:
+        return "MergeFailed", summary.error
+    if message.strip():
+        return "MergeFailed", message.strip()
+    return None, f"the merge container exited with code {terminated.get('exitCode')}"
+
+
+def success_detail(terminated: dict[str, Any] | None) -> str:
+    summary = parse_summary((terminated or {}).get("message"))
+    if summary is None:
+        return "the merge finished"
+    parts = [f"{summary.tensors} tensors" if summary.tensors is not None else "",
+             f"in {summary.seconds:g}s" if summary.seconds is not None else ""]
+    return " ".join(["merged", *[p for p in parts if p]])
+
+
+def parse_progress(log_tail: str) -> str | None:
+    """`[merge] 42.0% 120/290 tensors ...` (the engine's `--progress lines`) → `merge 42%`."""
+    matches = list(_PROGRESS.finditer(log_tail or ""))
+    if not matches:
+        return None
+    last = matches[-1]
+    return f"{last['step']} {float(last['percent']):.0f}%"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Job → observation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def true_conditions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+
+
+def needs_pods(job: dict[str, Any]) -> bool:
+    """Pods are read only when their termination messages matter: the Job ended, or a pod failed."""
+    conditions = true_conditions(job)
+    return "Complete" in conditions or "Failed" in conditions or bool((job.get("status") or {}).get("failed"))
+
+
+def observe(job: dict[str, Any], pods: list[dict[str, Any]], queue: str | None = None) -> Observation:
+    status = job.get("status") or {}
+    conditions = true_conditions(job)
+    failed, active = status.get("failed") or 0, status.get("active") or 0
+    common = {"start_time": status.get("startTime"),
+              "attempts": failed + (status.get("succeeded") or 0) + active or None}
+    if "Complete" in conditions:
+        return Observation(Phase.Succeeded, "Completed", success_detail(last_terminated(pods, "Succeeded")),
+                           completion_time=status.get("completionTime") or conditions["Complete"].get(
+                               "lastTransitionTime"), progress="100%", **common)
+    if "Failed" in conditions:
+        return _failed(conditions["Failed"], pods, common)
+    if (job.get("spec") or {}).get("suspend") and not active:
+        message = f"waiting for Kueue to admit the Job (queue {queue})" if queue else "the Job is suspended"
+        return Observation(Phase.Pending, "Queued" if queue else "Suspended", message, **common)
+    ready = status.get("ready")
+    finishing = {"SuccessCriteriaMet", "FailureTarget"} & set(conditions) or status.get("succeeded")
+    if finishing or failed or (active and (ready is None or ready > 0)):
+        message = "the merge is running"
+        if failed and not finishing:
+            _, detail = failure_detail(last_terminated(pods, "Failed"))
+            message = f"attempt {failed + 1} is starting or running; attempt {failed} failed: {detail}"
+        return Observation(Phase.Running, "Retrying" if failed and not finishing else "Running",
+                           _clip(message), **common)
+    return Observation(Phase.Pending, "PodPending" if active else "JobCreated",
+                       "waiting for the merge pod to start", **common)
+
+
+def _failed(condition: dict[str, Any], pods: list[dict[str, Any]], common: dict[str, Any]) -> Observation:
+    job_reason = condition.get("reason") or "JobFailed"
+    job_message = condition.get("message") or "the Job failed"
+    pod_reason, detail = failure_detail(last_terminated(pods, "Failed"))
+    if pod_reason == "OOMKilled":
+        reason, message = "OOMKilled", detail
+    elif job_reason == "DeadlineExceeded" or pod_reason is None:
+        reason, message = job_reason, job_message
+    else:
+        reason, message = job_reason, detail
+    return Observation(Phase.Failed, reason, _clip(message),
+                       completion_time=condition.get("lastTransitionTime"), **common)
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Observation → status (with conditions that keep their lastTransitionTime while unchanged)
+# ---------------------------------------------------------------------------------------------------------
+
+_TERMINAL_CONDITION = {Phase.Succeeded: "Complete", Phase.Failed: "Failed", Phase.Cancelled: "Cancelled"}
+
+
+def desired_conditions(obs: Observation, accepted: bool = True) -> list[dict[str, str]]:
+    phase = Phase(obs.phase)
+    out = [{"type": "Accepted", "status": "True" if accepted else "False",
+            "reason": "Valid" if accepted else obs.reason,
+            "message": "" if accepted else obs.message}]
+    if accepted:
+        running = phase == Phase.Running
+        out.append({"type": "Running", "status": "True" if running else "False", "reason": obs.reason,
+                    "message": "" if running or phase in TERMINAL_PHASES else obs.message})
+        if obs.reason in ("Queued", "Suspended"):
+            out.append({"type": "Suspended", "status": "True", "reason": obs.reason, "message": obs.message})
+    if phase in _TERMINAL_CONDITION:
+        out.append({"type": _TERMINAL_CONDITION[phase], "status": "True", "reason": obs.reason,
+                    "message": obs.message})
+    return out
+
+
+def merge_conditions(old: list[dict[str, Any]] | None, new: list[dict[str, str]], now: str) -> list[dict]:
+    """New conditions, each keeping its old lastTransitionTime when its status did not change."""
+    previous = {c.get("type"): c for c in old or []}
+    merged = []
+    for condition in new:
+        before = previous.get(condition["type"])
+        same = before is not None and before.get("status") == condition["status"]
+        merged.append({**condition, "lastTransitionTime": before.get("lastTransitionTime", now) if same and
+                       before else now})
+    return merged
+
+
+def build_status(old: dict[str, Any] | None, obs: Observation, *, now: str, generation: int | None,
+                 job_name: str | None = None, output_path: str | None = None,
+                 accepted: bool = True) -> dict[str, Any]:
+    """The full status to write (a merge patch: every key is set, None clears)."""
+    old = old or {}
+    return {
+        "phase": str(obs.phase),
+        "reason": obs.reason,
+        "message": obs.message or None,
+        "jobName": job_name or old.get("jobName"),
+        "startTime": obs.start_time or old.get("startTime"),
+        "completionTime": obs.completion_time or old.get("completionTime"),
+        "outputPath": output_path or old.get("outputPath"),
+        "progress": obs.progress or old.get("progress"),
+        "attempts": obs.attempts if obs.attempts is not None else old.get("attempts"),
+        "observedGeneration": generation,
+        "conditions": merge_conditions(old.get("conditions"), desired_conditions(obs, accepted), now),
+    }
+
+
+def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether writing `new` changes anything (lastTransitionTime follows the rest, so it is ignored)."""
+
+    def strip(status: dict[str, Any]) -> dict[str, Any]:
+        conditions = [{k: v for k, v in c.items() if k != "lastTransitionTime" and v not in ("", None)}
+                      for c in status.get("conditions") or []]
+        rest = {k: v for k, v in status.items() if k != "conditions" and v is not None}
+        return {**rest, "conditions": conditions}
+
+    return strip(old or {}) != strip(new)

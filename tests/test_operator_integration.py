@@ -1,0 +1,366 @@
+"""The operator against the real control plane: `modelmerge operator` runs as a subprocess (namespaced, standalone)
+against the envtest API server; the kubelet harness runs the Jobs' pods as local processes, so the real job and
+garbage-collector controllers drive the Jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from modelmerge import crd
+from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+from tests.kube.controlplane import free_port
+
+pytestmark = pytest.mark.integration
+
+SLEEPER = "python -c 'import time; time.sleep(300)'"  # a "merge" that runs until it is stopped
+NO_OP = "true"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+class OperatorProcess:
+    """`modelmerge operator -n <namespace> --standalone` as a subprocess, logging to a file."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, merge_command: str | None = None,
+                 liveness_port: int | None = None):
+        self.args = [sys.executable, "-m", "modelmerge.cli", "operator", "-n", namespace, "--standalone",
+                     "--kubeconfig", str(kubeconfig), "--progress-interval", "0", "--job-env", "HF_HUB_OFFLINE=1",
+                     "--liveness", f"http://127.0.0.1:{liveness_port}/healthz" if liveness_port else ""]
+        if merge_command:
+            self.args += ["--merge-command", merge_command]
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> OperatorProcess:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def crd_installed(k8s_api):
+    return crd.install(k8s_api)
+
+
+@pytest.fixture
+def apis(k8s_api, crd_installed):
+    from kubernetes import client
+
+    return client.CustomObjectsApi(k8s_api), client.BatchV1Api(k8s_api), client.CoreV1Api(k8s_api)
+
+
+@pytest.fixture
+def start_operator(kubeconfig_path, namespace, tmp_path):
+    started: list[OperatorProcess] = []
+
+    def start(merge_command: str | None = None, liveness_port: int | None = None) -> OperatorProcess:
+        op = OperatorProcess(kubeconfig_path, namespace, tmp_path / f"operator-{len(started)}.log",
+                             merge_command, liveness_port).start()
+        started.append(op)
+        return op
+
+    yield start
+    for op in started:
+        op.stop()
+
+
+def _raw(response) -> dict:
+    return json.loads(response.data or b"{}")
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 60.0, context=lambda: "") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{context()}")
+        time.sleep(0.2)
+
+
+class World:
+    """The ModelMerge, Job and pod views one test needs, plus waiting with diagnostics."""
+
+    def __init__(self, apis, namespace: str, operator: OperatorProcess | None = None):
+        self.custom, self.batch, self.core = apis
+        self.ns = namespace
+        self.operator = operator
+
+    def create(self, spec: dict, name: str | None = None) -> str:
+        name = name or f"mm-{uuid.uuid4().hex[:6]}"
+        body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "ModelMerge",
+                "metadata": {"name": name}, "spec": spec}
+        self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, self.ns, PLURAL, body,
+                                                    _preload_content=False)
+        return name
+
+    def mm(self, name: str) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return _raw(self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, self.ns, PLURAL, name,
+                                                                 _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def status(self, name: str) -> dict:
+        return (self.mm(name) or {}).get("status") or {}
+
+    def patch_spec(self, name: str, spec: dict) -> None:
+        self.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, self.ns, PLURAL, name, {"spec": spec},
+                                                   _content_type=MERGE_PATCH, _preload_content=False)
+
+    def jobs(self) -> list[dict]:
+        return _raw(self.batch.list_namespaced_job(self.ns, _preload_content=False))["items"]
+
+    def job(self, name: str) -> dict | None:
+        return next((j for j in self.jobs() if j["metadata"]["name"] == name), None)
+
+    def pods(self) -> list[dict]:
+        return _raw(self.core.list_namespaced_pod(self.ns, _preload_content=False))["items"]
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        items = _raw(self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}",
+                                                     _preload_content=False))["items"]
+        return [(e["type"], e["reason"], e.get("message", "")) for e in items]
+
+    def context(self, name: str | None = None) -> str:
+        parts = []
+        if name:
+            parts.append(f"ModelMerge status: {json.dumps(self.status(name), indent=1)}")
+        parts.append("Jobs: " + json.dumps([(j["metadata"]["name"], j.get("status")) for j in self.jobs()]))
+        if self.operator is not None:
+            parts.append(f"operator log:\n{self.operator.tail()}")
+        return "\n".join(parts)
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 60.0) -> dict:
+        wait_for(f"{name} to be {phase}", lambda: self.status(name).get("phase") == phase, timeout,
+                 lambda: self.context(name))
+        return self.status(name)
+
+
+def _spec(**fields) -> dict:
+    spec = {"base_model": "org/base", "models_to_merge": ["org/a"], "merge_method": "average_merging",
+            "output": {"pvc": "out"}}
+    spec.update(fields)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_modelmerge_becomes_a_job_with_the_expected_pod_spec(apis, namespace, start_operator):
+    port = free_port()
+    world = World(apis, namespace, start_operator(liveness_port=port))
+    name = world.create(_spec(
+        use_gpu=True, output_dir="runs/1", output={"pvc": "out", "subPath": "team"},
+        modelCache={"pvc": "hf-cache"}, hfTokenSecret={"name": "hf", "key": "tok"},
+        resources={"cpu": 2, "memory": "8Gi", "gpu": 2, "shmSize": "1Gi"},
+        nodeSelector={"pool": "gpu"}, tolerations=[{"key": "gpu", "operator": "Exists"}],
+        backoffLimit=2, activeDeadlineSeconds=600, ttlSecondsAfterFinished=3600, image="registry.local/m:1",
+    ))
+    job = wait_for("the Job", lambda: world.job(f"{name}-merge"), context=world.context)
+    mm = world.mm(name)
+    assert job["metadata"]["ownerReferences"][0]["uid"] == mm["metadata"]["uid"]
+    assert job["metadata"]["labels"]["modelmerge.io/name"] == name
+    spec = job["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (2, 600, 3600)
+    pod = spec["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "gpu"} and pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c["image"] == "registry.local/m:1" and c["command"] == ["modelmerge", "merge"]
+    assert c["args"] == ["--spec", "/etc/modelmerge/spec.json", "--output-dir", "/output/runs/1",
+                         "--summary-file", "/dev/termination-log", "--progress", "lines"]
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "2"}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HF_HOME"]["value"] == "/cache" and env["HF_HUB_OFFLINE"]["value"] == "1"
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "tok"}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/output"]["subPath"] == "team" and set(mounts) == {"/etc/modelmerge", "/output", "/cache",
+                                                                       "/dev/shm"}
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    cm = _raw(world.core.read_namespaced_config_map(f"{name}-merge", namespace, _preload_content=False))
+    assert json.loads(cm["data"]["spec.json"])["base_model"] == "org/base"
+    status = world.wait_phase(name, "Pending")
+    assert status["jobName"] == f"{name}-merge" and status["outputPath"] == "pvc://out/team/runs/1"
+    assert status["observedGeneration"] == 1
+    wait_for("a JobCreated event", lambda: any(e[1] == "JobCreated" for e in world.events(name)))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+        assert response.status == 200
+
+
+def test_real_merge_on_tiny_models_succeeds(apis, namespace, start_operator, kubelet, tmp_path):
+    from tests.helpers.models import make_family
+
+    base, finetunes = make_family(tmp_path / "models", n=2)
+    world = World(apis, namespace, start_operator())
+    name = world.create(_spec(base_model=str(base), models_to_merge=[str(f) for f in finetunes],
+                              merge_method="task_arithmetic", scaling_coefficient=0.5, dtype="float32",
+                              output={"pvc": "out", "subPath": "team"}, output_dir="merged/one"))
+    status = world.wait_phase(name, "Succeeded", timeout=240)
+    assert status["outputPath"] == "pvc://out/team/merged/one"
+    assert status["reason"] == "Completed" and status["message"].startswith("merged ")
+    assert status["progress"] == "100%" and status["completionTime"] and status["startTime"]
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Accepted": "True", "Running": "False", "Complete": "True"}
+    out = kubelet.pvc_path("out", "team") / "merged" / "one"
+    files = {p.name for p in out.iterdir()}
+    assert "config.json" in files and any(f.endswith(".safetensors") for f in files), files
+    reasons = [e[1] for e in world.events(name)]
+    assert "JobCreated" in reasons and "Completed" in reasons
+
+
+def test_bad_model_path_fails_with_the_engines_message_after_retries(apis, namespace, start_operator, kubelet):
+    world = World(apis, namespace, start_operator())
+    name = world.create(_spec(base_model="/nonexistent/base-model", models_to_merge=["/nonexistent/ft"],
+                              backoffLimit=1))
+    status = world.wait_phase(name, "Failed", timeout=180)
+    assert status["reason"] == "BackoffLimitExceeded"
+    assert "/nonexistent/base-model" in status["message"], status["message"]
+    assert status["attempts"] == 2
+    job = world.job(f"{name}-merge")
+    assert job["status"]["failed"] == 2  # backoffLimit 1: the merge ran twice
+    events = world.events(name)
+    assert any(e[:2] == ("Warning", "Retrying") for e in events), events
+    assert any(e[:2] == ("Warning", "BackoffLimitExceeded") and "/nonexistent" in e[2] for e in events)
+
+
+def test_invalid_regex_is_a_permanent_error_without_a_job(apis, namespace, start_operator):
+    world = World(apis, namespace, start_operator())
+    name = world.create(_spec(exclude_param_names_regex=["(unclosed"]))  # CEL cannot compile-check regexes
+    status = world.wait_phase(name, "Failed")
+    assert status["reason"] == "InvalidSpec" and "invalid regular expression" in status["message"]
+    time.sleep(2)
+    assert world.jobs() == []
+    assert any(e[:2] == ("Warning", "InvalidSpec") for e in world.events(name))
+
+
+def test_deadline_exceeded(apis, namespace, start_operator, kubelet):
+    world = World(apis, namespace, start_operator(merge_command=SLEEPER))
+    name = world.create(_spec(activeDeadlineSeconds=4, backoffLimit=0))
+    world.wait_phase(name, "Running")
+    status = world.wait_phase(name, "Failed", timeout=60)
+    assert status["reason"] == "DeadlineExceeded", status
+
+
+def test_cancel_deletes_the_job_and_marks_cancelled(apis, namespace, start_operator, kubelet):
+    world = World(apis, namespace, start_operator(merge_command=SLEEPER))
+    name = world.create(_spec())
+    world.wait_phase(name, "Running")
+    world.patch_spec(name, {"cancel": True})
+    status = world.wait_phase(name, "Cancelled")
+    assert status["observedGeneration"] == 2
+    wait_for("the Job to be deleted", lambda: world.job(f"{name}-merge") is None, context=world.context)
+    wait_for("the merge pod to go", lambda: world.pods() == [])
+    time.sleep(1)
+    assert world.status(name)["phase"] == "Cancelled" and world.jobs() == []
+
+
+def test_deleting_the_modelmerge_cascades_to_its_job(apis, namespace, start_operator, kubelet):
+    world = World(apis, namespace, start_operator(merge_command=SLEEPER))
+    name = world.create(_spec())
+    world.wait_phase(name, "Running")
+    world.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name,
+                                                 _preload_content=False)
+    wait_for("the garbage collector to delete the Job", lambda: world.jobs() == [], context=world.context)
+
+    def config_map_gone() -> bool:
+        names = [c["metadata"]["name"] for c in
+                 _raw(world.core.list_namespaced_config_map(namespace, _preload_content=False))["items"]]
+        return f"{name}-merge" not in names
+
+    wait_for("the ConfigMap to be deleted", config_map_gone)
+    wait_for("the merge pod to go", lambda: world.pods() == [])
+
+
+def test_job_deleted_by_hand_is_reported_not_recreated(apis, namespace, start_operator, kubelet):
+    world = World(apis, namespace, start_operator(merge_command=SLEEPER))
+    name = world.create(_spec())
+    world.wait_phase(name, "Running")
+    world.batch.delete_namespaced_job(f"{name}-merge", namespace, propagation_policy="Background",
+                                      _preload_content=False)
+    status = world.wait_phase(name, "Failed")
+    assert status["reason"] == "JobDeleted" and "not recreated" in status["message"]
+    time.sleep(3)
+    assert world.jobs() == [] and world.status(name)["reason"] == "JobDeleted"
+
+
+def test_operator_restart_mid_run_creates_no_duplicate(apis, namespace, start_operator, kubelet):
+    first = start_operator(merge_command=SLEEPER)
+    world = World(apis, namespace, first)
+    running, vanishing = world.create(_spec(), "running"), world.create(_spec(), "vanishing")
+    world.wait_phase(running, "Running")
+    world.wait_phase(vanishing, "Running")
+    job_uid = world.job("running-merge")["metadata"]["uid"]
+    first.stop(signal.SIGKILL)  # no graceful shutdown
+
+    late = world.create(_spec(), "late")  # created while no operator runs
+    world.batch.delete_namespaced_job("vanishing-merge", namespace, propagation_policy="Background",
+                                      _preload_content=False)
+    wait_for("the Job to be gone", lambda: world.job("vanishing-merge") is None)
+
+    world.operator = start_operator(merge_command=SLEEPER)
+    world.wait_phase(late, "Running")
+    status = world.wait_phase(vanishing, "Failed")
+    assert status["reason"] == "JobDeleted"
+    time.sleep(3)  # give a buggy operator time to make duplicates
+    jobs = {j["metadata"]["name"]: j["metadata"]["uid"] for j in world.jobs()}
+    assert set(jobs) == {"running-merge", "late-merge"} and jobs["running-merge"] == job_uid
+    assert world.status(running)["phase"] == "Running"
+    assert len([p for p in world.pods() if p["metadata"]["labels"].get("job-name") == "running-merge"]) == 1
+    world.patch_spec(running, {"cancel": True})  # the new operator handles updates of old objects
+    world.wait_phase(running, "Cancelled")
+
+
+def test_kueue_queue_creates_a_suspended_job_that_runs_once_admitted(apis, namespace, start_operator, kubelet):
+    world = World(apis, namespace, start_operator(merge_command=NO_OP))
+    name = world.create(_spec(queueName="team-queue"))
+    job = wait_for("the Job", lambda: world.job(f"{name}-merge"), context=world.context)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
+    status = world.wait_phase(name, "Pending")
+    wait_for("reason Queued", lambda: world.status(name).get("reason") == "Queued", context=world.context)
+    assert world.pods() == []
+    # Kueue admits the workload by unsuspending the Job; the operator must not suspend it again.
+    world.batch.patch_namespaced_job(f"{name}-merge", namespace, {"spec": {"suspend": False}},
+                                     _content_type=MERGE_PATCH, _preload_content=False)
+    status = world.wait_phase(name, "Succeeded")
+    assert status["message"] == "the merge finished"
+    assert world.job(f"{name}-merge")["spec"]["suspend"] is False

@@ -34,14 +34,14 @@ PAYLOAD: dict[str, Any] = {
 FINAL = ("completed", "failed", "cancelled")
 
 
-def make_hub(root: Path) -> tuple[Path, Path, list[Path]]:
+def make_hub(root: Path, hf_home: Path | None = None) -> tuple[Path, Path, list[Path]]:
     """Tiny Qwen2-shaped base + 2 fine-tunes, laid out as an HF cache under the predecessor's repo ids.
 
     Returns (hf_home, base_dir, finetune_dirs)."""
     from tests.helpers.models import fill_hf_cache, make_family
 
     base, finetunes = make_family(root / "models", n=2)
-    hf_home = root / "hf"
+    hf_home = hf_home or root / "hf"
     fill_hf_cache(hf_home, BASE_REPO, base)
     for repo, folder in zip(FINETUNE_REPOS, finetunes, strict=True):
         fill_hf_cache(hf_home, repo, folder)

@@ -7,7 +7,6 @@ API images carry no torch.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -84,6 +83,7 @@ class MergeRequest(BaseModel):
         default=1.0,
         ge=-100.0,
         le=100.0,
+        allow_inf_nan=False,
         description="Factor applied to the merged task vector before it is added to the base model.",
     )
     use_gpu: bool = Field(default=False, description="Do the arithmetic on CUDA, tensor by tensor.")
@@ -143,13 +143,6 @@ class MergeRequest(BaseModel):
     @classmethod
     def _split_rates(cls, value: Any) -> Any:
         return _split_csv(value)
-
-    @field_validator("scaling_coefficient")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
 
     @field_validator("exclude_param_names_regex")
     @classmethod

@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from modelmerge.contract import MergeRequest
 from modelmerge_engine import kernels
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.kernels import Compute, Input, MaskedInput, RawInput
+from modelmerge_engine.pool import OrderedPool, available_cpus
 from modelmerge_engine.progress import Progress
 from modelmerge_engine.safetensors_io import PlannedTensor, SafetensorsModel, ShardedWriter
 from modelmerge_engine.select import kth_magnitude_bits
@@ -25,7 +27,7 @@ from modelmerge_engine.select import kth_magnitude_bits
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Buffers that some checkpoints carry: never merged, copied from the base like merging-eval's saved model.
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "position_ids")
-CPU_WORK_ELEMENTS = 1 << 22  # elements held per step over all inputs together (bounds memory)
+CPU_WORK_ELEMENTS = 1 << 20  # elements held per step over all inputs together (bounds memory)
 GPU_WORK_ELEMENTS = 1 << 27
 
 
@@ -99,19 +101,24 @@ def _check_model_matches(base: SafetensorsModel, model: SafetensorsModel, merged
 
 
 class StreamingMerge:
-    """Runs one merge request over opened models, writing into `writer`."""
+    """Runs one merge request over opened models, writing into a ShardedWriter."""
 
     def __init__(self, request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
-                 progress: Progress):
+                 progress: Progress, workers: int | None = None):
         self.request = request
         self.compute = make_compute(request, len(finetunes))
+        if self.compute.device.type == "cpu":
+            torch.set_num_threads(1)  # parallelism comes from the pool: one range per thread
+            self.pool = OrderedPool(workers or available_cpus())
+        else:
+            self.pool = OrderedPool(1)  # the GPU parallelises each range itself
         self.base_model = base
         self.base = RawInput(base, self.compute)
         self.inputs = self._inputs(finetunes)
         self.plans = plan_tensors(request, base, finetunes, self.compute.dtype)
         self.progress = progress
         self.scaling = float(request.scaling_coefficient)
-        self.stats: dict[str, object] = {}
+        self.stats: dict[str, object] = {"workers": self.pool.workers}
 
     def _inputs(self, finetunes: list[SafetensorsModel]) -> list[Input]:
         raw = [RawInput(model, self.compute) for model in finetunes]
@@ -131,25 +138,35 @@ class StreamingMerge:
         return [PlannedTensor(p.name, p.out_dtype, p.shape) for p in self.plans]
 
     def run(self, writer: ShardedWriter) -> None:
-        if self.method == "ties_merging_dare":
-            self._prepare_dare()
-        self.progress.start("merge", sum(p.numel for p in self.plans), len(self.plans))
-        for plan in self.plans:
-            writer.begin_tensor(plan.name)
-            for chunk in self._produce(plan):
+        try:
+            if self.method == "ties_merging_dare":
+                self._prepare_dare()
+            self.progress.start("merge", sum(p.numel for p in self.plans), len(self.plans))
+            current = None
+            for plan, chunk in self.pool.map(self._produce, self._jobs()):
+                if plan is not current:
+                    if current is not None:
+                        self.progress.tensor_done()
+                    writer.begin_tensor(plan.name)
+                    current = plan
                 writer.write(chunk)
                 self.progress.advance(chunk.numel())
             self.progress.tensor_done()
-        self.progress.finish()
+            self.progress.finish()
+        finally:
+            self.pool.close()
 
-    def _produce(self, plan: TensorPlan) -> Iterator[torch.Tensor]:
-        if not plan.merged:
+    def _jobs(self) -> Iterator[tuple[TensorPlan, int, int, list[int | None] | None]]:
+        for plan in self.plans:
+            thresholds = self._tensor_thresholds(plan) if plan.merged and self.method == "ties_merging" else None
             for start, stop in self.compute.ranges(plan.numel):
-                yield self.base_model.flat(plan.name)[start:stop].to(plan.out_dtype)
-            return
-        thresholds = self._tensor_thresholds(plan) if self.method == "ties_merging" else None
-        for start, stop in self.compute.ranges(plan.numel):
-            yield self._merge_range(plan.name, start, stop, thresholds).to(plan.out_dtype)
+                yield plan, start, stop, thresholds
+
+    def _produce(self, job) -> tuple[TensorPlan, torch.Tensor]:
+        plan, start, stop, thresholds = job
+        if not plan.merged:
+            return plan, self.base_model.flat(plan.name)[start:stop].to(plan.out_dtype)
+        return plan, self._merge_range(plan.name, start, stop, thresholds).to(plan.out_dtype)
 
     def _merge_range(self, name: str, start: int, stop: int, thresholds: list[int | None] | None):
         values = [source.values(name, start, stop) for source in self.inputs]
@@ -162,52 +179,54 @@ class StreamingMerge:
         if method == "ties_merging":
             trimmed = [kernels.trim(v - base, t) for v, t in zip(values, thresholds, strict=True)]
             return kernels.ties(base, trimmed, self.scaling)
-        stacked = kernels.stack_trimmed(base, values, self.dare_thresholds)
-        signs = kernels.dare_signs(stacked)
-        return kernels.dare_disjoint(base, stacked, signs, self.majority_sign, self.scaling)
+        trimmed = kernels.dare_trim(base, values, self.dare_thresholds)
+        signs = kernels.dare_signs(trimmed)
+        return kernels.dare_disjoint(base, trimmed, signs, self.majority_sign, self.scaling)
 
     # --- thresholds -----------------------------------------------------------------------------------
+
+    def _task_vector_steps(self, plans: list[TensorPlan], progress: bool = False):
+        """One callable per range of `plans`, producing each model's task vector on that range."""
+        def step(name: str, start: int, stop: int) -> list[torch.Tensor]:
+            base = self.base.values(name, start, stop)
+            vectors = [source.values(name, start, stop) - base for source in self.inputs]
+            if progress:
+                self.progress.advance(stop - start)
+            return vectors
+
+        for plan in plans:
+            for start, stop in self.compute.ranges(plan.numel):
+                yield partial(step, plan.name, start, stop)
 
     def _tensor_thresholds(self, plan: TensorPlan) -> list[int | None]:
         """ties_merging: per tensor and model, the k-th smallest |task vector| (k = int(numel * rate))."""
         k = int(plan.numel * self.request.param_value_mask_rate)
-        return kth_magnitude_bits(lambda: self._task_vector_chunks([plan]), [k] * len(self.inputs),
-                                  self.compute.dtype)
-
-    def _task_vector_chunks(self, plans: list[TensorPlan]) -> Iterator[list[torch.Tensor]]:
-        for plan in plans:
-            for start, stop in self.compute.ranges(plan.numel):
-                base = self.base.values(plan.name, start, stop)
-                yield [source.values(plan.name, start, stop) - base for source in self.inputs]
+        return kth_magnitude_bits(lambda: self._task_vector_steps([plan]), [k] * len(self.inputs),
+                                  self.compute.dtype, self.pool.map)
 
     def _prepare_dare(self) -> None:
         """ties_merging_dare's two global statistics, each in one streaming pass: the k-th smallest |task
         vector| of each model over all merged parameters, then the majority sign of the elected signs."""
-        merged = sorted((p for p in self.plans if p.merged), key=lambda p: p.name)
+        merged = [p for p in self.plans if p.merged]
         total = sum(p.numel for p in merged)
         k = int(total * self.request.param_value_mask_rate)
         passes = 2 if self.compute.dtype == torch.float32 else 1
         self.progress.start("thresholds", total * passes, len(merged) * passes)
-        self.dare_thresholds = kth_magnitude_bits(
-            lambda: self._progress_chunks(self._task_vector_chunks(merged)), [k] * len(self.inputs),
-            self.compute.dtype)
+        self.dare_thresholds = kth_magnitude_bits(lambda: self._task_vector_steps(merged, progress=True),
+                                                  [k] * len(self.inputs), self.compute.dtype, self.pool.map)
         self.progress.finish()
         self.progress.start("signs", total, len(merged))
-        balance = 0
-        for plan in merged:
-            for start, stop in self.compute.ranges(plan.numel):
-                base = self.base.values(plan.name, start, stop)
-                values = [source.values(plan.name, start, stop) for source in self.inputs]
-                signs = kernels.dare_signs(kernels.stack_trimmed(base, values, self.dare_thresholds))
-                balance += int((signs > 0).sum()) - int((signs < 0).sum())
-                self.progress.advance(stop - start)
-            self.progress.tensor_done()
-        self.progress.finish()
-        self.majority_sign = torch.tensor(float((balance > 0) - (balance < 0)), dtype=self.compute.dtype,
-                                          device=self.compute.device)
-        self.stats.update({"global_threshold_k": k, "majority_sign": int(self.majority_sign.item())})
 
-    def _progress_chunks(self, chunks: Iterator[list[torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
-        for step in chunks:
-            yield step
-            self.progress.advance(step[0].numel())
+        def balance(job: tuple[str, int, int]) -> int:
+            name, start, stop = job
+            base = self.base.values(name, start, stop)
+            values = [source.values(name, start, stop) for source in self.inputs]
+            signs = kernels.dare_signs(kernels.dare_trim(base, values, self.dare_thresholds))
+            self.progress.advance(stop - start)
+            return int((signs > 0).sum()) - int((signs < 0).sum())
+
+        jobs = ((p.name, start, stop) for p in merged for start, stop in self.compute.ranges(p.numel))
+        overall = sum(self.pool.map(balance, jobs))
+        self.progress.finish()
+        self.majority_sign = float((overall > 0) - (overall < 0))
+        self.stats.update({"global_threshold_k": k, "majority_sign": int(self.majority_sign)})

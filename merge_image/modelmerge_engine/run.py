@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 import time
+import traceback
 from datetime import UTC, datetime
 
 from modelmerge import __version__
@@ -44,6 +45,9 @@ def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: s
         summary, code = {"status": "failed", "error": str(exc)}, 1
     except Interrupted as exc:
         summary, code = {"status": "failed", "error": f"interrupted by {exc}"}, 128 + exc.signum
+    except Exception as exc:  # a bug: still report it the way the operator and the API read failures
+        traceback.print_exc()
+        summary, code = {"status": "failed", "error": f"internal error: {type(exc).__name__}: {exc}"}, 1
     finally:
         if output is not None:
             output.discard()

@@ -235,5 +235,8 @@ class ShardedWriter:
 
     def abort(self) -> None:
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            try:
+                handle.close()
+            except OSError:  # flushing the buffer fails again when the disk is full
+                pass

@@ -36,43 +36,46 @@ def _kth_bin(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return index, before
 
 
-ChunkSource = Callable[[], Iterable[list[torch.Tensor]]]
+Step = Callable[[], list[torch.Tensor]]  # produces one tensor per stream when called
+Mapper = Callable[[Callable, Iterable], Iterable]  # an ordered map, possibly over worker threads
 
 
-def kth_magnitude_bits(chunks: ChunkSource, ks: list[int], dtype: torch.dtype) -> list[int | None]:
+def kth_magnitude_bits(steps: Callable[[], Iterable[Step]], ks: list[int], dtype: torch.dtype,
+                       mapper: Mapper = map) -> list[int | None]:
     """k-th smallest |x| (1-based k) of each of several streams at once, as magnitude bit patterns.
 
-    `chunks()` yields, for each step, one tensor per stream (all of `dtype`); it is called once for 16-bit
-    types and twice for float32. A k of 0 gives None (nothing to select)."""
-    streams = len(ks)
-    if dtype in (torch.bfloat16, torch.float16):
-        counts = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(streams)]
-        for step in chunks():
-            for i, x in enumerate(step):
-                if ks[i]:
-                    counts[i] += _bincount(magnitude_bits(x), 1 << 15)
-        return [_kth_bin(counts[i], k)[0] if k else None for i, k in enumerate(ks)]
+    `steps()` yields callables, each producing one tensor per stream (all of `dtype`); it is iterated once
+    for 16-bit types and twice for float32. Each step is histogrammed by `mapper` (e.g. a thread pool) and
+    the integer counts are summed, so the result is exact and independent of the order. k = 0 gives None."""
+    active = [i for i, k in enumerate(ks) if k]
 
-    high = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(streams)]
-    for step in chunks():
-        for i, x in enumerate(step):
-            if ks[i]:
-                high[i] += _bincount(magnitude_bits(x) >> 16, 1 << 15)
-    buckets = [_kth_bin(high[i], k) if k else (0, 0) for i, k in enumerate(ks)]
-    low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(streams)]
-    for step in chunks():
-        for i, x in enumerate(step):
-            if ks[i]:
-                bits = magnitude_bits(x)
-                in_bucket = bits[(bits >> 16) == buckets[i][0]]
-                low[i] += _bincount(in_bucket & 0xFFFF, 1 << 16)
-    result: list[int | None] = []
-    for i, k in enumerate(ks):
-        if not k:
-            result.append(None)
-            continue
-        bucket, before = buckets[i]
-        result.append((bucket << 16) | _kth_bin(low[i], k - before)[0])
+    def histograms(step: Step, shift: int, bins: int, bucket: list[int] | None) -> list[torch.Tensor]:
+        tensors = step()
+        counts = []
+        for i in active:
+            bits = magnitude_bits(tensors[i])
+            if bucket is not None:
+                bits = bits[(bits >> 16) == bucket[i]] & 0xFFFF
+            counts.append(_bincount(bits >> shift, bins))
+        return counts
+
+    def total(shift: int, bins: int, bucket: list[int] | None = None) -> dict[int, torch.Tensor]:
+        sums = {i: torch.zeros(bins, dtype=torch.int64) for i in active}
+        for counts in mapper(lambda step: histograms(step, shift, bins, bucket), steps()):
+            for i, count in zip(active, counts, strict=True):
+                sums[i] += count
+        return sums
+
+    result: list[int | None] = [None] * len(ks)
+    if dtype in (torch.bfloat16, torch.float16):
+        for i, counts in total(0, 1 << 15).items():
+            result[i] = _kth_bin(counts, ks[i])[0]
+        return result
+    high = {i: _kth_bin(counts, ks[i]) for i, counts in total(16, 1 << 15).items()}
+    buckets = [high[i][0] if i in high else -1 for i in range(len(ks))]
+    for i, counts in total(0, 1 << 16, buckets).items():
+        bucket, before = high[i]
+        result[i] = (bucket << 16) | _kth_bin(counts, ks[i] - before)[0]
     return result
 
 

@@ -14,7 +14,6 @@ from modelmerge import crd
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeRequest, ModelMergeSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = ROOT / "crds" / crd.CRD_FILE
 
 
 def _schema() -> dict:
@@ -36,19 +35,23 @@ def _walk(node, path=""):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_committed_crd_is_what_make_crds_generates():
-    assert COMMITTED.exists(), "run `make crds` and commit crds/"
-    assert COMMITTED.read_text(encoding="utf-8") == crd.render(), (
-        "crds/ is stale: run `make crds` (modelmerge crds --output crds/) and commit the result"
+@pytest.mark.parametrize("name, render", [(crd.CRD_FILE, crd.render), (crd.PEERING_FILE, crd.render_peering)])
+def test_committed_crds_are_what_make_crds_generates(name, render):
+    committed = ROOT / "crds" / name
+    assert committed.exists(), "run `make crds` and commit crds/"
+    assert committed.read_text(encoding="utf-8") == render(), (
+        f"crds/{name} is stale: run `make crds` (modelmerge crds --output crds/) and commit the result"
     )
 
 
 def test_write_crds_writes_deterministic_yaml(tmp_path):
     first = crd.write_crds(tmp_path / "a")
     second = crd.write_crds(tmp_path / "b")
-    assert [p.name for p in first] == [crd.CRD_FILE]
-    assert first[0].read_bytes() == second[0].read_bytes()
+    assert [p.name for p in first] == [crd.CRD_FILE, crd.PEERING_FILE]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
     assert yaml.safe_load(first[0].read_text())["metadata"]["name"] == "modelmerges.modelmerge.io"
+    assert [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(first[1].read_text())] == [
+        "ClusterKopfPeering", "KopfPeering"]
 
 
 def test_crd_identity_and_columns():

@@ -37,8 +37,9 @@ class OperatorProcess:
     """`modelmerge operator -n <namespace> --standalone` as a subprocess, logging to a file."""
 
     def __init__(self, kubeconfig: Path, namespace: str, log: Path, merge_command: str | None = None,
-                 liveness_port: int | None = None):
-        self.args = [sys.executable, "-m", "modelmerge.cli", "operator", "-n", namespace, "--standalone",
+                 liveness_port: int | None = None, peering: tuple[str, int] | None = None):
+        scope = ["--peering", peering[0], "--priority", str(peering[1])] if peering else ["--standalone"]
+        self.args = [sys.executable, "-m", "modelmerge.cli", "operator", "-n", namespace, *scope,
                      "--kubeconfig", str(kubeconfig), "--progress-interval", "0", "--job-env", "HF_HUB_OFFLINE=1",
                      "--liveness", f"http://127.0.0.1:{liveness_port}/healthz" if liveness_port else ""]
         if merge_command:
@@ -85,9 +86,10 @@ def apis(k8s_api, crd_installed):
 def start_operator(kubeconfig_path, namespace, tmp_path):
     started: list[OperatorProcess] = []
 
-    def start(merge_command: str | None = None, liveness_port: int | None = None) -> OperatorProcess:
+    def start(merge_command: str | None = None, liveness_port: int | None = None,
+              peering: tuple[str, int] | None = None) -> OperatorProcess:
         op = OperatorProcess(kubeconfig_path, namespace, tmp_path / f"operator-{len(started)}.log",
-                             merge_command, liveness_port).start()
+                             merge_command, liveness_port, peering).start()
         started.append(op)
         return op
 
@@ -364,3 +366,32 @@ def test_kueue_queue_creates_a_suspended_job_that_runs_once_admitted(apis, names
     status = world.wait_phase(name, "Succeeded")
     assert status["message"] == "the merge finished"
     assert world.job(f"{name}-merge")["spec"]["suspend"] is False
+
+
+def test_peering_lets_one_replica_act_and_the_other_take_over(apis, namespace, start_operator, kubelet, k8s_api):
+    for manifest in crd.peering_crds():
+        crd.install(k8s_api, manifest=manifest)
+    custom = apis[0]
+    custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", {
+        "apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "modelmerge"}},
+        _preload_content=False)
+    leader = start_operator(merge_command=SLEEPER, peering=("modelmerge", 10))
+    standby = start_operator(merge_command=SLEEPER, peering=("modelmerge", 5))
+    world = World(apis, namespace, leader)
+
+    def peers() -> dict:
+        obj = _raw(custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", "modelmerge",
+                                                       _preload_content=False))
+        return obj.get("status") or {}
+
+    wait_for("both replicas in the peering", lambda: len(peers()) == 2, context=lambda: leader.tail())
+    first = world.create(_spec())
+    world.wait_phase(first, "Running")
+    time.sleep(2)
+    assert [j["metadata"]["name"] for j in world.jobs()] == [f"{first}-merge"]
+    assert "Creation is processed" not in standby.log.read_text(errors="replace")  # it stayed paused
+    leader.stop()  # a graceful exit leaves the peering at once
+    world.operator = standby
+    second = world.create(_spec())
+    world.wait_phase(second, "Running")
+    assert sorted(j["metadata"]["name"] for j in world.jobs()) == sorted([f"{first}-merge", f"{second}-merge"])

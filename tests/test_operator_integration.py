@@ -87,8 +87,8 @@ def start_operator(kubeconfig_path, namespace, tmp_path):
     started: list[OperatorProcess] = []
 
     def start(merge_command: str | None = None, liveness_port: int | None = None,
-              peering: tuple[str, int] | None = None) -> OperatorProcess:
-        op = OperatorProcess(kubeconfig_path, namespace, tmp_path / f"operator-{len(started)}.log",
+              peering: tuple[str, int] | None = None, kubeconfig: Path | None = None) -> OperatorProcess:
+        op = OperatorProcess(kubeconfig or kubeconfig_path, namespace, tmp_path / f"operator-{len(started)}.log",
                              merge_command, liveness_port, peering).start()
         started.append(op)
         return op
@@ -395,3 +395,50 @@ def test_peering_lets_one_replica_act_and_the_other_take_over(apis, namespace, s
     second = world.create(_spec())
     world.wait_phase(second, "Running")
     assert sorted(j["metadata"]["name"] for j in world.jobs()) == sorted([f"{first}-merge", f"{second}-merge"])
+
+
+def test_operator_works_under_its_own_rbac_rules(apis, namespace, start_operator, kubelet, k8s_api,
+                                                 control_plane, tmp_path):
+    from kubernetes import client
+
+    from modelmerge_operator import rbac
+
+    custom, _, core = apis
+    rbac_api = client.RbacAuthorizationV1Api(k8s_api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "operator"}}, _preload_content=False)
+    objects = rbac.manifests(f"mm-operator-{namespace}", "operator", namespace, [namespace])
+    for obj in objects:
+        if obj["kind"] == "ClusterRole":
+            rbac_api.create_cluster_role(obj, _preload_content=False)
+        elif obj["kind"] == "ClusterRoleBinding":
+            rbac_api.create_cluster_role_binding(obj, _preload_content=False)
+        else:
+            rbac_api.create_namespaced_role_binding(namespace, obj, _preload_content=False)
+    try:
+        token = _raw(core.create_namespaced_service_account_token(
+            "operator", namespace, {"spec": {"expirationSeconds": 3600}}, _preload_content=False))["status"]["token"]
+        kubeconfig = tmp_path / "operator.kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters:\n- name: c\n  cluster:\n    server: {control_plane.host}\n"
+            f"    certificate-authority: {control_plane.ca_file}\n"
+            f"users:\n- name: operator\n  user:\n    token: {token}\n"
+            "contexts:\n- name: c\n  context:\n    cluster: c\n    user: operator\n"
+            "current-context: c\n")
+        world = World(apis, namespace, start_operator(merge_command=SLEEPER, kubeconfig=kubeconfig))
+        name = world.create(_spec(backoffLimit=0))
+        world.wait_phase(name, "Running")
+        wait_for("a JobCreated event", lambda: any(e[1] == "JobCreated" for e in world.events(name)))
+        world.patch_spec(name, {"cancel": True})
+        world.wait_phase(name, "Cancelled")
+        bad = world.create(_spec(exclude_param_names_regex=["[unclosed"]))
+        world.wait_phase(bad, "Failed")
+        log = world.operator.log.read_text(errors="replace")
+        assert "403" not in log and "Forbidden" not in log and "forbidden" not in log, world.operator.tail()
+    finally:
+        for obj in objects:
+            kind, obj_name = obj["kind"], obj["metadata"]["name"]
+            if kind == "ClusterRole":
+                rbac_api.delete_cluster_role(obj_name, _preload_content=False)
+            elif kind == "ClusterRoleBinding":
+                rbac_api.delete_cluster_role_binding(obj_name, _preload_content=False)

@@ -444,3 +444,41 @@ def test_resume_syncs_from_an_existing_job(world):
     fresh = Reconciler(kube, CONFIG, lambda *a: None)
     fresh.resume(_with_status(body, rec))
     assert kube.statuses[-1][1]["phase"] == "Running"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["-n", "a", "-n", "b", "--standalone"], {"clusterwide": False, "namespaces": ["a", "b"], "standalone": True}),
+    ([], {"clusterwide": True, "namespaces": []}),
+    (["-n", "a", "--all-namespaces"], {"clusterwide": True, "namespaces": []}),
+    (["--peering", "modelmerge", "--priority", "7"], {"clusterwide": True, "peering_name": "modelmerge",
+                                                      "priority": 7}),
+])
+def test_run_operator_passes_scope_peering_and_liveness_to_kopf(monkeypatch, argv, expected):
+    from modelmerge_operator import main
+
+    calls = []
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(kopf, "configure", lambda **kwargs: None)
+    args = build_parser().parse_args(["operator", "--liveness", "http://0.0.0.0:9090/healthz", *argv])
+    assert main.run_operator(args) == 0
+    (kwargs,) = calls
+    assert {k: kwargs[k] for k in expected} == expected
+    assert kwargs["liveness_endpoint"] == "http://0.0.0.0:9090/healthz"
+    assert isinstance(kwargs["memo"]["config"], OperatorConfig)
+
+
+def test_rbac_rules_cover_what_the_operator_calls():
+    from modelmerge_operator import rbac
+
+    def allowed(group: str, resource: str, verb: str) -> bool:
+        return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+                   for r in rbac.NAMESPACE_RULES + rbac.CLUSTER_RULES)
+
+    for group, resource, verb in [("modelmerge.io", "modelmerges", "watch"), ("modelmerge.io",
+                                  "modelmerges/status", "patch"), ("batch", "jobs", "create"),
+                                  ("batch", "jobs", "delete"), ("", "configmaps", "create"), ("", "pods", "list"),
+                                  ("", "events", "create"), ("kopf.dev", "kopfpeerings", "patch")]:
+        assert allowed(group, resource, verb), (group, resource, verb)
+    kinds = [m["kind"] for m in rbac.manifests("mm", "op", "system", ["a", "b"])]
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "RoleBinding", "RoleBinding"]
+    assert [m["kind"] for m in rbac.manifests("mm", "op", "system", None)][-1] == "ClusterRoleBinding"

@@ -54,8 +54,9 @@ def install_crd(api) -> None:
     from kubernetes.client.exceptions import ApiException
 
     extensions = client.ApiextensionsV1Api(api)
-    for path in sorted((ROOT / "crds").glob("*.yaml")):
-        body = yaml.safe_load(path.read_text())
+    bodies = [doc for path in sorted((ROOT / "crds").glob("*.yaml"))
+              for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for body in bodies:
         try:
             extensions.create_custom_resource_definition(body, _preload_content=False)
         except ApiException as exc:

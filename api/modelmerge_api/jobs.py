@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
@@ -38,9 +38,11 @@ class Job:
     output_rel: str | None = None  # relative to the backend's output root; not shown to clients
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["output_rel"]
-        return data
+        """The job as clients see it (a shallow dict: `params` is shared, not copied)."""
+        return {"job_id": self.job_id, "status": self.status, "created_at": self.created_at,
+                "started_at": self.started_at, "completed_at": self.completed_at,
+                "error_message": self.error_message, "output_path": self.output_path, "params": self.params,
+                "progress": self.progress}
 
     def duration(self) -> float | None:
         start, end = parse_time(self.started_at), parse_time(self.completed_at)
@@ -52,6 +54,10 @@ def request_params(request: MergeRequest, output_rel: str) -> dict[str, Any]:
     params = request.model_dump(mode="json")
     params["output_dir"] = output_rel
     return params
+
+
+class WouldBlock(Exception):
+    """A read that needs network I/O was asked not to block: the route retries it in a worker thread."""
 
 
 class Backend(Protocol):
@@ -72,10 +78,12 @@ class Backend(Protocol):
         """Record (and queue) a validated request; nothing is created when it raises."""
         ...
 
-    def get(self, job_id: str) -> Job: ...
+    def get(self, job_id: str, blocking: bool = True) -> Job:
+        """With blocking=False (called on the event loop) answer from local state or raise WouldBlock."""
+        ...
 
-    def list(self, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
-        """Newest first; returns (page, total matching)."""
+    def list(self, status: str | None, limit: int, offset: int, blocking: bool = True) -> tuple[list[Job], int]:
+        """Newest first; returns (page, total matching). `blocking` as for get."""
         ...
 
     def cancel(self, job_id: str) -> Job: ...

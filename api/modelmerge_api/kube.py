@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
@@ -31,7 +31,7 @@ from modelmerge.contract import (
 )
 from modelmerge_api import outputs
 from modelmerge_api.errors import ApiError, Conflict, Unavailable, job_not_found
-from modelmerge_api.jobs import ACTIVE, Job, request_params
+from modelmerge_api.jobs import ACTIVE, Job, WouldBlock, request_params
 
 log = logging.getLogger("modelmerge.api.kube")
 
@@ -80,7 +80,8 @@ class KubernetesBackend:
         self.spec_defaults = spec_defaults or {}
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
-        self._cache: dict[str, dict[str, Any]] = {}
+        self._cache: dict[str, _Entry] = {}
+        self._newest_first: list[_Entry] | None = None  # sorted view of the cache, rebuilt after changes
         self._lock = threading.Lock()
         self._synced = threading.Event()
         self._stopping = threading.Event()
@@ -149,8 +150,9 @@ class KubernetesBackend:
 
     def _relist(self) -> str:
         listing = self.custom.list_namespaced_custom_object(*self._list_args())
+        entries = {item["metadata"]["name"]: _Entry(item, self._job(item)) for item in listing.get("items", [])}
         with self._lock:
-            self._cache = {item["metadata"]["name"]: item for item in listing.get("items", [])}
+            self._cache, self._newest_first = entries, None
         self._synced.set()
         return listing["metadata"]["resourceVersion"]
 
@@ -166,16 +168,21 @@ class KubernetesBackend:
                 continue
             self._remember(obj, deleted=kind == "DELETED")
 
-    def _remember(self, obj: dict[str, Any], deleted: bool = False) -> None:
-        """Keep the newest version of an object (by resourceVersion) so a late watch event never rolls back."""
+    def _remember(self, obj: dict[str, Any], deleted: bool = False) -> _Entry | None:
+        """Keep the newest version of an object (by resourceVersion) so a late watch event never rolls back;
+        its job view is computed once here, not on every read."""
         name = obj["metadata"]["name"]
+        entry = None if deleted else _Entry(obj, self._job(obj))
         with self._lock:
-            if deleted:
-                self._cache.pop(name, None)
-                return
             known = self._cache.get(name)
-            if known is None or _version(obj) >= _version(known):
-                self._cache[name] = obj
+            if entry is not None and known is not None and _version(obj) < _version(known.obj):
+                return known
+            if entry is None:
+                self._cache.pop(name, None)
+            else:
+                self._cache[name] = entry
+            self._newest_first = None
+            return entry
 
     # ---- the interface -----------------------------------------------------------------------------
 
@@ -207,33 +214,31 @@ class KubernetesBackend:
             raise _api_error(exc, "ModelMerge") from None
         if secret:
             self._adopt_secret(secret, created)
-        self._remember(created)
-        return self._job(created)
+        return self._remember(created).job
 
-    def get(self, job_id: str) -> Job:
-        return self._job(self._object(job_id))
+    def get(self, job_id: str, blocking: bool = True) -> Job:
+        return self._entry(job_id, blocking).job
 
-    def list(self, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
-        items = self._objects()
+    def list(self, status: str | None, limit: int, offset: int, blocking: bool = True) -> tuple[list[Job], int]:
+        jobs = [entry.job for entry in self._entries(blocking)]
         if status:
-            items = [obj for obj in items if _status(obj) == status]
-        return [self._job(obj) for obj in items[offset:offset + limit]], len(items)
+            jobs = [job for job in jobs if job.status == status]
+        return jobs[offset:offset + limit], len(jobs)
 
     def cancel(self, job_id: str) -> Job:
-        current = self._object(job_id)
-        if _status(current) not in ACTIVE:
-            raise Conflict(f"job {job_id!r} is already {_status(current)}; only pending or running jobs can "
+        current = self._entry(job_id).job
+        if current.status not in ACTIVE:
+            raise Conflict(f"job {job_id!r} is already {current.status}; only pending or running jobs can "
                            "be cancelled")
         try:
             patched = self.custom.patch_namespaced_custom_object(
                 *self._list_args(), job_id, {"spec": {"cancel": True}}, _content_type=MERGE_PATCH)
         except ApiException as exc:
             raise _api_error(exc, "cancelling the ModelMerge") from None
-        self._remember(patched)
-        return self._job(patched)
+        return self._remember(patched).job
 
     def logs(self, job_id: str, follow: bool) -> Iterator[bytes]:
-        obj = self._object(job_id)
+        obj = self._entry(job_id).obj
         pod = self._newest_pod((obj.get("status") or {}).get("jobName"))
         if pod is None:
             note = f"no merge pod yet (status: {_status(obj)})\n"
@@ -249,8 +254,7 @@ class KubernetesBackend:
     def stats(self) -> tuple[dict[str, int], list[float]]:
         counts: dict[str, int] = {}
         durations = []
-        for obj in self._objects():
-            job = self._job(obj)
+        for job in (entry.job for entry in self._entries()):
             counts[job.status] = counts.get(job.status, 0) + 1
             if job.status == "completed" and (seconds := job.duration()) is not None:
                 durations.append(seconds)
@@ -287,40 +291,43 @@ class KubernetesBackend:
 
     def _check_output_free(self, name: str, spec: dict[str, Any]) -> None:
         where = _location(name, spec)
-        for obj in self._objects():
-            if _status(obj) in ACTIVE and _location(obj["metadata"]["name"], obj.get("spec") or {}) == where:
-                raise Conflict(f"output_dir: {where[2]!r} is the output of the active job "
-                               f"{obj['metadata']['name']!r}")
+        for obj, job in self._entries():
+            if job.status in ACTIVE and _location(job.job_id, obj.get("spec") or {}) == where:
+                raise Conflict(f"output_dir: {where[2]!r} is the output of the active job {job.job_id!r}")
         relative = self._output_rel(where)
         if relative and self.output_root.is_dir():
             outputs.ensure_free(self.output_root, relative)
 
-    def _object(self, job_id: str) -> dict[str, Any]:
+    def _entry(self, job_id: str, blocking: bool = True) -> _Entry:
+        """From the cache; on a miss (e.g. created through another API replica a moment ago) from the API."""
         with self._lock:
             cached = self._cache.get(job_id)
         if cached is not None:
             return cached
+        if not blocking:
+            raise WouldBlock
         try:
             obj = self.custom.get_namespaced_custom_object(*self._list_args(), job_id)
         except ApiException as exc:
             if exc.status in (404, 422):
                 raise job_not_found(job_id) from None
             raise _api_error(exc, "reading the ModelMerge") from None
-        self._remember(obj)
-        return obj
+        return self._remember(obj)
 
-    def _objects(self) -> list[dict[str, Any]]:
+    def _entries(self, blocking: bool = True) -> list[_Entry]:
         """Every ModelMerge, newest first."""
         if not self._synced.is_set():
+            if not blocking:
+                raise WouldBlock
             try:
                 self._relist()
             except ApiException as exc:
                 raise _api_error(exc, "listing ModelMerges") from None
         with self._lock:
-            items = list(self._cache.values())
-        items.sort(key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["name"]),
-                   reverse=True)
-        return items
+            if self._newest_first is None:
+                self._newest_first = sorted(self._cache.values(), reverse=True, key=lambda e: (
+                    e.obj["metadata"].get("creationTimestamp", ""), e.job.job_id))
+            return self._newest_first
 
     def _job(self, obj: dict[str, Any]) -> Job:
         name, spec, status = obj["metadata"]["name"], obj.get("spec") or {}, obj.get("status") or {}
@@ -377,6 +384,11 @@ class KubernetesBackend:
         items = json.loads(pods.data).get("items", [])
         items.sort(key=lambda p: p["metadata"].get("creationTimestamp", ""))
         return items[-1]["metadata"]["name"] if items else None
+
+
+class _Entry(NamedTuple):
+    obj: dict[str, Any]
+    job: Job
 
 
 def _secret_name(job_id: str) -> str:

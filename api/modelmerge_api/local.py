@@ -122,14 +122,14 @@ class LocalBackend:
             self._wake.notify()
         return job
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str, blocking: bool = True) -> Job:  # a local SQLite read never waits long
         job = self.store.get(job_id)
         if job is None:
             raise job_not_found(job_id)
         job.progress = self._progress.get(job_id) if job.status == "running" else None
         return job
 
-    def list(self, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+    def list(self, status: str | None, limit: int, offset: int, blocking: bool = True) -> tuple[list[Job], int]:
         jobs, total = self.store.page(status, limit, offset)
         for job in jobs:
             job.progress = self._progress.get(job.job_id) if job.status == "running" else None

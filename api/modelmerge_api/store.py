@@ -42,25 +42,48 @@ def _job(row: sqlite3.Row) -> Job:
 
 
 class JobStore:
+    """One connection per thread (WAL: readers never wait for each other or for the writer; concurrent writers
+    wait on SQLite's busy timeout). Every change is a single autocommitted statement."""
+
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        self._path = path
+        self._local = threading.local()
+        self._connections: dict[int, sqlite3.Connection] = {}  # by thread ident
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None,
+                                         timeout=30)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA synchronous=NORMAL")
+            self._local.connection = connection
+            with self._lock:
+                self._close_orphans()
+                self._connections[threading.get_ident()] = connection
+        return connection
+
+    def _close_orphans(self) -> None:
+        """Worker threads of the server's pool come and go: close the connections of those that ended."""
+        alive = {thread.ident for thread in threading.enumerate()}
+        for ident in [i for i in self._connections if i not in alive]:
+            self._connections.pop(ident).close()
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            for connection in self._connections.values():
+                connection.close()
+            self._connections.clear()
 
     def _rows(self, sql: str, *args: object) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        return self._db.execute(sql, args).fetchall()
 
     def _change(self, sql: str, *args: object) -> int:
-        with self._lock:
-            return self._db.execute(sql, args).rowcount
+        return self._db.execute(sql, args).rowcount
 
     def insert(self, job: Job, has_token: bool) -> None:
         try:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -135,6 +137,19 @@ def test_health_methods_example(fake_server):
     example = requests.get(fake_server.url + "/api/example", timeout=10).json()
     assert example == EXAMPLE_REQUEST
     MergeRequest.model_validate(example)
+
+
+def test_openapi_docs(fake_server):
+    docs = requests.get(fake_server.url + "/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = requests.get(fake_server.url + "/openapi.json", timeout=10).json()
+    schemas = spec["components"]["schemas"]
+    assert set(MergeRequest.model_fields) <= set(schemas["MergeRequest"]["properties"])
+    assert schemas["MergeRequest"]["properties"]["hf_token"]["writeOnly"] is True
+    refs = {ref.rsplit("/", 1)[-1] for ref in re.findall(r'"\$ref": "([^"]+)"', json.dumps(spec))}
+    assert refs <= set(schemas)
+    assert {"/api/health", "/api/merge", "/api/jobs/{job_id}/logs", "/api/download/{job_id}/archive"} \
+        <= set(spec["paths"])
 
 
 def test_merge_end_to_end_with_the_real_engine(make_server, hf_env, tmp_path):

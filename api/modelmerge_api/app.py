@@ -74,6 +74,7 @@ def create_app(backend: Backend, settings: AppSettings | None = None) -> FastAPI
     app.add_api_route("/metrics", lambda: Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST),
                       include_in_schema=False)
     _install_error_handlers(app)
+    _document_request_body(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_token or settings.token_review:
         app.add_middleware(BearerAuth, token=settings.api_token, review=settings.token_review)
@@ -103,9 +104,7 @@ def api_routes(backend: Backend) -> APIRouter:
     def example() -> dict[str, Any]:
         return EXAMPLE_REQUEST
 
-    @router.post("/merge", status_code=202, summary="Start a merge",
-                 openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                     "schema": MergeRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    @router.post("/merge", status_code=202, summary="Start a merge (body: MergeRequest)")
     async def merge(request: Request) -> JSONResponse:
         data = _json_object(await request.body())
         token = _pop_token(data, request.headers.get(TOKEN_HEADER))
@@ -207,6 +206,30 @@ def _finished_output(backend: Backend, job_id: str):
         raise ApiError(400, f"job {job_id!r} is not completed (status: {job.status}); "
                        "downloads are available once it is")
     return job, outputs.job_output(backend.output_root, job.output_rel)
+
+
+def _document_request_body(app: FastAPI) -> None:
+    """POST /api/merge reads its body itself (to pop the token and report errors its own way); /docs still
+    shows the contract's MergeRequest schema for it, plus the write-only hf_token."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        request = MergeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request.pop("$defs", {}))
+        request["properties"]["hf_token"] = {
+            "type": "string", "writeOnly": True, "maxLength": MAX_TOKEN_LENGTH,
+            "description": "Hugging Face token for gated or private models (or the X-HF-Token header): "
+            "passed to the merge only, never stored in the job, shown, or logged."}
+        components["MergeRequest"] = request
+        schema["paths"]["/api/merge"]["post"]["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/MergeRequest"}}}}
+        return schema
+
+    app.openapi = openapi
 
 
 def _install_error_handlers(app: FastAPI) -> None:

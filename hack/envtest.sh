@@ -14,8 +14,8 @@
 #     export KUBEBUILDER_ASSETS="$(bash hack/envtest.sh | tail -n1)"
 #
 # works. Needs only Go (the version in hack/envtest/go.mod or newer) and the Go module proxy. The first build
-# downloads about 750 MB of modules and compiles for several minutes (BUILD_TIME below); later runs return at
-# once.
+# downloads about 750 MB of modules, fills about 3.7 GB of Go build cache and took 12 minutes on two busy cores
+# (about 10 CPU minutes); later runs return at once.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

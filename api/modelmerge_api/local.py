@@ -80,7 +80,11 @@ class LocalBackend:
         for proc in list(self._procs.values()):
             _signal_group(proc, signal.SIGTERM)
         for thread in self._threads:
-            thread.join(timeout=KILL_GRACE_S + 5)
+            thread.join(timeout=KILL_GRACE_S)
+        for proc in list(self._procs.values()):  # still there after the grace period
+            _signal_group(proc, signal.SIGKILL)
+        for thread in self._threads:
+            thread.join(timeout=5)
         if self.store:
             self.store.close()
         if self._lock_file:

@@ -116,5 +116,6 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend = build_backend(args)
     app = create_app(backend, app_settings(args, backend))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Bounded graceful shutdown: a client following a log must not keep the server (and its merges) alive.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0

@@ -24,6 +24,11 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    begun, ended = parse_time(start), parse_time(end)
+    return (ended - begun).total_seconds() if begun and ended else None
+
+
 @dataclass
 class Job:
     job_id: str
@@ -45,8 +50,7 @@ class Job:
                 "progress": self.progress}
 
     def duration(self) -> float | None:
-        start, end = parse_time(self.started_at), parse_time(self.completed_at)
-        return (end - start).total_seconds() if start and end else None
+        return seconds_between(self.started_at, self.completed_at)
 
 
 def request_params(request: MergeRequest, output_rel: str) -> dict[str, Any]:

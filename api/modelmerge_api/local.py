@@ -26,7 +26,7 @@ from typing import IO, Any
 from modelmerge.contract import MergeRequest, MergeSummary
 from modelmerge_api import outputs
 from modelmerge_api.errors import Conflict, Unavailable, job_not_found
-from modelmerge_api.jobs import ACTIVE, Job, parse_time, request_params, utcnow
+from modelmerge_api.jobs import ACTIVE, Job, request_params, seconds_between, utcnow
 from modelmerge_api.store import JobStore
 
 INTERRUPTED = ("interrupted: the API server stopped while this merge was running; "
@@ -158,7 +158,7 @@ class LocalBackend:
 
     def stats(self) -> tuple[dict[str, int], list[float]]:
         counts, spans = self.store.stats()
-        return counts, [(parse_time(end) - parse_time(start)).total_seconds() for start, end in spans]
+        return counts, [seconds_between(start, end) for start, end in spans]
 
     # ---- workers -----------------------------------------------------------------------------------
 

@@ -34,13 +34,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_output ON jobs(output_rel)
 _COLUMNS = "id, status, created_at, started_at, completed_at, error_message, output_rel, output_path, params"
 
 
-def _job(row: sqlite3.Row) -> Job:
-    return Job(job_id=row["id"], status=row["status"], created_at=row["created_at"],
-               started_at=row["started_at"], completed_at=row["completed_at"],
-               error_message=row["error_message"], output_path=row["output_path"],
-               params=json.loads(row["params"]), output_rel=row["output_rel"])
-
-
 class JobStore:
     """One connection per thread (WAL: readers never wait for each other or for the writer; concurrent writers
     wait on SQLite's busy timeout). Every change is a single autocommitted statement."""
@@ -50,6 +43,7 @@ class JobStore:
         self._local = threading.local()
         self._connections: dict[int, sqlite3.Connection] = {}  # by thread ident
         self._lock = threading.Lock()
+        self._params: dict[str, dict] = {}  # parsed params by job id (never change): lists skip json.loads
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 
@@ -79,6 +73,17 @@ class JobStore:
                 connection.close()
             self._connections.clear()
 
+    def _job(self, row: sqlite3.Row) -> Job:
+        params = self._params.get(row["id"])
+        if params is None:
+            if len(self._params) >= 20_000:
+                self._params.clear()
+            params = self._params[row["id"]] = json.loads(row["params"])
+        return Job(job_id=row["id"], status=row["status"], created_at=row["created_at"],
+                   started_at=row["started_at"], completed_at=row["completed_at"],
+                   error_message=row["error_message"], output_path=row["output_path"], params=params,
+                   output_rel=row["output_rel"])
+
     def _rows(self, sql: str, *args: object) -> list[sqlite3.Row]:
         return self._db.execute(sql, args).fetchall()
 
@@ -98,19 +103,19 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         rows = self._rows(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", job_id)
-        return _job(rows[0]) if rows else None
+        return self._job(rows[0]) if rows else None
 
     def page(self, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
         where, args = ("WHERE status = ?", (status,)) if status else ("", ())
         rows = self._rows(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
                           *args, limit, offset)
         total = self._rows(f"SELECT count(*) FROM jobs {where}", *args)[0][0]
-        return [_job(row) for row in rows], total
+        return [self._job(row) for row in rows], total
 
     def with_status(self, status: str) -> list[tuple[Job, bool, int | None]]:
         """(job, has_token, pid) of every job in `status`, oldest first (for recovery)."""
         rows = self._rows(f"SELECT {_COLUMNS}, has_token, pid FROM jobs WHERE status = ? ORDER BY seq", status)
-        return [(_job(row), bool(row["has_token"]), row["pid"]) for row in rows]
+        return [(self._job(row), bool(row["has_token"]), row["pid"]) for row in rows]
 
     def claim_next(self) -> Job | None:
         """Atomically move the oldest pending job to running."""
@@ -118,7 +123,7 @@ class JobStore:
             f"UPDATE jobs SET status = 'running', started_at = ? WHERE seq = "
             f"(SELECT seq FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1) RETURNING {_COLUMNS}",
             utcnow())
-        return _job(rows[0]) if rows else None
+        return self._job(rows[0]) if rows else None
 
     def set_pid(self, job_id: str, pid: int) -> None:
         self._change("UPDATE jobs SET pid = ? WHERE id = ?", pid, job_id)

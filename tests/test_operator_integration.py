@@ -216,7 +216,7 @@ def test_modelmerge_becomes_a_job_with_the_expected_pod_spec(apis, namespace, st
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "tok"}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/output"]["subPath"] == "team" and set(mounts) == {"/etc/modelmerge", "/output", "/cache",
-                                                                       "/dev/shm"}
+                                                                       "/dev/shm", "/scratch"}
     assert c["terminationMessagePath"] == "/dev/termination-log"
     cm = _raw(world.core.read_namespaced_config_map(f"{name}-merge", namespace, _preload_content=False))
     assert json.loads(cm["data"]["spec.json"])["base_model"] == "org/base"

@@ -79,12 +79,18 @@ def test_minimal_job_shape():
     assert c["terminationMessagePath"] == "/dev/termination-log"
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert c["resources"] == {}
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/modelmerge", "/output", "/dev/shm"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/modelmerge", "/output", "/dev/shm", "/scratch"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["spec"]["configMap"]["name"] == "llama-merge-merge"
     assert volumes["output"]["persistentVolumeClaim"]["claimName"] == "models"
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
-    assert [e["name"] for e in c["env"]] == ["PYTHONUNBUFFERED"]
+    assert [e["name"] for e in c["env"]] == ["PYTHONUNBUFFERED", "HOME", "TMPDIR"]
+    # Restricted pod security (the chart's pods have the same): non-root, read-only root, no escalation.
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert volumes["scratch"]["emptyDir"] == {}
 
 
 def test_full_job_shape():

@@ -3,6 +3,7 @@ and the Job that runs it. No API calls here, so the whole shape is unit-tested."
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
@@ -15,6 +16,7 @@ SPEC_DIR = "/etc/modelmerge"
 SPEC_FILE = "spec.json"
 OUTPUT_MOUNT = "/output"
 CACHE_MOUNT = "/cache"
+SCRATCH_MOUNT = "/scratch"  # the writable HOME/TMPDIR of a read-only root filesystem (HF downloads without a cache)
 TERMINATION_LOG = "/dev/termination-log"
 INVALID_REQUEST_EXIT_CODE = 2  # the engine's exit code for a request it rejects: retrying cannot help
 
@@ -23,6 +25,18 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = f"{API_GROUP}/name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MAX_NAME = 63  # a Job's name ends up in its pods' job-name label
+
+# Restricted pod security for every merge pod: the user and group of the merge image (merge_image/Dockerfile),
+# fsGroup so fresh volumes are writable, no privilege escalation, no capabilities, read-only root filesystem.
+RUN_AS = 10001
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+    "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 def job_name(name: str) -> str:
@@ -107,6 +121,7 @@ def pod_spec(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig)
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are new pods (backoffLimit), each with its termination message
         "automountServiceAccountToken": False,  # the merge never talks to the API
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "containers": [container(body, spec, config)],
         "volumes": volumes(body, spec),
     }
@@ -140,12 +155,13 @@ def container(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig
         "terminationMessagePath": TERMINATION_LOG,
         # The engine writes its JSON summary there; if it dies before that, the log's tail stands in.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
 
 
 def env(spec: ModelMergeSpec, config: OperatorConfig) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    out: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"},
+                                 {"name": "HOME", "value": SCRATCH_MOUNT}, {"name": "TMPDIR", "value": SCRATCH_MOUNT}]
     if spec.modelCache is not None:
         out.append({"name": "HF_HOME", "value": CACHE_MOUNT})
     if spec.hfTokenSecret is not None:
@@ -177,6 +193,7 @@ def volumes(body: dict[str, Any], spec: ModelMergeSpec) -> list[dict[str, Any]]:
         {"name": "spec", "configMap": {"name": job_name(body["metadata"]["name"])}},
         {"name": "output", "persistentVolumeClaim": {"claimName": spec.output.pvc}},
         {"name": "dshm", "emptyDir": shm},
+        {"name": "scratch", "emptyDir": {}},
     ]
     if spec.modelCache is not None:
         out.append({"name": "model-cache", "persistentVolumeClaim": {
@@ -189,7 +206,7 @@ def volume_mounts(spec: ModelMergeSpec) -> list[dict[str, Any]]:
     if spec.output.subPath:
         output["subPath"] = spec.output.subPath
     out = [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}, output,
-           {"name": "dshm", "mountPath": "/dev/shm"}]
+           {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH_MOUNT}]
     if spec.modelCache is not None:
         cache: dict[str, Any] = {"name": "model-cache", "mountPath": CACHE_MOUNT,
                                  "readOnly": spec.modelCache.readOnly}

@@ -1,41 +1,41 @@
 """Streaming merge: plan the output, then produce it tensor by tensor, range by range.
 
-Peak memory is a few ranges of `Compute.chunk` elements per input, whatever the model size or the number of
-fine-tunes: inputs are mapped files, outputs are appended to shards as they are computed.
+Peak memory is a few ranges of `chunk` elements per input, whatever the model size or the number of
+fine-tunes: inputs are mapped files, outputs are appended to shards as they are computed. Ranges are
+computed by a pool of threads (the kernels release the GIL) and written in order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 
-import torch
+import numpy as np
 
 from modelmerge.contract import MergeRequest
-from modelmerge_engine import kernels
+from modelmerge_engine.backends import CpuBackend, make_backend
 from modelmerge_engine.errors import MergeError
-from modelmerge_engine.kernels import Compute, Input, MaskedInput, RawInput
 from modelmerge_engine.pool import OrderedPool, available_cpus
 from modelmerge_engine.progress import Progress
-from modelmerge_engine.safetensors_io import PlannedTensor, SafetensorsModel, ShardedWriter
-from modelmerge_engine.select import kth_magnitude_bits
+from modelmerge_engine.safetensors_io import COMPUTE_DTYPES, DType, PlannedTensor, SafetensorsModel, ShardedWriter
+from modelmerge_engine.select import NO_THRESHOLD, kth_magnitudes
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Buffers that some checkpoints carry: never merged, copied from the base like merging-eval's saved model.
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "position_ids")
-CPU_WORK_ELEMENTS = 1 << 20  # elements held per step over all inputs together (bounds memory)
+CPU_WORK_ELEMENTS = 1 << 20  # elements per step over all inputs together: bounds memory, fits caches
 GPU_WORK_ELEMENTS = 1 << 27
+ALIGN = 1 << 12  # range boundaries are multiples of this
 
 
 @dataclass(frozen=True)
 class TensorPlan:
     name: str
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    out_dtype: DType
     merged: bool
 
     @property
@@ -46,19 +46,7 @@ class TensorPlan:
         return count
 
 
-def make_compute(request: MergeRequest, inputs: int) -> Compute:
-    if request.use_gpu:
-        if not torch.cuda.is_available():
-            raise MergeError("use_gpu is set but CUDA is not available on this machine "
-                             "(no GPU visible to torch); run without --use-gpu")
-        device, budget = torch.device("cuda"), GPU_WORK_ELEMENTS
-    else:
-        device, budget = torch.device("cpu"), CPU_WORK_ELEMENTS
-    per_input = max(kernels.RNG_BLOCK, budget // (inputs + 1) // kernels.RNG_BLOCK * kernels.RNG_BLOCK)
-    return Compute(dtype=DTYPES[request.dtype], device=device, chunk=per_input)
-
-
-def tied_embeddings(directory: Path) -> bool:
+def tied_embeddings(directory) -> bool:
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
@@ -67,7 +55,7 @@ def tied_embeddings(directory: Path) -> bool:
 
 
 def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
-                 out_dtype: torch.dtype) -> list[TensorPlan]:
+                 out_dtype: DType) -> list[TensorPlan]:
     """Which tensors the output has, which are merged, and checks that every input agrees on them."""
     excluded = [re.compile(pattern) for pattern in request.exclude_param_names_regex]
     tied = tied_embeddings(base.directory) and "lm_head.weight" in base.tensors
@@ -75,7 +63,7 @@ def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[
     for name, info in base.tensors.items():
         if tied and name == "lm_head.weight":
             continue  # transformers re-ties it on load; merging-eval's saved model does not store it
-        floating = info.dtype.is_floating_point
+        floating = info.dtype.floating
         merged = floating and not name.endswith(BUFFER_SUFFIXES) and not any(p.match(name) for p in excluded)
         plans.append(TensorPlan(name, info.shape, out_dtype if floating else info.dtype, merged))
     merged_names = {plan.name for plan in plans if plan.merged}
@@ -93,8 +81,8 @@ def _check_model_matches(base: SafetensorsModel, model: SafetensorsModel, merged
         if theirs.shape != ours.shape:
             raise MergeError(f"shape mismatch for tensor {name}: base_model ({base.label}) has "
                              f"{list(ours.shape)}, {model.label} has {list(theirs.shape)}")
-        if not theirs.dtype.is_floating_point:
-            raise MergeError(f"tensor {name} in {model.label} has non-floating dtype {theirs.dtype}")
+        if not theirs.dtype.floating:
+            raise MergeError(f"tensor {name} in {model.label} has non-floating dtype {theirs.dtype.name}")
     for name in sorted(set(model.tensors) - set(base.tensors) - ignored):
         if not name.endswith(BUFFER_SUFFIXES):
             raise MergeError(f"tensor {name} is in {model.label} but missing in base_model ({base.label})")
@@ -104,38 +92,42 @@ class StreamingMerge:
     """Runs one merge request over opened models, writing into a ShardedWriter."""
 
     def __init__(self, request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
-                 progress: Progress, workers: int | None = None):
+                 progress: Progress, workers: int | None = None, backend: str | None = None):
         self.request = request
-        self.compute = make_compute(request, len(finetunes))
-        if self.compute.device.type == "cpu":
-            torch.set_num_threads(1)  # parallelism comes from the pool: one range per thread
-            self.pool = OrderedPool(workers or available_cpus())
-        else:
-            self.pool = OrderedPool(1)  # the GPU parallelises each range itself
-        self.base_model = base
-        self.base = RawInput(base, self.compute)
-        self.inputs = self._inputs(finetunes)
-        self.plans = plan_tensors(request, base, finetunes, self.compute.dtype)
+        self.dtype = COMPUTE_DTYPES[request.dtype]
+        self.backend = make_backend(self.dtype, request.use_gpu, backend or os.environ.get("MODELMERGE_BACKEND"))
+        on_cpu = self.backend.device == "cpu"
+        # CPU: one range per thread (kernels release the GIL); GPU: big ranges, each parallel on the device
+        self.pool = OrderedPool((workers or available_cpus()) if on_cpu else 1)
+        budget = CPU_WORK_ELEMENTS if on_cpu else GPU_WORK_ELEMENTS
+        self.chunk = max(ALIGN, budget // (len(finetunes) + 1) // ALIGN * ALIGN)
+        self.base = base
+        self.finetunes = finetunes
+        self.plans = plan_tensors(request, base, finetunes, self.dtype)
         self.progress = progress
         self.scaling = float(request.scaling_coefficient)
-        self.stats: dict[str, object] = {"workers": self.pool.workers}
+        self.masking = request.merge_method == "mask_merging"
+        self.mask_thresholds: dict[str, np.ndarray] = {}
+        self.stats: dict[str, object] = {"workers": self.pool.workers,
+                                         "backend": "compiled-cpu" if isinstance(self.backend, CpuBackend)
+                                         else f"torch-{self.backend.device}"}
 
-    def _inputs(self, finetunes: list[SafetensorsModel]) -> list[Input]:
-        raw = [RawInput(model, self.compute) for model in finetunes]
-        if self.request.merge_method != "mask_merging":
-            return raw
-        r = self.request
-        return [MaskedInput(raw=model, base=self.base, rate=rate, strategy=r.mask_strategy,
-                            rescale=r.use_weight_rescale, weight_format=r.weight_format, seed=r.seed, index=i)
-                for i, (model, rate) in enumerate(zip(raw, r.weight_mask_rates, strict=True))]
+    @property
+    def device(self) -> str:
+        return self.backend.device
 
     @property
     def method(self) -> str:
         r = self.request
-        return r.mask_apply_method if r.merge_method == "mask_merging" else r.merge_method
+        return r.mask_apply_method if self.masking else r.merge_method
 
     def output_tensors(self) -> list[PlannedTensor]:
         return [PlannedTensor(p.name, p.out_dtype, p.shape) for p in self.plans]
+
+    def ranges(self, numel: int) -> list[tuple[int, int]]:
+        return [(start, min(start + self.chunk, numel)) for start in range(0, numel, self.chunk)] or [(0, 0)]
+
+    # --- the output pass ------------------------------------------------------------------------------
 
     def run(self, writer: ShardedWriter) -> None:
         try:
@@ -150,83 +142,132 @@ class StreamingMerge:
                     writer.begin_tensor(plan.name)
                     current = plan
                 writer.write(chunk)
-                self.progress.advance(chunk.numel())
+                self.progress.advance(chunk.shape[0])
             self.progress.tensor_done()
             self.progress.finish()
         finally:
             self.pool.close()
 
-    def _jobs(self) -> Iterator[tuple[TensorPlan, int, int, list[int | None] | None]]:
+    def _jobs(self) -> Iterator[tuple[TensorPlan, int, int, np.ndarray | None]]:
         for plan in self.plans:
-            thresholds = self._tensor_thresholds(plan) if plan.merged and self.method == "ties_merging" else None
-            for start, stop in self.compute.ranges(plan.numel):
+            thresholds = None
+            if plan.merged:
+                self._prepare_mask_thresholds(plan)
+                if self.method == "ties_merging":
+                    thresholds = self._ties_thresholds(plan)
+            for start, stop in self.ranges(plan.numel):
                 yield plan, start, stop, thresholds
 
-    def _produce(self, job) -> tuple[TensorPlan, torch.Tensor]:
+    def _produce(self, job) -> tuple[TensorPlan, np.ndarray]:
         plan, start, stop, thresholds = job
+        backend = self.backend
         if not plan.merged:
-            return plan, self.base_model.flat(plan.name)[start:stop].to(plan.out_dtype)
-        return plan, self._merge_range(plan.name, start, stop, thresholds).to(plan.out_dtype)
-
-    def _merge_range(self, name: str, start: int, stop: int, thresholds: list[int | None] | None):
-        values = [source.values(name, start, stop) for source in self.inputs]
+            values = self.base.flat(plan.name)[start:stop]
+            if plan.out_dtype.floating and plan.out_dtype != self.base.tensors[plan.name].dtype:
+                values = backend.to_host(backend.prepare(values, self.base.tensors[plan.name].dtype))
+            return plan, values
+        base, inputs = self._inputs(plan.name, start, stop)
         method = self.method
         if method == "average_merging":
-            return kernels.average(values)
-        base = self.base.values(name, start, stop)
-        if method == "task_arithmetic":
-            return kernels.task_arithmetic(base, values, self.scaling)
-        if method == "ties_merging":
-            trimmed = [kernels.trim(v - base, t) for v, t in zip(values, thresholds, strict=True)]
-            return kernels.ties(base, trimmed, self.scaling)
-        trimmed = kernels.dare_trim(base, values, self.dare_thresholds)
-        signs = kernels.dare_signs(trimmed)
-        return kernels.dare_disjoint(base, trimmed, signs, self.majority_sign, self.scaling)
+            merged = backend.average(inputs)
+        elif method == "task_arithmetic":
+            merged = backend.task_arithmetic(base, inputs, self.scaling)
+        elif method == "ties_merging":
+            merged = backend.ties(base, inputs, thresholds, self.scaling)
+        else:
+            merged = backend.dare(base, inputs, self.dare_thresholds, self.majority_sign, self.scaling)
+        return plan, backend.to_host(merged)
+
+    # --- inputs of one range --------------------------------------------------------------------------
+
+    def _load(self, name: str, start: int, stop: int):
+        prepare = self.backend.prepare
+        base = prepare(self.base.flat(name)[start:stop], self.base.tensors[name].dtype)
+        return base, [prepare(m.flat(name)[start:stop], m.tensors[name].dtype) for m in self.finetunes]
+
+    def _inputs(self, name: str, start: int, stop: int):
+        """The fine-tuned weights as the merge method sees them: mask_merging masks them first."""
+        base, raws = self._load(name, start, stop)
+        if not self.masking:
+            return base, raws
+        r = self.request
+        thresholds = self.mask_thresholds.get(name)
+        masked = []
+        for i, (raw, rate) in enumerate(zip(raws, r.weight_mask_rates, strict=True)):
+            threshold = int(thresholds[i]) if thresholds is not None else NO_THRESHOLD
+            key = self._random_key(i, name) if r.mask_strategy == "random" else None
+            masked.append(self.backend.mask(base, raw, r.weight_format == "delta_weight", threshold, key, start,
+                                            rate, r.use_weight_rescale))
+        return base, masked
+
+    def _random_key(self, index: int, name: str) -> int:
+        """The random stream of one model's tensor: a function of (seed, model position, tensor name) only."""
+        key = f"{self.request.seed}/{index}/{name}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # fits an int64
 
     # --- thresholds -----------------------------------------------------------------------------------
 
-    def _task_vector_steps(self, plans: list[TensorPlan], progress: bool = False):
-        """One callable per range of `plans`, producing each model's task vector on that range."""
-        def step(name: str, start: int, stop: int) -> list[torch.Tensor]:
-            base = self.base.values(name, start, stop)
-            vectors = [source.values(name, start, stop) - base for source in self.inputs]
-            if progress:
-                self.progress.advance(stop - start)
-            return vectors
+    def _histograms(self, plans: list[TensorPlan], masked: bool, task_vectors: bool,
+                    advance: Callable[[int], None] | None = None):
+        """A histogram pass over `plans` for select.kth_magnitudes, in parallel over ranges."""
+        def run(shift: int, bins: int, buckets: np.ndarray) -> np.ndarray:
+            def one(job: tuple[str, int, int]) -> tuple[int, np.ndarray]:
+                name, start, stop = job
+                base, inputs = (self._inputs if masked else self._load)(name, start, stop)
+                return stop - start, self.backend.histogram(base, inputs, task_vectors, shift, bins, buckets)
 
-        for plan in plans:
-            for start, stop in self.compute.ranges(plan.numel):
-                yield partial(step, plan.name, start, stop)
+            total = np.zeros((len(self.finetunes), bins), dtype=np.int64)
+            jobs = ((p.name, start, stop) for p in plans for start, stop in self.ranges(p.numel))
+            for size, counts in self.pool.map(one, jobs):
+                total += counts
+                if advance:
+                    advance(size)
+            return total
 
-    def _tensor_thresholds(self, plan: TensorPlan) -> list[int | None]:
+        return run
+
+    def _prepare_mask_thresholds(self, plan: TensorPlan) -> None:
+        """mask_merging by magnitude: per tensor and model, the k-th smallest |delta| (or |weight|)."""
+        r = self.request
+        if not self.masking or r.mask_strategy != "magnitude" or plan.name in self.mask_thresholds:
+            return
+        ks = [int(plan.numel * rate) for rate in r.weight_mask_rates]
+        delta = r.weight_format == "delta_weight"
+        self.mask_thresholds[plan.name] = kth_magnitudes(self._histograms([plan], False, delta), ks, self._wide)
+
+    def _ties_thresholds(self, plan: TensorPlan) -> np.ndarray:
         """ties_merging: per tensor and model, the k-th smallest |task vector| (k = int(numel * rate))."""
         k = int(plan.numel * self.request.param_value_mask_rate)
-        return kth_magnitude_bits(lambda: self._task_vector_steps([plan]), [k] * len(self.inputs),
-                                  self.compute.dtype, self.pool.map)
+        return kth_magnitudes(self._histograms([plan], True, True), [k] * len(self.finetunes), self._wide)
+
+    @property
+    def _wide(self) -> bool:
+        return self.dtype.name == "F32"
 
     def _prepare_dare(self) -> None:
         """ties_merging_dare's two global statistics, each in one streaming pass: the k-th smallest |task
         vector| of each model over all merged parameters, then the majority sign of the elected signs."""
         merged = [p for p in self.plans if p.merged]
+        for plan in merged:
+            self._prepare_mask_thresholds(plan)
         total = sum(p.numel for p in merged)
         k = int(total * self.request.param_value_mask_rate)
-        passes = 2 if self.compute.dtype == torch.float32 else 1
+        passes = 2 if self._wide else 1
         self.progress.start("thresholds", total * passes, len(merged) * passes)
-        self.dare_thresholds = kth_magnitude_bits(lambda: self._task_vector_steps(merged, progress=True),
-                                                  [k] * len(self.inputs), self.compute.dtype, self.pool.map)
+        self.dare_thresholds = kth_magnitudes(self._histograms(merged, True, True, self.progress.advance),
+                                              [k] * len(self.finetunes), self._wide)
         self.progress.finish()
-        self.progress.start("signs", total, len(merged))
 
-        def balance(job: tuple[str, int, int]) -> int:
+        def balance(job: tuple[str, int, int]) -> tuple[int, int]:
             name, start, stop = job
-            base = self.base.values(name, start, stop)
-            values = [source.values(name, start, stop) for source in self.inputs]
-            signs = kernels.dare_signs(kernels.dare_trim(base, values, self.dare_thresholds))
-            self.progress.advance(stop - start)
-            return int((signs > 0).sum()) - int((signs < 0).sum())
+            base, inputs = self._inputs(name, start, stop)
+            return stop - start, self.backend.dare_balance(base, inputs, self.dare_thresholds)
 
-        jobs = ((p.name, start, stop) for p in merged for start, stop in self.compute.ranges(p.numel))
-        overall = sum(self.pool.map(balance, jobs))
+        self.progress.start("signs", total, len(merged))
+        overall = 0
+        for size, part in self.pool.map(balance, ((p.name, a, b) for p in merged for a, b in self.ranges(p.numel))):
+            overall += part
+            self.progress.advance(size)
         self.progress.finish()
         self.majority_sign = float((overall > 0) - (overall < 0))
         self.stats.update({"global_threshold_k": k, "majority_sign": int(self.majority_sign)})

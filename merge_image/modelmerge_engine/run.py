@@ -60,8 +60,6 @@ def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: s
 
 
 def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict:
-    import torch  # noqa: F401  (imported here so request errors above stay fast)
-
     from modelmerge_engine.engine import StreamingMerge
     from modelmerge_engine.refs import resolve
     from modelmerge_engine.safetensors_io import SafetensorsModel, ShardedWriter
@@ -75,7 +73,8 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict
     merge = StreamingMerge(request, base, finetunes, progress)
     timings["resolve"] = time.monotonic() - clock
     progress.message(f"merging {len(finetunes)} model(s) into {request.base_model} with "
-                     f"{request.merge_method} on {merge.compute.device} ({request.dtype})")
+                     f"{request.merge_method} on {merge.device} ({request.dtype}, {merge.stats['backend']}, "
+                     f"{merge.pool.workers} worker(s))")
 
     staging = output.create_staging()
     from modelmerge.contract import shard_size_bytes
@@ -110,7 +109,7 @@ def _report(request, base_ref, refs, merge, files, timings) -> dict:
         "parameters": request.merge_params(),
         "inputs": {"base_model": base_ref.describe(), "models_to_merge": [r.describe() for r in refs]},
         "dtype": request.dtype,
-        "device": str(merge.compute.device),
+        "device": merge.device,
         "tensors": len(merge.plans),
         "merged_tensors": sum(p.merged for p in merge.plans),
         "statistics": merge.stats,

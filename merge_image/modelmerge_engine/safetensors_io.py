@@ -14,25 +14,43 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from modelmerge_engine.errors import MergeError
 
-DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+
+@dataclass(frozen=True)
+class DType:
+    """A safetensors dtype and how its bytes are held in numpy (16-bit floats as their uint16 bits)."""
+
+    name: str
+    storage: np.dtype
+    floating: bool = False
+    code: int | None = None  # the cpu_kernels code of the float formats the engine computes in
+
+    @property
+    def size(self) -> int:
+        return self.storage.itemsize
+
+
+DTYPES: dict[str, DType] = {
+    dtype.name: dtype
+    for dtype in (
+        DType("BF16", np.dtype(np.uint16), True, 0),
+        DType("F16", np.dtype(np.uint16), True, 1),
+        DType("F32", np.dtype(np.float32), True, 2),
+        DType("F64", np.dtype(np.float64), True),
+        DType("I64", np.dtype(np.int64)),
+        DType("I32", np.dtype(np.int32)),
+        DType("I16", np.dtype(np.int16)),
+        DType("I8", np.dtype(np.int8)),
+        DType("U8", np.dtype(np.uint8)),
+        DType("BOOL", np.dtype(np.bool_)),
+        DType("F8_E4M3", np.dtype(np.uint8), True),
+        DType("F8_E5M2", np.dtype(np.uint8), True),
+    )
 }
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+COMPUTE_DTYPES = {"bfloat16": DTYPES["BF16"], "float16": DTYPES["F16"], "float32": DTYPES["F32"]}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
@@ -41,7 +59,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     file: Path
     offset: int  # absolute byte offset of the data in `file`
@@ -118,17 +136,18 @@ class SafetensorsModel:
                 raise MergeError(f"{self.label}: tensor {name} appears in two shards")
             self.tensors[name] = TensorInfo(name, dtype, tuple(meta["shape"]), file, data_start + begin)
 
-    def flat(self, name: str) -> torch.Tensor:
-        """A 1-D view of the tensor's data in the mapped file (no copy)."""
+    def flat(self, name: str) -> np.ndarray:
+        """A 1-D view of the tensor's data in the mapped file (no copy; never write into it)."""
         info = self.tensors[name]
         mapped = self._maps.get(info.file)
         if mapped is None:
             with open(info.file, "rb") as handle:
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
             self._maps[info.file] = mapped
-        if info.numel == 0:
-            return torch.empty(0, dtype=info.dtype)
-        return torch.frombuffer(mapped, dtype=info.dtype, count=info.numel, offset=info.offset)
+        if info.offset % info.dtype.size:  # unaligned data (odd-sized tensor before it): copy it once
+            raw = np.frombuffer(mapped, dtype=np.uint8, count=info.numel * info.dtype.size, offset=info.offset)
+            return raw.copy().view(info.dtype.storage)
+        return np.frombuffer(mapped, dtype=info.dtype.storage, count=info.numel, offset=info.offset)
 
     def close(self) -> None:
         for mapped in self._maps.values():
@@ -142,7 +161,7 @@ class SafetensorsModel:
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     @property
@@ -150,7 +169,7 @@ class PlannedTensor:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.empty(0, dtype=self.dtype).element_size()
+        return count * self.dtype.size
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -194,8 +213,8 @@ class ShardedWriter:
             self._open_shard(shard)
         self._remaining = tensor.nbytes
 
-    def write(self, chunk: torch.Tensor) -> None:
-        data = chunk.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+    def write(self, chunk: np.ndarray) -> None:
+        data = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
         if data.nbytes > self._remaining:
             raise RuntimeError("more data than the tensor's planned size")
         self._handle.write(memoryview(data))
@@ -206,7 +225,7 @@ class ShardedWriter:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for tensor in self.shards[shard]:
-            header[tensor.name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+            header[tensor.name] = {"dtype": tensor.dtype.name, "shape": list(tensor.shape),
                                    "data_offsets": [offset, offset + tensor.nbytes]}
             offset += tensor.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()

@@ -1,126 +1,52 @@
-"""The merge methods, element range by element range, with merging-eval's exact arithmetic.
+"""The merge methods as torch operations on one range of one tensor: the GPU path (`use_gpu`).
 
-merging-eval (the oracle) computes with whole-model tensors in the load dtype; every function here performs
-the same torch operations in the same order and dtypes on a slice of one tensor, so results agree bit for
-bit. Where merging-eval crashes or misbehaves we deviate on purpose (documented in the README):
-  * a magnitude mask with k = 0 selected values keeps everything (merging-eval calls kthvalue(k=0) and fails);
-  * random masks come from a seeded generator per (seed, model, tensor, block), so they are reproducible;
-  * inputs are never modified in place; integer scaling coefficients are accepted.
+merging-eval (the oracle) computes with whole-model tensors in the load dtype; these functions perform the
+same torch operations in the same order and dtypes on a slice, so results agree bit for bit (checked on CPU
+by the oracle tests, on CUDA by bench/gpu_check.py). cpu_kernels.py is the same arithmetic compiled for CPU.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from dataclasses import dataclass, field
-from functools import partial
-
 import torch
 
-from modelmerge_engine.safetensors_io import SafetensorsModel
-from modelmerge_engine.select import bits_to_value, kth_magnitude_bits, magnitude_bits
-
-RNG_BLOCK = 1 << 16  # random masks are drawn per block of this many elements, so chunking can't change them
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
-@dataclass
-class Compute:
-    """Where and in which dtype the arithmetic happens, and how many elements one step handles."""
-
-    dtype: torch.dtype
-    device: torch.device
-    chunk: int  # elements per input per step (a multiple of RNG_BLOCK)
-
-    def load(self, model: SafetensorsModel, name: str, start: int, stop: int) -> torch.Tensor:
-        # Same-dtype CPU loads are views of the mapped file: never modify them in place.
-        return model.flat(name)[start:stop].to(device=self.device, dtype=self.dtype)
-
-    def ranges(self, numel: int) -> list[tuple[int, int]]:
-        return [(start, min(start + self.chunk, numel)) for start in range(0, numel, self.chunk)] or [(0, 0)]
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """|x| as an integer tensor whose order is the order of |x| (see select.py)."""
+    view = _INT_VIEW[x.dtype]
+    return (x.view(view) & (0x7FFF if view == torch.int16 else 0x7FFFFFFF)).to(torch.int64)
 
 
-class Input:
-    """A fine-tuned model as the merge method sees it."""
-
-    def values(self, name: str, start: int, stop: int) -> torch.Tensor:
-        raise NotImplementedError
-
-
-@dataclass
-class RawInput(Input):
-    model: SafetensorsModel
-    compute: Compute
-
-    def values(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.compute.load(self.model, name, start, stop)
+def histogram(base: torch.Tensor, inputs: list[torch.Tensor], task_vectors: bool, shift: int, bins: int,
+              buckets: list[int]) -> list[torch.Tensor]:
+    counts = []
+    for values, bucket in zip(inputs, buckets, strict=True):
+        bits = magnitude_bits(values - base if task_vectors else values)
+        if bucket >= 0:
+            bits = bits[(bits >> 16) == bucket] & 0xFFFF
+        counts.append(torch.bincount(bits >> shift, minlength=bins))
+    return counts
 
 
-@dataclass
-class MaskedInput(Input):
-    """mask_merging's first step: drop a fraction of the delta (or of the weights), rescale, re-add the base."""
+def mask(base: torch.Tensor, raw: torch.Tensor, delta: bool, threshold: int, draws: torch.Tensor | None,
+         rate: float, rescale: bool) -> torch.Tensor:
+    """merging-eval's mask_input_with_mask_rate + re-adding the base (mask_model_weights)."""
+    values = raw - base if delta else raw
+    if threshold >= 0:
+        values = values * ~(magnitude_bits(values) <= threshold)
+    elif draws is not None:
+        values = values * (draws >= rate)
+    if rescale and rate != 1.0:
+        values = torch.div(input=values, other=1 - rate)
+    return base + 1.0 * values if delta else values
 
-    raw: RawInput
-    base: RawInput
-    rate: float
-    strategy: str  # "random" | "magnitude"
-    rescale: bool
-    weight_format: str  # "delta_weight" | "finetuned_weight"
-    seed: int
-    index: int
-    _thresholds: dict[str, int | None] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def values(self, name: str, start: int, stop: int) -> torch.Tensor:
-        base = self.base.values(name, start, stop) if self.weight_format == "delta_weight" else None
-        weights = self._weights(name, start, stop, base)
-        masked = weights * ~self._drop_mask(name, start, stop, weights)
-        if self.rescale and self.rate != 1.0:
-            masked = torch.div(input=masked, other=1 - self.rate)
-        return masked if base is None else base + 1.0 * masked
+def dare_balance(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int]) -> int:
+    signs = dare_signs(dare_trim(base, inputs, thresholds))
+    return int((signs > 0).sum()) - int((signs < 0).sum())
 
-    def _weights(self, name: str, start: int, stop: int, base: torch.Tensor | None) -> torch.Tensor:
-        raw = self.raw.values(name, start, stop)
-        return raw if base is None else raw - base
 
-    def _drop_mask(self, name: str, start: int, stop: int, weights: torch.Tensor) -> torch.Tensor:
-        if self.strategy == "random":
-            return self._random_mask(name, start, stop, weights.device)
-        threshold = self._threshold(name)
-        if threshold is None:
-            return torch.zeros_like(weights, dtype=torch.bool)
-        return magnitude_bits(weights) <= threshold
-
-    def _threshold(self, name: str) -> int | None:
-        with self._lock:  # one pass per tensor, even when several worker threads ask at once
-            if name not in self._thresholds:
-                self._thresholds[name] = self._compute_threshold(name)
-            return self._thresholds[name]
-
-    def _compute_threshold(self, name: str) -> int | None:
-        """k-th smallest |weights| of the whole tensor (runs inside a worker, so sequentially)."""
-        compute = self.raw.compute
-        numel = self.raw.model.tensors[name].numel
-
-        def step(start: int, stop: int) -> list[torch.Tensor]:
-            base = self.base.values(name, start, stop) if self.weight_format == "delta_weight" else None
-            return [self._weights(name, start, stop, base)]
-
-        steps = lambda: (partial(step, start, stop) for start, stop in compute.ranges(numel))  # noqa: E731
-        return kth_magnitude_bits(steps, [int(numel * self.rate)], compute.dtype)[0]
-
-    def _random_mask(self, name: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        parts = []
-        for block_start in range(start - start % RNG_BLOCK, stop, RNG_BLOCK):
-            block = block_start // RNG_BLOCK
-            generator = torch.Generator(device=device).manual_seed(self._block_seed(name, block))
-            draws = torch.rand(RNG_BLOCK, generator=generator, device=device)
-            lo, hi = max(start, block_start) - block_start, min(stop, block_start + RNG_BLOCK) - block_start
-            parts.append(draws[lo:hi] < self.rate)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def _block_seed(self, name: str, block: int) -> int:
-        digest = hashlib.blake2b(f"{self.seed}/{self.index}/{name}/{block}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 # --- per-range arithmetic of each method ---------------------------------------------------------------
@@ -155,13 +81,13 @@ def rounder(dtype: torch.dtype):
     return lambda x: x.to(dtype).to(torch.float32)
 
 
-def trim(task_vector: torch.Tensor, threshold: int | None) -> torch.Tensor:
+def trim(task_vector: torch.Tensor, threshold: int) -> torch.Tensor:
     """TIES' trim step, widened to float32 (exact): keep values whose magnitude is at least the threshold.
 
     The remaining TIES arithmetic runs on float32 and rounds exactly where merging-eval's 16-bit tensors
     round; float32 comparisons and selects are several times faster than 16-bit ones on CPU."""
     wide = task_vector.to(torch.float32, copy=True)
-    if threshold is not None:
+    if threshold >= 0:
         wide.masked_fill_(magnitude_bits(task_vector) < threshold, 0.0)
     return wide
 
@@ -194,7 +120,7 @@ def ties(base: torch.Tensor, trimmed: list[torch.Tensor], scaling: float) -> tor
     return _disjoint_mean(base, trimmed, elected, sequential_sum, scaling)
 
 
-def dare_trim(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int | None]) -> list[torch.Tensor]:
+def dare_trim(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int]) -> list[torch.Tensor]:
     """ties_merging_dare's trim: `flattened * (|flattened| >= kth)` per model (widened to float32)."""
     return [trim(values - base, threshold) for values, threshold in zip(inputs, thresholds, strict=True)]
 
@@ -212,7 +138,3 @@ def dare_disjoint(base: torch.Tensor, trimmed: list[torch.Tensor], signs: torch.
         signs.masked_fill_(signs == 0, majority)
     rnd = rounder(base.dtype)
     return _disjoint_mean(base, trimmed, signs, lambda values: rnd(float_sum(values)), scaling)
-
-
-def threshold_value(bits: int | None, dtype: torch.dtype) -> float | None:
-    return None if bits is None else float(bits_to_value(bits, dtype))

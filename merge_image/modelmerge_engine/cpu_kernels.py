@@ -1,0 +1,405 @@
+"""CPU kernels: one compiled pass per range, no temporaries, the GIL released (numba, nogil).
+
+Each function reproduces, element by element, the torch operations merging-eval performs on whole models:
+float32 arithmetic with a rounding to the compute dtype wherever a torch op on a 16-bit tensor rounds
+(`rnd`). Values are stored as their bit patterns: bfloat16 and float16 in uint16 arrays, float32 in float32
+arrays; `code` says which 16-bit format a uint16 array holds. Inputs are a tuple of arrays (one per model).
+Thresholds are magnitude bit patterns (see select.py); -1 means "no threshold" (nothing trimmed).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core.errors import NumbaIRAssumptionWarning
+from numba.extending import intrinsic, overload
+
+# Inlining the dtype overloads (needed for the loops to vectorise) trips a pedantic internal check of
+# numba's SSA pass at compile time; the compiled code is checked against merging-eval by the tests.
+warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
+
+BF16, F16, F32 = 0, 1, 2
+KEEP_ALL, BY_MAGNITUDE, AT_RANDOM = 0, 1, 2
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _f32_as_u32(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_to_f16_bits(typingctx, x):
+    def codegen(context, builder, signature, args):  # fptrunc rounds to nearest even, like c10::Half
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@njit(inline="always")
+def _bf16_bits(f):
+    """Round to nearest even, NaN kept NaN: c10::BFloat16's conversion."""
+    if f != f:
+        return np.uint16(0x7FC0)
+    u = _f32_as_u32(f)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(inline="always")
+def _bits16(f, code):
+    if code == BF16:
+        return _bf16_bits(f)
+    return _f32_to_f16_bits(f)
+
+
+@njit(inline="always")
+def rnd(f, code):
+    """float32 → compute dtype → float32: where a 16-bit torch op rounds its result."""
+    if code == F32:
+        return f
+    if code == BF16:
+        return _u32_as_f32(np.uint32(_bf16_bits(f)) << np.uint32(16))
+    return _f16_bits_to_f32(_f32_to_f16_bits(f))
+
+
+@njit(inline="always")
+def mag(f, code):
+    """Magnitude bit pattern of f rounded to the compute dtype (ordered like |f|)."""
+    if code == F32:
+        return np.int64(_f32_as_u32(f) & np.uint32(0x7FFFFFFF))
+    return np.int64(_bits16(f, code) & np.uint16(0x7FFF))
+
+
+def widen(x, code):  # pragma: no cover - replaced by the overload below inside compiled code
+    raise NotImplementedError
+
+
+@overload(widen, inline="always")
+def _widen(x, code):
+    if isinstance(x, types.Float):
+        return lambda x, code: np.float32(x)
+
+    def from_bits(x, code):
+        if code == BF16:
+            return _u32_as_f32(np.uint32(x) << np.uint32(16))
+        return _f16_bits_to_f32(x)
+
+    return from_bits
+
+
+def store(out, e, f, code):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(store, inline="always")
+def _store(out, e, f, code):
+    if isinstance(out.dtype, types.Float):
+        def to_float(out, e, f, code):
+            out[e] = f
+        return to_float
+
+    def to_bits(out, e, f, code):
+        out[e] = _bits16(f, code)
+
+    return to_bits
+
+
+# --- conversions -----------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def convert(source, source_code, out, out_code):
+    """Cast between float formats (e.g. float32 checkpoints merged in bfloat16), rounding to nearest even."""
+    for e in range(out.shape[0]):
+        store(out, e, widen(source[e], source_code), out_code)
+
+
+# --- thresholds ------------------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _histogram(base, inputs, code, task_vectors, shift, buckets, counts):
+    """counts[i] += histogram of the magnitude bits (>> shift) of input i's task vector (rounded like
+    merging-eval's `finetuned - pretrained`) or of its weights; with buckets[i] >= 0 only values whose high
+    16 bits equal it are counted, by their low 16 bits (the second pass of the float32 radix select)."""
+    for e in range(base.shape[0]):
+        b = widen(base[e], code)
+        for i in range(len(inputs)):
+            v = widen(inputs[i][e], code)
+            if task_vectors:
+                v = rnd(v - b, code)
+            m = mag(v, code)
+            if buckets[i] >= 0:
+                if (m >> 16) != buckets[i]:
+                    continue
+                m &= 0xFFFF
+            counts[i, m >> shift] += 1
+
+
+@njit(nogil=True, cache=True)
+def histogram(base, inputs, code, task_vectors, shift, buckets, counts):
+    """counts[i] += histogram of the magnitude bits (>> shift) of input i's task vector (rounded like
+    merging-eval's `finetuned - pretrained`) or of its weights; with buckets[i] >= 0 only values whose high
+    16 bits equal it are counted, by their low 16 bits (the second pass of the float32 radix select)."""
+    if code == BF16:
+        _histogram(base, inputs, BF16, task_vectors, shift, buckets, counts)
+    elif code == F16:
+        _histogram(base, inputs, F16, task_vectors, shift, buckets, counts)
+    else:
+        _histogram(base, inputs, F32, task_vectors, shift, buckets, counts)
+
+
+
+# --- mask_merging's first step ---------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _uniform(key, index):
+    """A uniform float32 in [0, 1) for element `index` of a stream (splitmix64 of key + index): the same
+    draw whatever the ranges, threads or device, and no state to carry between ranges."""
+    z = np.uint64(key) + np.uint64(index) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.float32(z >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
+
+
+@njit(nogil=True, cache=True)
+def uniform_draws(key, start, out):
+    """The draws `mask` makes for elements start.. of a stream (for the torch backend)."""
+    for e in range(out.shape[0]):
+        out[e] = _uniform(key, start + e)
+
+
+@njit(inline="always")
+def _mask(base, raw, code, delta, mode, threshold, key, start, rate, rescale, out):
+    """One model's masked weights: drop by magnitude (threshold >= 0: |v| <= kth) or at random (draw < rate,
+    for elements start.. of the stream `key`), rescale by 1 / (1 - rate), and re-add the base for delta
+    weights (`pretrained + 1.0 * masked`). Dropping multiplies by 0, as merging-eval's `values * ~mask`."""
+    keep_scale = np.float32(1.0 - rate)
+    for e in range(out.shape[0]):
+        b = widen(base[e], code)
+        v = widen(raw[e], code)
+        if delta:
+            v = rnd(v - b, code)
+        if mode == BY_MAGNITUDE:
+            v = v * np.float32(mag(v, code) > threshold)
+        elif mode == AT_RANDOM:
+            v = v * np.float32(_uniform(key, start + e) >= rate)
+        if rescale:
+            v = rnd(v / keep_scale, code)
+        if delta:
+            v = rnd(b + v, code)
+        store(out, e, v, code)
+
+
+@njit(inline="always")
+def _mask_modes(base, raw, code, delta, threshold, random, key, start, rate, rescale, out):
+    if threshold >= 0:
+        _mask(base, raw, code, delta, BY_MAGNITUDE, threshold, key, start, rate, rescale, out)
+    elif random:
+        _mask(base, raw, code, delta, AT_RANDOM, threshold, key, start, rate, rescale, out)
+    else:
+        _mask(base, raw, code, delta, KEEP_ALL, threshold, key, start, rate, rescale, out)
+
+
+@njit(inline="always")
+def _mask_flags(base, raw, code, delta, threshold, random, key, start, rate, rescale, out):
+    rescale = rescale and rate != 1.0
+    if delta and rescale:
+        _mask_modes(base, raw, code, True, threshold, random, key, start, rate, True, out)
+    elif delta:
+        _mask_modes(base, raw, code, True, threshold, random, key, start, rate, False, out)
+    elif rescale:
+        _mask_modes(base, raw, code, False, threshold, random, key, start, rate, True, out)
+    else:
+        _mask_modes(base, raw, code, False, threshold, random, key, start, rate, False, out)
+
+
+@njit(nogil=True, cache=True)
+def mask(base, raw, code, delta, threshold, random, key, start, rate, rescale, out):
+    """One model's masked weights: drop by magnitude (threshold >= 0: |v| <= kth) or at random (draw < rate,
+    for elements start.. of the stream `key`), rescale by 1 / (1 - rate), and re-add the base for delta
+    weights (`pretrained + 1.0 * masked`). Dropping multiplies by 0, as merging-eval's `values * ~mask`.
+    Every flag is dispatched to a loop where it is a constant, so each loop compiles branch-free."""
+    if code == BF16:
+        _mask_flags(base, raw, BF16, delta, threshold, random, key, start, rate, rescale, out)
+    elif code == F16:
+        _mask_flags(base, raw, F16, delta, threshold, random, key, start, rate, rescale, out)
+    else:
+        _mask_flags(base, raw, F32, delta, threshold, random, key, start, rate, rescale, out)
+
+
+# --- the methods -----------------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _average(inputs, code, out):
+    """`stack(inputs).mean(dim=0)`: float32 sum, float32 division, one rounding."""
+    n = np.float32(len(inputs))
+    for e in range(out.shape[0]):
+        total = widen(inputs[0][e], code)
+        for i in range(1, len(inputs)):
+            total += widen(inputs[i][e], code)
+        store(out, e, total / n, code)
+
+
+@njit(nogil=True, cache=True)
+def average(inputs, code, out):
+    """`stack(inputs).mean(dim=0)`: float32 sum, float32 division, one rounding."""
+    if code == BF16:
+        _average(inputs, BF16, out)
+    elif code == F16:
+        _average(inputs, F16, out)
+    else:
+        _average(inputs, F32, out)
+
+
+
+@njit(inline="always")
+def _task_arithmetic(base, inputs, code, scaling, out):
+    """base + s * (tv_0 + tv_1 + ...), each tv and each partial sum rounded like merging-eval's tensors."""
+    s = np.float32(scaling)
+    for e in range(out.shape[0]):
+        b = widen(base[e], code)
+        total = rnd(widen(inputs[0][e], code) - b, code)
+        for i in range(1, len(inputs)):
+            total = rnd(total + rnd(widen(inputs[i][e], code) - b, code), code)
+        store(out, e, b + rnd(s * total, code), code)
+
+
+@njit(nogil=True, cache=True)
+def task_arithmetic(base, inputs, code, scaling, out):
+    """base + s * (tv_0 + tv_1 + ...), each tv and each partial sum rounded like merging-eval's tensors."""
+    if code == BF16:
+        _task_arithmetic(base, inputs, BF16, scaling, out)
+    elif code == F16:
+        _task_arithmetic(base, inputs, F16, scaling, out)
+    else:
+        _task_arithmetic(base, inputs, F32, scaling, out)
+
+
+
+@njit(inline="always")
+def _trimmed(base_value, value, code, threshold):
+    """`task_vector * (|task_vector| >= kth)`; branch-free, so the loops compile to selects and vectorise."""
+    v = rnd(value - base_value, code)
+    return v * np.float32((threshold < 0) | (mag(v, code) >= threshold))
+
+
+@njit(inline="always")
+def _ties(base, inputs, code, thresholds, scaling, out):
+    """merging-eval's ties_merging: trim per tensor, elect sign(sum) (0 counts as +), average the values of
+    the elected sign (its `sum(list)` rounds after each addition), scale, add to the base in float32."""
+    s = np.float32(scaling)
+    for e in range(out.shape[0]):
+        b = widen(base[e], code)
+        total = _trimmed(b, widen(inputs[0][e], code), code, thresholds[0])
+        for i in range(1, len(inputs)):
+            total = rnd(total + _trimmed(b, widen(inputs[i][e], code), code, thresholds[i]), code)
+        elected = np.float32(1.0) - np.float32(2.0) * np.float32(total < 0)
+        kept = np.float32(0.0)
+        count = np.float32(0.0)
+        for i in range(len(inputs)):
+            t = _trimmed(b, widen(inputs[i][e], code), code, thresholds[i])
+            keep = np.float32(t * elected > 0)
+            kept = rnd(kept + t * keep, code)  # adding the dropped ±0 changes nothing, as in merging-eval
+            count += keep
+        store(out, e, b + s * (kept / max(count, np.float32(1.0))), code)
+
+
+@njit(nogil=True, cache=True)
+def ties(base, inputs, code, thresholds, scaling, out):
+    """merging-eval's ties_merging: trim per tensor, elect sign(sum) (0 counts as +), average the values of
+    the elected sign (its `sum(list)` rounds after each addition), scale, add to the base in float32."""
+    if code == BF16:
+        _ties(base, inputs, BF16, thresholds, scaling, out)
+    elif code == F16:
+        _ties(base, inputs, F16, thresholds, scaling, out)
+    else:
+        _ties(base, inputs, F32, thresholds, scaling, out)
+
+
+
+@njit(inline="always")
+def _dare_sum(b, inputs, e, code, thresholds):
+    total = np.float32(0.0)
+    for i in range(len(inputs)):
+        total += _trimmed(b, widen(inputs[i][e], code), code, thresholds[i])
+    return total
+
+
+@njit(inline="always")
+def _dare_balance(base, inputs, code, thresholds):
+    """Σ sign(Σ_i trimmed_i) over the range: what decides ties_merging_dare's majority sign."""
+    balance = 0
+    for e in range(base.shape[0]):
+        total = _dare_sum(widen(base[e], code), inputs, e, code, thresholds)
+        balance += np.int64(total > 0) - np.int64(total < 0)
+    return balance
+
+
+@njit(nogil=True, cache=True)
+def dare_balance(base, inputs, code, thresholds):
+    """Σ sign(Σ_i trimmed_i) over the range: what decides ties_merging_dare's majority sign."""
+    if code == BF16:
+        return _dare_balance(base, inputs, BF16, thresholds)
+    elif code == F16:
+        return _dare_balance(base, inputs, F16, thresholds)
+    else:
+        return _dare_balance(base, inputs, F32, thresholds)
+
+
+
+@njit(inline="always")
+def _dare(base, inputs, code, thresholds, majority, scaling, out):
+    """merging-eval's ties_merging_dare: global thresholds, sign of the float32 sum (0 → majority sign),
+    float32 sum of the agreeing values rounded once (`torch.sum(dim=0)`), mean, scale, add to the base."""
+    s = np.float32(scaling)
+    m = np.float32(majority)
+    for e in range(out.shape[0]):
+        b = widen(base[e], code)
+        total = _dare_sum(b, inputs, e, code, thresholds)
+        elected = np.float32(total > 0) - np.float32(total < 0) + m * np.float32(total == 0)
+        kept = np.float32(0.0)
+        count = np.float32(0.0)
+        for i in range(len(inputs)):
+            t = _trimmed(b, widen(inputs[i][e], code), code, thresholds[i])
+            keep = np.float32(t * elected > 0)
+            kept += t * keep
+            count += keep
+        store(out, e, b + s * (rnd(kept, code) / max(count, np.float32(1.0))), code)
+
+
+
+@njit(nogil=True, cache=True)
+def dare(base, inputs, code, thresholds, majority, scaling, out):
+    """merging-eval's ties_merging_dare: global thresholds, sign of the float32 sum (0 → majority sign),
+    float32 sum of the agreeing values rounded once (`torch.sum(dim=0)`), mean, scale, add to the base."""
+    if code == BF16:
+        _dare(base, inputs, BF16, thresholds, majority, scaling, out)
+    elif code == F16:
+        _dare(base, inputs, F16, thresholds, majority, scaling, out)
+    else:
+        _dare(base, inputs, F32, thresholds, majority, scaling, out)

@@ -41,3 +41,32 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .bench
+
+# ---- Kubernetes packaging: images, chart, kind ----------------------------------------------------------------
+# `make test` already runs helm lint and the chart renders (tests/test_chart.py) and the chart's RBAC on envtest.
+DOCKER ?= docker
+IMAGE_REGISTRY ?= ghcr.io/modelmerge
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# e.g. MERGE_BUILD_ARGS='--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' for a CPU-only merge image
+MERGE_BUILD_ARGS ?=
+
+.PHONY: helm-lint chart-crds
+
+# The three images, from the repository root as build context (needs a Docker engine).
+images:
+	@command -v $(DOCKER) >/dev/null || { echo "make images: '$(DOCKER)' not found (a Docker engine is needed)"; exit 1; }
+	$(DOCKER) build -f merge_image/Dockerfile --target merge $(MERGE_BUILD_ARGS) -t $(IMAGE_REGISTRY)/merge:$(IMAGE_TAG) .
+	$(DOCKER) build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
+	$(DOCKER) build -f api/Dockerfile -t $(IMAGE_REGISTRY)/api:$(IMAGE_TAG) .
+
+# kind cluster → images → helm install → examples/modelmerge-tiny.yaml → Succeeded → output through the API.
+kind-e2e: install
+	bash hack/kind-e2e.sh
+
+# helm lint --strict and the renders of every notable values combination (the same tests `make test` runs).
+helm-lint: install
+	$(BIN)/python -m pytest -q tests/test_chart.py
+
+# Copies the generated CRDs into the chart (tests/test_chart.py fails when they differ from `modelmerge crds`).
+chart-crds: install
+	$(BIN)/modelmerge crds --output charts/modelmerge/crds/

@@ -442,3 +442,69 @@ def test_include_crds_renders_the_modelmerge_crd(tmp_path):
     objects = render(tmp_path, include_crds=True)
     names = {o["metadata"]["name"] for o in find(objects, "CustomResourceDefinition")}
     assert names == {"modelmerges.modelmerge.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# examples/
+# ---------------------------------------------------------------------------------------------------------
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def _example_merges(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "ModelMerge"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_modelmerges_are_valid_and_use_the_charts_claims(path):
+    merges = _example_merges(path)
+    assert merges, f"{path.name} has no ModelMerge"
+    for doc in merges:
+        assert doc["apiVersion"] == "modelmerge.io/v1alpha1"
+        spec = ModelMergeSpec.model_validate(doc["spec"])
+        assert spec.output.pvc == "modelmerge-output"  # the chart's output claim for a release named modelmerge
+        if spec.modelCache is not None:
+            assert spec.modelCache.pvc == "modelmerge-model-cache"
+
+
+def test_examples_cover_every_method_cpu_gpu_with_cache_and_a_kueue_queue():
+    from modelmerge.contract import METHODS
+
+    def specs(name: str) -> list[ModelMergeSpec]:
+        return [ModelMergeSpec.model_validate(d["spec"]) for d in _example_merges(ROOT / "examples" / name)]
+
+    tiny = specs("modelmerge-tiny.yaml")
+    assert sorted(s.merge_method for s in tiny) == sorted(METHODS) and not any(s.use_gpu for s in tiny)
+    (gpu,) = specs("modelmerge-7b-gpu.yaml")
+    assert gpu.use_gpu and gpu.resources.gpu == 1 and gpu.modelCache is not None and gpu.hfTokenSecret is not None
+    (queued,) = specs("modelmerge-kueue.yaml")
+    assert queued.queueName == "merges"
+    kinds = [d["kind"] for d in yaml.safe_load_all((ROOT / "examples/modelmerge-kueue.yaml").read_text()) if d]
+    assert kinds == ["ResourceFlavor", "ClusterQueue", "LocalQueue", "ModelMerge"]
+
+
+def test_kind_e2e_install_values_pass_the_schema_and_use_the_fixture_image(tmp_path):
+    """The `--set` flags of hack/kind-e2e.sh's `helm install`, rendered: the script cannot run here (no Docker)."""
+    script = (ROOT / "hack" / "kind-e2e.sh").read_text()
+    substitutions = {"$REGISTRY": "localhost/modelmerge", "$TAG": "e2e", "$API_TOKEN": "e2e-token"}
+    flags: list[str] = []
+    for option, value in re.findall(r'(--set(?:-string)?) "([^"]+)"', script):
+        for name, replacement in substitutions.items():
+            value = value.replace(name, replacement)
+        assert "$" not in value, value
+        flags += [option, value]
+    assert len(flags) >= 14
+    result = helm("template", "modelmerge", str(CHART), "--namespace", NS, "--kube-version", KUBE_VERSION, *flags,
+                  home=tmp_path)
+    objects = [d for d in yaml.safe_load_all(result.stdout) if d]
+    operator = container(_deployment(objects, "operator"))
+    assert operator["image"] == "localhost/modelmerge/operator:e2e" and operator["imagePullPolicy"] == "Never"
+    assert _flag(operator["args"], "image") == ["localhost/modelmerge/merge-tiny:e2e"]
+    assert _flag(operator["args"], "job-env") == ["HF_HUB_OFFLINE=1"]
+    assert _spec_defaults(objects)["resources"]["memory"] == "2Gi"
+    # The examples' claim is the chart's for the release name the script installs.
+    assert 'RELEASE=modelmerge' in script and one(objects, "PersistentVolumeClaim")["metadata"]["name"] == \
+        "modelmerge-output"
+    for path in ("examples/modelmerge-tiny.yaml", "merge_image/Dockerfile", "operator/Dockerfile", "api/Dockerfile",
+                 "tests/helpers/models.py"):
+        assert path in script and (ROOT / path).exists(), path

@@ -503,6 +503,18 @@ def test_the_tiny_examples_succeed_and_are_served_by_the_api(namespaced):
     _check_download(release, "tiny-mask")
 
 
+def test_every_example_is_accepted_by_the_api_server(namespaced):
+    """Server-side dry run of every ModelMerge in examples/ against the CRD's schema and CEL rules."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(namespaced.release.admin)
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] == "ModelMerge":
+                custom.create_namespaced_custom_object(API_GROUP, API_VERSION, namespaced.other, PLURAL, doc,
+                                                       dry_run="All", _preload_content=False)
+
+
 def test_the_operator_acts_in_the_other_watched_namespace_only(namespaced):
     from kubernetes import client
 

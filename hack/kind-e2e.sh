@@ -4,7 +4,8 @@
 #
 #   1. creates a kind cluster (or reuses one named $KIND_CLUSTER),
 #   2. builds the operator and API images and a CPU-only merge image, plus a fixture image FROM the merge image
-#      with tiny models baked in at /models (tests/helpers/models.py's make_family), and loads them into kind,
+#      with tiny models baked in at /models (tests/helpers/models.py's make_family, with transformers added to that
+#      image only), and loads them into kind,
 #   3. `helm install`s charts/modelmerge with those images (pullPolicy Never) and waits for the Deployments,
 #   4. applies examples/modelmerge-tiny.yaml (one merge per method) and waits until every one is Succeeded,
 #   5. submits one more merge through the REST API, and fetches outputs through the API (file list + tar archive),
@@ -136,6 +137,8 @@ main() {
 FROM $REGISTRY/merge:$TAG
 USER 0
 COPY tests/helpers/models.py /opt/fixture/tiny_models.py
+# transformers only makes the fixture models (random weights from a config); the merge itself does not use it.
+RUN pip install --no-cache-dir transformers tokenizers
 RUN HF_HUB_OFFLINE=1 HOME=/tmp python -c "import sys; from pathlib import Path; sys.path.insert(0, '/opt/fixture'); \
 from tiny_models import make_family; make_family(Path('/models'), n=2)" && chmod -R a+rX /models && rm -rf /tmp/*
 USER 10001:10001

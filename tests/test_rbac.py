@@ -34,8 +34,10 @@ from tests.test_chart_support import CHART, RELEASE, ROOT, helm, kubeconfig_for_
 
 pytestmark = pytest.mark.integration
 
-# How the API server words an RBAC refusal, and how kopf reports one.
-RBAC_DENIAL = re.compile(r"cannot \w+ resource|forbidden: User \"system:serviceaccount|Not enough permissions")
+# How the API server words an RBAC refusal, how kopf reports one, and a refusal passed on by the REST API (its own
+# authentication failures are 401s).
+RBAC_DENIAL = re.compile(r"cannot \w+ resource|forbidden: User \"system:serviceaccount|Not enough permissions"
+                         r"|HTTP/1\.1\" 403")
 MERGE_SELECTOR = "app.kubernetes.io/component=merge"
 OUTPUT_CLAIM = f"{RELEASE}-output"
 OPERATOR_SA, API_SA = f"{RELEASE}-operator", f"{RELEASE}-api"

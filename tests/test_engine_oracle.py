@@ -131,3 +131,20 @@ def test_integer_scaling_coefficient_is_accepted(families, tmp_path):
     again = _engine(base, finetunes, tmp_path / "float", merge_method="task_arithmetic",
                     scaling_coefficient=1.0)
     assert all(torch.equal(ours[k], again[k]) for k in ours)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS) + ["mask_merging"])
+def test_compiled_cpu_kernels_match_the_torch_kernels(families, tmp_path, monkeypatch, method, dtype):
+    """The CPU path (numba) and the GPU path's torch kernels (run on CPU here) agree bit for bit in every
+    compute dtype, float16 included, which merging-eval never uses."""
+    base, finetunes = families["llama-bf16-4-sharded"]
+    params = dict(METHOD_PARAMS.get(method, {}))
+    if method == "mask_merging":
+        params.update(weight_mask_rates=[0.3, 0.6, 0.5, 0.9], mask_strategy="random", mask_apply_method="ties_merging")
+    outputs = {}
+    for backend in ("cpu", "torch"):
+        monkeypatch.setenv("MODELMERGE_BACKEND", backend)
+        outputs[backend] = _engine(base, finetunes, tmp_path / backend, merge_method=method, dtype=dtype, **params)
+    result = compare(outputs["cpu"], outputs["torch"])
+    assert result["equal_fraction"] == 1.0, result

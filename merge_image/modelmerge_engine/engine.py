@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -21,8 +22,15 @@ from modelmerge_engine.backends import CpuBackend, make_backend
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.pool import OrderedPool, available_cpus
 from modelmerge_engine.progress import Progress
-from modelmerge_engine.safetensors_io import COMPUTE_DTYPES, DType, PlannedTensor, SafetensorsModel, ShardedWriter
-from modelmerge_engine.select import NO_THRESHOLD, kth_magnitudes
+from modelmerge_engine.safetensors_io import (
+    COMPUTE_DTYPES,
+    DType,
+    PlannedTensor,
+    SafetensorsModel,
+    ShardedWriter,
+    numel,
+)
+from modelmerge_engine.select import NO_THRESHOLD, kth_magnitude
 
 # Buffers that some checkpoints carry: never merged, copied from the base like merging-eval's saved model.
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "position_ids")
@@ -40,10 +48,7 @@ class TensorPlan:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
+        return numel(self.shape)
 
 
 def tied_embeddings(directory) -> bool:
@@ -180,20 +185,23 @@ class StreamingMerge:
 
     # --- inputs of one range --------------------------------------------------------------------------
 
-    def _load(self, name: str, start: int, stop: int):
+    def _load(self, name: str, start: int, stop: int, models: list[int] | None = None):
+        """The base and the fine-tunes (all, or those at `models`) on one range, in the compute dtype."""
         prepare = self.backend.prepare
         base = prepare(self.base.flat(name)[start:stop], self.base.tensors[name].dtype)
-        return base, [prepare(m.flat(name)[start:stop], m.tensors[name].dtype) for m in self.finetunes]
+        chosen = [self.finetunes[i] for i in models] if models is not None else self.finetunes
+        return base, [prepare(m.flat(name)[start:stop], m.tensors[name].dtype) for m in chosen]
 
-    def _inputs(self, name: str, start: int, stop: int):
+    def _inputs(self, name: str, start: int, stop: int, models: list[int] | None = None):
         """The fine-tuned weights as the merge method sees them: mask_merging masks them first."""
-        base, raws = self._load(name, start, stop)
+        base, raws = self._load(name, start, stop, models)
         if not self.masking:
             return base, raws
         r = self.request
         thresholds = self.mask_thresholds.get(name)
         masked = []
-        for i, (raw, rate) in enumerate(zip(raws, r.weight_mask_rates, strict=True)):
+        for i, raw in zip(models if models is not None else range(len(raws)), raws, strict=True):
+            rate = r.weight_mask_rates[i]
             threshold = int(thresholds[i]) if thresholds is not None else NO_THRESHOLD
             key = self._random_key(i, name) if r.mask_strategy == "random" else None
             masked.append(self.backend.mask(base, raw, r.weight_format == "delta_weight", threshold, key, start,
@@ -207,16 +215,19 @@ class StreamingMerge:
 
     # --- thresholds -----------------------------------------------------------------------------------
 
-    def _histograms(self, plans: list[TensorPlan], masked: bool, task_vectors: bool,
-                    advance: Callable[[int], None] | None = None):
-        """A histogram pass over `plans` for select.kth_magnitudes, in parallel over ranges."""
-        def run(shift: int, bins: int, buckets: np.ndarray) -> np.ndarray:
+    def _thresholds(self, plans: list[TensorPlan], ks: list[int], masked: bool, task_vectors: bool,
+                    advance: Callable[[int], None] | None = None) -> np.ndarray:
+        """For each model, the k-th smallest magnitude of its task vectors (or weights) over `plans`: one
+        histogram pass (two for float32) per model, in parallel over ranges."""
+        def histogram_pass(index: int, shift: int, bins: int, bucket: int) -> np.ndarray:
+            buckets = np.array([bucket], dtype=np.int64)
+
             def one(job: tuple[str, int, int]) -> tuple[int, np.ndarray]:
                 name, start, stop = job
-                base, inputs = (self._inputs if masked else self._load)(name, start, stop)
-                return stop - start, self.backend.histogram(base, inputs, task_vectors, shift, bins, buckets)
+                base, inputs = (self._inputs if masked else self._load)(name, start, stop, [index])
+                return stop - start, self.backend.histogram(base, inputs, task_vectors, shift, bins, buckets)[0]
 
-            total = np.zeros((len(self.finetunes), bins), dtype=np.int64)
+            total = np.zeros(bins, dtype=np.int64)
             jobs = ((p.name, start, stop) for p in plans for start, stop in self.ranges(p.numel))
             for size, counts in self.pool.map(one, jobs):
                 total += counts
@@ -224,7 +235,8 @@ class StreamingMerge:
                     advance(size)
             return total
 
-        return run
+        return np.array([kth_magnitude(partial(histogram_pass, i), k, self._wide) for i, k in enumerate(ks)],
+                        dtype=np.int64)
 
     def _prepare_mask_thresholds(self, plan: TensorPlan) -> None:
         """mask_merging by magnitude: per tensor and model, the k-th smallest |delta| (or |weight|)."""
@@ -232,13 +244,12 @@ class StreamingMerge:
         if not self.masking or r.mask_strategy != "magnitude" or plan.name in self.mask_thresholds:
             return
         ks = [int(plan.numel * rate) for rate in r.weight_mask_rates]
-        delta = r.weight_format == "delta_weight"
-        self.mask_thresholds[plan.name] = kth_magnitudes(self._histograms([plan], False, delta), ks, self._wide)
+        self.mask_thresholds[plan.name] = self._thresholds([plan], ks, False, r.weight_format == "delta_weight")
 
     def _ties_thresholds(self, plan: TensorPlan) -> np.ndarray:
         """ties_merging: per tensor and model, the k-th smallest |task vector| (k = int(numel * rate))."""
         k = int(plan.numel * self.request.param_value_mask_rate)
-        return kth_magnitudes(self._histograms([plan], True, True), [k] * len(self.finetunes), self._wide)
+        return self._thresholds([plan], [k] * len(self.finetunes), True, True)
 
     @property
     def _wide(self) -> bool:
@@ -252,10 +263,9 @@ class StreamingMerge:
             self._prepare_mask_thresholds(plan)
         total = sum(p.numel for p in merged)
         k = int(total * self.request.param_value_mask_rate)
-        passes = 2 if self._wide else 1
+        passes = (2 if self._wide else 1) * len(self.finetunes)
         self.progress.start("thresholds", total * passes, len(merged) * passes)
-        self.dare_thresholds = kth_magnitudes(self._histograms(merged, True, True, self.progress.advance),
-                                              [k] * len(self.finetunes), self._wide)
+        self.dare_thresholds = self._thresholds(merged, [k] * len(self.finetunes), True, True, self.progress.advance)
         self.progress.finish()
 
         def balance(job: tuple[str, int, int]) -> tuple[int, int]:

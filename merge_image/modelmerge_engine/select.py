@@ -14,8 +14,8 @@ from collections.abc import Callable
 import numpy as np
 
 NO_THRESHOLD = -1
-# histogram_pass(shift, bins, buckets) -> counts[stream, bin], summed over every value of every stream
-HistogramPass = Callable[[int, int, np.ndarray], np.ndarray]
+# histogram_pass(shift, bins, bucket) -> counts[bin] over every value of one stream (bucket: see below)
+HistogramPass = Callable[[int, int, int], np.ndarray]
 
 
 def _kth_bin(counts: np.ndarray, k: int) -> tuple[int, int]:
@@ -25,28 +25,15 @@ def _kth_bin(counts: np.ndarray, k: int) -> tuple[int, int]:
     return index, int(cumulative[index - 1]) if index else 0
 
 
-def kth_magnitudes(histogram_pass: HistogramPass, ks: list[int], wide: bool) -> np.ndarray:
-    """The k-th smallest magnitude of each stream as a bit pattern (NO_THRESHOLD where k = 0).
+def kth_magnitude(histogram_pass: HistogramPass, k: int, wide: bool) -> int:
+    """The k-th smallest magnitude of one stream as a bit pattern (NO_THRESHOLD where k = 0).
 
-    `wide` is True for float32 (two passes), False for 16-bit formats (one pass)."""
-    streams = len(ks)
-    result = np.full(streams, NO_THRESHOLD, dtype=np.int64)
-    if not any(ks):
-        return result
-    no_bucket = np.full(streams, NO_THRESHOLD, dtype=np.int64)
+    `wide` is True for float32: a first pass counts the high 16 bits (shift 16), a second counts the low 16
+    bits of the values whose high bits equal `bucket`; 16-bit formats need the first pass only (shift 0).
+    One stream at a time, so memory does not grow with the number of models."""
+    if not k:
+        return NO_THRESHOLD
     if not wide:
-        counts = histogram_pass(0, 1 << 15, no_bucket)
-        for i, k in enumerate(ks):
-            if k:
-                result[i] = _kth_bin(counts[i], k)[0]
-        return result
-    high = histogram_pass(16, 1 << 15, no_bucket)
-    buckets, before = no_bucket.copy(), np.zeros(streams, dtype=np.int64)
-    for i, k in enumerate(ks):
-        if k:
-            buckets[i], before[i] = _kth_bin(high[i], k)
-    low = histogram_pass(0, 1 << 16, buckets)
-    for i, k in enumerate(ks):
-        if k:
-            result[i] = (buckets[i] << 16) | _kth_bin(low[i], k - before[i])[0]
-    return result
+        return _kth_bin(histogram_pass(0, 1 << 15, NO_THRESHOLD), k)[0]
+    bucket, before = _kth_bin(histogram_pass(16, 1 << 15, NO_THRESHOLD), k)
+    return (bucket << 16) | _kth_bin(histogram_pass(0, 1 << 16, bucket), k - before)[0]

@@ -214,41 +214,29 @@ def _mask(base, raw, code, delta, mode, threshold, key, start, rate, rescale, ou
         store(out, e, v, code)
 
 
-@njit(inline="always")
-def _mask_modes(base, raw, code, delta, threshold, random, key, start, rate, rescale, out):
-    if threshold >= 0:
-        _mask(base, raw, code, delta, BY_MAGNITUDE, threshold, key, start, rate, rescale, out)
-    elif random:
-        _mask(base, raw, code, delta, AT_RANDOM, threshold, key, start, rate, rescale, out)
-    else:
-        _mask(base, raw, code, delta, KEEP_ALL, threshold, key, start, rate, rescale, out)
+def _mask_variant(code: int, delta: bool, mode: int, rescale: bool):
+    """A compiled mask loop with every flag a constant (branch-free, vectorisable). Each variant compiles
+    on first use and is cached on disk; variants never used are never compiled."""
+    @njit(nogil=True, cache=True)
+    def variant(base, raw, threshold, key, start, rate, out):
+        _mask(base, raw, code, delta, mode, threshold, key, start, rate, rescale, out)
+
+    return variant
 
 
-@njit(inline="always")
-def _mask_flags(base, raw, code, delta, threshold, random, key, start, rate, rescale, out):
-    rescale = rescale and rate != 1.0
-    if delta and rescale:
-        _mask_modes(base, raw, code, True, threshold, random, key, start, rate, True, out)
-    elif delta:
-        _mask_modes(base, raw, code, True, threshold, random, key, start, rate, False, out)
-    elif rescale:
-        _mask_modes(base, raw, code, False, threshold, random, key, start, rate, True, out)
-    else:
-        _mask_modes(base, raw, code, False, threshold, random, key, start, rate, False, out)
+_MASK_VARIANTS: dict[tuple[int, bool, int, bool], object] = {}
 
 
-@njit(nogil=True, cache=True)
 def mask(base, raw, code, delta, threshold, random, key, start, rate, rescale, out):
     """One model's masked weights: drop by magnitude (threshold >= 0: |v| <= kth) or at random (draw < rate,
     for elements start.. of the stream `key`), rescale by 1 / (1 - rate), and re-add the base for delta
-    weights (`pretrained + 1.0 * masked`). Dropping multiplies by 0, as merging-eval's `values * ~mask`.
-    Every flag is dispatched to a loop where it is a constant, so each loop compiles branch-free."""
-    if code == BF16:
-        _mask_flags(base, raw, BF16, delta, threshold, random, key, start, rate, rescale, out)
-    elif code == F16:
-        _mask_flags(base, raw, F16, delta, threshold, random, key, start, rate, rescale, out)
-    else:
-        _mask_flags(base, raw, F32, delta, threshold, random, key, start, rate, rescale, out)
+    weights (`pretrained + 1.0 * masked`). Dropping multiplies by 0, as merging-eval's `values * ~mask`."""
+    mode = BY_MAGNITUDE if threshold >= 0 else (AT_RANDOM if random else KEEP_ALL)
+    flags = (int(code), bool(delta), mode, bool(rescale and rate != 1.0))
+    kernel = _MASK_VARIANTS.get(flags)
+    if kernel is None:
+        kernel = _MASK_VARIANTS.setdefault(flags, _mask_variant(*flags))
+    kernel(base, raw, threshold, key, start, rate, out)
 
 
 # --- the methods -----------------------------------------------------------------------------------------

@@ -11,13 +11,14 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import requests
+
+from tests.helpers.waiting import wait_for
 
 BASE_REPO = "Qwen/Qwen2.5-0.5B"
 FINETUNE_REPOS = ("InfiX-ai/Qwen-base-0.5B-code", "InfiX-ai/Qwen-base-0.5B-algebra")
@@ -104,13 +105,6 @@ def server_env(hf_home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def job(base: str, job_id: str, **kwargs: Any) -> dict[str, Any]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -17,15 +18,6 @@ def raw(fn, *args, **kwargs) -> dict:
     return json.loads(fn(*args, _preload_content=False, **kwargs).data)
 
 
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def job_condition(batch: client.BatchV1Api, namespace: str, name: str):

@@ -12,13 +12,13 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from modelmerge import crd
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+from tests.helpers.waiting import wait_for
 from tests.kube.controlplane import free_port
 
 pytestmark = pytest.mark.integration
@@ -36,12 +36,33 @@ MERGE_PATCH = "application/merge-patch+json"
 class OperatorProcess:
     """`modelmerge operator -n <namespace> --standalone` as a subprocess, logging to a file."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path, merge_command: str | None = None,
-                 liveness_port: int | None = None, peering: tuple[str, int] | None = None):
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log: Path,
+        merge_command: str | None = None,
+        liveness_port: int | None = None,
+        peering: tuple[str, int] | None = None,
+    ):
         scope = ["--peering", peering[0], "--priority", str(peering[1])] if peering else ["--standalone"]
-        self.args = [sys.executable, "-m", "modelmerge.cli", "operator", "-n", namespace, *scope,
-                     "--kubeconfig", str(kubeconfig), "--progress-interval", "0", "--job-env", "HF_HUB_OFFLINE=1",
-                     "--liveness", f"http://127.0.0.1:{liveness_port}/healthz" if liveness_port else ""]
+        self.args = [
+            sys.executable,
+            "-m",
+            "modelmerge.cli",
+            "operator",
+            "-n",
+            namespace,
+            *scope,
+            "--kubeconfig",
+            str(kubeconfig),
+            "--progress-interval",
+            "0",
+            "--job-env",
+            "HF_HUB_OFFLINE=1",
+            "--liveness",
+            f"http://127.0.0.1:{liveness_port}/healthz" if liveness_port else "",
+        ]
         if merge_command:
             self.args += ["--merge-command", merge_command]
         self.log = log
@@ -49,8 +70,9 @@ class OperatorProcess:
 
     def start(self) -> OperatorProcess:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -86,10 +108,20 @@ def apis(k8s_api, crd_installed):
 def start_operator(kubeconfig_path, namespace, tmp_path):
     started: list[OperatorProcess] = []
 
-    def start(merge_command: str | None = None, liveness_port: int | None = None,
-              peering: tuple[str, int] | None = None, kubeconfig: Path | None = None) -> OperatorProcess:
-        op = OperatorProcess(kubeconfig or kubeconfig_path, namespace, tmp_path / f"operator-{len(started)}.log",
-                             merge_command, liveness_port, peering).start()
+    def start(
+        merge_command: str | None = None,
+        liveness_port: int | None = None,
+        peering: tuple[str, int] | None = None,
+        kubeconfig: Path | None = None,
+    ) -> OperatorProcess:
+        op = OperatorProcess(
+            kubeconfig or kubeconfig_path,
+            namespace,
+            tmp_path / f"operator-{len(started)}.log",
+            merge_command,
+            liveness_port,
+            peering,
+        ).start()
         started.append(op)
         return op
 
@@ -102,17 +134,6 @@ def _raw(response) -> dict:
     return json.loads(response.data or b"{}")
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float = 60.0, context=lambda: "") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{context()}")
-        time.sleep(0.2)
-
-
 class World:
     """The ModelMerge, Job and pod views one test needs, plus waiting with diagnostics."""
 
@@ -123,18 +144,26 @@ class World:
 
     def create(self, spec: dict, name: str | None = None) -> str:
         name = name or f"mm-{uuid.uuid4().hex[:6]}"
-        body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "ModelMerge",
-                "metadata": {"name": name}, "spec": spec}
-        self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, self.ns, PLURAL, body,
-                                                    _preload_content=False)
+        body = {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": "ModelMerge",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+        self.custom.create_namespaced_custom_object(
+            API_GROUP, API_VERSION, self.ns, PLURAL, body, _preload_content=False
+        )
         return name
 
     def mm(self, name: str) -> dict | None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return _raw(self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, self.ns, PLURAL, name,
-                                                                 _preload_content=False))
+            return _raw(
+                self.custom.get_namespaced_custom_object(
+                    API_GROUP, API_VERSION, self.ns, PLURAL, name, _preload_content=False
+                )
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -144,8 +173,16 @@ class World:
         return (self.mm(name) or {}).get("status") or {}
 
     def patch_spec(self, name: str, spec: dict) -> None:
-        self.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, self.ns, PLURAL, name, {"spec": spec},
-                                                   _content_type=MERGE_PATCH, _preload_content=False)
+        self.custom.patch_namespaced_custom_object(
+            API_GROUP,
+            API_VERSION,
+            self.ns,
+            PLURAL,
+            name,
+            {"spec": spec},
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
 
     def jobs(self) -> list[dict]:
         return _raw(self.batch.list_namespaced_job(self.ns, _preload_content=False))["items"]
@@ -157,8 +194,11 @@ class World:
         return _raw(self.core.list_namespaced_pod(self.ns, _preload_content=False))["items"]
 
     def events(self, name: str) -> list[tuple[str, str, str]]:
-        items = _raw(self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}",
-                                                     _preload_content=False))["items"]
+        items = _raw(
+            self.core.list_namespaced_event(
+                self.ns, field_selector=f"involvedObject.name={name}", _preload_content=False
+            )
+        )["items"]
         return [(e["type"], e["reason"], e.get("message", "")) for e in items]
 
     def context(self, name: str | None = None) -> str:
@@ -171,14 +211,22 @@ class World:
         return "\n".join(parts)
 
     def wait_phase(self, name: str, phase: str, timeout: float = 60.0) -> dict:
-        wait_for(f"{name} to be {phase}", lambda: self.status(name).get("phase") == phase, timeout,
-                 lambda: self.context(name))
+        wait_for(
+            lambda: self.status(name).get("phase") == phase,
+            timeout,
+            f"{name} to be {phase}",
+            context=lambda: self.context(name),
+        )
         return self.status(name)
 
 
 def _spec(**fields) -> dict:
-    spec = {"base_model": "org/base", "models_to_merge": ["org/a"], "merge_method": "average_merging",
-            "output": {"pvc": "out"}}
+    spec = {
+        "base_model": "org/base",
+        "models_to_merge": ["org/a"],
+        "merge_method": "average_merging",
+        "output": {"pvc": "out"},
+    }
     spec.update(fields)
     return spec
 
@@ -191,14 +239,23 @@ def _spec(**fields) -> dict:
 def test_modelmerge_becomes_a_job_with_the_expected_pod_spec(apis, namespace, start_operator):
     port = free_port()
     world = World(apis, namespace, start_operator(liveness_port=port))
-    name = world.create(_spec(
-        use_gpu=True, output_dir="runs/1", output={"pvc": "out", "subPath": "team"},
-        modelCache={"pvc": "hf-cache"}, hfTokenSecret={"name": "hf", "key": "tok"},
-        resources={"cpu": 2, "memory": "8Gi", "gpu": 2, "shmSize": "1Gi"},
-        nodeSelector={"pool": "gpu"}, tolerations=[{"key": "gpu", "operator": "Exists"}],
-        backoffLimit=2, activeDeadlineSeconds=600, ttlSecondsAfterFinished=3600, image="registry.local/m:1",
-    ))
-    job = wait_for("the Job", lambda: world.job(f"{name}-merge"), context=world.context)
+    name = world.create(
+        _spec(
+            use_gpu=True,
+            output_dir="runs/1",
+            output={"pvc": "out", "subPath": "team"},
+            modelCache={"pvc": "hf-cache"},
+            hfTokenSecret={"name": "hf", "key": "tok"},
+            resources={"cpu": 2, "memory": "8Gi", "gpu": 2, "shmSize": "1Gi"},
+            nodeSelector={"pool": "gpu"},
+            tolerations=[{"key": "gpu", "operator": "Exists"}],
+            backoffLimit=2,
+            activeDeadlineSeconds=600,
+            ttlSecondsAfterFinished=3600,
+            image="registry.local/m:1",
+        )
+    )
+    job = wait_for(lambda: world.job(f"{name}-merge"), what="the Job", context=world.context)
     mm = world.mm(name)
     assert job["metadata"]["ownerReferences"][0]["uid"] == mm["metadata"]["uid"]
     assert job["metadata"]["labels"]["modelmerge.io/name"] == name
@@ -208,22 +265,35 @@ def test_modelmerge_becomes_a_job_with_the_expected_pod_spec(apis, namespace, st
     assert pod["nodeSelector"] == {"pool": "gpu"} and pod["restartPolicy"] == "Never"
     (c,) = pod["containers"]
     assert c["image"] == "registry.local/m:1" and c["command"] == ["modelmerge", "merge"]
-    assert c["args"] == ["--spec", "/etc/modelmerge/spec.json", "--output-dir", "/output/runs/1",
-                         "--summary-file", "/dev/termination-log", "--progress", "lines"]
+    assert c["args"] == [
+        "--spec",
+        "/etc/modelmerge/spec.json",
+        "--output-dir",
+        "/output/runs/1",
+        "--summary-file",
+        "/dev/termination-log",
+        "--progress",
+        "lines",
+    ]
     assert c["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "2"}
     env = {e["name"]: e for e in c["env"]}
     assert env["HF_HOME"]["value"] == "/cache" and env["HF_HUB_OFFLINE"]["value"] == "1"
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "tok"}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert mounts["/output"]["subPath"] == "team" and set(mounts) == {"/etc/modelmerge", "/output", "/cache",
-                                                                       "/dev/shm", "/scratch"}
+    assert mounts["/output"]["subPath"] == "team" and set(mounts) == {
+        "/etc/modelmerge",
+        "/output",
+        "/cache",
+        "/dev/shm",
+        "/scratch",
+    }
     assert c["terminationMessagePath"] == "/dev/termination-log"
     cm = _raw(world.core.read_namespaced_config_map(f"{name}-merge", namespace, _preload_content=False))
     assert json.loads(cm["data"]["spec.json"])["base_model"] == "org/base"
     status = world.wait_phase(name, "Pending")
     assert status["jobName"] == f"{name}-merge" and status["outputPath"] == "pvc://out/team/runs/1"
     assert status["observedGeneration"] == 1
-    wait_for("a JobCreated event", lambda: any(e[1] == "JobCreated" for e in world.events(name)))
+    wait_for(lambda: any(e[1] == "JobCreated" for e in world.events(name)), what="a JobCreated event")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
         assert response.status == 200
 
@@ -233,9 +303,17 @@ def test_real_merge_on_tiny_models_succeeds(apis, namespace, start_operator, kub
 
     base, finetunes = make_family(tmp_path / "models", n=2)
     world = World(apis, namespace, start_operator())
-    name = world.create(_spec(base_model=str(base), models_to_merge=[str(f) for f in finetunes],
-                              merge_method="task_arithmetic", scaling_coefficient=0.5, dtype="float32",
-                              output={"pvc": "out", "subPath": "team"}, output_dir="merged/one"))
+    name = world.create(
+        _spec(
+            base_model=str(base),
+            models_to_merge=[str(f) for f in finetunes],
+            merge_method="task_arithmetic",
+            scaling_coefficient=0.5,
+            dtype="float32",
+            output={"pvc": "out", "subPath": "team"},
+            output_dir="merged/one",
+        )
+    )
     status = world.wait_phase(name, "Succeeded", timeout=240)
     assert status["outputPath"] == "pvc://out/team/merged/one"
     assert status["reason"] == "Completed" and status["message"].startswith("merged ")
@@ -251,8 +329,9 @@ def test_real_merge_on_tiny_models_succeeds(apis, namespace, start_operator, kub
 
 def test_bad_model_path_fails_with_the_engines_message_after_retries(apis, namespace, start_operator, kubelet):
     world = World(apis, namespace, start_operator())
-    name = world.create(_spec(base_model="/nonexistent/base-model", models_to_merge=["/nonexistent/ft"],
-                              backoffLimit=1))
+    name = world.create(
+        _spec(base_model="/nonexistent/base-model", models_to_merge=["/nonexistent/ft"], backoffLimit=1)
+    )
     status = world.wait_phase(name, "Failed", timeout=180)
     assert status["reason"] == "BackoffLimitExceeded"
     assert "/nonexistent/base-model" in status["message"], status["message"]
@@ -289,8 +368,8 @@ def test_cancel_deletes_the_job_and_marks_cancelled(apis, namespace, start_opera
     world.patch_spec(name, {"cancel": True})
     status = world.wait_phase(name, "Cancelled")
     assert status["observedGeneration"] == 2
-    wait_for("the Job to be deleted", lambda: world.job(f"{name}-merge") is None, context=world.context)
-    wait_for("the merge pod to go", lambda: world.pods() == [])
+    wait_for(lambda: world.job(f"{name}-merge") is None, what="the Job to be deleted", context=world.context)
+    wait_for(lambda: world.pods() == [], what="the merge pod to go")
     time.sleep(1)
     assert world.status(name)["phase"] == "Cancelled" and world.jobs() == []
 
@@ -299,25 +378,29 @@ def test_deleting_the_modelmerge_cascades_to_its_job(apis, namespace, start_oper
     world = World(apis, namespace, start_operator(merge_command=SLEEPER))
     name = world.create(_spec())
     world.wait_phase(name, "Running")
-    world.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name,
-                                                 _preload_content=False)
-    wait_for("the garbage collector to delete the Job", lambda: world.jobs() == [], context=world.context)
+    world.custom.delete_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, PLURAL, name, _preload_content=False
+    )
+    wait_for(lambda: world.jobs() == [], what="the garbage collector to delete the Job", context=world.context)
 
     def config_map_gone() -> bool:
-        names = [c["metadata"]["name"] for c in
-                 _raw(world.core.list_namespaced_config_map(namespace, _preload_content=False))["items"]]
+        names = [
+            c["metadata"]["name"]
+            for c in _raw(world.core.list_namespaced_config_map(namespace, _preload_content=False))["items"]
+        ]
         return f"{name}-merge" not in names
 
-    wait_for("the ConfigMap to be deleted", config_map_gone)
-    wait_for("the merge pod to go", lambda: world.pods() == [])
+    wait_for(config_map_gone, what="the ConfigMap to be deleted")
+    wait_for(lambda: world.pods() == [], what="the merge pod to go")
 
 
 def test_job_deleted_by_hand_is_reported_not_recreated(apis, namespace, start_operator, kubelet):
     world = World(apis, namespace, start_operator(merge_command=SLEEPER))
     name = world.create(_spec())
     world.wait_phase(name, "Running")
-    world.batch.delete_namespaced_job(f"{name}-merge", namespace, propagation_policy="Background",
-                                      _preload_content=False)
+    world.batch.delete_namespaced_job(
+        f"{name}-merge", namespace, propagation_policy="Background", _preload_content=False
+    )
     status = world.wait_phase(name, "Failed")
     assert status["reason"] == "JobDeleted" and "not recreated" in status["message"]
     time.sleep(3)
@@ -334,9 +417,10 @@ def test_operator_restart_mid_run_creates_no_duplicate(apis, namespace, start_op
     first.stop(signal.SIGKILL)  # no graceful shutdown
 
     late = world.create(_spec(), "late")  # created while no operator runs
-    world.batch.delete_namespaced_job("vanishing-merge", namespace, propagation_policy="Background",
-                                      _preload_content=False)
-    wait_for("the Job to be gone", lambda: world.job("vanishing-merge") is None)
+    world.batch.delete_namespaced_job(
+        "vanishing-merge", namespace, propagation_policy="Background", _preload_content=False
+    )
+    wait_for(lambda: world.job("vanishing-merge") is None, what="the Job to be gone")
 
     world.operator = start_operator(merge_command=SLEEPER)
     world.wait_phase(late, "Running")
@@ -354,15 +438,16 @@ def test_operator_restart_mid_run_creates_no_duplicate(apis, namespace, start_op
 def test_kueue_queue_creates_a_suspended_job_that_runs_once_admitted(apis, namespace, start_operator, kubelet):
     world = World(apis, namespace, start_operator(merge_command=NO_OP))
     name = world.create(_spec(queueName="team-queue"))
-    job = wait_for("the Job", lambda: world.job(f"{name}-merge"), context=world.context)
+    job = wait_for(lambda: world.job(f"{name}-merge"), what="the Job", context=world.context)
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
     status = world.wait_phase(name, "Pending")
-    wait_for("reason Queued", lambda: world.status(name).get("reason") == "Queued", context=world.context)
+    wait_for(lambda: world.status(name).get("reason") == "Queued", what="reason Queued", context=world.context)
     assert world.pods() == []
     # Kueue admits the workload by unsuspending the Job; the operator must not suspend it again.
-    world.batch.patch_namespaced_job(f"{name}-merge", namespace, {"spec": {"suspend": False}},
-                                     _content_type=MERGE_PATCH, _preload_content=False)
+    world.batch.patch_namespaced_job(
+        f"{name}-merge", namespace, {"spec": {"suspend": False}}, _content_type=MERGE_PATCH, _preload_content=False
+    )
     status = world.wait_phase(name, "Succeeded")
     assert status["message"] == "the merge finished"
     assert world.job(f"{name}-merge")["spec"]["suspend"] is False
@@ -372,19 +457,27 @@ def test_peering_lets_one_replica_act_and_the_other_take_over(apis, namespace, s
     for manifest in crd.peering_crds():
         crd.install(k8s_api, manifest=manifest)
     custom = apis[0]
-    custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", {
-        "apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "modelmerge"}},
-        _preload_content=False)
+    custom.create_namespaced_custom_object(
+        "kopf.dev",
+        "v1",
+        namespace,
+        "kopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "modelmerge"}},
+        _preload_content=False,
+    )
     leader = start_operator(merge_command=SLEEPER, peering=("modelmerge", 10))
     standby = start_operator(merge_command=SLEEPER, peering=("modelmerge", 5))
     world = World(apis, namespace, leader)
 
     def peers() -> dict:
-        obj = _raw(custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", "modelmerge",
-                                                       _preload_content=False))
+        obj = _raw(
+            custom.get_namespaced_custom_object(
+                "kopf.dev", "v1", namespace, "kopfpeerings", "modelmerge", _preload_content=False
+            )
+        )
         return obj.get("status") or {}
 
-    wait_for("both replicas in the peering", lambda: len(peers()) == 2, context=lambda: leader.tail())
+    wait_for(lambda: len(peers()) == 2, what="both replicas in the peering", context=lambda: leader.tail())
     first = world.create(_spec())
     world.wait_phase(first, "Running")
     time.sleep(2)
@@ -397,8 +490,9 @@ def test_peering_lets_one_replica_act_and_the_other_take_over(apis, namespace, s
     assert sorted(j["metadata"]["name"] for j in world.jobs()) == sorted([f"{first}-merge", f"{second}-merge"])
 
 
-def test_operator_works_under_its_own_rbac_rules(apis, namespace, start_operator, kubelet, k8s_api,
-                                                 control_plane, tmp_path):
+def test_operator_works_under_its_own_rbac_rules(
+    apis, namespace, start_operator, kubelet, k8s_api, control_plane, tmp_path
+):
     from kubernetes import client
 
     from modelmerge_operator import rbac
@@ -415,8 +509,11 @@ def test_operator_works_under_its_own_rbac_rules(apis, namespace, start_operator
         else:
             rbac_api.create_namespaced_role_binding(namespace, obj, _preload_content=False)
     try:
-        token = _raw(core.create_namespaced_service_account_token(
-            "operator", namespace, {"spec": {"expirationSeconds": 3600}}, _preload_content=False))["status"]["token"]
+        token = _raw(
+            core.create_namespaced_service_account_token(
+                "operator", namespace, {"spec": {"expirationSeconds": 3600}}, _preload_content=False
+            )
+        )["status"]["token"]
         kubeconfig = tmp_path / "operator.kubeconfig"
         kubeconfig.write_text(
             "apiVersion: v1\nkind: Config\n"
@@ -424,11 +521,12 @@ def test_operator_works_under_its_own_rbac_rules(apis, namespace, start_operator
             f"    certificate-authority: {control_plane.ca_file}\n"
             f"users:\n- name: operator\n  user:\n    token: {token}\n"
             "contexts:\n- name: c\n  context:\n    cluster: c\n    user: operator\n"
-            "current-context: c\n")
+            "current-context: c\n"
+        )
         world = World(apis, namespace, start_operator(merge_command=SLEEPER, kubeconfig=kubeconfig))
         name = world.create(_spec(backoffLimit=0))
         world.wait_phase(name, "Running")
-        wait_for("a JobCreated event", lambda: any(e[1] == "JobCreated" for e in world.events(name)))
+        wait_for(lambda: any(e[1] == "JobCreated" for e in world.events(name)), what="a JobCreated event")
         world.patch_spec(name, {"cancel": True})
         world.wait_phase(name, "Cancelled")
         bad = world.create(_spec(exclude_param_names_regex=["[unclosed"]))

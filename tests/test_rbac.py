@@ -29,6 +29,7 @@ import requests
 import yaml
 
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+from tests.helpers.waiting import wait_for
 from tests.kube.controlplane import ControlPlane, free_port
 from tests.test_chart_support import CHART, RELEASE, ROOT, helm, kubeconfig_for_token, triples, values_file
 
@@ -36,8 +37,10 @@ pytestmark = pytest.mark.integration
 
 # How the API server words an RBAC refusal, how kopf reports one, and a refusal passed on by the REST API (its own
 # authentication failures are 401s).
-RBAC_DENIAL = re.compile(r"cannot \w+ resource|forbidden: User \"system:serviceaccount|Not enough permissions"
-                         r"|HTTP/1\.1\" 403")
+RBAC_DENIAL = re.compile(
+    r"cannot \w+ resource|forbidden: User \"system:serviceaccount|Not enough permissions"
+    r"|HTTP/1\.1\" 403"
+)
 MERGE_SELECTOR = "app.kubernetes.io/component=merge"
 OUTPUT_CLAIM = f"{RELEASE}-output"
 OPERATOR_SA, API_SA = f"{RELEASE}-operator", f"{RELEASE}-api"
@@ -45,18 +48,6 @@ OPERATOR_SA, API_SA = f"{RELEASE}-operator", f"{RELEASE}-api"
 
 def _raw(response) -> Any:
     return json.loads(response.data or b"{}")
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, context: Callable[[], str] = lambda: "",
-             interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{context()}")
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,8 +61,9 @@ class Process:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path):
         self.argv, self.log = argv, log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -108,8 +100,15 @@ class Release:
 
     # -- helm ------------------------------------------------------------------------------------------------
     def helm(self, *args: str) -> str:
-        result = helm(*args, "--namespace", self.namespace, "--kubeconfig", str(self.cp.kubeconfig_path),
-                      home=self.work / "helm-home", timeout=300)
+        result = helm(
+            *args,
+            "--namespace",
+            self.namespace,
+            "--kubeconfig",
+            str(self.cp.kubeconfig_path),
+            home=self.work / "helm-home",
+            timeout=300,
+        )
         return result.stdout
 
     def install(self) -> None:
@@ -119,8 +118,16 @@ class Release:
         from kubernetes import client
 
         custom = client.CustomObjectsApi(self.admin)
-        wait_for("ModelMerges to be served", lambda: status_code(lambda: custom.list_namespaced_custom_object(
-            API_GROUP, API_VERSION, self.namespace, PLURAL)) == 200, 30)
+        wait_for(
+            lambda: (
+                status_code(
+                    lambda: custom.list_namespaced_custom_object(API_GROUP, API_VERSION, self.namespace, PLURAL)
+                )
+                == 200
+            ),
+            30,
+            "ModelMerges to be served",
+        )
 
     def upgrade(self) -> None:
         self.helm("upgrade", RELEASE, str(CHART), *values_file(self.work, self.values))
@@ -134,8 +141,11 @@ class Release:
     def container(self, component: str) -> dict[str, Any]:
         from kubernetes import client
 
-        deployment = _raw(client.AppsV1Api(self.admin).read_namespaced_deployment(
-            f"{RELEASE}-{component}", self.namespace, _preload_content=False))
+        deployment = _raw(
+            client.AppsV1Api(self.admin).read_namespaced_deployment(
+                f"{RELEASE}-{component}", self.namespace, _preload_content=False
+            )
+        )
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         return container
 
@@ -150,8 +160,11 @@ class Release:
                 env[item["name"]] = item.get("value", "")
             elif "secretKeyRef" in source:
                 ref = source["secretKeyRef"]
-                secret = _raw(client.CoreV1Api(self.admin).read_namespaced_secret(ref["name"], self.namespace,
-                                                                                  _preload_content=False))
+                secret = _raw(
+                    client.CoreV1Api(self.admin).read_namespaced_secret(
+                        ref["name"], self.namespace, _preload_content=False
+                    )
+                )
                 env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
             elif "fieldRef" in source and source["fieldRef"]["fieldPath"] == "metadata.name":
                 env[item["name"]] = f"{RELEASE}-test-pod"
@@ -160,14 +173,25 @@ class Release:
     def token(self, service_account: str, namespace: str | None = None) -> str:
         from kubernetes import client
 
-        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                   "spec": {"expirationSeconds": 3600}}
-        return _raw(client.CoreV1Api(self.admin).create_namespaced_service_account_token(
-            service_account, namespace or self.namespace, request, _preload_content=False))["status"]["token"]
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        }
+        return _raw(
+            client.CoreV1Api(self.admin).create_namespaced_service_account_token(
+                service_account, namespace or self.namespace, request, _preload_content=False
+            )
+        )["status"]["token"]
 
     def kubeconfig(self, service_account: str) -> Path:
-        return kubeconfig_for_token(self.work / f"{service_account}.kubeconfig", self.cp.host, self.cp.ca_file,
-                                    self.token(service_account), service_account)
+        return kubeconfig_for_token(
+            self.work / f"{service_account}.kubeconfig",
+            self.cp.host,
+            self.cp.ca_file,
+            self.token(service_account),
+            service_account,
+        )
 
     def client_as(self, service_account: str):
         return self.cp.api_client(self.token(service_account))
@@ -185,8 +209,13 @@ class Release:
     def start_operator(self) -> Process:
         container = self.container("operator")
         port = free_port()
-        argv = [*self._argv(container), "--kubeconfig", str(self.kubeconfig(OPERATOR_SA)),
-                "--liveness", f"http://127.0.0.1:{port}/healthz"]
+        argv = [
+            *self._argv(container),
+            "--kubeconfig",
+            str(self.kubeconfig(OPERATOR_SA)),
+            "--liveness",
+            f"http://127.0.0.1:{port}/healthz",
+        ]
         process = Process(argv, self._env(container), self.work / "operator.log")
         self.processes["operator"] = process
         probe = container["livenessProbe"]["httpGet"]["path"]
@@ -198,14 +227,23 @@ class Release:
             except requests.ConnectionError:
                 return False
 
-        wait_for("the operator's liveness endpoint", live, 60, process.tail)
+        wait_for(live, 60, "the operator's liveness endpoint", context=process.tail)
         return process
 
     def start_api(self, output_root: Path) -> Process:
         container = self.container("api")
         port = free_port()
-        argv = [*self._argv(container), "--kubeconfig", str(self.kubeconfig(API_SA)), "--host", "127.0.0.1",
-                "--port", str(port), "--output-root", str(output_root)]
+        argv = [
+            *self._argv(container),
+            "--kubeconfig",
+            str(self.kubeconfig(API_SA)),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--output-root",
+            str(output_root),
+        ]
         env = self._env(container)
         self.api_token = env.get("MODELMERGE_API_TOKEN", "")
         process = Process(argv, env, self.work / "api.log")
@@ -220,7 +258,7 @@ class Release:
             except requests.ConnectionError:
                 return False
 
-        wait_for("the API's readiness endpoint", ready, 60, process.tail)
+        wait_for(ready, 60, "the API's readiness endpoint", context=process.tail)
         return process
 
     def stop(self) -> None:
@@ -253,7 +291,7 @@ def create_namespace(admin, name: str, labels: dict[str, str] | None = None) -> 
         except ApiException:
             return False
 
-    wait_for(f"the default ServiceAccount of {name}", has_default_sa, 30)
+    wait_for(has_default_sa, 30, f"the default ServiceAccount of {name}")
     return name
 
 
@@ -273,8 +311,11 @@ def modelmerge(admin, namespace: str, name: str) -> dict[str, Any] | None:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        return _raw(client.CustomObjectsApi(admin).get_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, PLURAL, name, _preload_content=False))
+        return _raw(
+            client.CustomObjectsApi(admin).get_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, PLURAL, name, _preload_content=False
+            )
+        )
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -284,23 +325,28 @@ def modelmerge(admin, namespace: str, name: str) -> dict[str, Any] | None:
 def create_modelmerge(admin, namespace: str, name: str, spec: dict[str, Any]) -> None:
     from kubernetes import client
 
-    body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "ModelMerge", "metadata": {"name": name},
-            "spec": spec}
-    client.CustomObjectsApi(admin).create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, body,
-                                                                   _preload_content=False)
+    body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "ModelMerge", "metadata": {"name": name}, "spec": spec}
+    client.CustomObjectsApi(admin).create_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, PLURAL, body, _preload_content=False
+    )
 
 
 def wait_phase(release: Release, namespace: str, name: str, phase: str, timeout: float = 240) -> dict[str, Any]:
     def status() -> dict[str, Any]:
-        return ((modelmerge(release.admin, namespace, name) or {}).get("status") or {})
+        return (modelmerge(release.admin, namespace, name) or {}).get("status") or {}
 
     def reached() -> dict[str, Any] | None:
         current = status()
         assert current.get("phase") not in ({"Failed", "Cancelled"} - {phase}), (name, current, release.logs())
         return current if current.get("phase") == phase else None
 
-    return wait_for(f"ModelMerge {namespace}/{name} to be {phase}", reached, timeout,
-                    lambda: f"{json.dumps(status(), indent=1)}\n{release.logs()}", interval=0.5)
+    return wait_for(
+        reached,
+        timeout,
+        f"ModelMerge {namespace}/{name} to be {phase}",
+        context=lambda: f"{json.dumps(status(), indent=1)}\n{release.logs()}",
+        interval=0.5,
+    )
 
 
 def status_code(call: Callable[[], Any]) -> int:
@@ -314,18 +360,31 @@ def status_code(call: Callable[[], Any]) -> int:
         return exc.status
 
 
-def can(admin, namespace_of_sa: str, service_account: str, verb: str, resource: str, group: str = "",
-        namespace: str | None = None, subresource: str = "") -> bool:
+def can(
+    admin,
+    namespace_of_sa: str,
+    service_account: str,
+    verb: str,
+    resource: str,
+    group: str = "",
+    namespace: str | None = None,
+    subresource: str = "",
+) -> bool:
     """SubjectAccessReview: would the API server allow this ServiceAccount the request?"""
     from kubernetes import client
 
     attributes = {"verb": verb, "resource": resource, "group": group, "subresource": subresource}
     if namespace:
         attributes["namespace"] = namespace
-    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {
-        "user": f"system:serviceaccount:{namespace_of_sa}:{service_account}",
-        "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace_of_sa}", "system:authenticated"],
-        "resourceAttributes": attributes}}
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": f"system:serviceaccount:{namespace_of_sa}:{service_account}",
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace_of_sa}", "system:authenticated"],
+            "resourceAttributes": attributes,
+        },
+    }
     result = _raw(client.AuthorizationV1Api(admin).create_subject_access_review(review, _preload_content=False))
     return bool(result["status"].get("allowed"))
 
@@ -334,10 +393,14 @@ def effective_rules(api_client, namespace: str) -> set[tuple[str, str, str]]:
     """SelfSubjectRulesReview as (group, resource, verb) triples: everything the caller may do in `namespace`."""
     from kubernetes import client
 
-    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
-              "spec": {"namespace": namespace}}
-    status = _raw(client.AuthorizationV1Api(api_client).create_self_subject_rules_review(
-        review, _preload_content=False))["status"]
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectRulesReview",
+        "spec": {"namespace": namespace},
+    }
+    status = _raw(
+        client.AuthorizationV1Api(api_client).create_self_subject_rules_review(review, _preload_content=False)
+    )["status"]
     assert not status.get("incomplete"), status
     return triples(status["resourceRules"])
 
@@ -369,8 +432,13 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 def _payload(models: Path, **extra: Any) -> dict[str, Any]:
-    return {"base_model": str(models / "base"), "models_to_merge": [str(models / "ft0"), str(models / "ft1")],
-            "merge_method": "task_arithmetic", "scaling_coefficient": 0.5, **extra}
+    return {
+        "base_model": str(models / "base"),
+        "models_to_merge": [str(models / "ft0"), str(models / "ft1")],
+        "merge_method": "task_arithmetic",
+        "scaling_coefficient": 0.5,
+        **extra,
+    }
 
 
 def _submit(release: Release, payload: dict[str, Any]) -> str:
@@ -384,7 +452,7 @@ def _wait_job(release: Release, job_id: str, timeout: float = 240) -> dict[str, 
         job = release.get(f"/api/jobs/{job_id}").json()
         return job if job["status"] in ("completed", "failed", "cancelled") else None
 
-    return wait_for(f"job {job_id}", done, timeout, release.logs, interval=0.5)
+    return wait_for(done, timeout, f"job {job_id}", context=release.logs, interval=0.5)
 
 
 def _check_download(release: Release, job_id: str) -> None:
@@ -396,13 +464,14 @@ def _check_download(release: Release, job_id: str) -> None:
     assert archive.status_code == 200 and len(archive.content) > 10_000
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Namespaced mode: Roles in the release namespace and in one more watched namespace
 # ---------------------------------------------------------------------------------------------------------
 
-RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
-              "pod-security.kubernetes.io/enforce-version": "latest"}
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
 
 
 @dataclass
@@ -423,11 +492,15 @@ def namespaced(control_plane, k8s_api, tiny_models, tmp_path_factory) -> Iterato
     ns = create_namespace(k8s_api, f"mm-rbac-{suffix}", RESTRICTED)
     other = create_namespace(k8s_api, f"mm-rbac-other-{suffix}")
     unwatched = create_namespace(k8s_api, f"mm-rbac-unwatched-{suffix}")
-    values = {"watch": {"namespaces": [other]}, "api": {"auth": {"tokenReview": True}},
-              "merge": {"env": {"HF_HUB_OFFLINE": "1"}}}
+    values = {
+        "watch": {"namespaces": [other]},
+        "api": {"auth": {"tokenReview": True}},
+        "merge": {"env": {"HF_HUB_OFFLINE": "1"}},
+    }
     release = Release(control_plane, k8s_api, ns, values, work)
-    kubelet = FakeKubelet(control_plane.api_client(), namespace=ns, label_selector=MERGE_SELECTOR,
-                          root=work / "kubelet")
+    kubelet = FakeKubelet(
+        control_plane.api_client(), namespace=ns, label_selector=MERGE_SELECTOR, root=work / "kubelet"
+    )
     try:
         release.install()
         kubelet.start()
@@ -453,16 +526,22 @@ def test_install_admits_the_chart_pods_under_the_restricted_pod_security_standar
     assert "kubectl" in release.install_output and "get mm" in release.install_output  # NOTES.txt
 
     def chart_pods() -> set[str]:
-        pods = _raw(core.list_namespaced_pod(release.namespace, label_selector=f"app.kubernetes.io/instance={RELEASE}",
-                                             _preload_content=False))["items"]
+        pods = _raw(
+            core.list_namespaced_pod(
+                release.namespace, label_selector=f"app.kubernetes.io/instance={RELEASE}", _preload_content=False
+            )
+        )["items"]
         return {p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods}
 
     # The ReplicaSets' pods exist, so Pod Security admission (enforce=restricted) let them in ...
-    wait_for("the operator and API pods", lambda: chart_pods() == {"operator", "api"}, 60)
+    wait_for(lambda: chart_pods() == {"operator", "api"}, 60, "the operator and API pods")
     # ... and it does refuse pods that are not restricted in this namespace.
     with pytest.raises(ApiException) as refused:
-        core.create_namespaced_pod(release.namespace, {"metadata": {"name": "lax"}, "spec": {
-            "containers": [{"name": "c", "image": "busybox"}]}}, _preload_content=False)
+        core.create_namespaced_pod(
+            release.namespace,
+            {"metadata": {"name": "lax"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}},
+            _preload_content=False,
+        )
     assert refused.value.status == 403 and "violates PodSecurity" in refused.value.body
 
 
@@ -474,14 +553,20 @@ def test_merge_through_the_api_with_an_hf_token(namespaced):
     final = _wait_job(release, job_id)
     assert final["status"] == "completed", (final, release.logs())
     _check_download(release, job_id)
-    secret = _raw(client.CoreV1Api(release.admin).read_namespaced_secret(f"{job_id}-hf-token", release.namespace,
-                                                                         _preload_content=False))
+    secret = _raw(
+        client.CoreV1Api(release.admin).read_namespaced_secret(
+            f"{job_id}-hf-token", release.namespace, _preload_content=False
+        )
+    )
     assert secret["metadata"]["ownerReferences"][0]["name"] == job_id  # the API could patch what it created
     logs = release.get(f"/api/jobs/{job_id}/logs")  # pods list + pods/log get (no kubelet API here: 503)
     assert logs.status_code in (200, 503) and "forbidden" not in logs.text.lower(), logs.text
     # The merge pod ran under the restricted standard: the operator's Job builder made it compliant.
-    pods = _raw(client.CoreV1Api(release.admin).list_namespaced_pod(
-        release.namespace, label_selector=f"job-name={job_id}-merge", _preload_content=False))["items"]
+    pods = _raw(
+        client.CoreV1Api(release.admin).list_namespaced_pod(
+            release.namespace, label_selector=f"job-name={job_id}-merge", _preload_content=False
+        )
+    )["items"]
     assert pods and pods[0]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
@@ -489,7 +574,8 @@ def test_the_tiny_examples_succeed_and_are_served_by_the_api(namespaced):
     release = namespaced.release
     docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "modelmerge-tiny.yaml").read_text()) if d]
     assert sorted(d["spec"]["merge_method"] for d in docs) == sorted(
-        ["average_merging", "task_arithmetic", "ties_merging", "ties_merging_dare", "mask_merging"])
+        ["average_merging", "task_arithmetic", "ties_merging", "ties_merging_dare", "mask_merging"]
+    )
     for doc in docs:
         spec = doc["spec"]
         assert spec["output"]["pvc"] == OUTPUT_CLAIM  # the chart's claim for a release named "modelmerge"
@@ -513,8 +599,9 @@ def test_every_example_is_accepted_by_the_api_server(namespaced):
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc["kind"] == "ModelMerge":
-                custom.create_namespaced_custom_object(API_GROUP, API_VERSION, namespaced.other, PLURAL, doc,
-                                                       dry_run="All", _preload_content=False)
+                custom.create_namespaced_custom_object(
+                    API_GROUP, API_VERSION, namespaced.other, PLURAL, doc, dry_run="All", _preload_content=False
+                )
 
 
 def test_the_operator_acts_in_the_other_watched_namespace_only(namespaced):
@@ -543,8 +630,11 @@ def test_service_accounts_are_denied_what_they_must_not_do(namespaced):
     operator, api = release.client_as(OPERATOR_SA), release.client_as(API_SA)
     op_core, op_custom = client.CoreV1Api(operator), client.CustomObjectsApi(operator)
     api_core, api_custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    token_secret = next(s["metadata"]["name"] for s in _raw(client.CoreV1Api(release.admin).list_namespaced_secret(
-        ns, _preload_content=False))["items"] if s["metadata"]["name"].endswith("-hf-token"))
+    token_secret = next(
+        s["metadata"]["name"]
+        for s in _raw(client.CoreV1Api(release.admin).list_namespaced_secret(ns, _preload_content=False))["items"]
+        if s["metadata"]["name"].endswith("-hf-token")
+    )
     mm = ("modelmerge.io", "v1alpha1")
     # Real requests under the ServiceAccount tokens: refused with 403.
     refused = {
@@ -552,20 +642,25 @@ def test_service_accounts_are_denied_what_they_must_not_do(namespaced):
         "operator reads the API token Secret": lambda: op_core.read_namespaced_secret(f"{RELEASE}-api-token", ns),
         "operator lists Secrets": lambda: op_core.list_namespaced_secret(ns),
         "operator creates a Secret": lambda: op_core.create_namespaced_secret(ns, {"metadata": {"name": "x"}}),
-        "operator creates a pod": lambda: op_core.create_namespaced_pod(ns, {"metadata": {"name": "x"}, "spec": {
-            "containers": [{"name": "c", "image": "x"}]}}),
+        "operator creates a pod": lambda: op_core.create_namespaced_pod(
+            ns, {"metadata": {"name": "x"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+        ),
         "operator lists ModelMerges in an unwatched namespace": lambda: op_custom.list_namespaced_custom_object(
-            *mm, unwatched, PLURAL),
+            *mm, unwatched, PLURAL
+        ),
         "operator lists ModelMerges cluster-wide": lambda: op_custom.list_cluster_custom_object(*mm, PLURAL),
-        "operator deletes a ModelMerge": lambda: op_custom.delete_namespaced_custom_object(*mm, ns, PLURAL,
-                                                                                          "tiny-mask"),
+        "operator deletes a ModelMerge": lambda: op_custom.delete_namespaced_custom_object(
+            *mm, ns, PLURAL, "tiny-mask"
+        ),
         "API reads back the token Secret it created": lambda: api_core.read_namespaced_secret(token_secret, ns),
         "API lists Secrets": lambda: api_core.list_namespaced_secret(ns),
         "API writes a ModelMerge status": lambda: api_custom.patch_namespaced_custom_object_status(
-            *mm, ns, PLURAL, "tiny-mask", {"status": {"phase": "Failed"}}),
+            *mm, ns, PLURAL, "tiny-mask", {"status": {"phase": "Failed"}}
+        ),
         "API deletes a ModelMerge": lambda: api_custom.delete_namespaced_custom_object(*mm, ns, PLURAL, "tiny-mask"),
         "API lists ModelMerges in another namespace": lambda: api_custom.list_namespaced_custom_object(
-            *mm, other, PLURAL),
+            *mm, other, PLURAL
+        ),
         "API creates a Job": lambda: client.BatchV1Api(api).create_namespaced_job(ns, {"metadata": {"name": "x"}}),
         "API lists namespaces": lambda: api_core.list_namespace(),
     }
@@ -573,23 +668,31 @@ def test_service_accounts_are_denied_what_they_must_not_do(namespaced):
     assert all(code == 403 for code in codes.values()), codes
     # A wider matrix through SubjectAccessReview (no side effects).
     denied = [
-        (OPERATOR_SA, "get", "secrets", "", ns, ""), (OPERATOR_SA, "watch", "secrets", "", other, ""),
+        (OPERATOR_SA, "get", "secrets", "", ns, ""),
+        (OPERATOR_SA, "watch", "secrets", "", other, ""),
         (OPERATOR_SA, "create", "modelmerges", "modelmerge.io", ns, ""),
         (OPERATOR_SA, "update", "modelmerges", "modelmerge.io", ns, ""),
-        (OPERATOR_SA, "patch", "jobs", "batch", ns, ""), (OPERATOR_SA, "create", "jobs", "batch", unwatched, ""),
-        (OPERATOR_SA, "create", "configmaps", "", unwatched, ""), (OPERATOR_SA, "delete", "configmaps", "", ns, ""),
-        (OPERATOR_SA, "get", "pods", "", unwatched, "log"), (OPERATOR_SA, "create", "pods", "", ns, "exec"),
+        (OPERATOR_SA, "patch", "jobs", "batch", ns, ""),
+        (OPERATOR_SA, "create", "jobs", "batch", unwatched, ""),
+        (OPERATOR_SA, "create", "configmaps", "", unwatched, ""),
+        (OPERATOR_SA, "delete", "configmaps", "", ns, ""),
+        (OPERATOR_SA, "get", "pods", "", unwatched, "log"),
+        (OPERATOR_SA, "create", "pods", "", ns, "exec"),
         (OPERATOR_SA, "patch", "deployments", "apps", ns, ""),
         (OPERATOR_SA, "create", "roles", "rbac.authorization.k8s.io", ns, ""),
-        (OPERATOR_SA, "create", "serviceaccounts", "", ns, "token"), (OPERATOR_SA, "list", "nodes", "", None, ""),
+        (OPERATOR_SA, "create", "serviceaccounts", "", ns, "token"),
+        (OPERATOR_SA, "list", "nodes", "", None, ""),
         (OPERATOR_SA, "patch", "kopfpeerings", "kopf.dev", ns, ""),
         (OPERATOR_SA, "patch", "clusterkopfpeerings", "kopf.dev", None, ""),
-        (API_SA, "get", "secrets", "", ns, ""), (API_SA, "create", "secrets", "", other, ""),
+        (API_SA, "get", "secrets", "", ns, ""),
+        (API_SA, "create", "secrets", "", other, ""),
         (API_SA, "patch", "modelmerges", "modelmerge.io", ns, "status"),
         (API_SA, "update", "modelmerges", "modelmerge.io", ns, ""),
         (API_SA, "create", "modelmerges", "modelmerge.io", other, ""),
-        (API_SA, "get", "jobs", "batch", ns, ""), (API_SA, "create", "configmaps", "", ns, ""),
-        (API_SA, "get", "pods", "", other, "log"), (API_SA, "create", "pods", "", ns, ""),
+        (API_SA, "get", "jobs", "batch", ns, ""),
+        (API_SA, "create", "configmaps", "", ns, ""),
+        (API_SA, "get", "pods", "", other, "log"),
+        (API_SA, "create", "pods", "", ns, ""),
         (API_SA, "list", "customresourcedefinitions", "apiextensions.k8s.io", None, ""),
         (API_SA, "create", "subjectaccessreviews", "authorization.k8s.io", None, ""),
     ]
@@ -606,8 +709,9 @@ def test_effective_rules_are_exactly_the_charts(namespaced):
     release = namespaced.release
     ns, other, unwatched = release.namespace, namespaced.other, namespaced.unwatched
     operator, api = release.client_as(OPERATOR_SA), release.client_as(API_SA)
-    baseline = {n: effective_rules(release.cp.api_client(release.token("default", n)), n)
-                for n in (ns, other, unwatched)}
+    baseline = {
+        n: effective_rules(release.cp.api_client(release.token("default", n)), n) for n in (ns, other, unwatched)
+    }
     discovery = chart_rules(release, "ClusterRole", f"{ns}-{RELEASE}-operator-discovery")
     operator_role = chart_rules(release, "Role", f"{RELEASE}-operator", ns)
     assert operator_role == chart_rules(release, "Role", f"{RELEASE}-operator", other)
@@ -624,10 +728,16 @@ def test_effective_rules_are_exactly_the_charts(namespaced):
 def test_token_review_lets_service_account_tokens_in(namespaced):
     release = namespaced.release
     token = release.token("default")
-    assert requests.get(release.api_url + "/api/jobs", headers={"Authorization": f"Bearer {token}"},
-                        timeout=10).status_code == 200
-    assert requests.get(release.api_url + "/api/jobs", headers={"Authorization": "Bearer nope"},
-                        timeout=10).status_code == 401
+    assert (
+        requests.get(
+            release.api_url + "/api/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ).status_code
+        == 200
+    )
+    assert (
+        requests.get(release.api_url + "/api/jobs", headers={"Authorization": "Bearer nope"}, timeout=10).status_code
+        == 401
+    )
 
 
 def test_no_rbac_refusals_in_the_operator_and_api_logs(namespaced):
@@ -644,8 +754,9 @@ def test_upgrade_keeps_the_token_and_uninstall_keeps_crds_claims_and_merges(name
     core = client.CoreV1Api(release.admin)
 
     def token() -> str:
-        return _raw(core.read_namespaced_secret(f"{RELEASE}-api-token", release.namespace,
-                                                _preload_content=False))["data"]["token"]
+        return _raw(core.read_namespaced_secret(f"{RELEASE}-api-token", release.namespace, _preload_content=False))[
+            "data"
+        ]["token"]
 
     before = token()
     release.upgrade()
@@ -686,8 +797,9 @@ def cluster_wide(control_plane, k8s_api, tiny_models, tmp_path_factory) -> Itera
     workload = create_namespace(k8s_api, f"mm-rbac-work-{suffix}", RESTRICTED)
     values = {"watch": {"clusterWide": True}, "merge": {"env": {"HF_HUB_OFFLINE": "1"}}}
     release = Release(control_plane, k8s_api, ns, values, work)
-    kubelet = FakeKubelet(control_plane.api_client(), namespace=workload, label_selector=MERGE_SELECTOR,
-                          root=work / "kubelet")
+    kubelet = FakeKubelet(
+        control_plane.api_client(), namespace=workload, label_selector=MERGE_SELECTOR, root=work / "kubelet"
+    )
     try:
         release.install()
         kubelet.start()
@@ -730,15 +842,20 @@ def test_cluster_wide_rules_and_refusals(cluster_wide):
     mm = ("modelmerge.io", "v1alpha1")
     codes = {
         "operator lists Secrets in the workload namespace": status_code(
-            lambda: client.CoreV1Api(operator).list_namespaced_secret(workload)),
+            lambda: client.CoreV1Api(operator).list_namespaced_secret(workload)
+        ),
         "operator lists Secrets cluster-wide": status_code(
-            lambda: client.CoreV1Api(operator).list_secret_for_all_namespaces()),
-        "operator creates ModelMerges": status_code(lambda: client.CustomObjectsApi(operator)
-                                                    .create_namespaced_custom_object(*mm, workload, PLURAL, {})),
+            lambda: client.CoreV1Api(operator).list_secret_for_all_namespaces()
+        ),
+        "operator creates ModelMerges": status_code(
+            lambda: client.CustomObjectsApi(operator).create_namespaced_custom_object(*mm, workload, PLURAL, {})
+        ),
         "API lists ModelMerges in the workload namespace": status_code(
-            lambda: client.CustomObjectsApi(api).list_namespaced_custom_object(*mm, workload, PLURAL)),
-        "API creates a TokenReview": status_code(lambda: client.AuthenticationV1Api(api).create_token_review(
-            {"spec": {"token": "x"}})),
+            lambda: client.CustomObjectsApi(api).list_namespaced_custom_object(*mm, workload, PLURAL)
+        ),
+        "API creates a TokenReview": status_code(
+            lambda: client.AuthenticationV1Api(api).create_token_review({"spec": {"token": "x"}})
+        ),
     }
     assert all(code == 403 for code in codes.values()), codes
     assert status_code(lambda: client.CustomObjectsApi(operator).list_cluster_custom_object(*mm, PLURAL)) == 200

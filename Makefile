@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install run test test-unit lint crds envtest bench images kind-e2e clean
+.PHONY: install run test test-unit lint crds envtest bench bench-operator bench-api operator images kind-e2e clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/modelmerge serve --host $(HOST) --port $(PORT)
 
-test: install
+test: install envtest
 	$(BIN)/python -m pytest -q
 
 test-unit: install
@@ -38,6 +38,15 @@ envtest:
 
 bench: install
 	$(BIN)/python bench/bench_engine.py
+
+bench-operator: install envtest
+	$(BIN)/python bench/bench_operator.py
+
+bench-api: install envtest
+	$(BIN)/python bench/bench_api.py
+
+operator: install
+	$(BIN)/modelmerge operator
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .bench

@@ -90,15 +90,25 @@ def _cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from modelmerge_api.server import serve
-
+    try:
+        from modelmerge_api.server import serve
+    except ImportError as exc:
+        return _missing_extra("api", exc)
     return serve(args)
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    from modelmerge_operator.main import run_operator
-
+    try:
+        from modelmerge_operator.main import run_operator
+    except ImportError as exc:
+        return _missing_extra("operator", exc)
     return run_operator(args)
+
+
+def _missing_extra(extra: str, exc: ImportError) -> int:
+    print(f"error: this installation lacks the '{extra}' extra ({exc.name or exc}); "
+          f"install it with: pip install 'modelmerge[{extra}]'", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

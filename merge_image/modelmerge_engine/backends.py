@@ -144,7 +144,8 @@ class TorchBackend:
 
 
 def make_backend(dtype: DType, use_gpu: bool, name: str | None = None):
-    """`name` ("cpu" or "torch") overrides the choice; tests use it to check both against the oracle."""
+    """`name` ("cpu" or "torch", from MODELMERGE_ENGINE_KERNELS) overrides the choice on CPU; the tests use
+    it to check both kernel sets against the oracle."""
     if use_gpu:
         return TorchBackend(dtype, "cuda")
     if name == "torch":

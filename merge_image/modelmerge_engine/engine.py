@@ -100,7 +100,7 @@ class StreamingMerge:
                  progress: Progress, workers: int | None = None, backend: str | None = None):
         self.request = request
         self.dtype = COMPUTE_DTYPES[request.dtype]
-        self.backend = make_backend(self.dtype, request.use_gpu, backend or os.environ.get("MODELMERGE_BACKEND"))
+        self.backend = make_backend(self.dtype, request.use_gpu, backend or os.environ.get("MODELMERGE_ENGINE_KERNELS"))
         on_cpu = self.backend.device == "cpu"
         # CPU: one range per thread (kernels release the GIL); GPU: big ranges, each parallel on the device
         self.pool = OrderedPool((workers or available_cpus()) if on_cpu else 1)
@@ -264,7 +264,7 @@ class StreamingMerge:
         total = sum(p.numel for p in merged)
         k = int(total * self.request.param_value_mask_rate)
         passes = (2 if self._wide else 1) * len(self.finetunes)
-        self.progress.start("thresholds", total * passes, len(merged) * passes)
+        self.progress.start("thresholds", total * passes)
         self.dare_thresholds = self._thresholds(merged, [k] * len(self.finetunes), True, True, self.progress.advance)
         self.progress.finish()
 
@@ -273,7 +273,7 @@ class StreamingMerge:
             base, inputs = self._inputs(name, start, stop)
             return stop - start, self.backend.dare_balance(base, inputs, self.dare_thresholds)
 
-        self.progress.start("signs", total, len(merged))
+        self.progress.start("signs", total)
         overall = 0
         for size, part in self.pool.map(balance, ((p.name, a, b) for p in merged for a, b in self.ranges(p.numel))):
             overall += part

@@ -22,7 +22,7 @@ class Progress:
         self.started = time.monotonic()
         self._last_percent = -LINE_INTERVAL
 
-    def start(self, phase: str, total_elements: int, tensors: int) -> None:
+    def start(self, phase: str, total_elements: int, tensors: int = 0) -> None:
         self.phase, self.total, self.done = phase, max(total_elements, 1), 0
         self.tensors_total, self.tensors_done = tensors, 0
         self.started = time.monotonic()
@@ -54,8 +54,10 @@ class Progress:
         if self.mode == "none":
             return
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        text = (f"[{self.phase}] {self.percent:5.1f}% {self.tensors_done}/{self.tensors_total} tensors "
-                f"{self.tensors_done / elapsed:.1f} tensors/s {elapsed:.1f}s")
+        text = f"[{self.phase}] {self.percent:5.1f}% "
+        if self.tensors_total:  # passes over ranges of many tensors (thresholds, signs) count elements only
+            text += f"{self.tensors_done}/{self.tensors_total} tensors {self.tensors_done / elapsed:.1f} tensors/s "
+        text += f"{elapsed:.1f}s"
         self._last_percent = self.percent
         if self.mode == "bar":
             width = 30

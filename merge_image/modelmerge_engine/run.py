@@ -14,7 +14,7 @@ import traceback
 from datetime import UTC, datetime
 
 from modelmerge import __version__
-from modelmerge.contract import MergeRequest
+from modelmerge.contract import MergeRequest, shard_size_bytes
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.output import OutputDir, copy_aux_files, disk_error, model_card
 from modelmerge_engine.progress import Progress
@@ -77,8 +77,6 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict
                      f"{merge.pool.workers} worker(s))")
 
     staging = output.create_staging()
-    from modelmerge.contract import shard_size_bytes
-
     writer = ShardedWriter(staging, merge.output_tensors(), shard_size_bytes(request.max_shard_size))
     clock = time.monotonic()
     try:

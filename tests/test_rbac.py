@@ -615,6 +615,9 @@ def test_the_operator_acts_in_the_other_watched_namespace_only(namespaced):
     status = wait_phase(release, namespaced.other, "elsewhere", "Pending", timeout=60)
     assert status["jobName"] == "elsewhere-merge"
     batch, core = client.BatchV1Api(release.admin), client.CoreV1Api(release.admin)
+    # Pending ("Creating") is written before the Job is created: wait for the Job rather than race it.
+    wait_for(lambda: _raw(batch.list_namespaced_job(namespaced.other, _preload_content=False))["items"], 60,
+             "the operator to create the Job in the other watched namespace")
     assert _raw(batch.read_namespaced_job("elsewhere-merge", namespaced.other, _preload_content=False))
     assert _raw(core.read_namespaced_config_map("elsewhere-merge", namespaced.other, _preload_content=False))
     time.sleep(3)

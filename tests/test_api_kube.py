@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import sys
 import threading
 import uuid
@@ -208,6 +209,11 @@ def test_merge_end_to_end(cluster, tmp_path):
     assert job_id in [j["job_id"] for j in listed["jobs"]]
     metrics = requests.get(cluster.url + "/metrics", timeout=10).text
     assert 'modelmerge_jobs{status="completed"}' in metrics
+    logs = requests.get(f"{cluster.url}/api/jobs/{job_id}/logs", headers=AUTH, timeout=30).text
+    assert re.search(r"^\[merge\]\s+100\.0% ", logs, re.MULTILINE), logs  # the engine's progress lines
+    followed = requests.get(f"{cluster.url}/api/jobs/{job_id}/logs", params={"follow": "true"}, headers=AUTH,
+                            timeout=60)  # ends at once: the pod has ended
+    assert followed.status_code == 200 and followed.text == logs
 
 
 def test_hf_token_lives_in_an_owned_secret_only(cluster):
@@ -337,14 +343,21 @@ def test_jobs_made_with_kubectl_are_listed(cluster):
 def test_logs_come_from_the_merge_pod(cluster):
     job_id = submit(cluster.url, {**PAYLOAD, "base_model": "slow/model"}, headers=AUTH)
     wait_status(cluster.url, job_id, ("running",), timeout=60, headers=AUTH)
-    response = requests.get(f"{cluster.url}/api/jobs/{job_id}/logs", headers=AUTH, timeout=30)
-    # The kubelet harness runs pods as local processes and serves no kubelet API, so the API server cannot
-    # proxy pod logs here: the API says so, naming the pod (on a real cluster this is the pod's log).
-    if response.status_code == 200:
-        assert "merging 10%" in response.text
-    else:
-        assert response.status_code == 503 and f"{job_id}-merge" in response.json()["error"]
-    requests.delete(f"{cluster.url}/api/jobs/{job_id}", headers=AUTH, timeout=10)
+    url = f"{cluster.url}/api/jobs/{job_id}/logs"
+    # The kubelet harness serves the pod's log to the API server, which the backend reads it through.
+    wait_for(lambda: "merging 10%" in requests.get(url, headers=AUTH, timeout=30).text, 30, "the merge log")
+    response = requests.get(url, headers=AUTH, timeout=30)
+    assert response.status_code == 200 and response.text == "merging 10%\n"
+    with requests.get(url, params={"follow": "true"}, headers=AUTH, stream=True, timeout=60) as followed:
+        assert followed.status_code == 200
+        chunks = followed.iter_content(chunk_size=None)
+        received = b""
+        while b"merging 10%\n" not in received:
+            received += next(chunks)
+        # Cancelling stops the pod: the stream ends once its process has ended.
+        requests.delete(f"{cluster.url}/api/jobs/{job_id}", headers=AUTH, timeout=10)
+        received += b"".join(chunks)
+    assert received == b"merging 10%\n"
     assert requests.get(cluster.url + "/api/jobs/nope/logs", headers=AUTH, timeout=10).status_code == 404
 
 

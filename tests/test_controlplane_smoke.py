@@ -116,6 +116,43 @@ def test_failing_job_exceeds_backoff_limit(k8s_api, namespace, kubelet):
         assert "boom" in terminated["message"]  # from the log, per FallbackToLogsOnError
 
 
+def test_pod_logs_are_served_through_the_api(k8s_api, namespace, kubelet):
+    core = client.CoreV1Api(k8s_api)
+    script = (
+        "import os, time\n"
+        "print('line 1', flush=True)\n"
+        "while not os.path.exists('go'):\n"  # the test lets it go on once it is following the log
+        "    time.sleep(0.05)\n"
+        "print('line 2')\n"
+        "print('line 3')\n"
+    )
+    pod = {
+        "metadata": {"name": "talker"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "ignored", "command": ["python", "-c", script]}],
+        },
+    }
+    core.create_namespaced_pod(namespace, pod, _preload_content=False)
+    wait_for(lambda: "line 1" in kubelet.logs(namespace, "talker"), what="the pod to print its first line")
+
+    stream = core.read_namespaced_pod_log("talker", namespace, follow=True, _preload_content=False)
+    chunks = stream.stream(amt=1024, decode_content=True)
+    received = b""
+    while b"line 1\n" not in received:
+        received += next(chunks)
+    (kubelet.pod_dir(namespace, "talker") / "work" / "go").touch()
+    received += b"".join(chunks)  # ends when the process has ended and its whole log is sent
+    stream.release_conn()
+    assert received == b"line 1\nline 2\nline 3\n"
+
+    wait_for(lambda: raw(core.read_namespaced_pod, "talker", namespace)["status"]["phase"] == "Succeeded")
+    assert core.read_namespaced_pod_log("talker", namespace) == "line 1\nline 2\nline 3\n"
+    assert core.read_namespaced_pod_log("talker", namespace, tail_lines=2) == "line 2\nline 3\n"
+    assert core.read_namespaced_pod_log("talker", namespace, limit_bytes=4) == "line"
+    assert core.read_namespaced_pod_log("talker", namespace, container="main", since_seconds=3600).startswith("line 1")
+
+
 def test_rbac_denies_a_service_account_without_bindings(control_plane, k8s_api, namespace):
     core = client.CoreV1Api(k8s_api)
     core.create_namespaced_service_account(namespace, {"metadata": {"name": "nobody"}}, _preload_content=False)

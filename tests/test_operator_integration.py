@@ -25,6 +25,10 @@ pytestmark = pytest.mark.integration
 
 SLEEPER = "python -c 'import time; time.sleep(300)'"  # a "merge" that runs until it is stopped
 NO_OP = "true"
+# A "merge" that prints one engine progress line, then runs until it is stopped.
+PROGRESSING = (
+    "python -c 'import time; print(\"[merge]  42.0% 1/2 tensors 3.0 tensors/s 0.3s\", flush=True); time.sleep(300)'"
+)
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -44,6 +48,7 @@ class OperatorProcess:
         merge_command: str | None = None,
         liveness_port: int | None = None,
         peering: tuple[str, int] | None = None,
+        progress_interval: float = 0,
     ):
         scope = ["--peering", peering[0], "--priority", str(peering[1])] if peering else ["--standalone"]
         self.args = [
@@ -57,7 +62,7 @@ class OperatorProcess:
             "--kubeconfig",
             str(kubeconfig),
             "--progress-interval",
-            "0",
+            str(progress_interval),
             "--job-env",
             "HF_HUB_OFFLINE=1",
             "--liveness",
@@ -113,6 +118,7 @@ def start_operator(kubeconfig_path, namespace, tmp_path):
         liveness_port: int | None = None,
         peering: tuple[str, int] | None = None,
         kubeconfig: Path | None = None,
+        progress_interval: float = 0,
     ) -> OperatorProcess:
         op = OperatorProcess(
             kubeconfig or kubeconfig_path,
@@ -121,6 +127,7 @@ def start_operator(kubeconfig_path, namespace, tmp_path):
             merge_command,
             liveness_port,
             peering,
+            progress_interval,
         ).start()
         started.append(op)
         return op
@@ -325,6 +332,18 @@ def test_real_merge_on_tiny_models_succeeds(apis, namespace, start_operator, kub
     assert "config.json" in files and any(f.endswith(".safetensors") for f in files), files
     reasons = [e[1] for e in world.events(name)]
     assert "JobCreated" in reasons and "Completed" in reasons
+
+
+def test_progress_comes_from_the_running_merge_pods_log(apis, namespace, start_operator, kubelet):
+    world = World(apis, namespace, start_operator(merge_command=PROGRESSING, progress_interval=0.5))
+    name = world.create(_spec())
+    world.wait_phase(name, "Running")
+    wait_for(
+        lambda: world.status(name).get("progress") == "merge 42%",
+        60,
+        "status.progress from the pod's log",
+        context=lambda: world.context(name),
+    )
 
 
 def test_bad_model_path_fails_with_the_engines_message_after_retries(apis, namespace, start_operator, kubelet):

@@ -1,7 +1,8 @@
 """A real, local Kubernetes control plane for the integration tests: etcd + kube-apiserver +
 kube-controller-manager, started from the binaries that ``make envtest`` (hack/envtest.sh) provides.
 
-There is no scheduler and no kubelet: tests that need pods to run use :mod:`tests.kube.kubelet`.
+There is no scheduler and no kubelet: tests that need pods to run use :mod:`tests.kube.kubelet` (which also
+serves pod logs to the API server).
 
     with ControlPlane(find_assets()) as cp:
         api = cp.api_client()          # kubernetes.client.ApiClient authenticated as a cluster admin
@@ -301,6 +302,10 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
                 "--allow-privileged=true",
+                # Pod logs: reach the kubelet harness at its Node's InternalIP (127.0.0.1). No client certificate
+                # (the harness does not ask for one) and no --kubelet-certificate-authority, so the harness's
+                # self-signed serving certificate is accepted.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--profiling=false",
                 "--v=1",
             ],

@@ -21,6 +21,14 @@ Files. Everything lives under ``root`` (a temp dir unless given):
   stdout and stderr together, across restarts): :meth:`FakeKubelet.log_path` / :meth:`FakeKubelet.logs`.
 * ``hostPath`` volumes are the host path itself.
 
+Logs. The harness serves the kubelet API's ``/containerLogs/{namespace}/{pod}/{container}`` over HTTPS on a
+free port of 127.0.0.1 (a self-signed certificate made with ``openssl``; the Node's ``InternalIP`` and
+``daemonEndpoints.kubeletEndpoint.Port`` point there), so ``GET .../pods/{pod}/log`` (``kubectl logs``,
+``read_namespaced_pod_log``) works through the API server. ``follow`` streams new bytes until the pod's runner
+has ended (across restarts, unlike a real kubelet) or the client disconnects; ``tailLines`` and ``limitBytes``
+are honoured; ``sinceSeconds`` is approximated by the file's mtime (all or nothing of what is already written);
+``timestamps`` and ``previous`` are ignored. Clients are not authenticated.
+
 Paths. The process sees the host's filesystem, not the container's, so every ``mountPath`` (and the
 container's ``terminationMessagePath``, default ``/dev/termination-log``) that appears as a path in the
 argv, in env values or in ``workingDir`` is rewritten to the mapped host folder: with ``/data`` mounted from
@@ -51,8 +59,10 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -61,8 +71,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
@@ -168,6 +180,7 @@ class FakeKubelet:
         self._stop = threading.Event()
         self._watch: watch.Watch | None = None
         self._thread: threading.Thread | None = None
+        self._server: ThreadingHTTPServer | None = None
 
     # -- paths ----------------------------------------------------------------------------------------------
     def pvc_path(self, claim: str, sub_path: str = "") -> Path:
@@ -203,6 +216,7 @@ class FakeKubelet:
         self.stop()
 
     def start(self) -> None:
+        self._serve_logs()
         self._register_node()
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch_loop, name=f"kubelet-{self.node_name}", daemon=True)
@@ -231,6 +245,10 @@ class FakeKubelet:
             except ApiException as e:
                 if e.status != 404:
                     raise
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -266,7 +284,7 @@ class FakeKubelet:
                 {"type": "InternalIP", "address": "127.0.0.1"},
                 {"type": "Hostname", "address": self.node_name},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self._server.server_address[1]}},
             "nodeInfo": {
                 "machineID": "",
                 "systemUUID": "",
@@ -283,6 +301,35 @@ class FakeKubelet:
         self.core.patch_node_status(
             self.node_name, {"status": status}, _content_type=MERGE_PATCH, _preload_content=False
         )
+
+    # -- the kubelet API: container logs ----------------------------------------------------------------------
+    def _serve_logs(self) -> None:
+        """Starts the HTTPS server of ``/containerLogs/...`` (see the module docstring) in a daemon thread."""
+        if self._server is not None:
+            return
+        pki = self.root / "kubelet-pki"
+        pki.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", "kubelet.key", "-out", "kubelet.crt", "-days", "3650", "-subj", f"/CN={self.node_name}",
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+            cwd=pki, check=True, capture_output=True,
+        )  # fmt: skip
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pki / "kubelet.crt", pki / "kubelet.key")
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _LogHandler)
+        server.daemon_threads = True
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        server.kubelet = self  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, name=f"kubelet-api-{self.node_name}", daemon=True).start()
+        self._server = server
+
+    def _running(self, namespace: str, name: str) -> bool:
+        """Whether a runner of this pod may still write to its log."""
+        with self._lock:
+            return not self._stop.is_set() and any(
+                p.namespace == namespace and p.name == name and not p.done for p in self._pods.values()
+            )
 
     # -- watching -------------------------------------------------------------------------------------------
     def _list_fn(self):
@@ -770,6 +817,63 @@ class FakeKubelet:
                 kind, _, rname = vf["resourceFieldRef"]["resource"].partition(".")
                 env[e["name"]] = str((res.get(kind) or {}).get(rname, "0"))
         return env
+
+
+class _LogHandler(BaseHTTPRequestHandler):
+    """``GET /containerLogs/{namespace}/{pod}/{container}?follow=&tailLines=&limitBytes=&sinceSeconds=``."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        kubelet: FakeKubelet = self.server.kubelet  # type: ignore[attr-defined]
+        url = urlsplit(self.path)
+        parts = url.path.strip("/").split("/")
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        path = kubelet.pod_dir(parts[1], parts[2]) / f"{parts[3]}.log" if len(parts) == 4 else None
+        if parts[0] != "containerLogs" or path is None or not path.is_file():
+            self.send_error(404, "no such container log")
+            return
+        follow = query.get("follow") in ("true", "1")
+        limit = int(query["limitBytes"]) if "limitBytes" in query else None
+        with open(path, "rb") as f:
+            data = f.read()
+            since = query.get("sinceSeconds")
+            if since and os.path.getmtime(path) < time.time() - float(since):
+                data = b""
+            if "tailLines" in query:
+                n = int(query["tailLines"])
+                data = b"".join(data.splitlines(keepends=True)[-n:]) if n > 0 else b""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            try:
+                while True:
+                    if limit is not None:
+                        data, limit = data[:limit], limit - len(data[:limit])
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                    if not follow or limit == 0:
+                        return
+                    running = kubelet._running(parts[1], parts[2])  # read what is there after it ended too
+                    data = f.read()
+                    if not data and not running:
+                        return
+                    if not data and self._client_gone(0.2):
+                        return
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                return
+
+    def _client_gone(self, wait: float) -> bool:
+        """Waits up to ``wait`` seconds for the client to close the connection (it sends nothing after its
+        request, so anything readable means it is gone)."""
+        if not select.select([self.connection], [], [], wait)[0]:
+            return False
+        try:
+            return not self.connection.recv(1)
+        except (OSError, ssl.SSLError):
+            return True
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet: tests read the pods' logs instead
+        log.debug("kubelet harness api: " + format, *args)
 
 
 class _NotReady(Exception):

@@ -37,7 +37,8 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def request_from_args(args: argparse.Namespace) -> MergeRequest:
-    """Merge `--spec` (JSON, or a ModelMerge-like object with a `spec` key) with explicit flags."""
+    """The request from `--spec` (a JSON object with the request fields; other keys are ignored), with
+    explicit flags taking precedence."""
     data: dict[str, Any] = {}
     if args.spec:
         with open(args.spec, encoding="utf-8") as handle:

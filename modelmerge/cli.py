@@ -37,15 +37,15 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def request_from_args(args: argparse.Namespace) -> MergeRequest:
-    """The request from `--spec` (a JSON object with the request fields; other keys are ignored), with
-    explicit flags taking precedence."""
+    """The request from `--spec` (a JSON object with the request fields; an unknown key, such as a typo, is
+    an error), with explicit flags taking precedence."""
     data: dict[str, Any] = {}
     if args.spec:
         with open(args.spec, encoding="utf-8") as handle:
             loaded = json.load(handle)
         if not isinstance(loaded, dict):
             raise ValueError(f"--spec {args.spec}: expected a JSON object")
-        data = {k: v for k, v in loaded.items() if k in MergeRequest.model_fields}
+        data = dict(loaded)
     for name in MergeRequest.model_fields:
         value = getattr(args, name, None)
         if value is not None:

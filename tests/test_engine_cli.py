@@ -205,6 +205,17 @@ def test_invalid_requests_are_rejected_before_anything_happens(family, tmp_path,
     assert not out.exists()
 
 
+def test_unknown_keys_in_a_spec_file_are_rejected(family, tmp_path):
+    base, fts = family
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"base_model": str(base), "models_to_merge": [str(fts[0])],
+                                "merge_method": "task_arithmetic", "scaling_coeficient": 0.3}))
+    result = run_cli("--spec", str(spec), "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "scaling_coeficient: unknown field" in summary_of(result)["error"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_needs_overwrite(family, tmp_path):
     base, fts = family
     out = tmp_path / "out"

@@ -125,14 +125,14 @@ class TorchBackend:
         return self.k.task_arithmetic(base, inputs, scaling)
 
     def ties(self, base, inputs, thresholds: np.ndarray, scaling: float):
-        trimmed = [self.k.trim(values - base, int(t)) for values, t in zip(inputs, thresholds, strict=True)]
+        trimmed = self.k.trim_task_vectors(base, inputs, [int(t) for t in thresholds])
         return self.k.ties(base, trimmed, scaling).to(self.tdtype)
 
     def dare_balance(self, base, inputs, thresholds: np.ndarray) -> int:
         return self.k.dare_balance(base, inputs, [int(t) for t in thresholds])
 
     def dare(self, base, inputs, thresholds: np.ndarray, majority: float, scaling: float):
-        trimmed = self.k.dare_trim(base, inputs, [int(t) for t in thresholds])
+        trimmed = self.k.trim_task_vectors(base, inputs, [int(t) for t in thresholds])
         signs = self.k.dare_signs(trimmed)
         return self.k.dare_disjoint(base, trimmed, signs, majority, scaling).to(self.tdtype)
 

@@ -42,13 +42,6 @@ def mask(base: torch.Tensor, raw: torch.Tensor, delta: bool, threshold: int, dra
     return base + 1.0 * values if delta else values
 
 
-def dare_balance(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int]) -> int:
-    signs = dare_signs(dare_trim(base, inputs, thresholds))
-    return int((signs > 0).sum()) - int((signs < 0).sum())
-
-
-
-
 # --- per-range arithmetic of each method ---------------------------------------------------------------
 
 
@@ -120,14 +113,21 @@ def ties(base: torch.Tensor, trimmed: list[torch.Tensor], scaling: float) -> tor
     return _disjoint_mean(base, trimmed, elected, sequential_sum, scaling)
 
 
-def dare_trim(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int]) -> list[torch.Tensor]:
-    """ties_merging_dare's trim: `flattened * (|flattened| >= kth)` per model (widened to float32)."""
+def trim_task_vectors(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int]) -> list[torch.Tensor]:
+    """Each model's task vector trimmed at its threshold (per tensor for ties_merging, global for
+    ties_merging_dare): `tv * (|tv| >= kth)`, widened to float32."""
     return [trim(values - base, threshold) for values, threshold in zip(inputs, thresholds, strict=True)]
 
 
 def dare_signs(trimmed: list[torch.Tensor]) -> torch.Tensor:
     """`sign(stack(trimmed).sum(dim=0))`: a float32 sum; rounding it to 16 bits cannot change its sign."""
     return torch.sign(float_sum(trimmed))
+
+
+def dare_balance(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int]) -> int:
+    """Σ sign(Σ_i trimmed_i) over the range: what decides ties_merging_dare's majority sign."""
+    signs = dare_signs(trim_task_vectors(base, inputs, thresholds))
+    return int((signs > 0).sum()) - int((signs < 0).sum())
 
 
 def dare_disjoint(base: torch.Tensor, trimmed: list[torch.Tensor], signs: torch.Tensor,

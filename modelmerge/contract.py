@@ -360,6 +360,65 @@ class MergeSummary(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Progress: the engine writes these lines on stderr; both backends read them with parse_progress
+# ---------------------------------------------------------------------------------------------------------
+# One line per update: `[merge 3/3]  80.7% overall, 42.0% of step 120/290 tensors 85.1 tensors/s 1.4s`.
+# The bracket names the current step and its index out of all steps of this merge (ties_merging_dare has
+# thresholds, signs, merge; the others one step); `overall` weighs each step by the elements it reads, so it
+# never goes down over one run of the engine. Everything after `of step` is free text for humans.
+
+_PROGRESS_LINE = re.compile(
+    r"^\[(?P<step>[a-z][a-z0-9_-]*) (?P<index>[0-9]+)/(?P<steps>[0-9]+)\]\s+(?P<percent>[0-9]+(?:\.[0-9]+)?)% "
+    r"overall, (?P<step_percent>[0-9]+(?:\.[0-9]+)?)% of step(?P<detail>.*)$",
+    re.MULTILINE,
+)
+
+
+class MergeProgress(BaseModel):
+    """How far a running merge is: what the engine reports, the ModelMerge status carries and the REST API
+    shows (`progress` = percent)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    percent: float = Field(ge=0.0, le=100.0, description="Overall progress of the merge in percent, weighted "
+                           "by the work of each step; never decreases during one run of the engine.")
+    step: str = Field(min_length=1, max_length=63, description="The current step, e.g. thresholds, signs, "
+                      "merge.")
+    stepIndex: int = Field(ge=1, description="1-based index of the current step.")
+    steps: int = Field(ge=1, description="Number of steps of this merge.")
+    stepPercent: float = Field(ge=0.0, le=100.0, description="Progress of the current step in percent.")
+    text: str = Field(default="", max_length=128, description="Short form for humans and kubectl, e.g. "
+                      "'merge 3/3 81%'.")
+
+    @model_validator(mode="after")
+    def _fill_text(self) -> MergeProgress:
+        if self.stepIndex > self.steps:
+            raise ValueError(f"stepIndex {self.stepIndex} is larger than steps {self.steps}")
+        if not self.text:
+            self.text = f"{self.step} {self.stepIndex}/{self.steps} {self.percent:.0f}%"
+        return self
+
+    def line(self, detail: str = "") -> str:
+        """The engine's stderr line for this state; `detail` is free text (counts, rates, elapsed time)."""
+        text = (f"[{self.step} {self.stepIndex}/{self.steps}] {self.percent:5.1f}% overall, "
+                f"{self.stepPercent:.1f}% of step")
+        return f"{text} {detail}".rstrip()
+
+
+def parse_progress(output: str | bytes | None) -> MergeProgress | None:
+    """The last progress line in a piece of the engine's output (a log tail, one line), or None."""
+    if isinstance(output, bytes):
+        output = output.decode("utf-8", "replace")
+    matches = list(_PROGRESS_LINE.finditer(output or ""))
+    if not matches:
+        return None
+    last = matches[-1]
+    return MergeProgress(percent=min(100.0, float(last["percent"])), step=last["step"],
+                         stepIndex=int(last["index"]), steps=int(last["steps"]),
+                         stepPercent=min(100.0, float(last["step_percent"])))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # ModelMerge spec (the CRD's spec = merge request + Kubernetes fields)
 # ---------------------------------------------------------------------------------------------------------
 # The merge request keeps the predecessor API's snake_case names; the Kubernetes fields use the camelCase

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL  # noqa: E402
-from tests.test_api_support import PAYLOAD, free_port, wait_for  # noqa: E402
+from tests.helpers.rest_api import PAYLOAD, free_port, wait_for  # noqa: E402
 
 TARGET_P99_MS = {"local": 50.0, "kubernetes": 150.0}
 STATUSES = ["completed"] * 7 + ["failed"] * 2 + ["cancelled"]  # finished jobs: no merge runs meanwhile

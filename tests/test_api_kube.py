@@ -21,7 +21,7 @@ import yaml
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
 from modelmerge_api.app import AppSettings, create_app
 from modelmerge_api.kube import KubernetesBackend
-from tests.test_api_support import (
+from tests.helpers.rest_api import (
     PAYLOAD,
     check_merged_model,
     extract_archive,

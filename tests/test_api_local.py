@@ -22,7 +22,7 @@ import requests
 from modelmerge.contract import MergeRequest, methods_catalogue
 from modelmerge_api.app import EXAMPLE_REQUEST, AppSettings, create_app
 from modelmerge_api.local import LocalBackend
-from tests.test_api_support import (
+from tests.helpers.rest_api import (
     PAYLOAD,
     ServerProcess,
     check_merged_model,

@@ -9,7 +9,7 @@ import requests
 
 from modelmerge_api.app import create_app
 from modelmerge_api.local import LocalBackend
-from tests.test_api_support import PAYLOAD, serve_in_thread
+from tests.helpers.rest_api import PAYLOAD, serve_in_thread
 
 MASK = {**PAYLOAD, "merge_method": "mask_merging", "weight_mask_rates": [0.5, 0.5]}
 BAD_REQUESTS = [

@@ -14,7 +14,7 @@ import yaml
 
 from modelmerge import crd
 from modelmerge.contract import ModelMergeSpec
-from tests.test_chart_support import (
+from tests.helpers.helm_chart import (
     CHART,
     KUBE_VERSION,
     ROOT,

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from modelmerge.cli import build_parser
-from tests.test_chart_support import CHART, ROOT
+from tests.helpers.helm_chart import CHART, ROOT
 
 IMAGES = {  # Dockerfile → (extra, the chart Deployment that runs it or None)
     "operator/Dockerfile": ("operator", "operator-deployment.yaml"),

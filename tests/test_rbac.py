@@ -29,9 +29,9 @@ import requests
 import yaml
 
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+from tests.helpers.helm_chart import CHART, RELEASE, ROOT, helm, kubeconfig_for_token, triples, values_file
 from tests.helpers.waiting import wait_for
 from tests.kube.controlplane import ControlPlane, free_port
-from tests.test_chart_support import CHART, RELEASE, ROOT, helm, kubeconfig_for_token, triples, values_file
 
 pytestmark = pytest.mark.integration
 

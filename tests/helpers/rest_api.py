@@ -1,4 +1,4 @@
-"""Helpers shared by the REST API tests (no tests here): a tiny pre-filled HF cache under the predecessor's repo
+"""What the REST API tests share: a tiny pre-filled HF cache under the predecessor's repo
 ids, a uvicorn server on a free port (in a thread, or `modelmerge serve` as a subprocess), polling."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import requests
 
 from tests.helpers.waiting import wait_for
+from tests.kube.controlplane import free_port
 
 BASE_REPO = "Qwen/Qwen2.5-0.5B"
 FINETUNE_REPOS = ("InfiX-ai/Qwen-base-0.5B-code", "InfiX-ai/Qwen-base-0.5B-algebra")
@@ -47,12 +48,6 @@ def make_hub(root: Path, hf_home: Path | None = None) -> tuple[Path, Path, list[
     for repo, folder in zip(FINETUNE_REPOS, finetunes, strict=True):
         fill_hf_cache(hf_home, repo, folder)
     return hf_home, base, finetunes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -103,8 +98,6 @@ def server_env(hf_home: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", **extra}
     env.pop("MODELMERGE_API_TOKEN", None)
     return env
-
-
 
 
 def job(base: str, job_id: str, **kwargs: Any) -> dict[str, Any]:

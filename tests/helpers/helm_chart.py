@@ -1,4 +1,4 @@
-"""Helpers shared by the Helm chart tests (no tests here): the helm binary that `make envtest` builds, `helm lint`,
+"""What the Helm chart tests share: the helm binary that `make envtest` builds, `helm lint`,
 `helm template` into Python objects, and RBAC rule sets as comparable (group, resource, verb) triples."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 from tests.kube.controlplane import find_helm
 from tests.kube.fixtures import envtest_required
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "modelmerge"
 # `helm template` has no cluster to ask; this helm build's built-in default (v1.20) is below the chart's
 # kubeVersion, so renders state a current one.

@@ -15,9 +15,10 @@ from typing import Any
 import kopf
 
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+from modelmerge.kubeclient import api_client, configuration
 from modelmerge_operator import manifests
 from modelmerge_operator.config import OperatorConfig
-from modelmerge_operator.kube import Kube, api_client
+from modelmerge_operator.kube import Kube
 from modelmerge_operator.reconcile import Reconciler, owner_of
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -48,12 +49,25 @@ def configure(settings: kopf.OperatorSettings, workers: int) -> None:
     settings.execution.max_workers = workers
 
 
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's own connection, from the same kubeconfig / in-cluster credentials as the operator's client (kopf's
+    built-in login would load them into the kubernetes client's global configuration)."""
+    conf = configuration(kubeconfig=memo.get("kubeconfig"))
+    header = conf.get_api_key_with_prefix("BearerToken") or conf.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=conf.host, ca_path=conf.ssl_ca_cert, insecure=not conf.verify_ssl,
+        username=conf.username or None, password=conf.password or None, scheme=scheme or None,
+        token=token or None, certificate_path=conf.cert_file, private_key_path=conf.key_file)
+
+
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     workers = int(memo.get("workers") or os.environ.get("MODELMERGE_WORKERS", "16"))
     configure(settings, workers)
     config = memo.get("config") or OperatorConfig()
-    kube = Kube(api_client(memo.get("kubeconfig"), pool_size=workers + 4))
+    kube = Kube(api_client(kubeconfig=memo.get("kubeconfig"), pool_size=workers + 4, retries=3))
     memo.reconciler = Reconciler(kube, config, emit)
     if config.progress_interval > 0:
         memo.stop_progress = threading.Event()

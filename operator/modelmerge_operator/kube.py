@@ -3,34 +3,13 @@ idempotent or tolerant of the races an operator meets (409 on create, 404 on del
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
-
-MERGE_PATCH = "application/merge-patch+json"
-
-
-def api_client(kubeconfig: str | None = None, pool_size: int = 16) -> client.ApiClient:
-    """The named kubeconfig, else in-cluster credentials, else $KUBECONFIG / ~/.kube/config."""
-    conf = client.Configuration()
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
-    else:
-        try:
-            config.load_incluster_config(client_configuration=conf)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=conf)
-    conf.connection_pool_maxsize = pool_size
-    conf.retries = 3
-    return client.ApiClient(conf)
-
-
-def _raw(response: Any) -> dict[str, Any]:
-    return json.loads(response.data or b"{}")
+from modelmerge.kubeclient import merge_patch, pods_of_job, raw
 
 
 class Kube:
@@ -47,15 +26,15 @@ class Kube:
         }[kind]
         namespace = manifest["metadata"]["namespace"]
         try:
-            return _raw(create(namespace, manifest, _preload_content=False)), True
+            return raw(create, namespace, manifest), True
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        return _raw(read(manifest["metadata"]["name"], namespace, _preload_content=False)), False
+        return raw(read, manifest["metadata"]["name"], namespace), False
 
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return _raw(self.batch.read_namespaced_job(name, namespace, _preload_content=False))
+            return raw(self.batch.read_namespaced_job, name, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -75,8 +54,8 @@ class Kube:
             raise
 
     def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        return _raw(self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}",
-                                                  _preload_content=False)).get("items", [])
+        """Newest first."""
+        return pods_of_job(self.core, namespace, job_name)
 
     def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int = 20) -> str:
         response = self.core.read_namespaced_pod_log(pod, namespace, container=container, tail_lines=lines,
@@ -86,9 +65,8 @@ class Kube:
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge-patches the ModelMerge's status subresource; False when the ModelMerge is gone."""
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": status},
-                _content_type=MERGE_PATCH, _preload_content=False)
+            merge_patch(self.custom.patch_namespaced_custom_object_status,
+                        API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": status})
             return True
         except ApiException as exc:
             if exc.status == 404:

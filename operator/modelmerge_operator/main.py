@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from modelmerge_operator.config import add_arguments as _add_arguments
 from modelmerge_operator.config import config_from_args
@@ -19,9 +18,6 @@ def run_operator(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
-
     import kopf
 
     from modelmerge_operator import handlers  # noqa: F401 - registers the handlers

@@ -8,6 +8,7 @@ API images carry no torch.
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -360,6 +361,77 @@ class MergeSummary(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Engine outcome: the one reader of the engine's exit code and summary (the operator and the local backend)
+# ---------------------------------------------------------------------------------------------------------
+
+EXIT_MERGED = 0
+EXIT_FAILED = 1
+EXIT_INVALID_REQUEST = 2  # the engine rejected the request: running it again cannot help
+_SIGNAL_EXIT_BASE = 128  # a shell or container runtime reports death by signal N as 128 + N
+_MAX_SIGNAL = 64
+
+
+@dataclass(frozen=True)
+class EngineOutcome:
+    """How one run of the engine ended: `error` is the engine's own error when it wrote one, else a sentence
+    about the exit code or the signal that ended it; None when it succeeded."""
+
+    succeeded: bool
+    error: str | None
+    summary: MergeSummary | None
+
+
+def _last_summary(output: str | bytes | None) -> MergeSummary | None:
+    """The engine's summary: the last line of `output` that is a JSON object (the whole summary file, a
+    termination message, or a log tail), if it is one."""
+    if isinstance(output, bytes):
+        output = output.decode("utf-8", "replace")
+    for line in reversed((output or "").strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return MergeSummary.model_validate_json(line)
+            except ValidationError:
+                return None
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _exit_sentence(exit_code: int | None) -> str:
+    if exit_code is None:
+        return "the merge ended without an exit code or a summary"
+    if exit_code < 0 or _SIGNAL_EXIT_BASE < exit_code <= _SIGNAL_EXIT_BASE + _MAX_SIGNAL:
+        number = -exit_code if exit_code < 0 else exit_code - _SIGNAL_EXIT_BASE
+        code = f" (exit code {exit_code})" if exit_code > 0 else ""
+        return f"the merge was killed by {_signal_name(number)}{code}"
+    if exit_code == EXIT_INVALID_REQUEST:
+        return f"the engine rejected the request (exit code {exit_code}) without saying why; see the merge's log"
+    if exit_code == EXIT_MERGED:
+        return "the merge exited with code 0 but its summary says it failed, without an error"
+    return f"the merge failed with exit code {exit_code} without reporting an error; see the merge's log"
+
+
+def engine_outcome(*, exit_code: int | None, summary: str | bytes | None) -> EngineOutcome:
+    """Reads how the engine ended from its exit code (0 merged, 1 failed, 2 invalid request, 128+N or -N killed
+    by signal N; None when unknown) and its summary (`summary`: text whose last JSON line is the summary)."""
+    parsed = _last_summary(summary)
+    if exit_code is None and parsed is not None:
+        succeeded = parsed.status == "succeeded"
+    else:
+        succeeded = exit_code == EXIT_MERGED and (parsed is None or parsed.status == "succeeded")
+    if succeeded:
+        return EngineOutcome(succeeded=True, error=None, summary=parsed)
+    error = parsed.error if parsed is not None and parsed.error else _exit_sentence(exit_code)
+    return EngineOutcome(succeeded=False, error=error, summary=parsed)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Progress: the engine writes these lines on stderr; both backends read them with parse_progress
 # ---------------------------------------------------------------------------------------------------------
 # One line per update: `[merge 3/3]  80.7% overall, 42.0% of step 120/290 tensors 85.1 tensors/s 1.4s`.
@@ -562,6 +634,37 @@ class ModelMergeSpec(MergeRequest):
         return MergeRequest.model_validate(self.model_dump(include=set(MergeRequest.model_fields)))
 
 
+@dataclass(frozen=True)
+class OutputLocation:
+    """Where a ModelMerge's merged model lands: folder `relative` of the volume mounted from claim `claim` (its
+    folder `sub_path` when set, else its root)."""
+
+    claim: str
+    sub_path: str | None
+    relative: str
+
+    @property
+    def claim_path(self) -> str:
+        """The output's path inside the claim: `<sub_path>/<relative>`."""
+        return "/".join(part for part in (self.sub_path, self.relative) if part)
+
+    @property
+    def uri(self) -> str:
+        """`pvc://<claim>/<sub_path>/<relative>`: what status.outputPath holds, for people and the API."""
+        return f"pvc://{self.claim}/{self.claim_path}"
+
+    def in_mount(self, mount: str) -> str:
+        """The output's path in a container that mounts the output volume (the claim's `sub_path`) at `mount`;
+        for a mount of the claim's root use `claim_path`."""
+        return f"{mount.rstrip('/')}/{self.relative}"
+
+
+def output_location(spec: ModelMergeSpec, name: str) -> OutputLocation:
+    """Where the merged model of ModelMerge `name` with `spec` lands; output_dir defaults to the name."""
+    sub_path = (spec.output.subPath or "").strip("/") or None
+    return OutputLocation(claim=spec.output.pvc, sub_path=sub_path, relative=(spec.output_dir or name).strip("/"))
+
+
 class ModelMergeStatus(BaseModel):
     """Written by the operator only (status subresource)."""
 
@@ -576,7 +679,8 @@ class ModelMergeStatus(BaseModel):
     startTime: str | None = Field(default=None, description="When the Job started.")
     completionTime: str | None = Field(default=None, description="When the merge finished.")
     outputPath: str | None = Field(default=None, description="pvc://<claim>/<path> of the merged model.")
-    progress: str | None = Field(default=None, description="How far the merge is, when it reports it.")
+    progress: MergeProgress | None = Field(default=None, description="How far the merge is, as the engine "
+                                           "reports it; 100% once it succeeded.")
     attempts: int | None = Field(default=None, description="Merge pods that ran (retries + 1).")
     observedGeneration: int | None = Field(default=None, description="metadata.generation last acted on.")
     conditions: list[Condition] = Field(default_factory=list, description="Accepted, Running, Complete, "

@@ -194,10 +194,12 @@ def printer_columns() -> list[dict[str, Any]]:
     return [
         {"name": "Method", "type": "string", "jsonPath": ".spec.merge_method"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+        # Why it is in that phase: Running, Completed, or what keeps the merge pod from starting
+        # (ImagePullBackOff, Unschedulable, ClaimNotFound) or made it fail.
+        {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.text"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Output", "type": "string", "jsonPath": ".status.outputPath"},
-        {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
         {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
     ]
 

@@ -20,8 +20,6 @@ from modelmerge_operator.status import (
     build_status,
     merge_conditions,
     observe,
-    parse_progress,
-    parse_summary,
     status_changed,
 )
 
@@ -132,7 +130,6 @@ def test_full_job_shape():
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert volumes["model-cache"]["persistentVolumeClaim"] == {"claimName": "hf-cache", "readOnly": True}
-    assert manifests.output_path(_spec(body), "llama-merge") == "pvc://models/team/runs/7"
 
 
 def test_gpu_limit_only_when_use_gpu():
@@ -202,8 +199,7 @@ def test_pending_running_and_succeeded():
     summary = json.dumps({"status": "succeeded", "output_dir": "/output/x", "tensors": 24, "seconds": 1.5})
     done = observe(_job(succeeded=1, completionTime="t9", conditions=[("Complete", "", "")]),
                    [_pod("Succeeded", summary, "Completed", exit_code=0)])
-    assert (done.phase, done.reason, done.completion_time, done.progress) == (
-        Phase.Succeeded, "Completed", "t9", "100%")
+    assert (done.phase, done.reason, done.completion_time) == (Phase.Succeeded, "Completed", "t9")
     assert done.message == "merged 24 tensors in 1.5s"
 
 
@@ -239,16 +235,6 @@ def test_retrying_and_suspended():
     queued = observe(_job(suspend=True, conditions=[("Suspended", "JobSuspended", "")]), [], queue="gpu")
     assert (queued.phase, queued.reason) == (Phase.Pending, "Queued") and "gpu" in queued.message
     assert observe(_job(suspend=True), []).reason == "Suspended"
-
-
-def test_summary_and_progress_parsing():
-    assert parse_summary('noise\n{"status": "failed", "error": "boom"}').error == "boom"
-    assert parse_summary("not json") is None and parse_summary(None) is None
-    assert parse_summary("{broken") is None
-    log = ("merging 2 model(s)\n[thresholds] 100.0% 24/24 tensors 9.0 tensors/s 2.6s\n"
-           "[merge]  42.0% 10/24 tensors 5.0 tensors/s 2.0s\n")
-    assert parse_progress(log) == "merge 42%"
-    assert parse_progress("nothing yet") is None
 
 
 def test_conditions_keep_their_transition_time():
@@ -294,7 +280,7 @@ class FakeKube:
         return self.pods
 
     def pod_log_tail(self, namespace, pod, container, lines=20):
-        return "[merge] 55.0% 1/2 tensors"
+        return "[merge 1/1]  55.0% overall, 55.0% of step 1/2 tensors"
 
     def patch_status(self, namespace, name, status):
         self.statuses.append((name, status))
@@ -357,12 +343,13 @@ def test_job_events_drive_the_status_and_stop_at_a_terminal_phase(world):
     rec.refresh_progress(*rec.running()[0])
     kube.pods = [{"metadata": {"name": "p"}, "status": {"phase": "Running"}}]
     rec.refresh_progress(*rec.running()[0])
-    assert kube.statuses[-1][1] == {"progress": "merge 55%"}
+    assert kube.statuses[-1][1]["progress"]["percent"] == 55.0
     meta = kube.objects[("Job", "llama-merge-merge")]["metadata"]
     kube.pods = [_pod("Succeeded", json.dumps({"status": "succeeded", "tensors": 3}), "Completed", exit_code=0)]
     rec.job_event("MODIFIED", {**_job(succeeded=1, conditions=[("Complete", "", "")]), "metadata": meta}, body)
     final = kube.statuses[-1][1]
-    assert (final["phase"], final["progress"], final["message"]) == ("Succeeded", "100%", "merged 3 tensors")
+    assert (final["phase"], final["progress"]["text"], final["message"]) == (
+        "Succeeded", "merge 1/1 100%", "merged 3 tensors")
     assert rec.running() == []
     count = len(kube.statuses)
     rec.job_event("DELETED", {**_job(), "metadata": meta}, body)  # e.g. its TTL ran out

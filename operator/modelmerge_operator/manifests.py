@@ -8,7 +8,7 @@ import hashlib
 import json
 from typing import Any
 
-from modelmerge.contract import API_GROUP, API_VERSION, KIND, ModelMergeSpec
+from modelmerge.contract import API_GROUP, API_VERSION, KIND, ModelMergeSpec, output_location
 from modelmerge_operator.config import OperatorConfig
 
 CONTAINER = "merge"
@@ -51,16 +51,6 @@ def job_name(name: str) -> str:
 def name_label(name: str) -> str:
     """A ModelMerge name as a label value (≤ 63 characters, hashed like the Job name when longer)."""
     return name if len(name) <= MAX_NAME else job_name(name).removesuffix("-merge")
-
-
-def relative_output(spec: ModelMergeSpec, name: str) -> str:
-    return (spec.output_dir or name).strip("/")
-
-
-def output_path(spec: ModelMergeSpec, name: str) -> str:
-    """`pvc://<claim>/<subPath>/<output_dir>`: where the merged model is, for people and the API."""
-    parts = [spec.output.subPath.strip("/")] if spec.output.subPath else []
-    return f"pvc://{spec.output.pvc}/" + "/".join([*parts, relative_output(spec, name)])
 
 
 def labels(name: str) -> dict[str, str]:
@@ -146,7 +136,7 @@ def container(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig
         "imagePullPolicy": config.image_pull_policy,
         "command": [*config.merge_command, "merge"],
         "args": ["--spec", f"{SPEC_DIR}/{SPEC_FILE}",
-                 "--output-dir", f"{OUTPUT_MOUNT}/{relative_output(spec, name)}",
+                 "--output-dir", output_location(spec, name).in_mount(OUTPUT_MOUNT),
                  "--summary-file", TERMINATION_LOG,
                  "--progress", "lines"],
         "env": env(spec, config),

@@ -17,7 +17,15 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from modelmerge.contract import KIND, TERMINAL_PHASES, ModelMergeSpec, Phase, format_validation_error
+from modelmerge.contract import (
+    KIND,
+    TERMINAL_PHASES,
+    ModelMergeSpec,
+    Phase,
+    format_validation_error,
+    output_location,
+    parse_progress,
+)
 from modelmerge_operator import manifests
 from modelmerge_operator.config import OperatorConfig
 from modelmerge_operator.kube import Kube
@@ -26,7 +34,6 @@ from modelmerge_operator.status import (
     build_status,
     needs_pods,
     observe,
-    parse_progress,
     status_changed,
     true_conditions,
 )
@@ -114,7 +121,7 @@ class Reconciler:
         job_name = manifests.job_name(name)
         if not self.current_status(body).get("phase"):
             self.write(body, Observation(Phase.Pending, "Creating", "creating the merge Job"),
-                       job_name=job_name, output_path=manifests.output_path(spec, name))
+                       job_name=job_name, output_path=output_location(spec, name).uri)
         config_map, _ = self.kube.create_or_get("ConfigMap", manifests.config_map(body, spec))
         self._check_owner(config_map, body)
         job, created = self.kube.create_or_get("Job", manifests.job(body, spec, self.config))
@@ -210,7 +217,8 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - logs are a nicety: no kubelet, no progress
             log.debug("progress of %s/%s: %s", namespace, name, exc)
             return
-        progress = parse_progress(tail)
+        parsed = parse_progress(tail)
+        progress = parsed.model_dump() if parsed else None
         with self._lock:
             written = self._written.get(uid) or {}
         if progress and progress != written.get("progress") and written.get("phase") == Phase.Running:

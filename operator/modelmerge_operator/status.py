@@ -3,17 +3,12 @@ phase, reason, message, times, attempts, progress and conditions. No API calls h
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from modelmerge.contract import TERMINAL_PHASES, MergeSummary, Phase
+from modelmerge.contract import TERMINAL_PHASES, MergeProgress, Phase, engine_outcome
 
 MESSAGE_LIMIT = 1024
-_PROGRESS = re.compile(r"^\[(?P<step>[\w-]+)\]\s+(?P<percent>[0-9.]+)%", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -26,24 +21,12 @@ class Observation:
     start_time: str | None = None
     completion_time: str | None = None
     attempts: int | None = None
-    progress: str | None = None
+    progress: MergeProgress | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Pods: the engine's summary (termination message) and how a container ended
 # ---------------------------------------------------------------------------------------------------------
-
-
-def parse_summary(message: str | None) -> MergeSummary | None:
-    """The engine's JSON summary from a termination message (its last JSON line), if there is one."""
-    for line in reversed((message or "").strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return MergeSummary.model_validate(json.loads(line))
-            except (ValueError, ValidationError):
-                return None
-    return None
 
 
 def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -62,36 +45,28 @@ def last_terminated(pods: list[dict[str, Any]], phase: str) -> dict[str, Any] | 
 
 
 def failure_detail(terminated: dict[str, Any] | None) -> tuple[str | None, str]:
-    """(reason, message) of a failed merge container: OOMKilled, or the engine's error, or the message tail."""
+    """(reason, message) of a failed merge container: OOMKilled, or the engine's error, or the log tail the
+    container left as its termination message, or what its exit code says."""
     if terminated is None:
         return None, ""
     if terminated.get("reason") == "OOMKilled":
         return "OOMKilled", "the merge container ran out of memory (raise spec.resources.memory)"
-    message = terminated.get("message") or ""
-    summary = parse_summary(message)
-    if summary is not None and summary.error:
-        return "MergeFailed", summary.error
-    if message.strip():
-        return "MergeFailed", message.strip()
-    return None, f"the merge container exited with code {terminated.get('exitCode')}"
+    message = (terminated.get("message") or "").strip()
+    outcome = engine_outcome(exit_code=terminated.get("exitCode"), summary=message)
+    if outcome.summary is None and message:
+        return "MergeFailed", message  # no summary: the log's tail (FallbackToLogsOnError) says the most
+    if outcome.summary is None:
+        return None, outcome.error or ""
+    return "MergeFailed", outcome.error or "the merge failed"
 
 
 def success_detail(terminated: dict[str, Any] | None) -> str:
-    summary = parse_summary((terminated or {}).get("message"))
+    summary = engine_outcome(exit_code=0, summary=(terminated or {}).get("message")).summary
     if summary is None:
         return "the merge finished"
     parts = [f"{summary.tensors} tensors" if summary.tensors is not None else "",
              f"in {summary.seconds:g}s" if summary.seconds is not None else ""]
     return " ".join(["merged", *[p for p in parts if p]])
-
-
-def parse_progress(log_tail: str) -> str | None:
-    """`[merge] 42.0% 120/290 tensors ...` (the engine's `--progress lines`) → `merge 42%`."""
-    matches = list(_PROGRESS.finditer(log_tail or ""))
-    if not matches:
-        return None
-    last = matches[-1]
-    return f"{last['step']} {float(last['percent']):.0f}%"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,7 +93,7 @@ def observe(job: dict[str, Any], pods: list[dict[str, Any]], queue: str | None =
     if "Complete" in conditions:
         return Observation(Phase.Succeeded, "Completed", success_detail(last_terminated(pods, "Succeeded")),
                            completion_time=status.get("completionTime") or conditions["Complete"].get(
-                               "lastTransitionTime"), progress="100%", **common)
+                               "lastTransitionTime"), **common)
     if "Failed" in conditions:
         return _failed(conditions["Failed"], pods, common)
     if (job.get("spec") or {}).get("suspend") and not active:
@@ -204,11 +179,26 @@ def build_status(old: dict[str, Any] | None, obs: Observation, *, now: str, gene
         "startTime": obs.start_time or old.get("startTime"),
         "completionTime": obs.completion_time or old.get("completionTime"),
         "outputPath": output_path or old.get("outputPath"),
-        "progress": obs.progress or old.get("progress"),
+        "progress": next_progress(old, obs),
         "attempts": obs.attempts if obs.attempts is not None else old.get("attempts"),
         "observedGeneration": generation,
         "conditions": merge_conditions(old.get("conditions"), desired_conditions(obs, accepted), now),
     }
+
+
+def next_progress(old: dict[str, Any], obs: Observation) -> dict[str, Any] | None:
+    """status.progress after `obs`: the newest report, never lower than the last one of the same pod attempt
+    (a retry starts again from its own first report); 100% once the merge succeeded."""
+    previous = old.get("progress") if isinstance(old.get("progress"), dict) else None  # not an older string
+    if obs.phase == Phase.Succeeded:
+        steps = int(previous["steps"]) if previous else 1
+        return MergeProgress(percent=100.0, step="merge", stepIndex=steps, steps=steps,
+                             stepPercent=100.0).model_dump()
+    if obs.attempts is not None and obs.attempts != old.get("attempts"):
+        previous = None
+    if obs.progress is None or (previous is not None and obs.progress.percent < previous["percent"]):
+        return previous
+    return obs.progress.model_dump()
 
 
 def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:

@@ -11,7 +11,7 @@ import kopf
 import pytest
 
 from modelmerge.cli import build_parser
-from modelmerge.contract import ModelMergeSpec, Phase
+from modelmerge.contract import MergeProgress, ModelMergeSpec, Phase
 from modelmerge_operator import manifests
 from modelmerge_operator.config import OperatorConfig, config_from_args
 from modelmerge_operator.reconcile import Reconciler
@@ -237,6 +237,79 @@ def test_retrying_and_suspended():
     assert observe(_job(suspend=True), []).reason == "Suspended"
 
 
+def _waiting_pod(*, node: str | None = "n", waiting: tuple[str, str] | None = None,
+                 scheduled: tuple[str, str] | None = None, image: str = "registry.local/merge:1") -> dict:
+    status: dict = {"phase": "Pending"}
+    if waiting:
+        status["containerStatuses"] = [{"name": "merge", "image": image,
+                                        "state": {"waiting": {"reason": waiting[0], "message": waiting[1]}}}]
+    if scheduled:
+        status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": scheduled[0],
+                                 "message": scheduled[1]}]
+    return {"metadata": {"name": "p"}, "spec": {"nodeName": node} if node else {}, "status": status}
+
+
+def test_pods_that_cannot_start_are_reported_with_their_cause():
+    job = _job(active=1, ready=0)
+    pull = observe(job, [_waiting_pod(waiting=("ErrImagePull", 'failed to pull image "registry.local/merge:1": '
+                                                               "not found"))])
+    assert (pull.phase, pull.reason, pull.message) == (
+        Phase.Pending, "ErrImagePull", 'failed to pull image "registry.local/merge:1": not found')
+    backoff = observe(job, [_waiting_pod(waiting=("ImagePullBackOff", "Back-off pulling image"))])
+    assert (backoff.reason, backoff.message) == ("ImagePullBackOff",
+                                                 "image registry.local/merge:1: Back-off pulling image")
+    config = observe(job, [_waiting_pod(waiting=("CreateContainerConfigError", 'secret "hf" not found'))])
+    assert (config.reason, config.message) == ("CreateContainerConfigError", 'secret "hf" not found')
+    unschedulable = ("Unschedulable", "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.")
+    gpu = observe(job, [_waiting_pod(node=None, scheduled=unschedulable)])
+    assert (gpu.phase, gpu.reason, gpu.message) == (Phase.Pending, *unschedulable)
+    claim = observe(job, [_waiting_pod(node=None, scheduled=unschedulable)], missing_claims=["no claim"])
+    assert (claim.reason, claim.message) == ("ClaimNotFound", "no claim")
+    bound = observe(job, [_waiting_pod()], missing_claims=["no claim"])  # bound: the claim was there
+    assert (bound.reason, bound.message) == ("PodPending", "waiting for the merge pod to start")
+    creating = observe(job, [_waiting_pod(waiting=("ContainerCreating", ""))])
+    assert creating.reason == "PodPending"
+    assert observe(job, []).reason == "PodPending"
+
+
+def test_a_deadline_while_the_pod_never_started_says_why():
+    stuck = build_status({}, Observation(Phase.Pending, "ImagePullBackOff", "image x: Back-off pulling image"),
+                         now="t1", generation=1, job_name="j")
+    failed = build_status(stuck, Observation(Phase.Failed, "DeadlineExceeded", "Job was active longer than "
+                                             "specified deadline"), now="t2", generation=1)
+    assert failed["message"] == ("Job was active longer than specified deadline; the merge pod never started: "
+                                 "image x: Back-off pulling image")
+    assert failed["reason"] == "DeadlineExceeded"
+
+
+def test_resync_reports_pods_that_cannot_start_once_per_cause(world):
+    rec, kube, events = world
+    body = _body(modelCache={"pvc": "hf-cache"})
+    rec.create(body)
+    job = kube.objects[("Job", "llama-merge-merge")]
+    job["status"] = {"active": 1, "ready": 0}
+    kube.pods = [_waiting_pod(node=None)]
+    rec.resync(body)
+    status = kube.statuses[-1][1]
+    assert (status["phase"], status["reason"]) == ("Pending", "ClaimNotFound")
+    assert status["message"] == ("PersistentVolumeClaim 'hf-cache' (spec.modelCache.pvc) does not exist in "
+                                 "namespace team-a")
+    assert events[-1] == ("Warning", "ClaimNotFound", f"Pending: {status['message']}")
+    kube.claims.add("hf-cache")
+    kube.pods = [_waiting_pod(waiting=("ErrImagePull", "not found"))]
+    rec.resync(body)
+    kube.pods = [_waiting_pod(waiting=("ImagePullBackOff", "Back-off pulling image"))]
+    rec.resync(body)
+    kube.pods = [_waiting_pod(waiting=("ErrImagePull", "not found"))]
+    rec.resync(body)
+    assert [s["reason"] for _, s in kube.statuses[-3:]] == ["ErrImagePull", "ImagePullBackOff", "ErrImagePull"]
+    assert [e[1] for e in events if e[0] == "Warning"] == ["ClaimNotFound", "ErrImagePull"]  # one per cause
+    kube.pods = [_running_pod()]
+    job["status"] = {"active": 1, "ready": 1}
+    rec.resync(body)
+    assert (kube.statuses[-1][1]["phase"], events[-1][:2]) == ("Running", ("Normal", "Running"))
+
+
 def test_conditions_keep_their_transition_time():
     running = build_status({}, Observation(Phase.Running, "Running"), now="t1", generation=1, job_name="j")
     again = build_status(running, Observation(Phase.Running, "Running"), now="t2", generation=1)
@@ -261,6 +334,8 @@ class FakeKube:
         self.statuses: list[tuple[str, dict]] = []
         self.pods: list[dict] = []
         self.deleted: list[str] = []
+        self.claims: set[str] = {"models"}
+        self.log_tail = ""
 
     def create_or_get(self, kind, manifest):
         key = (kind, manifest["metadata"]["name"])
@@ -280,7 +355,10 @@ class FakeKube:
         return self.pods
 
     def pod_log_tail(self, namespace, pod, container, lines=20):
-        return "[merge 1/1]  55.0% overall, 55.0% of step 1/2 tensors"
+        return self.log_tail
+
+    def claim_exists(self, namespace, name):
+        return name in self.claims
 
     def patch_status(self, namespace, name, status):
         self.statuses.append((name, status))
@@ -332,29 +410,82 @@ def test_invalid_spec_is_a_permanent_error_and_creates_nothing(world):
     assert events[-1][:2] == ("Warning", "InvalidSpec")
 
 
+def _running_pod(name: str = "p") -> dict:
+    return {"metadata": {"name": name}, "spec": {"nodeName": "n"}, "status": {"phase": "Running"}}
+
+
+def _progress_line(step: str, index: int, steps: int, percent: float) -> str:
+    return MergeProgress(percent=percent, step=step, stepIndex=index, steps=steps, stepPercent=50.0).line("1/2")
+
+
 def test_job_events_drive_the_status_and_stop_at_a_terminal_phase(world):
     rec, kube, events = world
     body = _body()
     rec.create(body)
-    rec.job_event("MODIFIED", {**_job(active=1, ready=1, startTime="t0"),
-                               "metadata": kube.objects[("Job", "llama-merge-merge")]["metadata"]}, body)
+    assert [mm["metadata"]["name"] for mm in rec.active()] == ["llama-merge"]  # Pending with a Job
+    job = kube.objects[("Job", "llama-merge-merge")]
+    job["status"] = {"active": 1, "ready": 1, "startTime": "t0"}
+    rec.job_event("MODIFIED", job, body)
     assert kube.statuses[-1][1]["phase"] == "Running" and kube.statuses[-1][1]["startTime"] == "t0"
-    assert rec.running() == [("team-a", "llama-merge", "uid-1", "llama-merge-merge")]
-    rec.refresh_progress(*rec.running()[0])
-    kube.pods = [{"metadata": {"name": "p"}, "status": {"phase": "Running"}}]
-    rec.refresh_progress(*rec.running()[0])
-    assert kube.statuses[-1][1]["progress"]["percent"] == 55.0
-    meta = kube.objects[("Job", "llama-merge-merge")]["metadata"]
+    meta = job["metadata"]
     kube.pods = [_pod("Succeeded", json.dumps({"status": "succeeded", "tensors": 3}), "Completed", exit_code=0)]
     rec.job_event("MODIFIED", {**_job(succeeded=1, conditions=[("Complete", "", "")]), "metadata": meta}, body)
     final = kube.statuses[-1][1]
     assert (final["phase"], final["progress"]["text"], final["message"]) == (
         "Succeeded", "merge 1/1 100%", "merged 3 tensors")
-    assert rec.running() == []
+    assert rec.active() == []
     count = len(kube.statuses)
     rec.job_event("DELETED", {**_job(), "metadata": meta}, body)  # e.g. its TTL ran out
+    rec.write(body, Observation(Phase.Running, "Running"))  # nothing changes a terminal status
     assert len(kube.statuses) == count
     assert [e[1] for e in events] == ["Creating", "JobCreated", "Running", "Completed"]
+
+
+def test_resync_reads_progress_through_the_one_writer_and_never_lowers_it(world):
+    rec, kube, events = world
+    body = _body()
+    rec.create(body)
+    job = kube.objects[("Job", "llama-merge-merge")]
+    job["status"] = {"active": 1, "ready": 1}
+    kube.pods = [_running_pod()]
+    kube.log_tail = "merging\n" + _progress_line("thresholds", 1, 3, 20.0)
+    rec.resync(body)
+    status = kube.statuses[-1][1]
+    assert status["phase"] == "Running" and status["conditions"]  # a whole status, not a progress side patch
+    assert status["progress"] == {"percent": 20.0, "step": "thresholds", "stepIndex": 1, "steps": 3,
+                                  "stepPercent": 50.0, "text": "thresholds 1/3 20%"}
+    kube.log_tail = _progress_line("signs", 2, 3, 45.5) + "\n"
+    rec.resync(body)
+    assert kube.statuses[-1][1]["progress"]["text"] == "signs 2/3 46%"
+    count = len(kube.statuses)
+    kube.log_tail = _progress_line("thresholds", 1, 3, 10.0)  # an older line: progress never goes down
+    rec.resync(body)
+    kube.log_tail = "no progress line in this tail"
+    rec.resync(body)
+    assert len(kube.statuses) == count
+    job["status"] = {"active": 1, "ready": 0, "failed": 1}  # the pod failed: a new attempt starts from its own
+    kube.pods = [_running_pod("p2"), _pod("Failed", json.dumps({"status": "failed", "error": "disk full"}))]
+    kube.log_tail = _progress_line("thresholds", 1, 3, 5.0)
+    rec.resync(body)
+    status = kube.statuses[-1][1]
+    assert (status["reason"], status["attempts"], status["progress"]["percent"]) == ("Retrying", 2, 5.0)
+    assert [e[:2] for e in events][-2:] == [("Normal", "Running"), ("Warning", "Retrying")]
+    job["status"] = {"succeeded": 1, "failed": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    rec.resync(body)
+    assert kube.statuses[-1][1]["progress"]["text"] == "merge 3/3 100%"
+
+
+def test_resync_leaves_finished_cancelled_and_foreign_merges_alone(world):
+    rec, kube, _ = world
+    body = _body()
+    rec.create(body)
+    count = len(kube.statuses)
+    rec.resync({**body, "spec": {**body["spec"], "cancel": True}})
+    kube.objects[("Job", "llama-merge-merge")]["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    rec.resync(body)
+    kube.objects.pop(("Job", "llama-merge-merge"))
+    rec.resync(body)  # a deleted Job is reported by its DELETED event, not here
+    assert len(kube.statuses) == count
 
 
 def test_job_deleted_by_hand_is_reported_not_recreated(world):
@@ -470,7 +601,8 @@ def test_rbac_rules_cover_what_the_operator_calls():
     for group, resource, verb in [("modelmerge.io", "modelmerges", "watch"), ("modelmerge.io",
                                   "modelmerges/status", "patch"), ("batch", "jobs", "create"),
                                   ("batch", "jobs", "delete"), ("", "configmaps", "create"), ("", "pods", "list"),
-                                  ("", "events", "create"), ("kopf.dev", "kopfpeerings", "patch")]:
+                                  ("", "events", "create"), ("kopf.dev", "kopfpeerings", "patch"),
+                                  ("", "persistentvolumeclaims", "get"), ("", "pods/log", "get")]:
         assert allowed(group, resource, verb), (group, resource, verb)
     kinds = [m["kind"] for m in rbac.manifests("mm", "op", "system", ["a", "b"])]
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "RoleBinding", "RoleBinding"]

@@ -23,7 +23,7 @@ class OperatorConfig:
     image_pull_policy: str = "IfNotPresent"
     service_account: str | None = None
     job_env: tuple[tuple[str, str], ...] = ()
-    progress_interval: float = 15.0
+    resync_interval: float = 15.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -50,9 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jobs.add_argument("--job-env", action="append", default=_env_list("JOB_ENV"), metavar="NAME=VALUE",
                       help="extra environment variable of every merge container, repeatable, e.g. "
                       "HF_HUB_OFFLINE=1 [MODELMERGE_JOB_ENV, comma-separated]")
-    jobs.add_argument("--progress-interval", type=float, default=float(_env("PROGRESS_INTERVAL", "15")),
-                      help="seconds between reads of a running merge's log tail for status.progress; 0 "
-                      "turns it off [MODELMERGE_PROGRESS_INTERVAL]")
+    jobs.add_argument("--resync-interval", "--progress-interval", dest="resync_interval", type=float,
+                      default=float(_env("RESYNC_INTERVAL", _env("PROGRESS_INTERVAL", "15"))),
+                      help="seconds between reads of each active merge's Job, pods and log tail: status.progress "
+                      "and pods that cannot start (image, scheduling, missing claim) come from there; 0 turns "
+                      "it off [MODELMERGE_RESYNC_INTERVAL; --progress-interval and MODELMERGE_PROGRESS_INTERVAL "
+                      "are older names]")
 
     scope = parser.add_argument_group("scope and runtime")
     scope.add_argument("--namespace", "-n", dest="namespaces", action="append",
@@ -90,5 +93,5 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         image_pull_policy=args.image_pull_policy,
         service_account=args.job_service_account or None,
         job_env=tuple(pairs),
-        progress_interval=args.progress_interval,
+        resync_interval=args.resync_interval,
     )

@@ -69,16 +69,16 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     config = memo.get("config") or OperatorConfig()
     kube = Kube(api_client(kubeconfig=memo.get("kubeconfig"), pool_size=workers + 4, retries=3))
     memo.reconciler = Reconciler(kube, config, emit)
-    if config.progress_interval > 0:
-        memo.stop_progress = threading.Event()
-        threading.Thread(target=memo.reconciler.poll_progress, name="progress", daemon=True,
-                         args=(memo.stop_progress, config.progress_interval)).start()
+    if config.resync_interval > 0:
+        memo.stop_resync = threading.Event()
+        threading.Thread(target=memo.reconciler.poll, name="resync", daemon=True,
+                         args=(memo.stop_resync, config.resync_interval)).start()
 
 
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    if "stop_progress" in memo:
-        memo.stop_progress.set()
+    if "stop_resync" in memo:
+        memo.stop_resync.set()
 
 
 @kopf.on.probe(id="started")

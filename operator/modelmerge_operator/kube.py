@@ -62,6 +62,18 @@ class Kube:
                                                      _preload_content=False, _request_timeout=10)
         return response.data.decode(errors="replace")
 
+    def claim_exists(self, namespace: str, name: str) -> bool:
+        """Whether PersistentVolumeClaim `name` exists (True when the operator may not look: it cannot tell)."""
+        try:
+            self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            if exc.status == 403:
+                return True
+            raise
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge-patches the ModelMerge's status subresource; False when the ModelMerge is gone."""
         try:

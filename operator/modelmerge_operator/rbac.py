@@ -4,7 +4,8 @@ integration test runs the operator under exactly these rules).
 * `CLUSTER_RULES`: cluster-scoped reads kopf needs in any mode (it notices CRDs and namespaces coming and going)
   and the cluster-wide peering object.
 * `NAMESPACE_RULES`: what it does in each watched namespace: ModelMerges and their status, Jobs, the spec
-  ConfigMaps, reading pods and their logs (failure messages, progress), events, and the namespaced peering object.
+  ConfigMaps, reading pods and their logs (failure messages, progress, pods that cannot start), whether the claims
+  of a spec exist, events, and the namespaced peering object.
   Bind them with a RoleBinding per namespace (namespaced mode) or a ClusterRoleBinding (cluster-wide mode).
 """
 
@@ -30,6 +31,8 @@ NAMESPACE_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    # Whether the claims of a merge whose pod waits for a node exist (ClaimNotFound).
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"], "verbs": ["get", "list", "watch", "patch"]},
 ]

@@ -1,9 +1,42 @@
 """What the operator does for each event, on plain dicts, with the API behind a small `Kube` object (a fake
 in the unit tests). The kopf handlers in `handlers.py` only unwrap kopf's arguments and call these methods.
 
-Ownership of the status: the create handler writes the first Pending status before it creates the Job; after that
-the Job's events (and the cancel/resume handlers) rewrite it from what the Job and its pods say. A status in a
-terminal phase is never changed again."""
+One status writer: every change of a ModelMerge's status, from any source (the create, cancel and resume handlers,
+the Job's events, the periodic resync of active merges), goes through `Reconciler.write`: build the status from an
+observation (status.build_status), diff it against the last one written, persist it (a merge patch of the status
+subresource) and announce it (an event). Writes of one ModelMerge are serialised, and a status in a terminal phase
+is never changed again. The resync (every --resync-interval seconds) reads each active merge's Job and pods and
+the running pod's log tail: that is where progress and pods that cannot start come from, as neither changes the
+Job.
+
+Observed state -> phase, reason, event (N Normal, W Warning; an event is posted when the phase changes, or when
+the reason changes to a warning one):
+
+| observed                                              | phase     | reason                                  | event |
+| ----------------------------------------------------- | --------- | --------------------------------------- | ----- |
+| spec fails validation (what the CRD cannot check)     | Failed    | InvalidSpec                             | W     |
+| ModelMerge accepted, Job being created                | Pending   | Creating                                | N     |
+| Job created, no pod yet                               | Pending   | JobCreated                              | -     |
+| Job suspended (queueName: waiting for Kueue)          | Pending   | Queued, Suspended                       | -     |
+| pod created, not running yet                          | Pending   | PodPending                              | -     |
+| the pod's image cannot be pulled (message names it)   | Pending   | ErrImagePull, ImagePullBackOff,         | W     |
+|                                                       |           | InvalidImageName, ErrImageNeverPull     |       |
+| the container cannot be created (a missing Secret)    | Pending   | CreateContainerConfigError,             | W     |
+|                                                       |           | CreateContainerError, RunContainerError |       |
+| pod not bound to a node, a claim of the spec missing  | Pending   | ClaimNotFound                           | W     |
+| no node fits (scheduler: Insufficient nvidia.com/gpu) | Pending   | Unschedulable                           | W     |
+| pod running (progress from its log)                   | Running   | Running                                 | N     |
+| a pod failed, the Job retries                         | Running   | Retrying                                | W     |
+| Job Complete (progress 100%)                          | Succeeded | Completed                               | N     |
+| Job Failed: the container ran out of memory           | Failed    | OOMKilled                               | W     |
+| Job Failed: the engine's error, deadline, retries     | Failed    | the Job's reason: BackoffLimitExceeded, | W     |
+|                                                       |           | DeadlineExceeded, PodFailurePolicy      |       |
+| Job deleted before it finished                        | Failed    | JobDeleted                              | W     |
+| spec.cancel set                                       | Cancelled | Cancelled                               | N     |
+
+A pod that cannot start keeps the merge Pending (the cause may clear up: an image pushed, a GPU freed, a claim
+created); spec.activeDeadlineSeconds bounds the wait, and the Failed message then says why the pod never started.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +53,7 @@ from pydantic import ValidationError
 from modelmerge.contract import (
     KIND,
     TERMINAL_PHASES,
+    MergeProgress,
     ModelMergeSpec,
     Phase,
     format_validation_error,
@@ -30,10 +64,13 @@ from modelmerge_operator import manifests
 from modelmerge_operator.config import OperatorConfig
 from modelmerge_operator.kube import Kube
 from modelmerge_operator.status import (
+    WARNING_REASONS,
     Observation,
+    awaits_a_node,
     build_status,
     needs_pods,
     observe,
+    running_pod,
     status_changed,
     true_conditions,
 )
@@ -42,6 +79,9 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any], str, str, str], None]  # (object, type, reason, message)
 CACHE_SIZE = 10_000
+WRITE_LOCK_STRIPES = 64  # writes of one ModelMerge are serialised; of different ones mostly not
+# Causes a kubelet alternates between while it retries: one announcement for the pair.
+_SAME_CAUSE = {"ImagePullBackOff": "ErrImagePull"}
 
 
 def now() -> str:
@@ -56,6 +96,10 @@ def owner_of(job: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _cause(reason: str | None) -> str | None:
+    return _SAME_CAUSE.get(reason or "", reason)
+
+
 def is_terminal(status: dict[str, Any] | None) -> bool:
     return (status or {}).get("phase") in TERMINAL_PHASES
 
@@ -66,10 +110,11 @@ class Reconciler:
         self.config = config
         self.emit = emit
         self._written: OrderedDict[str, dict[str, Any]] = OrderedDict()  # uid -> last status written
-        self._running: dict[str, tuple[str, str, str, str]] = {}
+        self._active: dict[str, dict[str, Any]] = {}  # uid -> ModelMerge with a Job and no terminal phase
         self._lock = threading.Lock()
+        self._write_locks = [threading.Lock() for _ in range(WRITE_LOCK_STRIPES)]
 
-    # -- status bookkeeping ---------------------------------------------------------------------------------
+    # -- the one status writer: build -> diff -> persist -> announce ----------------------------------------
     def current_status(self, body: dict[str, Any]) -> dict[str, Any]:
         """The last status this process wrote, else the object's (the watch may lag behind our own writes)."""
         with self._lock:
@@ -78,26 +123,34 @@ class Reconciler:
 
     def write(self, body: dict[str, Any], obs: Observation, *, job_name: str | None = None,
               output_path: str | None = None, accepted: bool = True) -> bool:
-        """Writes the status for `obs` when it changes anything; posts an event when the phase changes."""
+        """Writes the status for `obs` when it changes anything and the status is not terminal yet; announces
+        the change with an event when the phase changes or the reason becomes a warning one."""
         meta = body["metadata"]
-        old = self.current_status(body)
-        new = build_status(old, obs, now=now(), generation=meta.get("generation"), job_name=job_name,
-                           output_path=output_path, accepted=accepted)
-        self._track(body, new)
-        if not status_changed(old, new):
-            return False
-        if not self.kube.patch_status(meta["namespace"], meta["name"], new):
-            return False
-        with self._lock:
-            self._written[meta["uid"]] = new
-            self._written.move_to_end(meta["uid"])
-            while len(self._written) > CACHE_SIZE:
-                self._written.popitem(last=False)
-        retrying = obs.reason == "Retrying" and old.get("reason") != "Retrying"
-        if new["phase"] != old.get("phase") or retrying:
-            kind = "Warning" if new["phase"] == Phase.Failed or retrying else "Normal"
-            self.emit(body, kind, obs.reason, f"{new['phase']}: {obs.message}" if obs.message else new["phase"])
+        with self._write_locks[hash(meta["uid"]) % WRITE_LOCK_STRIPES]:
+            old = self.current_status(body)
+            if is_terminal(old):
+                self._track(body, old)
+                return False
+            new = build_status(old, obs, now=now(), generation=meta.get("generation"), job_name=job_name,
+                               output_path=output_path, accepted=accepted)
+            self._track(body, new)
+            if not status_changed(old, new) or not self.kube.patch_status(meta["namespace"], meta["name"], new):
+                return False
+            with self._lock:
+                self._written[meta["uid"]] = new
+                self._written.move_to_end(meta["uid"])
+                while len(self._written) > CACHE_SIZE:
+                    self._written.popitem(last=False)
+        self._announce(body, old, new)
         return True
+
+    def _announce(self, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        phase, reason, message = new["phase"], new["reason"], new.get("message")
+        new_cause = reason in WARNING_REASONS and _cause(reason) != _cause(old.get("reason"))
+        if phase == old.get("phase") and not new_cause:
+            return
+        kind = "Warning" if phase == Phase.Failed or reason in WARNING_REASONS else "Normal"
+        self.emit(body, kind, reason, f"{phase}: {message}" if message else phase)
 
     # -- ModelMerge created (or its create handler re-run after a restart) ----------------------------------
     def parse(self, body: dict[str, Any]) -> ModelMergeSpec:
@@ -152,12 +205,35 @@ class Reconciler:
             return
         self.sync(mm, job)
 
-    def sync(self, mm: dict[str, Any], job: dict[str, Any]) -> None:
-        """Status from the Job (and its pods, when one failed or it finished)."""
+    def sync(self, mm: dict[str, Any], job: dict[str, Any], *, inspect_pods: bool = False) -> None:
+        """Status from the Job, and from its pods when its events need them (`needs_pods`). `inspect_pods` (the
+        resync) always reads the pods, the running pod's progress and, while a pod waits for a node, whether
+        the spec's claims exist."""
         meta = job["metadata"]
-        pods = self.kube.job_pods(meta["namespace"], meta["name"]) if needs_pods(job) else []
+        pods = self.kube.job_pods(meta["namespace"], meta["name"]) if inspect_pods or needs_pods(job) else []
         spec = mm.get("spec") or {}
-        self.write(mm, observe(job, pods, spec.get("queueName")), job_name=meta["name"])
+        progress = missing = None
+        if inspect_pods:
+            progress = self._progress(meta["namespace"], pods)
+            missing = self._missing_claims(meta["namespace"], spec) if awaits_a_node(pods) else None
+        obs = observe(job, pods, spec.get("queueName"), progress=progress, missing_claims=missing)
+        self.write(mm, obs, job_name=meta["name"])
+
+    def _missing_claims(self, namespace: str, spec: dict[str, Any]) -> list[str]:
+        claims = [(field, (spec.get(field) or {}).get("pvc")) for field in ("output", "modelCache")]
+        return [f"PersistentVolumeClaim {claim!r} (spec.{field}.pvc) does not exist in namespace {namespace}"
+                for field, claim in claims if claim and not self.kube.claim_exists(namespace, claim)]
+
+    def _progress(self, namespace: str, pods: list[dict[str, Any]]) -> MergeProgress | None:
+        """The engine's last progress line in the running pod's log tail (best effort: no log, no progress)."""
+        pod = running_pod(pods)
+        if pod is None:
+            return None
+        try:
+            return parse_progress(self.kube.pod_log_tail(namespace, pod["metadata"]["name"], manifests.CONTAINER))
+        except Exception as exc:  # noqa: BLE001 - logs are a nicety: no kubelet, no progress
+            log.debug("progress of %s/%s: %s", namespace, pod["metadata"]["name"], exc)
+            return None
 
     def job_gone(self, mm: dict[str, Any], job_name: str) -> None:
         message = (f"Job {job_name} was deleted before the merge finished (by hand, or by its TTL while the "
@@ -192,45 +268,35 @@ class Reconciler:
         elif (owner_of(job) or {}).get("uid") == meta["uid"]:
             self.sync(body, job)
 
-    # -- progress of running merges: one background poller, no per-object timers (those need finalizers) ---
-    def running(self) -> list[tuple[str, str, str, str]]:
-        """(namespace, name, uid, jobName) of the merges this process last saw Running."""
+    # -- the periodic resync of active merges: one background thread, no per-object timers (those need finalizers)
+    def active(self) -> list[dict[str, Any]]:
+        """The ModelMerges this process last saw with a Job and not finished."""
         with self._lock:
-            return list(self._running.values())
+            return list(self._active.values())
 
     def _track(self, body: dict[str, Any], status: dict[str, Any]) -> None:
-        meta = body["metadata"]
+        uid = body["metadata"]["uid"]
         with self._lock:
-            if status.get("phase") == Phase.Running and status.get("jobName"):
-                self._running[meta["uid"]] = (meta["namespace"], meta["name"], meta["uid"], status["jobName"])
+            if status.get("phase") in (Phase.Pending, Phase.Running) and status.get("jobName"):
+                self._active[uid] = body
             else:
-                self._running.pop(meta["uid"], None)
+                self._active.pop(uid, None)
 
-    def refresh_progress(self, namespace: str, name: str, uid: str, job_name: str) -> None:
-        """Reads the running merge pod's log tail for the engine's last progress line (best effort)."""
-        pods = [p for p in self.kube.job_pods(namespace, job_name)
-                if (p.get("status") or {}).get("phase") == "Running"]
-        if not pods:
+    def resync(self, body: dict[str, Any]) -> None:
+        """Status from the Job, its pods and the running pod's log: progress, and pods that cannot start."""
+        status = self.current_status(body)
+        if is_terminal(status) or not status.get("jobName") or (body.get("spec") or {}).get("cancel"):
             return
-        try:
-            tail = self.kube.pod_log_tail(namespace, pods[0]["metadata"]["name"], manifests.CONTAINER)
-        except Exception as exc:  # noqa: BLE001 - logs are a nicety: no kubelet, no progress
-            log.debug("progress of %s/%s: %s", namespace, name, exc)
-            return
-        parsed = parse_progress(tail)
-        progress = parsed.model_dump() if parsed else None
-        with self._lock:
-            written = self._written.get(uid) or {}
-        if progress and progress != written.get("progress") and written.get("phase") == Phase.Running:
-            self.kube.patch_status(namespace, name, {"progress": progress})
-            with self._lock:
-                if uid in self._written:
-                    self._written[uid] = {**self._written[uid], "progress": progress}
+        meta = body["metadata"]
+        job = self.kube.read_job(meta["namespace"], status["jobName"])
+        if job is not None and (owner_of(job) or {}).get("uid") == meta["uid"]:
+            self.sync(body, job, inspect_pods=True)  # a deleted Job is reported by its DELETED event
 
-    def poll_progress(self, stop: threading.Event, interval: float) -> None:
+    def poll(self, stop: threading.Event, interval: float) -> None:
         while not stop.wait(interval):
-            for namespace, name, uid, job_name in self.running():
+            for body in self.active():
                 try:
-                    self.refresh_progress(namespace, name, uid, job_name)
-                except Exception as exc:  # noqa: BLE001 - keep polling the others
-                    log.debug("progress of %s/%s: %s", namespace, name, exc)
+                    self.resync(body)
+                except Exception as exc:  # noqa: BLE001 - keep resyncing the others
+                    meta = body["metadata"]
+                    log.warning("resync of %s/%s: %s", meta["namespace"], meta["name"], exc)

@@ -1,5 +1,6 @@
-"""Pure functions that turn a Job (and, when it failed or finished, its pods) into the ModelMerge's status:
-phase, reason, message, times, attempts, progress and conditions. No API calls here."""
+"""Pure functions that turn a Job (and its pods, the merge's progress and the claims it lacks, when the caller
+read them) into the ModelMerge's status: phase, reason, message, times, attempts, progress and conditions. No API
+calls here."""
 
 from __future__ import annotations
 
@@ -11,9 +12,18 @@ from modelmerge.contract import TERMINAL_PHASES, MergeProgress, Phase, engine_ou
 MESSAGE_LIMIT = 1024
 
 
+# Why a merge pod cannot start. The phase stays Pending (each may clear up: the image gets pushed, a node with a
+# free GPU joins, the claim is created); spec.activeDeadlineSeconds bounds the wait.
+IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+CONTAINER_PROBLEMS = IMAGE_PROBLEMS | {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+START_PROBLEMS = CONTAINER_PROBLEMS | {"Unschedulable", "ClaimNotFound"}
+WARNING_REASONS = START_PROBLEMS | {"Retrying"}  # announced with a Warning event whenever they start
+WAITING_MESSAGE = "waiting for the merge pod to start"
+
+
 @dataclass(frozen=True)
 class Observation:
-    """What the Job says about the merge; everything else in the status is derived from it."""
+    """What the Job, its pods and the merge's log say; everything else in the status is derived from it."""
 
     phase: Phase
     reason: str
@@ -69,6 +79,46 @@ def success_detail(terminated: dict[str, Any] | None) -> str:
     return " ".join(["merged", *[p for p in parts if p]])
 
 
+def _pending_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest pod that has not started its container yet (`pods` newest first)."""
+    return next((pod for pod in pods if (pod.get("status") or {}).get("phase") == "Pending"), None)
+
+
+def awaits_a_node(pods: list[dict[str, Any]]) -> bool:
+    """Whether the newest pending pod is not bound to a node yet (where a missing claim keeps it)."""
+    pod = _pending_pod(pods)
+    return pod is not None and not (pod.get("spec") or {}).get("nodeName")
+
+
+def running_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest pod whose container runs (where the merge's progress is)."""
+    return next((pod for pod in pods if (pod.get("status") or {}).get("phase") == "Running"), None)
+
+
+def start_problem(pods: list[dict[str, Any]], missing_claims: list[str]) -> tuple[str, str] | None:
+    """(reason, message) of what keeps the newest pending pod from starting, if anything does: its container's
+    waiting reason (an image that cannot be pulled, ...), a claim that does not exist (`missing_claims`: one
+    sentence each), or the scheduler's verdict."""
+    pod = _pending_pod(pods)
+    if pod is None:
+        return None
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in CONTAINER_PROBLEMS:
+            message = waiting.get("message") or waiting["reason"]
+            image = container.get("image") or ""
+            if waiting["reason"] in IMAGE_PROBLEMS and image not in message:
+                message = f"image {image}: {message}"
+            return waiting["reason"], _clip(message)
+    if missing_claims and awaits_a_node(pods):
+        return "ClaimNotFound", _clip("; ".join(missing_claims))
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False" and \
+                condition.get("reason") == "Unschedulable":
+            return "Unschedulable", _clip(condition.get("message") or "no node can run the merge pod")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Job → observation
 # ---------------------------------------------------------------------------------------------------------
@@ -79,12 +129,16 @@ def true_conditions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def needs_pods(job: dict[str, Any]) -> bool:
-    """Pods are read only when their termination messages matter: the Job ended, or a pod failed."""
+    """Pods are read on a Job event only when their termination messages matter: the Job ended, or a pod
+    failed. (What keeps a pod from starting does not change the Job: the resync reads that.)"""
     conditions = true_conditions(job)
     return "Complete" in conditions or "Failed" in conditions or bool((job.get("status") or {}).get("failed"))
 
 
-def observe(job: dict[str, Any], pods: list[dict[str, Any]], queue: str | None = None) -> Observation:
+def observe(job: dict[str, Any], pods: list[dict[str, Any]], queue: str | None = None, *,
+            progress: MergeProgress | None = None, missing_claims: list[str] | None = None) -> Observation:
+    """The merge's state from its Job and `pods` (newest first), with `progress` from the running pod's log and
+    `missing_claims` (sentences) when the caller read them."""
     status = job.get("status") or {}
     conditions = true_conditions(job)
     failed, active = status.get("failed") or 0, status.get("active") or 0
@@ -107,9 +161,11 @@ def observe(job: dict[str, Any], pods: list[dict[str, Any]], queue: str | None =
             _, detail = failure_detail(last_terminated(pods, "Failed"))
             message = f"attempt {failed + 1} is starting or running; attempt {failed} failed: {detail}"
         return Observation(Phase.Running, "Retrying" if failed and not finishing else "Running",
-                           _clip(message), **common)
-    return Observation(Phase.Pending, "PodPending" if active else "JobCreated",
-                       "waiting for the merge pod to start", **common)
+                           _clip(message), progress=progress, **common)
+    problem = start_problem(pods, missing_claims or []) if active else None
+    if problem is not None:
+        return Observation(Phase.Pending, *problem, **common)
+    return Observation(Phase.Pending, "PodPending" if active else "JobCreated", WAITING_MESSAGE, **common)
 
 
 def _failed(condition: dict[str, Any], pods: list[dict[str, Any]], common: dict[str, Any]) -> Observation:
@@ -171,10 +227,13 @@ def build_status(old: dict[str, Any] | None, obs: Observation, *, now: str, gene
                  accepted: bool = True) -> dict[str, Any]:
     """The full status to write (a merge patch: every key is set, None clears)."""
     old = old or {}
+    message = obs.message
+    if obs.phase == Phase.Failed and old.get("reason") in START_PROBLEMS and old.get("message"):
+        message = _clip(f"{message}; the merge pod never started: {old['message']}")
     return {
         "phase": str(obs.phase),
         "reason": obs.reason,
-        "message": obs.message or None,
+        "message": message or None,
         "jobName": job_name or old.get("jobName"),
         "startTime": obs.start_time or old.get("startTime"),
         "completionTime": obs.completion_time or old.get("completionTime"),

@@ -194,6 +194,10 @@ spec:
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
+# Whether the claims of a merge whose pod waits for a node exist (status reason ClaimNotFound).
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]

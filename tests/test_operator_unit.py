@@ -607,3 +607,21 @@ def test_rbac_rules_cover_what_the_operator_calls():
     kinds = [m["kind"] for m in rbac.manifests("mm", "op", "system", ["a", "b"])]
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "RoleBinding", "RoleBinding"]
     assert [m["kind"] for m in rbac.manifests("mm", "op", "system", None)][-1] == "ClusterRoleBinding"
+
+
+def test_kopf_logs_in_with_the_operators_kubeconfig_without_touching_the_global_configuration(tmp_path):
+    from kubernetes import client
+
+    from modelmerge_operator import handlers
+
+    path = tmp_path / "config"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: c, cluster: {server: 'https://api.example:6443', insecure-skip-tls-verify: true}}]\n"
+        "users: [{name: u, user: {token: secret-token}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n")
+    before = client.Configuration.get_default_copy().host
+    info = handlers.login(memo=kopf.Memo(kubeconfig=str(path)))
+    assert (info.server, info.scheme, info.token, info.insecure) == (
+        "https://api.example:6443", "Bearer", "secret-token", True)
+    assert client.Configuration.get_default_copy().host == before

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from modelmerge import __version__
 from modelmerge.contract import MergeRequest, shard_size_bytes
 from modelmerge_engine.errors import MergeError
-from modelmerge_engine.output import OutputDir, copy_aux_files, disk_error, model_card
+from modelmerge_engine.output import OutputDir, copy_aux_files, disk_error, model_card, write_synced
 from modelmerge_engine.progress import Progress
 
 SUMMARY_LIMIT = 3500  # the kubelet keeps at most 4096 bytes of a termination message
@@ -38,7 +38,7 @@ def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: s
     started = time.monotonic()
     output = None
     try:
-        output = OutputDir(request.output_dir, overwrite)
+        output = OutputDir(request.output_dir, overwrite=overwrite)
         summary = _merge(request, output, Progress(progress))
         code = 0
     except MergeError as exc:
@@ -77,6 +77,9 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict
                      f"{merge.pool.workers} worker(s))")
 
     staging = output.create_staging()
+    if output.removed_stale:
+        progress.message(f"removed what killed merges left in {output.final.parent}: "
+                         f"{', '.join(output.removed_stale)}")
     writer = ShardedWriter(staging, merge.output_tensors(), shard_size_bytes(request.max_shard_size))
     clock = time.monotonic()
     try:
@@ -85,8 +88,8 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict
         files += copy_aux_files(base_ref.path, staging, request.dtype)
         timings["merge"] = time.monotonic() - clock
         report = _report(request, base_ref, refs, merge, files, timings)
-        (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (staging / "README.md").write_text(model_card(report))
+        write_synced(staging / "merge_report.json", json.dumps(report, indent=2) + "\n")
+        write_synced(staging / "README.md", model_card(report))
     except OSError as exc:
         writer.abort()
         raise disk_error(exc, staging) from None

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from modelmerge_engine.errors import MergeError
+from modelmerge_engine.output import write_synced
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class ShardedWriter:
         if len(self.file_names) > 1:
             weight_map = {tensor.name: self.file_names[shard] for shard, tensor in self._order}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            write_synced(self.directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
         return list(self.file_names)
 
     def abort(self) -> None:

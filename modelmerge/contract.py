@@ -52,10 +52,32 @@ Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 def _split_csv(value: Any) -> Any:
-    """The predecessor's CLI and API took comma-separated strings; lists are the canonical form."""
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+    """The predecessor's CLI and API took comma-separated strings; lists are the canonical form (never split).
+    A string splits at commas outside {}, [] and () and not escaped, so a regex such as `layers\\.\\d{1,3}\\.`
+    stays whole."""
+    if not isinstance(value, str):
+        return value
+    parts, current, depth, in_class, escaped = [], [], 0, False, False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:  # inside [...] only ']' means something
+            in_class = char != "]"
+            depth -= not in_class
+        elif char in "{([":
+            depth += 1
+            in_class = char == "["
+        elif char in "})":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return [part.strip() for part in parts if part.strip()]
 
 
 class MergeRequest(BaseModel):

@@ -285,3 +285,18 @@ def test_sigterm_mid_merge_leaves_nothing(tmp_path):
     assert process.returncode == 143, stderr
     assert json.loads(stdout.strip().splitlines()[-1])["error"] == "interrupted by SIGTERM"
     assert not (tmp_path / "outs").exists()
+
+
+def test_regexes_with_commas_survive_the_comma_separated_flag(family, tmp_path):
+    base, fts = family
+    out = tmp_path / "out"
+    regexes = [r"model\.layers\.[0-9]{1,3}\.mlp\.(up|down)_proj\..*", r".*embed_tokens.*"]
+    result = run_cli("--base-model", str(base), "--models-to-merge", f"{fts[0]},{fts[1]}", "--merge-method",
+                     "task_arithmetic", "--exclude-param-names-regex", ",".join(regexes), "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "merge_report.json").read_text())["parameters"]["exclude_param_names_regex"] == regexes
+    merged, original = read_state_dict(out), read_state_dict(base)
+    kept = [name for name in merged if "up_proj" in name or "down_proj" in name or "embed_tokens" in name]
+    assert len(kept) == 5 and all(torch.equal(merged[name], original[name]) for name in kept)
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    assert not torch.equal(merged[gate], original[gate])

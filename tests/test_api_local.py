@@ -22,6 +22,7 @@ import requests
 from modelmerge.contract import MergeRequest, methods_catalogue
 from modelmerge_api.app import EXAMPLE_REQUEST, AppSettings, create_app
 from modelmerge_api.local import LocalBackend
+from tests.helpers.job_progress import watch_progress
 from tests.helpers.rest_api import (
     PAYLOAD,
     ServerProcess,
@@ -49,12 +50,24 @@ args = parser.parse_args()
 spec = json.load(open(args.spec))
 print("argv:", " ".join(sys.argv), flush=True)
 print("HF_TOKEN=" + os.environ.get("HF_TOKEN", "<unset>"), flush=True)
-print("merging 50%", file=sys.stderr, flush=True)
+def progress(step, index, steps, overall, of_step):  # the engine's progress line, as documented
+    print(f"[{step} {index}/{steps}] {overall:5.1f}% overall, {of_step:.1f}% of step {of_step:.0f}/100 tensors",
+          file=sys.stderr, flush=True)
 def summary(status, error=None):
     line = json.dumps({"status": status, "output_dir": args.output_dir, "error": error})
     open(args.summary_file, "w").write(line); print(line, flush=True)
 if spec["base_model"] == "slow/model":
+    progress("merge", 1, 1, 50.0, 50.0)
     time.sleep(120)
+if spec["base_model"] == "steps/model":  # three steps over a few seconds, and one stale report going back
+    for step, index, start, weight in (("thresholds", 1, 0.0, 40.0), ("signs", 2, 40.0, 20.0),
+                                       ("merge", 3, 60.0, 40.0)):
+        for of_step in (0.0, 50.0, 100.0):
+            progress(step, index, 3, start + weight * of_step / 100, of_step)
+            time.sleep(0.4)
+        if step == "signs":
+            progress("thresholds", 1, 3, 10.0, 25.0)
+            time.sleep(0.6)
 if spec["base_model"] == "fail/model":
     summary("failed", "base_model: cannot load fail/model"); sys.exit(1)
 os.makedirs(os.path.join(args.output_dir, "sub"))
@@ -246,6 +259,7 @@ def test_cancel_running_and_pending(fake_server):
     running = submit(fake_server.url, {**PAYLOAD, "base_model": "slow/model"})
     wait_status(fake_server.url, running, ("running",))
     wait_for(lambda: job(fake_server.url, running)["progress"] == 50.0, 20, "the merge's progress line")
+    assert job(fake_server.url, running)["progress_step"] == "merge 1/1"
     proc = fake_server.backend._procs[running]
     pending = submit(fake_server.url, PAYLOAD)
     assert job(fake_server.url, pending)["status"] == "pending"
@@ -261,7 +275,19 @@ def test_cancel_running_and_pending(fake_server):
     assert again.status_code == 409 and "already cancelled" in again.json()["error"]
     assert not (fake_server.backend.output_root / pending).exists()
     logs = requests.get(f"{fake_server.url}/api/jobs/{running}/logs", timeout=10)
-    assert logs.status_code == 200 and "merging 50%" in logs.text
+    assert logs.status_code == 200 and "[merge 1/1]  50.0% overall, 50.0% of step" in logs.text
+
+
+def test_progress_is_reported_while_running_and_never_goes_down(fake_server):
+    job_id = submit(fake_server.url, {**PAYLOAD, "base_model": "steps/model"})
+    samples = watch_progress(fake_server.url, job_id)
+    assert job(fake_server.url, job_id)["status"] == "completed"
+    percents = [percent for percent, _ in samples]
+    assert percents == sorted(percents), samples
+    assert {step for _, step in samples} == {"thresholds 1/3", "signs 2/3", "merge 3/3"}, samples
+    assert percents[-1] >= 60.0 and len(set(percents)) >= 4, samples
+    logs = requests.get(f"{fake_server.url}/api/jobs/{job_id}/logs", timeout=10).text
+    assert "[thresholds 1/3]  10.0% overall" in logs  # the stale report was there, and was not shown
 
 
 def test_list_filter_and_pagination(fake_server):
@@ -424,4 +450,4 @@ def test_job_json_has_the_predecessor_fields():
 
     fields = set(Job(job_id="x", status="pending", created_at="t").to_json())  # output_rel stays internal
     assert fields == {"job_id", "status", "created_at", "started_at", "completed_at", "error_message",
-                      "output_path", "params", "progress"}
+                      "output_path", "params", "progress", "progress_step"}

@@ -137,7 +137,7 @@ def api_routes(backend: Backend) -> APIRouter:
 
     @router.get("/jobs/{job_id}/logs", summary="The merge log (follow=true streams it until the job ends)")
     def job_logs(job_id: str, follow: bool = False) -> StreamingResponse:
-        return StreamingResponse(backend.logs(job_id, follow), media_type="text/plain; charset=utf-8")
+        return StreamingResponse(backend.logs(job_id, follow=follow), media_type="text/plain; charset=utf-8")
 
     @router.get("/download/{job_id}", summary="The finished output: path and files with sizes and sha256")
     def download(job_id: str) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
-from modelmerge.contract import MergeRequest
+from modelmerge.contract import MergeProgress, MergeRequest
+from modelmerge_api.errors import Conflict
 
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = get_args(Status)
@@ -39,7 +40,7 @@ class Job:
     error_message: str | None = None
     output_path: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    progress: float | None = None
+    progress: MergeProgress | None = None  # shown as `progress` (overall percent) and `progress_step`
     output_rel: str | None = None  # relative to the backend's output root; not shown to clients
 
     def to_json(self) -> dict[str, Any]:
@@ -47,10 +48,31 @@ class Job:
         return {"job_id": self.job_id, "status": self.status, "created_at": self.created_at,
                 "started_at": self.started_at, "completed_at": self.completed_at,
                 "error_message": self.error_message, "output_path": self.output_path, "params": self.params,
-                "progress": self.progress}
+                "progress": self.progress.percent if self.progress else None,
+                "progress_step": _step(self.progress)}
 
     def duration(self) -> float | None:
         return seconds_between(self.started_at, self.completed_at)
+
+
+def _step(progress: MergeProgress | None) -> str | None:
+    """The current step and its index out of all steps, e.g. 'merge 3/3'."""
+    return f"{progress.step} {progress.stepIndex}/{progress.steps}" if progress else None
+
+
+def advanced(known: MergeProgress | None, reported: MergeProgress | None) -> MergeProgress | None:
+    """A job's progress after a new report: the report, unless it is behind what is known (a late report, or a
+    retried merge starting over), so the progress a client sees never goes down while a job runs."""
+    if known is not None and reported is not None and reported.percent < known.percent:
+        return known
+    return reported
+
+
+def check_cancellable(job: Job) -> None:
+    """Only pending and running jobs can be cancelled: anything else is a 409."""
+    if job.status not in ACTIVE:
+        raise Conflict(f"job {job.job_id!r} is already {job.status}; only pending or running jobs can be "
+                       "cancelled")
 
 
 def request_params(request: MergeRequest, output_rel: str) -> dict[str, Any]:
@@ -82,17 +104,19 @@ class Backend(Protocol):
         """Record (and queue) a validated request; nothing is created when it raises."""
         ...
 
-    def get(self, job_id: str, blocking: bool = True) -> Job:
+    def get(self, job_id: str, *, blocking: bool = True) -> Job:
         """With blocking=False (called on the event loop) answer from local state or raise WouldBlock."""
         ...
 
-    def list(self, status: str | None, limit: int, offset: int, blocking: bool = True) -> tuple[list[Job], int]:
+    def list(self, status: str | None, limit: int, offset: int, *, blocking: bool = True) -> tuple[list[Job], int]:
         """Newest first; returns (page, total matching). `blocking` as for get."""
         ...
 
-    def cancel(self, job_id: str) -> Job: ...
+    def cancel(self, job_id: str) -> Job:
+        """Stop a pending or running job (`check_cancellable` decides, for every backend)."""
+        ...
 
-    def logs(self, job_id: str, follow: bool) -> Iterator[bytes]: ...
+    def logs(self, job_id: str, *, follow: bool) -> Iterator[bytes]: ...
 
     def stats(self) -> tuple[dict[str, int], list[float]]:
         """(job count per status, durations in seconds of finished merges) for /metrics."""

@@ -13,7 +13,6 @@ import fcntl
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,10 +22,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from modelmerge.contract import MergeRequest, MergeSummary
+from modelmerge.contract import MergeProgress, MergeRequest, engine_outcome, parse_progress
 from modelmerge_api import outputs
-from modelmerge_api.errors import Conflict, Unavailable, job_not_found
-from modelmerge_api.jobs import ACTIVE, Job, request_params, seconds_between, utcnow
+from modelmerge_api.errors import Unavailable, job_not_found
+from modelmerge_api.jobs import ACTIVE, Job, advanced, check_cancellable, request_params, seconds_between, utcnow
 from modelmerge_api.store import JobStore
 
 INTERRUPTED = ("interrupted: the API server stopped while this merge was running; "
@@ -34,7 +33,6 @@ INTERRUPTED = ("interrupted: the API server stopped while this merge was running
 TOKEN_LOST = ("interrupted: the API server restarted before this job started, and its hf_token is never "
               "stored; resubmit the job")
 KILL_GRACE_S = 10.0
-_PERCENT = re.compile(rb"(\d{1,3}(?:\.\d+)?)\s?%")
 _SECRET_ENV = ("MODELMERGE_API_TOKEN",)
 
 
@@ -54,7 +52,7 @@ class LocalBackend:
         self.store: JobStore | None = None
         self._tokens: dict[str, str] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._progress: dict[str, float] = {}
+        self._progress: dict[str, MergeProgress] = {}  # of running jobs, by job id
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -126,32 +124,30 @@ class LocalBackend:
             self._wake.notify()
         return job
 
-    def get(self, job_id: str, blocking: bool = True) -> Job:  # a local SQLite read never waits long
+    def get(self, job_id: str, *, blocking: bool = True) -> Job:  # a local SQLite read never waits long
         job = self.store.get(job_id)
         if job is None:
             raise job_not_found(job_id)
         job.progress = self._progress.get(job_id) if job.status == "running" else None
         return job
 
-    def list(self, status: str | None, limit: int, offset: int, blocking: bool = True) -> tuple[list[Job], int]:
+    def list(self, status: str | None, limit: int, offset: int, *, blocking: bool = True) -> tuple[list[Job], int]:
         jobs, total = self.store.page(status, limit, offset)
         for job in jobs:
             job.progress = self._progress.get(job.job_id) if job.status == "running" else None
         return jobs, total
 
     def cancel(self, job_id: str) -> Job:
-        job = self.get(job_id)
-        if job.status not in ACTIVE or not self.store.finish(job_id, "cancelled", "cancelled by request",
-                                                             was=tuple(ACTIVE)):
-            raise Conflict(f"job {job_id!r} is already {self.get(job_id).status}; only pending or running "
-                           "jobs can be cancelled")
+        check_cancellable(self.get(job_id))
+        if not self.store.finish(job_id, "cancelled", "cancelled by request", was=tuple(ACTIVE)):
+            check_cancellable(self.get(job_id))  # it ended between the read and the update
         self._tokens.pop(job_id, None)
         proc = self._procs.get(job_id)
         if proc is not None:
             _terminate(proc)
         return self.get(job_id)
 
-    def logs(self, job_id: str, follow: bool) -> Iterator[bytes]:
+    def logs(self, job_id: str, *, follow: bool) -> Iterator[bytes]:
         self.get(job_id)
         active = (lambda: self.store.get(job_id).status in ACTIVE) if follow else (lambda: False)
         return tail(self._log_path(job_id), active)
@@ -201,18 +197,21 @@ class LocalBackend:
             self._pump(proc, log, job.job_id, token)
             code = proc.wait()
         self._procs.pop(job.job_id, None)
-        status, error = ("failed", INTERRUPTED) if self._stopping.is_set() else _outcome(code, summary)
-        self.store.finish(job.job_id, status, error)
+        if self._stopping.is_set():
+            self.store.finish(job.job_id, "failed", INTERRUPTED)
+            return
+        outcome = engine_outcome(exit_code=code, summary=_read_from(summary, 0))
+        self.store.finish(job.job_id, "completed" if outcome.succeeded else "failed", outcome.error)
 
     def _pump(self, proc: subprocess.Popen[bytes], log: IO[bytes], job_id: str, token: str | None) -> None:
-        """Copy the merge's output into its log (token redacted), keeping the last percentage seen."""
+        """Copy the merge's output into its log (token redacted), keeping the progress it reports."""
         for line in proc.stdout:
             if token:
                 line = line.replace(token.encode(), b"***")
             log.write(line)
             log.flush()
-            if match := _PERCENT.search(line):
-                self._progress[job_id] = min(100.0, float(match.group(1)))
+            if reported := parse_progress(line):
+                self._progress[job_id] = advanced(self._progress.get(job_id), reported)
 
 
 def _importable(name: str) -> bool:
@@ -228,24 +227,6 @@ def _child_env(token: str | None) -> dict[str, str]:
     if token:
         env["HF_TOKEN"] = token
     return env
-
-
-def _outcome(code: int, summary_file: Path) -> tuple[str, str | None]:
-    summary = _read_summary(summary_file)
-    if code == 0 and (summary is None or summary.status == "succeeded"):
-        return "completed", None
-    if summary is not None and summary.error:
-        return "failed", summary.error
-    if code < 0:
-        return "failed", f"the merge process was killed by signal {signal.Signals(-code).name}"
-    return "failed", f"the merge exited with code {code} (see the job's logs)"
-
-
-def _read_summary(path: Path) -> MergeSummary | None:
-    try:
-        return MergeSummary.model_validate_json(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

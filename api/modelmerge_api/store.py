@@ -90,7 +90,7 @@ class JobStore:
     def _change(self, sql: str, *args: object) -> int:
         return self._db.execute(sql, args).rowcount
 
-    def insert(self, job: Job, has_token: bool) -> None:
+    def insert(self, job: Job, *, has_token: bool) -> None:
         try:
             self._change(
                 "INSERT INTO jobs (id, status, created_at, output_rel, output_path, params, has_token) "

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelmerge.contract import parse_progress
 from tests.helpers.models import fill_hf_cache, make_family, make_finetune, make_model, read_state_dict
 
 SIZE = {"vocab": 256, "hidden": 64, "intermediate": 160, "layers": 2}
@@ -52,8 +53,8 @@ def test_merge_writes_a_loadable_model_with_report_and_summary(family, tmp_path)
     summary = summary_of(result)
     assert summary["status"] == "succeeded" and summary["output_dir"] == str(out)
     assert json.loads(summary_file.read_text()) == summary
-    progress = [line for line in result.stderr.splitlines() if line.startswith("[merge]")]
-    assert progress and "100.0%" in progress[-1] and "tensors/s" in progress[-1]
+    progress = parse_progress(result.stderr)
+    assert progress is not None and (progress.step, progress.percent, progress.stepIndex) == ("merge", 100.0, 1)
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,7 +21,7 @@ from modelmerge.contract import MergeRequest
 from modelmerge_engine.backends import CpuBackend, make_backend
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.pool import OrderedPool, available_cpus
-from modelmerge_engine.progress import Progress
+from modelmerge_engine.progress import Progress, Step
 from modelmerge_engine.safetensors_io import (
     COMPUTE_DTYPES,
     DType,
@@ -36,7 +36,8 @@ from modelmerge_engine.select import NO_THRESHOLD, kth_magnitude
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "position_ids")
 CPU_WORK_ELEMENTS = 1 << 20  # elements per step over all inputs together: bounds memory, fits caches
 GPU_WORK_ELEMENTS = 1 << 27
-ALIGN = 1 << 12  # range boundaries are multiples of this
+ALIGN = 1 << 12  # default range sizes are multiples of this
+RANGE_ELEMENTS_ENV = "MODELMERGE_ENGINE_RANGE_ELEMENTS"  # overrides the range size (tests split every tensor)
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,14 @@ def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[
                  out_dtype: DType) -> list[TensorPlan]:
     """Which tensors the output has, which are merged, and checks that every input agrees on them."""
     excluded = [re.compile(pattern) for pattern in request.exclude_param_names_regex]
-    tied = tied_embeddings(base.directory) and "lm_head.weight" in base.tensors
+    # A base with tied embeddings has no head of its own (transformers re-ties lm_head.weight to the
+    # embeddings on load, stored or not), so merging-eval's saved model has none and a fine-tune's stored
+    # head, untied or not, is ignored.
+    tied = tied_embeddings(base.directory)
     plans = []
     for name, info in base.tensors.items():
         if tied and name == "lm_head.weight":
-            continue  # transformers re-ties it on load; merging-eval's saved model does not store it
+            continue
         floating = info.dtype.floating
         merged = floating and not name.endswith(BUFFER_SUFFIXES) and not any(p.match(name) for p in excluded)
         plans.append(TensorPlan(name, info.shape, out_dtype if floating else info.dtype, merged))
@@ -93,11 +97,23 @@ def _check_model_matches(base: SafetensorsModel, model: SafetensorsModel, merged
             raise MergeError(f"tensor {name} is in {model.label} but missing in base_model ({base.label})")
 
 
+def _range_elements_from_environment() -> int | None:
+    text = os.environ.get(RANGE_ELEMENTS_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise MergeError(f"{RANGE_ELEMENTS_ENV} must be a positive number of elements per range, got {text!r}")
+    return int(text)
+
+
 class StreamingMerge:
     """Runs one merge request over opened models, writing into a ShardedWriter."""
 
     def __init__(self, request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
-                 progress: Progress, workers: int | None = None, backend: str | None = None):
+                 progress: Progress, *, workers: int | None = None, backend: str | None = None,
+                 range_elements: int | None = None):
+        """`range_elements` (default: MODELMERGE_ENGINE_RANGE_ELEMENTS, else sized to the cache and the number
+        of inputs) is how many elements of each tensor a range holds; tests set it small to split every tensor."""
         self.request = request
         self.dtype = COMPUTE_DTYPES[request.dtype]
         self.backend = make_backend(self.dtype, request.use_gpu, backend or os.environ.get("MODELMERGE_ENGINE_KERNELS"))
@@ -105,7 +121,8 @@ class StreamingMerge:
         # CPU: one range per thread (kernels release the GIL); GPU: big ranges, each parallel on the device
         self.pool = OrderedPool((workers or available_cpus()) if on_cpu else 1)
         budget = CPU_WORK_ELEMENTS if on_cpu else GPU_WORK_ELEMENTS
-        self.chunk = max(ALIGN, budget // (len(finetunes) + 1) // ALIGN * ALIGN)
+        self.chunk = range_elements or _range_elements_from_environment() or \
+            max(ALIGN, budget // (len(finetunes) + 1) // ALIGN * ALIGN)
         self.base = base
         self.finetunes = finetunes
         self.plans = plan_tensors(request, base, finetunes, self.dtype)
@@ -136,10 +153,12 @@ class StreamingMerge:
 
     def run(self, writer: ShardedWriter) -> None:
         try:
+            self.progress.plan(self._steps())
             if self.method == "ties_merging_dare":
                 self._prepare_dare()
-            self.progress.start("merge", sum(p.numel for p in self.plans), len(self.plans))
+            self.progress.begin_step("merge", tensors=len(self.plans))
             current = None
+            models = len(self.finetunes)
             for plan, chunk in self.pool.map(self._produce, self._jobs()):
                 if plan is not current:
                     if current is not None:
@@ -147,11 +166,42 @@ class StreamingMerge:
                     writer.begin_tensor(plan.name)
                     current = plan
                 writer.write(chunk)
-                self.progress.advance(chunk.shape[0])
+                self.progress.advance(chunk.shape[0] * (models if plan.merged else 1))
             self.progress.tensor_done()
-            self.progress.finish()
+            self.progress.end_step()
         finally:
             self.pool.close()
+
+    # --- progress: the steps of the whole merge, planned up front ----------------------------------------
+
+    def _histogram_passes(self, k: int) -> int:
+        """How many passes kth_magnitude makes over one model's values to find the k-th smallest."""
+        return 0 if k == 0 else 2 if self._wide else 1
+
+    def _mask_threshold_work(self, plan: TensorPlan) -> int:
+        r = self.request
+        if not self.masking or r.mask_strategy != "magnitude":
+            return 0
+        return plan.numel * sum(self._histogram_passes(int(plan.numel * rate)) for rate in r.weight_mask_rates)
+
+    def _steps(self) -> list[Step]:
+        """Each step with the element work it does (one model's values read once = numel), as `advance`
+        counts it: the histogram passes of thresholds, the sign pass, and the merge writing every tensor."""
+        models = len(self.finetunes)
+        merged = [p for p in self.plans if p.merged]
+        merge_work = sum(p.numel * models if p.merged else p.numel for p in self.plans)
+        if self.method == "ties_merging_dare":
+            total = sum(p.numel for p in merged)
+            k = int(total * self.request.param_value_mask_rate)
+            thresholds = sum(self._mask_threshold_work(p) for p in merged)
+            thresholds += total * self._histogram_passes(k) * models
+            return [Step("thresholds", thresholds), Step("signs", total * models), Step("merge", merge_work)]
+        for plan in merged:  # per-tensor thresholds are found inside the merge step, tensor by tensor
+            merge_work += self._mask_threshold_work(plan)
+            if self.method == "ties_merging":
+                k = int(plan.numel * self.request.param_value_mask_rate)
+                merge_work += plan.numel * self._histogram_passes(k) * models
+        return [Step("merge", merge_work)]
 
     def _jobs(self) -> Iterator[tuple[TensorPlan, int, int, np.ndarray | None]]:
         for plan in self.plans:
@@ -215,8 +265,7 @@ class StreamingMerge:
 
     # --- thresholds -----------------------------------------------------------------------------------
 
-    def _thresholds(self, plans: list[TensorPlan], ks: list[int], masked: bool, task_vectors: bool,
-                    advance: Callable[[int], None] | None = None) -> np.ndarray:
+    def _thresholds(self, plans: list[TensorPlan], ks: list[int], masked: bool, task_vectors: bool) -> np.ndarray:
         """For each model, the k-th smallest magnitude of its task vectors (or weights) over `plans`: one
         histogram pass (two for float32) per model, in parallel over ranges."""
         def histogram_pass(index: int, shift: int, bins: int, bucket: int) -> np.ndarray:
@@ -231,8 +280,7 @@ class StreamingMerge:
             jobs = ((p.name, start, stop) for p in plans for start, stop in self.ranges(p.numel))
             for size, counts in self.pool.map(one, jobs):
                 total += counts
-                if advance:
-                    advance(size)
+                self.progress.advance(size)
             return total
 
         return np.array([kth_magnitude(partial(histogram_pass, i), k, self._wide) for i, k in enumerate(ks)],
@@ -259,25 +307,24 @@ class StreamingMerge:
         """ties_merging_dare's two global statistics, each in one streaming pass: the k-th smallest |task
         vector| of each model over all merged parameters, then the majority sign of the elected signs."""
         merged = [p for p in self.plans if p.merged]
+        self.progress.begin_step("thresholds")
         for plan in merged:
             self._prepare_mask_thresholds(plan)
         total = sum(p.numel for p in merged)
         k = int(total * self.request.param_value_mask_rate)
-        passes = (2 if self._wide else 1) * len(self.finetunes)
-        self.progress.start("thresholds", total * passes)
-        self.dare_thresholds = self._thresholds(merged, [k] * len(self.finetunes), True, True, self.progress.advance)
-        self.progress.finish()
+        self.dare_thresholds = self._thresholds(merged, [k] * len(self.finetunes), True, True)
+        self.progress.end_step()
 
         def balance(job: tuple[str, int, int]) -> tuple[int, int]:
             name, start, stop = job
             base, inputs = self._inputs(name, start, stop)
             return stop - start, self.backend.dare_balance(base, inputs, self.dare_thresholds)
 
-        self.progress.start("signs", total)
+        self.progress.begin_step("signs")
         overall = 0
         for size, part in self.pool.map(balance, ((p.name, a, b) for p in merged for a, b in self.ranges(p.numel))):
             overall += part
-            self.progress.advance(size)
-        self.progress.finish()
+            self.progress.advance(size * len(self.finetunes))
+        self.progress.end_step()
         self.majority_sign = float((overall > 0) - (overall < 0))
         self.stats.update({"global_threshold_k": k, "majority_sign": int(self.majority_sign)})

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -40,16 +40,33 @@ ALIGN = 1 << 12  # default range sizes are multiples of this
 RANGE_ELEMENTS_ENV = "MODELMERGE_ENGINE_RANGE_ELEMENTS"  # overrides the range size (tests split every tensor)
 
 
+# Mixture-of-Experts checkpoints store one tensor per expert; transformers 5 loads them as one fused parameter
+# per layer (mixtral: block_sparse_moe.experts.N.w1 + w3 -> mlp.experts.gate_up_proj, w2 -> mlp.experts.down_proj;
+# qwen2_moe and the many MoE models mapped to it: gate_proj + up_proj, down_proj). merging-eval sees those
+# fused parameters: its per-tensor statistics (the ties_merging trim, magnitude masks) cover all their
+# experts, and its exclude regexes match their names. Ours do the same (regexes match either name).
+_EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
+_FUSABLE_EXPERT_TENSOR = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.(?P<projection>[^.]+)\.weight$")
+_FUSED_PARAMETER = {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj",
+                    "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
 @dataclass(frozen=True)
 class TensorPlan:
     name: str
     shape: tuple[int, ...]
     out_dtype: DType
     merged: bool
+    fused_group: tuple[str, ...] = ()  # the expert tensors forming one fused parameter with it (itself too)
 
     @property
     def numel(self) -> int:
         return numel(self.shape)
+
+    @property
+    def statistics_group(self) -> tuple[str, ...]:
+        """The tensors a per-tensor statistic of this one covers: its fused parameter's, or just itself."""
+        return self.fused_group or (self.name,)
 
 
 def tied_embeddings(directory) -> bool:
@@ -58,6 +75,13 @@ def tied_embeddings(directory) -> bool:
     except (OSError, ValueError):
         return False
     return bool(config.get("tie_word_embeddings", False))
+
+
+def fused_parameter_name(name: str) -> str | None:
+    """The fused parameter transformers 5 loads a per-expert checkpoint tensor into; None for other tensors."""
+    match = _FUSABLE_EXPERT_TENSOR.match(name)
+    fused = _FUSED_PARAMETER.get(match["projection"]) if match else None
+    return f"{match['experts'].replace('.block_sparse_moe.', '.mlp.')}.{fused}" if fused else None
 
 
 def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
@@ -73,12 +97,66 @@ def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[
         if tied and name == "lm_head.weight":
             continue
         floating = info.dtype.floating
-        merged = floating and not name.endswith(BUFFER_SUFFIXES) and not any(p.match(name) for p in excluded)
+        names = [name, fused_parameter_name(name) or name]
+        merged = floating and not name.endswith(BUFFER_SUFFIXES) and not any(
+            p.match(n) for p in excluded for n in names)
         plans.append(TensorPlan(name, info.shape, out_dtype if floating else info.dtype, merged))
     merged_names = {plan.name for plan in plans if plan.merged}
     for model in finetunes:
         _check_model_matches(base, model, merged_names, ignored={"lm_head.weight"} if tied else set())
-    return plans
+    return _with_fused_groups(plans, request)
+
+
+def per_tensor_statistics(request: MergeRequest) -> list[str]:
+    """What in this request takes a statistic over each tensor (a k-th smallest magnitude)."""
+    method = request.merge_method
+    applied = request.mask_apply_method if method == "mask_merging" else method
+    found = []
+    if method == "mask_merging" and request.mask_strategy == "magnitude":
+        found.append("mask_merging with mask_strategy magnitude")
+    if applied == "ties_merging":
+        found.append("ties_merging" if method == "ties_merging" else "mask_merging with mask_apply_method "
+                     "ties_merging")
+    return found
+
+
+def _with_fused_groups(plans: list[TensorPlan], request: MergeRequest) -> list[TensorPlan]:
+    """Marks the expert tensors whose per-tensor statistics merging-eval takes over a fused parameter, and
+    refuses expert tensors it cannot group the way transformers fuses them (the results would differ)."""
+    statistics = per_tensor_statistics(request)
+    if not statistics:
+        return plans
+    groups: dict[str, list[TensorPlan]] = {}
+    ungroupable = []
+    for plan in plans:
+        if not _EXPERT_TENSOR.search(plan.name):
+            continue
+        fused = fused_parameter_name(plan.name)
+        if fused is None:
+            if plan.merged:
+                ungroupable.append(plan.name)
+            continue
+        groups.setdefault(fused, []).append(plan)
+    if ungroupable:
+        raise MergeError(
+            f"merge_method: {' and '.join(statistics)} computes a statistic per tensor, and merging-eval "
+            f"computes it over the fused expert parameters transformers builds from per-expert tensors; these "
+            f"expert tensors do not follow a layout the engine can group the same way: "
+            f"{', '.join(ungroupable[:4])}{' ...' if len(ungroupable) > 4 else ''} ({len(ungroupable)} tensors). "
+            "Use average_merging, task_arithmetic, ties_merging_dare or mask_merging with random masks, or "
+            "exclude these tensors with exclude_param_names_regex")
+    fused_group = {}
+    for fused_name, members in groups.items():
+        merged = [p.name for p in members if p.merged]
+        if merged and len(merged) != len(members):
+            kept = next(p.name for p in members if not p.merged)
+            raise MergeError(
+                f"exclude_param_names_regex: excludes {kept} but not {merged[0]}, which transformers fuses "
+                f"into one parameter ({fused_name}, {len(members)} tensors) that {' and '.join(statistics)} "
+                "takes statistics over as a whole; exclude all of its tensors or none")
+        names = tuple(p.name for p in members)
+        fused_group.update({name: names for name in names})
+    return [replace(p, fused_group=fused_group[p.name]) if p.name in fused_group else p for p in plans]
 
 
 def _check_model_matches(base: SafetensorsModel, model: SafetensorsModel, merged: set[str],
@@ -130,6 +208,8 @@ class StreamingMerge:
         self.scaling = float(request.scaling_coefficient)
         self.masking = request.merge_method == "mask_merging"
         self.mask_thresholds: dict[str, np.ndarray] = {}
+        self._plans_by_name = {plan.name: plan for plan in self.plans}
+        self._ties_thresholds_by_group: dict[tuple[str, ...], np.ndarray] = {}
         self.stats: dict[str, object] = {"workers": self.pool.workers,
                                          "backend": "compiled-cpu" if isinstance(self.backend, CpuBackend)
                                          else f"torch-{self.backend.device}"}
@@ -217,7 +297,7 @@ class StreamingMerge:
         plan, start, stop, thresholds = job
         backend = self.backend
         if not plan.merged:
-            values = self.base.flat(plan.name)[start:stop]
+            values = self.base.read(plan.name, start, stop)
             if plan.out_dtype.floating and plan.out_dtype != self.base.tensors[plan.name].dtype:
                 values = backend.to_host(backend.prepare(values, self.base.tensors[plan.name].dtype))
             return plan, values
@@ -238,9 +318,9 @@ class StreamingMerge:
     def _load(self, name: str, start: int, stop: int, models: list[int] | None = None):
         """The base and the fine-tunes (all, or those at `models`) on one range, in the compute dtype."""
         prepare = self.backend.prepare
-        base = prepare(self.base.flat(name)[start:stop], self.base.tensors[name].dtype)
+        base = prepare(self.base.read(name, start, stop), self.base.tensors[name].dtype)
         chosen = [self.finetunes[i] for i in models] if models is not None else self.finetunes
-        return base, [prepare(m.flat(name)[start:stop], m.tensors[name].dtype) for m in chosen]
+        return base, [prepare(m.read(name, start, stop), m.tensors[name].dtype) for m in chosen]
 
     def _inputs(self, name: str, start: int, stop: int, models: list[int] | None = None):
         """The fine-tuned weights as the merge method sees them: mask_merging masks them first."""
@@ -286,18 +366,30 @@ class StreamingMerge:
         return np.array([kth_magnitude(partial(histogram_pass, i), k, self._wide) for i, k in enumerate(ks)],
                         dtype=np.int64)
 
+    def _statistics_group(self, plan: TensorPlan) -> list[TensorPlan]:
+        """The tensors a per-tensor statistic of `plan` covers (a fused MoE parameter's, see plan_tensors)."""
+        return [self._plans_by_name[name] for name in plan.statistics_group]
+
     def _prepare_mask_thresholds(self, plan: TensorPlan) -> None:
-        """mask_merging by magnitude: per tensor and model, the k-th smallest |delta| (or |weight|)."""
+        """mask_merging by magnitude: per tensor (fused parameter) and model, the k-th smallest |delta| (or
+        |weight|)."""
         r = self.request
         if not self.masking or r.mask_strategy != "magnitude" or plan.name in self.mask_thresholds:
             return
-        ks = [int(plan.numel * rate) for rate in r.weight_mask_rates]
-        self.mask_thresholds[plan.name] = self._thresholds([plan], ks, False, r.weight_format == "delta_weight")
+        group = self._statistics_group(plan)
+        ks = [int(sum(p.numel for p in group) * rate) for rate in r.weight_mask_rates]
+        thresholds = self._thresholds(group, ks, False, r.weight_format == "delta_weight")
+        self.mask_thresholds.update({p.name: thresholds for p in group})
 
     def _ties_thresholds(self, plan: TensorPlan) -> np.ndarray:
-        """ties_merging: per tensor and model, the k-th smallest |task vector| (k = int(numel * rate))."""
-        k = int(plan.numel * self.request.param_value_mask_rate)
-        return self._thresholds([plan], [k] * len(self.finetunes), True, True)
+        """ties_merging: per tensor (fused parameter) and model, the k-th smallest |task vector|
+        (k = int(numel * rate))."""
+        if plan.statistics_group not in self._ties_thresholds_by_group:
+            group = self._statistics_group(plan)
+            k = int(sum(p.numel for p in group) * self.request.param_value_mask_rate)
+            self._ties_thresholds_by_group[plan.statistics_group] = self._thresholds(
+                group, [k] * len(self.finetunes), True, True)
+        return self._ties_thresholds_by_group[plan.statistics_group]
 
     @property
     def _wide(self) -> bool:

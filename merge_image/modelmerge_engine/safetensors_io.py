@@ -77,19 +77,70 @@ class TensorInfo:
         return numel(self.shape)
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+def _read_header(path: Path, label: str) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and where its data starts; errors name the model and file."""
+    where = f"{label}: {path}"
     try:
+        size = path.stat().st_size
         with open(path, "rb") as handle:
             raw_len = handle.read(8)
             if len(raw_len) != 8:
-                raise MergeError(f"{path}: not a safetensors file (too short)")
+                raise MergeError(f"{where}: not a safetensors file (too short)")
             (length,) = struct.unpack("<Q", raw_len)
             if length > _MAX_HEADER:
-                raise MergeError(f"{path}: not a safetensors file (header length {length})")
+                raise MergeError(f"{where}: not a safetensors file (header length {length})")
+            if 8 + length > size:
+                raise MergeError(f"{where}: cannot read safetensors header: it claims {length} bytes but the file "
+                                 f"has {size} (truncated?)")
             header = json.loads(handle.read(length))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise MergeError(f"{path}: cannot read safetensors header: {exc}") from None
+        raise MergeError(f"{where}: cannot read safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{where}: cannot read safetensors header: a JSON {type(header).__name__}, not an object")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise MergeError(f"{where}: safetensors header: __metadata__ is not an object")
     return header, 8 + length
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_entry(where: str, name: str, meta: object, data_start: int, file_size: int
+                  ) -> tuple[DType, tuple[int, ...], int, int]:
+    """One header entry checked against the safetensors format: dtype, shape, data offsets of exactly
+    shape x dtype size bytes inside the file. Returns (dtype, shape, begin, end) relative to the data."""
+    if not isinstance(meta, dict):
+        raise MergeError(f"{where}: tensor {name}: header entry is not an object")
+    dtype = DTYPES.get(meta.get("dtype"))
+    if dtype is None:
+        raise MergeError(f"{where}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+    shape, offsets = meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise MergeError(f"{where}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise MergeError(f"{where}: tensor {name}: data_offsets {offsets!r} is not [begin, end] with "
+                         "0 <= begin <= end")
+    begin, end = offsets
+    needed = numel(tuple(shape)) * dtype.size
+    if end - begin != needed:
+        raise MergeError(f"{where}: tensor {name}: data_offsets {offsets} hold {end - begin} bytes but shape "
+                         f"{shape} of {dtype.name} needs {needed}")
+    if data_start + end > file_size:
+        raise MergeError(f"{where}: tensor {name}: its data ends at byte {data_start + end} but the file has "
+                         f"{file_size} bytes (truncated?)")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_no_overlap(where: str, extents: list[tuple[int, int, str]]) -> None:
+    """No two tensors may share bytes (empty tensors share none)."""
+    previous = None
+    for begin, end, name in sorted(e for e in extents if e[1] > e[0]):
+        if previous is not None and begin < previous[1]:
+            raise MergeError(f"{where}: tensors {previous[2]} (bytes {previous[0]}-{previous[1]}) and {name} "
+                             f"(bytes {begin}-{end}) overlap")
+        previous = (begin, end, name)
 
 
 class SafetensorsModel:
@@ -126,33 +177,37 @@ class SafetensorsModel:
         raise MergeError(f"{self.label}: no safetensors weights in {self.directory}{hint}")
 
     def _index_file(self, file: Path) -> None:
-        header, data_start = _read_header(file)
+        header, data_start = _read_header(file, self.label)
+        where = f"{self.label}: {file}"
         size = file.stat().st_size
+        extents = []
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            dtype = DTYPES.get(meta.get("dtype"))
-            if dtype is None:
-                raise MergeError(f"{self.label}: tensor {name} has unsupported dtype {meta.get('dtype')}")
-            begin, end = meta["data_offsets"]
-            if data_start + end > size:
-                raise MergeError(f"{self.label}: {file.name} is truncated (tensor {name})")
+            dtype, shape, begin, end = _tensor_entry(where, name, meta, data_start, size)
             if name in self.tensors:
                 raise MergeError(f"{self.label}: tensor {name} appears in two shards")
-            self.tensors[name] = TensorInfo(name, dtype, tuple(meta["shape"]), file, data_start + begin)
+            self.tensors[name] = TensorInfo(name, dtype, shape, file, data_start + begin)
+            extents.append((begin, end, name))
+        _check_no_overlap(where, extents)
 
-    def flat(self, name: str) -> np.ndarray:
-        """A 1-D view of the tensor's data in the mapped file (no copy; never write into it)."""
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of the tensor, flattened: a view of the mapped file (never write into it),
+        or where the tensor's data is not aligned to its dtype (an odd-sized tensor before it) a copy of that
+        range alone, so every byte is copied once however the tensor is split into ranges."""
         info = self.tensors[name]
         mapped = self._maps.get(info.file)
         if mapped is None:
             with open(info.file, "rb") as handle:
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
             self._maps[info.file] = mapped
-        if info.offset % info.dtype.size:  # unaligned data (odd-sized tensor before it): copy it once
-            raw = np.frombuffer(mapped, dtype=np.uint8, count=info.numel * info.dtype.size, offset=info.offset)
+        stop = min(stop, info.numel)
+        start = min(start, stop)
+        offset = info.offset + start * info.dtype.size
+        if info.offset % info.dtype.size:
+            raw = np.frombuffer(mapped, dtype=np.uint8, count=(stop - start) * info.dtype.size, offset=offset)
             return raw.copy().view(info.dtype.storage)
-        return np.frombuffer(mapped, dtype=info.dtype.storage, count=info.numel, offset=info.offset)
+        return np.frombuffer(mapped, dtype=info.dtype.storage, count=stop - start, offset=offset)
 
     def close(self) -> None:
         for mapped in self._maps.values():

@@ -15,11 +15,15 @@ ARCHS = ("qwen2", "llama")
 
 
 def tiny_config(arch: str = "qwen2", *, vocab: int = 128, hidden: int = 32, layers: int = 2,
-                intermediate: int = 64, heads: int = 4, kv_heads: int = 2, tie: bool = False):
-    from transformers import LlamaConfig, Qwen2Config
+                intermediate: int = 64, heads: int = 4, kv_heads: int = 2, tie: bool = False, experts: int = 4):
+    """`arch` qwen2 or llama (dense), or mixtral: `experts` experts per layer, stored one tensor per expert
+    (block_sparse_moe.experts.N.w1/w2/w3) and fused by transformers 5 (mlp.experts.gate_up_proj/down_proj)."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config
 
-    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
+    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mixtral": MixtralConfig}[arch]
+    moe = {"num_local_experts": experts, "num_experts_per_tok": 2} if arch == "mixtral" else {}
     return config_class(
+        **moe,
         vocab_size=vocab,
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -133,3 +137,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for name in files:
         tensors.update(load_file(path / name))
     return tensors
+
+
+def untie_head(model_dir: Path, *, seed: int, scale: float = 0.01) -> Path:
+    """Give a saved model its own output head (the embeddings plus noise) and untie it in its config, as a
+    fine-tune that trained its head separately stores it."""
+    from safetensors.torch import load_file, save_file
+
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    embeddings = tensors["model.embed_tokens.weight"]
+    noise = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(seed)) * scale
+    tensors["lm_head.weight"] = (embeddings.float() + noise).to(embeddings.dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return model_dir

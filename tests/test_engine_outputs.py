@@ -121,19 +121,33 @@ def test_overwrite_without_rename_exchange_falls_back_to_two_renames(small, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_a_fallback_replace_killed_between_its_renames_gets_the_old_output_back(small, tmp_path):
+def _killed_between_fallback_renames(small, parent: Path) -> dict[str, bytes]:
     """What a SIGKILL between the fallback's two renames leaves: the old output moved aside, the new one
-    still staged, an unlocked lock. The next merge into the parent puts the old output back."""
-    old_output = tmp_path / "old"
+    still staged, an unlocked lock. Returns the old output's files."""
+    old_output = parent / "old"
     assert run_merge(_request(small, old_output), progress="none") == 0
     old = snapshot(old_output)
-    stem = tmp_path / ".out.partial-0123456789ab"
+    stem = parent / ".out.partial-0123456789ab"
     old_output.rename(f"{stem}.old")
-    Path(stem).mkdir()
+    stem.mkdir()
     (stem / "model.safetensors").write_bytes(b"half a model")
     Path(f"{stem}.lock").touch()
+    return old
+
+
+def test_the_next_merge_into_the_parent_puts_back_an_output_moved_aside(small, tmp_path):
+    old = _killed_between_fallback_renames(small, tmp_path)
     assert run_merge(_request(small, tmp_path / "other"), progress="none") == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
+    assert snapshot(tmp_path / "out") == old
+
+
+def test_an_output_put_back_is_not_replaced_without_overwrite(small, tmp_path, capsys):
+    old = _killed_between_fallback_renames(small, tmp_path)
+    assert run_merge(_request(small, tmp_path / "out", "average_merging"), progress="none") == 1
+    error = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
+    assert error == f"output_dir: {tmp_path / 'out'} exists and is not empty (pass --overwrite to replace it)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert snapshot(tmp_path / "out") == old
 
 

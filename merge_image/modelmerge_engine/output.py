@@ -212,16 +212,19 @@ class OutputDir:
             raise MergeError("output_dir: required (where the merged model is written)")
         self.final = Path(path).expanduser().absolute()
         self.overwrite = overwrite
-        if self.final.exists():
-            if not self.final.is_dir():
-                raise MergeError(f"output_dir: {self.final} exists and is not a directory")
-            if any(self.final.iterdir()) and not overwrite:
-                raise MergeError(f"output_dir: {self.final} exists and is not empty (pass --overwrite to "
-                                 "replace it)")
+        self._check_replaceable()
         self._created_root: Path | None = None
         self._lock: StagingLock | None = None
         self.staging: Path | None = None
         self.removed_stale: list[str] = []
+
+    def _check_replaceable(self) -> None:
+        if self.final.exists():
+            if not self.final.is_dir():
+                raise MergeError(f"output_dir: {self.final} exists and is not a directory")
+            if any(self.final.iterdir()) and not self.overwrite:
+                raise MergeError(f"output_dir: {self.final} exists and is not empty (pass --overwrite to "
+                                 "replace it)")
 
     def create_staging(self) -> Path:
         parent = self.final.parent
@@ -233,6 +236,7 @@ class OutputDir:
                 stem = parent / f".{self.final.name}.partial-{uuid.uuid4().hex[:12]}"
                 self._lock = StagingLock.create(Path(f"{stem}.lock"))
             self.removed_stale = remove_stale_staging(parent)
+            self._check_replaceable()  # the cleanup may have put back an output a killed merge moved aside
             stem.mkdir()
             self.staging = stem
         except OSError as exc:
@@ -244,6 +248,7 @@ class OutputDir:
         """Put the complete staging directory in place: the old output (if any) stays whole until the
         new one is in its place, and a crash at any point leaves one of the two."""
         staging, parent = self.staging, self.final.parent
+        self._check_replaceable()  # another process may have written there meanwhile
         fsync_directory(staging)
         with _signals_deferred():
             replaced = None

@@ -33,8 +33,6 @@ CASES = {
                                          "mask_strategy": "magnitude", "weight_format": "finetuned_weight",
                                          "mask_apply_method": "task_arithmetic"},
 }
-# merging-eval's per-tensor statistics see the fused expert parameters; these cases depend on that.
-PER_TENSOR_THRESHOLDS = ("ties_merging", "mask_merging-magnitude-ties", "mask_merging-magnitude-finetuned")
 
 
 def engine_merge(base: Path, finetunes: list[Path], out: Path, **fields) -> dict[str, torch.Tensor]:
@@ -44,18 +42,19 @@ def engine_merge(base: Path, finetunes: list[Path], out: Path, **fields) -> dict
     return read_state_dict(out)
 
 
-def oracle_case(base: Path, finetunes: list[Path], out: Path, case: str) -> dict[str, torch.Tensor]:
+def case_fields(case: str, finetunes: list[Path]) -> dict:
+    """The request fields of a case, with one mask rate per fine-tune."""
     fields = dict(CASES[case])
     if "weight_mask_rates" in fields:
         fields["weight_mask_rates"] = fields["weight_mask_rates"][: len(finetunes)]
-    return oracle_merge(base, finetunes, out, **fields)
+    return fields
 
 
-def engine_case(base: Path, finetunes: list[Path], out: Path, case: str) -> dict[str, torch.Tensor]:
-    fields = dict(CASES[case])
-    if "weight_mask_rates" in fields:
-        fields["weight_mask_rates"] = fields["weight_mask_rates"][: len(finetunes)]
-    return engine_merge(base, finetunes, out, **fields)
+def oracle_and_engine(base: Path, finetunes: list[Path], out: Path, **fields) -> dict[str, float]:
+    """Merge with merging-eval and with the engine; the comparison of the two (see helpers.oracle.compare)."""
+    theirs = oracle_merge(base, finetunes, out / "oracle", **fields)
+    ours = engine_merge(base, finetunes, out / "ours", **fields)
+    return compare(ours, theirs)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +72,10 @@ def tied_base_untied_finetune(tmp_path_factory) -> tuple[Path, list[Path]]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_tied_base_with_an_untied_finetune_merges_like_merging_eval(tied_base_untied_finetune, tmp_path, case):
     base, finetunes = tied_base_untied_finetune
-    theirs = oracle_case(base, finetunes, tmp_path / "oracle", case)
-    ours = engine_case(base, finetunes, tmp_path / "ours", case)
-    assert "lm_head.weight" not in ours  # the fine-tune's head is ignored, as merging-eval ignores it
-    result = compare(ours, theirs)
+    result = oracle_and_engine(base, finetunes, tmp_path, **case_fields(case, finetunes))
     assert result["equal_fraction"] == 1.0, result
+    # the fine-tune's head is ignored, as merging-eval ignores it
+    assert "lm_head.weight" not in read_state_dict(tmp_path / "ours")
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +93,7 @@ def test_mixtral_merges_like_merging_eval(mixtral, tmp_path, case):
     """Element-wise methods and ties_merging_dare's global threshold are indifferent to how experts are
     stored; per-tensor thresholds are taken over each fused parameter's experts, as merging-eval does."""
     base, finetunes = mixtral
-    theirs = oracle_case(base, finetunes, tmp_path / "oracle", case)
-    ours = engine_case(base, finetunes, tmp_path / "ours", case)
-    result = compare(ours, theirs)
+    result = oracle_and_engine(base, finetunes, tmp_path, **case_fields(case, finetunes))
     assert result["equal_fraction"] == 1.0, result
 
 
@@ -153,12 +149,9 @@ def test_regexes_written_for_fused_expert_names_exclude_like_merging_eval(mixtra
     exclude the same per-expert checkpoint tensors here."""
     base, finetunes = mixtral
     regex = [r"model\.layers\.1\.mlp\.experts\.gate_up_proj", r".*\.0\.mlp\.experts\.down_proj"]
-    fields = {**CASES[case], "exclude_param_names_regex": regex}
-    theirs = oracle_merge(base, finetunes, tmp_path / "oracle", **fields)
-    ours = engine_merge(base, finetunes, tmp_path / "ours", **fields)
-    result = compare(ours, theirs)
+    result = oracle_and_engine(base, finetunes, tmp_path, **CASES[case], exclude_param_names_regex=regex)
     assert result["equal_fraction"] == 1.0, result
-    original = read_state_dict(base)
+    ours, original = read_state_dict(tmp_path / "ours"), read_state_dict(base)
     for name in ("model.layers.1.block_sparse_moe.experts.3.w1.weight",
                  "model.layers.0.block_sparse_moe.experts.1.w2.weight"):
         assert torch.equal(ours[name], original[name]), name

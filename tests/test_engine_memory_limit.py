@@ -1,0 +1,71 @@
+"""The engine under a pod's memory limit: a merge whose inputs are several times larger than a cgroup v1 memory
+limit runs inside a memory cgroup with that limit, and succeeds without the OOM killer.
+
+The inputs' page cache is evicted first, so that the merge reads them again and the cgroup is charged for them
+(pages cached by someone else are not charged twice): the limit is then really reached and the kernel reclaims
+the merge's clean page cache instead of killing it, which is what a streaming merge relies on.
+Skipped where memory cgroups cannot be created (not root, cgroup v2 only); REQUIRE_CGROUP=1 makes that a
+failure (CI sets it). The cgroup is removed whatever happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modelmerge_engine.precompile import write_checkpoint
+from tests.helpers.memory_cgroup import MemoryCgroup, evict_page_cache, unavailable_reason
+
+LIMIT = 256 << 20
+# ~320 MiB per bfloat16 checkpoint: ten 4096 x 4096 matrices and a norm vector; base + 2 fine-tunes = 3.75 x LIMIT
+SHAPES = {**{f"model.layers.{i}.mlp.weight": (4096, 4096) for i in range(10)}, "model.norm.weight": (4096,)}
+
+
+@pytest.fixture(scope="module")
+def cgroups_writable() -> None:
+    reason = unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("REQUIRE_CGROUP") == "1":
+        pytest.fail(f"REQUIRE_CGROUP=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def big_models(cgroups_writable, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("big-models")
+    return [write_checkpoint(root / name, "bfloat16", seed, SHAPES) for seed, name in enumerate(["base", "a", "b"])]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties_merging_dare"])
+def test_a_merge_of_inputs_larger_than_the_memory_limit_succeeds_under_it(method, big_models, tmp_path):
+    base, *finetunes = big_models
+    inputs = sum((p / "model.safetensors").stat().st_size for p in big_models)
+    assert inputs >= 3 * LIMIT
+    out = tmp_path / "merged"
+    evict_page_cache(big_models)
+    with MemoryCgroup("memory-limit-test", limit_bytes=LIMIT) as cgroup:
+        merge = cgroup.popen(
+            [sys.executable, "-m", "modelmerge.cli", "merge", "--progress", "none", "--base-model", str(base),
+             "--models-to-merge", ",".join(map(str, finetunes)), "--merge-method", method,
+             "--output-dir", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = merge.communicate()
+        stats = cgroup.stats()
+
+    assert stats["oom_kills"] == 0, f"OOM-killed under {LIMIT >> 20} MiB: {stats}\n{stderr[-2000:]}"
+    assert merge.returncode == 0, stderr[-2000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["status"] == "succeeded"
+    # The limit bound the merge: its charge (anonymous memory + the page cache it read and wrote) reached the
+    # limit, and the kernel reclaimed page cache rather than killing it.
+    assert LIMIT * 0.9 <= stats["peak_bytes"] <= LIMIT, stats
+    assert stats["pgpgout"] > 0, stats
+    with open(out / "model.safetensors", "rb") as merged:
+        header = json.loads(merged.read(int.from_bytes(merged.read(8), "little")))
+    assert {name: meta["shape"] for name, meta in header.items() if name != "__metadata__"} == \
+        {name: list(shape) for name, shape in SHAPES.items()}
+    assert not cgroup.path.exists()

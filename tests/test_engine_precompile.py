@@ -1,0 +1,113 @@
+"""Precompiled kernels: after `python -m modelmerge_engine.precompile`, a merge in a fresh process loads every
+kernel from numba's cache and compiles nothing (no cache file is written, every dispatcher reports cache hits);
+a cache built elsewhere and mounted read-only seeds numba's writable cache location.
+
+The precompiles here are narrowed (one method, bfloat16, up to 2 fine-tunes) so that the test stays small; the
+default run covers every method, mask flag combination, dtype and 1-8 fine-tunes the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.models import make_family
+
+NARROW = ["--methods", "task_arithmetic", "--dtypes", "bfloat16", "--max-models", "2"]
+SEEDED = {"NUMBA_CACHE_LOCATOR_CLASSES": "modelmerge_engine.precompile.SeededCacheLocator"}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("NUMBA_") and k != "MODELMERGE_NUMBA_CACHE_SEED"}
+    return {**env, **extra}
+
+
+def precompile(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, dict | None]:
+    result = subprocess.run([sys.executable, "-m", "modelmerge_engine.precompile", *args], capture_output=True,
+                            text=True, env=env)
+    lines = result.stdout.strip().splitlines()
+    return result, (json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("numba-cache")
+    result, report = precompile(*NARROW, env=_env(NUMBA_CACHE_DIR=str(cache)))
+    assert result.returncode == 0, result.stderr
+    assert report["compiled"] > 0 and report["cache_hits"] == 0, report  # it started from an empty cache
+    assert any(p.suffix == ".nbi" for p in cache.rglob("*")), snapshot(cache)
+    return cache
+
+
+def test_a_fresh_merge_after_precompile_compiles_nothing(built_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    before = snapshot(cache)
+    base, finetunes = make_family(tmp_path / "models", n=2, vocab=256, hidden=64, intermediate=160, layers=2)
+    merge = subprocess.run(
+        [sys.executable, "-m", "modelmerge.cli", "merge", "--progress", "none", "--base-model", str(base),
+         "--models-to-merge", ",".join(map(str, finetunes)), "--merge-method", "task_arithmetic",
+         "--scaling-coefficient", "0.3", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=_env(NUMBA_CACHE_DIR=str(cache), NUMBA_DEBUG_CACHE="1"))
+    assert merge.returncode == 0, merge.stderr
+    assert json.loads(merge.stdout.strip().splitlines()[-1])["status"] == "succeeded"
+    debug = [line for line in merge.stdout.splitlines() if line.startswith("[cache]")]
+    assert any("data loaded" in line for line in debug), debug
+    assert not [line for line in debug if "saved" in line], debug
+    assert snapshot(cache) == before
+
+    result, report = precompile(*NARROW, "--verify", env=_env(NUMBA_CACHE_DIR=str(cache)))
+    assert result.returncode == 0, result.stderr
+    assert report["compiled"] == 0 and report["cache_hits"] > 0, report
+    assert snapshot(cache) == before
+
+
+def test_verify_fails_naming_the_kernels_that_were_not_cached(built_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    result, report = precompile("--methods", "ties_merging", "--dtypes", "bfloat16", "--max-models", "1",
+                                "--verify", env=_env(NUMBA_CACHE_DIR=str(cache)))
+    assert result.returncode == 1
+    assert report["compiled"] > 0
+    assert "compiled instead of loaded from the cache" in result.stderr and "ties(" in result.stderr
+
+
+def test_a_read_only_seed_fills_numbas_writable_cache(built_cache, tmp_path):
+    seed = tmp_path / "seed"
+    shutil.copytree(built_cache, seed)
+    seeded_before = snapshot(seed)
+    target = tmp_path / "writable"
+
+    result, report = precompile(*NARROW, "--verify", env=_env(NUMBA_CACHE_DIR=str(target),
+                                                             MODELMERGE_NUMBA_CACHE_SEED=str(seed), **SEEDED))
+    assert result.returncode == 0, result.stderr
+    assert report["compiled"] == 0 and report["cache_hits"] > 0, report
+    assert snapshot(seed) == seeded_before
+    assert set(snapshot(target)) == set(seeded_before)
+    assert not [p for p in target.rglob("*.partial")]
+
+    # The same run without the seed compiles: the seed, not a cache elsewhere, is what made it pass.
+    result, report = precompile(*NARROW, "--verify", env=_env(NUMBA_CACHE_DIR=str(tmp_path / "empty"), **SEEDED))
+    assert result.returncode == 1 and report["compiled"] > 0, result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "task_arithmetic,bogus"], "--methods: unknown method(s) bogus"),
+    (["--dtypes", "int8"], "--dtypes: unknown dtype(s) int8"),
+    (["--max-models", "0"], "--max-models must be at least 1, got 0"),
+])
+def test_bad_arguments_are_refused_naming_the_flag(args, message, tmp_path):
+    result, _ = precompile(*args, env=_env(NUMBA_CACHE_DIR=str(tmp_path / "cache")))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "cache").exists()

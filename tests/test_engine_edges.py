@@ -208,6 +208,24 @@ def test_broken_safetensors_headers_are_refused_naming_file_and_tensor(tmp_path,
     assert expected in message, message
 
 
+@pytest.mark.parametrize(("weight_map", "expected"), [
+    ({"a.weight": "../outside.safetensors"}, "shard '../outside.safetensors' is outside the model directory"),
+    ({"a.weight": "/etc/model.safetensors"}, "shard '/etc/model.safetensors' is outside the model directory"),
+    (["model-00001-of-00001.safetensors"], "weight_map is not an object of tensor name to shard file name"),
+])
+def test_an_index_pointing_outside_the_model_or_malformed_is_refused(tmp_path, weight_map, expected):
+    from modelmerge_engine.errors import MergeError
+    from modelmerge_engine.safetensors_io import SafetensorsModel
+
+    model = tmp_path / "model"
+    model.mkdir()
+    write_safetensors(tmp_path / "outside.safetensors", {"a.weight": _entry("F32", [1], 0, 4)}, bytes(4))
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(MergeError) as raised:
+        SafetensorsModel(model, "base_model m")
+    assert str(raised.value) == f"base_model m: model.safetensors.index.json: {expected}"
+
+
 def test_a_broken_finetune_fails_the_merge_and_leaves_nothing(tied_base_untied_finetune, tmp_path, capsys):
     base, finetunes = tied_base_untied_finetune
     broken = tmp_path / "broken"

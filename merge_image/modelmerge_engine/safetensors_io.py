@@ -160,9 +160,15 @@ class SafetensorsModel:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise MergeError(f"{self.label}: unreadable {INDEX_NAME}: {exc}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise MergeError(f"{self.label}: {INDEX_NAME}: weight_map is not an object of tensor name to "
+                                 "shard file name")
             files = sorted(set(weight_map.values()))
+            for name in files:  # lexically: a Hub snapshot's files are symlinks into the cache's blobs
+                if Path(name).is_absolute() or ".." in Path(name).parts or not name:
+                    raise MergeError(f"{self.label}: {INDEX_NAME}: shard {name!r} is outside the model directory")
             missing = [name for name in files if not (self.directory / name).is_file()]
             if missing:
                 raise MergeError(f"{self.label}: shard listed in {INDEX_NAME} is missing: {missing[0]}")

@@ -88,10 +88,13 @@ def mixtral(tmp_path_factory) -> tuple[Path, list[Path]]:
     return base, finetunes
 
 
+@pytest.mark.parametrize("kernels", ["cpu", "torch"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_mixtral_merges_like_merging_eval(mixtral, tmp_path, case):
+def test_mixtral_merges_like_merging_eval(mixtral, tmp_path, monkeypatch, case, kernels):
     """Element-wise methods and ties_merging_dare's global threshold are indifferent to how experts are
-    stored; per-tensor thresholds are taken over each fused parameter's experts, as merging-eval does."""
+    stored; per-tensor thresholds are taken over each fused parameter's experts, as merging-eval does.
+    Both kernel sets (the torch one is the CUDA path's, run on CPU here)."""
+    monkeypatch.setenv("MODELMERGE_ENGINE_KERNELS", kernels)
     base, finetunes = mixtral
     result = oracle_and_engine(base, finetunes, tmp_path, **case_fields(case, finetunes))
     assert result["equal_fraction"] == 1.0, result

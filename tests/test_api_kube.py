@@ -21,6 +21,7 @@ import yaml
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
 from modelmerge_api.app import AppSettings, create_app
 from modelmerge_api.kube import KubernetesBackend
+from tests.helpers.job_progress import watch_progress
 from tests.helpers.rest_api import (
     PAYLOAD,
     check_merged_model,
@@ -38,14 +39,33 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_KUBEsecretTokenValue987654321"
 OUTPUT_PVC, CACHE_PVC = "merge-output", "hf-cache"
-# The merge command the operator runs: the real engine, except that base_model "slow/model" just sleeps
-# (so a merge can be cancelled while it runs).
+# The merge command the operator runs: the real engine, except that base_model "slow/model" just sleeps (so a
+# merge can be cancelled while it runs) and "steps/model" reports three steps over a few seconds, one report
+# going back (as a stale line would), then succeeds.
 DISPATCH = r'''
 import json, os, sys, time
-spec = json.load(open(sys.argv[sys.argv.index("--spec") + 1]))
+def arg(flag):
+    return sys.argv[sys.argv.index(flag) + 1]
+spec = json.load(open(arg("--spec")))
 if spec["base_model"] == "slow/model":
     print("merging 10%", flush=True)
     time.sleep(300)
+if spec["base_model"] == "steps/model":
+    for step, index, start, weight in (("thresholds", 1, 0.0, 40.0), ("signs", 2, 40.0, 20.0),
+                                       ("merge", 3, 60.0, 40.0)):
+        for of_step in (0.0, 50.0, 100.0):
+            overall = start + weight * of_step / 100
+            print(f"[{step} {index}/3] {overall:5.1f}% overall, {of_step:.1f}% of step", file=sys.stderr, flush=True)
+            time.sleep(1.0)
+        if step == "signs":
+            print("[thresholds 1/3]  10.0% overall, 25.0% of step", file=sys.stderr, flush=True)
+            time.sleep(1.5)
+    os.makedirs(arg("--output-dir"))
+    open(os.path.join(arg("--output-dir"), "config.json"), "w").write("{}")
+    summary = json.dumps({"status": "succeeded", "output_dir": arg("--output-dir")})
+    open(arg("--summary-file"), "w").write(summary)
+    print(summary, flush=True)
+    sys.exit(0)
 os.execv(sys.executable, [sys.executable, "-m", "modelmerge.cli", *sys.argv[1:]])
 '''
 
@@ -81,7 +101,9 @@ def operator_in_process(kubeconfig: Path, namespace: str, merge_command: list[st
     from modelmerge_operator import handlers  # noqa: F401 - registers the handlers
     from modelmerge_operator.config import OperatorConfig
 
-    config = OperatorConfig(merge_command=tuple(merge_command), job_env=(("HF_HUB_OFFLINE", "1"),))
+    # Running merges are read every half second, so their progress reaches the status while a test watches.
+    config = OperatorConfig(merge_command=tuple(merge_command), job_env=(("HF_HUB_OFFLINE", "1"),),
+                            resync_interval=0.5)
     memo = kopf.Memo(config=config, workers=4, kubeconfig=str(kubeconfig))
     stop, ready = threading.Event(), threading.Event()
     patch = pytest.MonkeyPatch()
@@ -214,6 +236,18 @@ def test_merge_end_to_end(cluster, tmp_path):
     followed = requests.get(f"{cluster.url}/api/jobs/{job_id}/logs", params={"follow": "true"}, headers=AUTH,
                             timeout=60)  # ends at once: the pod has ended
     assert followed.status_code == 200 and followed.text == logs
+
+
+def test_progress_is_reported_while_running_and_never_goes_down(cluster):
+    job_id = submit(cluster.url, {**PAYLOAD, "base_model": "steps/model"}, headers=AUTH)
+    samples = watch_progress(cluster.url, job_id, headers=AUTH)
+    final = job(cluster.url, job_id, headers=AUTH)
+    assert final["status"] == "completed", final
+    percents = [percent for percent, _ in samples]
+    assert percents == sorted(percents), samples
+    assert len(set(percents)) >= 3 and {step for _, step in samples} >= {"signs 2/3", "merge 3/3"}, samples
+    (merge,) = [o for o in cluster.custom_objects() if o["metadata"]["name"] == job_id]
+    assert merge["status"]["outputPath"] == final["output_path"] == f"pvc://{OUTPUT_PVC}/{job_id}"
 
 
 def test_hf_token_lives_in_an_owned_secret_only(cluster):

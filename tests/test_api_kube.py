@@ -20,6 +20,7 @@ import yaml
 
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
 from modelmerge_api.app import AppSettings, create_app
+from modelmerge_api.informer import Informer
 from modelmerge_api.kube import KubernetesBackend
 from tests.helpers.job_progress import watch_progress
 from tests.helpers.rest_api import (
@@ -33,6 +34,7 @@ from tests.helpers.rest_api import (
     wait_for,
     wait_status,
 )
+from tests.kube.fixtures import create_namespace, delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -148,24 +150,9 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def module_namespace(k8s_api):
-    from kubernetes import client
-
-    core = client.CoreV1Api(k8s_api)
-    name = f"api-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}}, _preload_content=False)
-    wait_for(lambda: _has_default_sa(core, name), 30, "the default ServiceAccount")
+    name = create_namespace(k8s_api, f"api-{uuid.uuid4().hex[:8]}")
     yield name
-    core.delete_namespace(name, _preload_content=False)
-
-
-def _has_default_sa(core, namespace: str) -> bool:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        core.read_namespaced_service_account("default", namespace, _preload_content=False)
-        return True
-    except ApiException:
-        return False
+    delete_namespace(k8s_api, name)
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +395,43 @@ def test_service_account_tokens_via_token_review(cluster, k8s_api):
     bad = requests.get(cluster.url + "/api/jobs", headers={"Authorization": "Bearer not-a-token"}, timeout=10)
     assert bad.status_code == 401
     assert requests.get(cluster.url + "/api/jobs", timeout=10).status_code == 401
+
+
+def test_informer_follows_the_namespace_and_never_rolls_back(k8s_api, namespace):
+    """The cache the backend reads: it lists, follows additions, changes and deletions through its watch, keeps
+    an object's newest version when an older one arrives late, hands each view its previous one, and stops."""
+    from kubernetes import client
+
+    install_crd(k8s_api)
+    custom = client.CustomObjectsApi(k8s_api)
+    args = (API_GROUP, API_VERSION, namespace, PLURAL)
+
+    def by_hand(name: str) -> dict:
+        body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "ModelMerge", "metadata": {"name": name},
+                "spec": {"base_model": "a/b", "models_to_merge": ["c/d"], "merge_method": "average_merging",
+                         "output": {"pvc": "out"}}}
+        return custom.create_namespaced_custom_object(*args, body)
+
+    first = by_hand("listed")
+    what = f"ModelMerges in {namespace}"
+    informer = Informer(custom.list_namespaced_custom_object, args, order=lambda e: e.obj["metadata"]["name"],
+                        make_view=lambda obj, previous: (obj["metadata"]["resourceVersion"], previous), what=what)
+    informer.start()
+    try:
+        assert informer.wait_synced(30)
+        assert informer.get("listed").view == (first["metadata"]["resourceVersion"], None)
+        by_hand("watched")
+        wait_for(lambda: informer.get("watched"), 30, "the watch to add the new object")
+        changed = custom.patch_namespaced_custom_object(*args, "listed", {"metadata": {"labels": {"x": "y"}}},
+                                                        _content_type="application/merge-patch+json")
+        version = changed["metadata"]["resourceVersion"]
+        wait_for(lambda: informer.get("listed").view[0] == version, 30, "the watch to see the change")
+        assert informer.get("listed").view == (version, (first["metadata"]["resourceVersion"], None))
+        assert informer.remember(first).obj["metadata"]["resourceVersion"] == version  # late: not taken
+        assert [entry.obj["metadata"]["name"] for entry in informer.entries()] == ["listed", "watched"]
+        custom.delete_namespaced_custom_object(*args, "watched")
+        wait_for(lambda: informer.get("watched") is None, 30, "the watch to see the deletion")
+        assert informer.get("listed").view[0] == version
+    finally:
+        informer.stop(timeout=30)
+    assert f"informer-{what}" not in {thread.name for thread in threading.enumerate()}

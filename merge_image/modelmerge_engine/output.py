@@ -102,19 +102,16 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGTERM/SIGINT wait until the block is over (then are delivered), so that publishing is never cut
-    half-way by our own handlers; SIGKILL is covered by the crash-safe order of the steps."""
-    caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+def _signals_ignored() -> Iterator[None]:
+    """SIGTERM/SIGINT are ignored while the complete output is put in place (milliseconds): the merge has
+    done its work, so it then ends as succeeded rather than half-published by our own handlers. SIGKILL is
+    covered by the crash-safe order of the steps."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for signum in caught[:1]:
-            signal.raise_signal(signum)
 
 
 class StagingLock:
@@ -250,7 +247,7 @@ class OutputDir:
         staging, parent = self.staging, self.final.parent
         self._check_replaceable()  # another process may have written there meanwhile
         fsync_directory(staging)
-        with _signals_deferred():
+        with _signals_ignored():
             replaced = None
             if not (self.final.exists() or self.final.is_symlink()):
                 staging.rename(self.final)
@@ -262,10 +259,10 @@ class OutputDir:
                 staging.rename(self.final)
             fsync_directory(parent)
             self.staging = self._created_root = None  # published: nothing of ours to discard any more
-        if replaced is not None:
-            _remove(replaced)
-        self._release_lock()
-        fsync_directory(parent)
+            if replaced is not None:
+                _remove(replaced)
+            self._release_lock()
+            fsync_directory(parent)
 
     def discard(self) -> None:
         if self.staging is not None:

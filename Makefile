@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[engine,operator,api,dev]'
+	$(BIN)/pip install -q -e '.[engine,gpu,operator,api,dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The main job on its embedded default: the REST API with the local backend on port 5000.
@@ -53,20 +53,23 @@ clean:
 
 # ---- Kubernetes packaging: images, chart, kind ----------------------------------------------------------------
 # `make test` already runs helm lint and the chart renders (tests/test_chart.py) and the chart's RBAC on envtest.
-DOCKER ?= docker
 IMAGE_REGISTRY ?= ghcr.io/modelmerge
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-# e.g. MERGE_BUILD_ARGS='--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' for a CPU-only merge image
+# merge (CUDA torch) or merge-cpu (no torch: tagged $(IMAGE_TAG)-cpu)
+MERGE_TARGET ?= merge
+# e.g. MERGE_BUILD_ARGS='--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' (CPU torch in `merge`)
 MERGE_BUILD_ARGS ?=
 
-.PHONY: helm-lint chart-crds
+.PHONY: helm-lint chart-crds base-image
 
-# The three images, from the repository root as build context (needs a Docker engine).
+# The three images with docker or podman (CONTAINER_ENGINE overrides), cached by content hash (hack/images.sh).
 images:
-	@command -v $(DOCKER) >/dev/null || { echo "make images: '$(DOCKER)' not found (a Docker engine is needed)"; exit 1; }
-	$(DOCKER) build -f merge_image/Dockerfile --target merge $(MERGE_BUILD_ARGS) -t $(IMAGE_REGISTRY)/merge:$(IMAGE_TAG) .
-	$(DOCKER) build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
-	$(DOCKER) build -f api/Dockerfile -t $(IMAGE_REGISTRY)/api:$(IMAGE_TAG) .
+	IMAGE_REGISTRY='$(IMAGE_REGISTRY)' IMAGE_TAG='$(IMAGE_TAG)' MERGE_TARGET='$(MERGE_TARGET)' \
+	  MERGE_BUILD_ARGS='$(MERGE_BUILD_ARGS)' bash hack/images.sh
+
+# The local python 3.11 bookworm base (mmdebstrap) that `make images` uses when the registry's cannot be pulled.
+base-image:
+	bash hack/base-image.sh
 
 # kind cluster → images → helm install → examples/modelmerge-tiny.yaml → Succeeded → output through the API.
 kind-e2e: install

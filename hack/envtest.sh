@@ -34,6 +34,22 @@ has_all() {
 # A version pinned in go.mod, so that go.mod is the one place to change them.
 modver() { awk -v m="$1" '$1 == m && $2 ~ /^v/ {print $2; exit}' "$MODDIR/go.mod"; }
 
+# build_helm DEST LDFLAGS STAMP: rebuilds DEST/helm alone (the control plane in DEST is current).
+build_helm() {
+    local dest="$1" flags="$2" stamp="$3" work start=$SECONDS
+    log "building helm alone into $dest"
+    work="$(mktemp -d "$dest/.helm-XXXXXX")"
+    if ! (cd "$MODDIR" && CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" \
+            go build -trimpath -ldflags "$flags" -o "$work/helm" helm.sh/helm/v3/cmd/helm); then
+        rm -rf "$work"
+        return 1
+    fi
+    mv "$work/helm" "$dest/helm"
+    rm -rf "$work"
+    echo "$stamp" >"$dest/.stamp-helm"
+    log "built helm in $((SECONDS - start))s"
+}
+
 # Everything runs inside main, so bash has read the whole file before it starts (safe to edit meanwhile).
 main() {
     if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
@@ -65,11 +81,25 @@ main() {
     minor="$(cut -d. -f2 <<<"$k8s")"
     local ldflags="-s -w -X $cb.gitVersion=$k8s -X $cb.gitMajor=1 -X $cb.gitMinor=$minor"
     ldflags+=" -X $cb.gitTreeState=clean -X helm.sh/helm/v3/internal/version.version=$helm"
+    # helm's default Kubernetes version (`helm template` without --kube-version, .Capabilities.KubeVersion) is
+    # stamped from the client-go it is built with, as helm's own Makefile does; unstamped it says v1.20.0, below
+    # the chart's kubeVersion. The other binaries ignore these symbols.
+    local client_go helm_ldflags pkg
+    client_go="$(modver k8s.io/client-go)"
+    client_go="${client_go#v0.}"
+    for pkg in pkg/chartutil pkg/lint/rules; do
+        helm_ldflags+=" -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=${client_go%%.*}"
+    done
 
-    # The cache is valid for exactly these modules and flags.
-    local stamp
+    # The cache is valid for exactly these modules and flags; helm has a stamp of its own, so that a change of
+    # its flags rebuilds helm alone (seconds) instead of the control plane (minutes).
+    local stamp helm_stamp
     stamp="$( (cat "$MODDIR/go.mod" "$MODDIR/go.sum"; echo "$ldflags") | sha256sum | cut -c1-16)"
+    helm_stamp="$( (cat "$MODDIR/go.mod" "$MODDIR/go.sum"; echo "$ldflags$helm_ldflags") | sha256sum | cut -c1-16)"
     if has_all "$dest" && [[ "$(cat "$dest/.stamp" 2>/dev/null)" == "$stamp" ]]; then
+        if [[ "$(cat "$dest/.stamp-helm" 2>/dev/null)" != "$helm_stamp" ]]; then
+            build_helm "$dest" "$ldflags$helm_ldflags" "$helm_stamp" || return 1
+        fi
         log "up to date: kubernetes $k8s, etcd $etcd, helm $helm"
         echo "$dest"
         return 0
@@ -87,7 +117,7 @@ main() {
     (
         cd "$MODDIR"
         export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
-        go build -trimpath -ldflags "$ldflags" -o "$WORK/" \
+        go build -trimpath -ldflags "$ldflags$helm_ldflags" -o "$WORK/" \
             k8s.io/kubernetes/cmd/kube-apiserver \
             k8s.io/kubernetes/cmd/kube-controller-manager \
             go.etcd.io/etcd/server/v3 \
@@ -98,6 +128,7 @@ main() {
     has_all "$WORK" || { log "the build did not produce all of ${BINARIES[*]}"; return 1; }
     chmod 755 "$WORK"
     echo "$stamp" >"$WORK/.stamp"
+    echo "$helm_stamp" >"$WORK/.stamp-helm"
     printf 'kubernetes %s\netcd %s\nhelm %s\n' "$k8s" "$etcd" "$helm" >"$WORK/VERSIONS"
 
     rm -rf "$dest"

@@ -88,7 +88,7 @@ def mixtral(tmp_path_factory) -> tuple[Path, list[Path]]:
     return base, finetunes
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "torch"])
+@pytest.mark.parametrize("kernels", ["compiled", "torch"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mixtral_merges_like_merging_eval(mixtral, tmp_path, monkeypatch, case, kernels):
     """Element-wise methods and ties_merging_dare's global threshold are indifferent to how experts are

@@ -3,8 +3,11 @@
 Each function reproduces, element by element, the torch operations merging-eval performs on whole models:
 float32 arithmetic with a rounding to the compute dtype wherever a torch op on a 16-bit tensor rounds
 (`rnd`). Values are stored as their bit patterns: bfloat16 and float16 in uint16 arrays, float32 in float32
-arrays; `code` says which 16-bit format a uint16 array holds. Inputs are a tuple of arrays (one per model).
+arrays; `code` (dtype_codes.py) says which format an array holds. Inputs are a tuple of arrays (one per model).
 Thresholds are magnitude bit patterns (see select.py); -1 means "no threshold" (nothing trimmed).
+
+Each loop is written once, generic in the dtype code and the flags, and compiled per combination by
+`_specialised`: every constant folded in, so the machine code is branch-free and vectorises.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core.errors import NumbaIRAssumptionWarning
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
+
+from modelmerge_engine.dtype_codes import BF16, F32
 
 # Inlining the dtype overloads (needed for the loops to vectorise) trips a pedantic internal check of
 # numba's SSA pass at compile time; the compiled code is checked against merging-eval by the tests.
 warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
 
-BF16, F16, F32 = 0, 1, 2
 KEEP_ALL, BY_MAGNITUDE, AT_RANDOM = 0, 1, 2
 
 
@@ -125,6 +129,41 @@ def _store(out, e, f, code):
     return to_bits
 
 
+# --- specialisation --------------------------------------------------------------------------------------
+
+# Compiled kernels by (loop, constants): each compiles on first use and is cached on disk; variants never
+# used are never compiled. Module-level, so precompile.py finds every kernel a merge has used.
+_SPECIALISED: dict[tuple, object] = {}
+
+
+def _specialised(loop, *constants):
+    """A compiled `run(args)` = `loop(constants, args)`, with the constants (dtype code, flags) folded in.
+
+    Loops take their constants and their arguments as two tuples and unpack them first: numba cannot
+    inline a call with *args. `loop` is a register_jitable function: numba's cache key pickles the closure's
+    contents, and a plain module-level function pickles by name (a dispatcher pickles with a per-process id,
+    so the on-disk cache would never hit)."""
+    key = (loop.__name__, *constants)
+    kernel = _SPECIALISED.get(key)
+    if kernel is None:
+        @njit(nogil=True, cache=True)
+        def run(args):
+            return loop(constants, args)
+
+        kernel = _SPECIALISED.setdefault(key, run)
+    return kernel
+
+
+def _per_dtype(loop):
+    """The public kernel `name(code, *args)`: `loop` specialised for the dtype `code`."""
+    def kernel(code, *args):
+        return _specialised(loop, int(code))(args)
+
+    kernel.__name__ = kernel.__qualname__ = loop.__name__.lstrip("_")
+    kernel.__doc__ = loop.__doc__
+    return kernel
+
+
 # --- conversions -----------------------------------------------------------------------------------------
 
 
@@ -138,11 +177,13 @@ def convert(source, source_code, out, out_code):
 # --- thresholds ------------------------------------------------------------------------------------------
 
 
-@njit(inline="always")
-def _histogram(base, inputs, code, task_vectors, shift, buckets, counts):
+@register_jitable(inline="always")
+def _histogram(constants, args):
     """counts[i] += histogram of the magnitude bits (>> shift) of input i's task vector (rounded like
     merging-eval's `finetuned - pretrained`) or of its weights; with buckets[i] >= 0 only values whose high
     16 bits equal it are counted, by their low 16 bits (the second pass of the float32 radix select)."""
+    code, = constants
+    base, inputs, task_vectors, shift, buckets, counts = args
     for e in range(base.shape[0]):
         b = widen(base[e], code)
         for i in range(len(inputs)):
@@ -157,18 +198,7 @@ def _histogram(base, inputs, code, task_vectors, shift, buckets, counts):
             counts[i, m >> shift] += 1
 
 
-@njit(nogil=True, cache=True)
-def histogram(base, inputs, code, task_vectors, shift, buckets, counts):
-    """counts[i] += histogram of the magnitude bits (>> shift) of input i's task vector (rounded like
-    merging-eval's `finetuned - pretrained`) or of its weights; with buckets[i] >= 0 only values whose high
-    16 bits equal it are counted, by their low 16 bits (the second pass of the float32 radix select)."""
-    if code == BF16:
-        _histogram(base, inputs, BF16, task_vectors, shift, buckets, counts)
-    elif code == F16:
-        _histogram(base, inputs, F16, task_vectors, shift, buckets, counts)
-    else:
-        _histogram(base, inputs, F32, task_vectors, shift, buckets, counts)
-
+histogram = _per_dtype(_histogram)
 
 
 # --- mask_merging's first step ---------------------------------------------------------------------------
@@ -187,16 +217,18 @@ def _uniform(key, index):
 
 @njit(nogil=True, cache=True)
 def uniform_draws(key, start, out):
-    """The draws `mask` makes for elements start.. of a stream (for the torch backend)."""
+    """The draws `mask` makes for elements start.. of a stream (for the torch kernel set)."""
     for e in range(out.shape[0]):
         out[e] = _uniform(key, start + e)
 
 
-@njit(inline="always")
-def _mask(base, raw, code, delta, mode, threshold, key, start, rate, rescale, out):
+@register_jitable(inline="always")
+def _mask(constants, args):
     """One model's masked weights: drop by magnitude (threshold >= 0: |v| <= kth) or at random (draw < rate,
     for elements start.. of the stream `key`), rescale by 1 / (1 - rate), and re-add the base for delta
     weights (`pretrained + 1.0 * masked`). Dropping multiplies by 0, as merging-eval's `values * ~mask`."""
+    code, delta, mode, rescale = constants
+    base, raw, threshold, key, start, rate, out = args
     keep_scale = np.float32(1.0 - rate)
     for e in range(out.shape[0]):
         b = widen(base[e], code)
@@ -214,37 +246,26 @@ def _mask(base, raw, code, delta, mode, threshold, key, start, rate, rescale, ou
         store(out, e, v, code)
 
 
-def _mask_variant(code: int, delta: bool, mode: int, rescale: bool):
-    """A compiled mask loop with every flag a constant (branch-free, vectorisable). Each variant compiles
-    on first use and is cached on disk; variants never used are never compiled."""
-    @njit(nogil=True, cache=True)
-    def variant(base, raw, threshold, key, start, rate, out):
-        _mask(base, raw, code, delta, mode, threshold, key, start, rate, rescale, out)
-
-    return variant
-
-
-_MASK_VARIANTS: dict[tuple[int, bool, int, bool], object] = {}
-
-
-def mask(base, raw, code, delta, threshold, random, key, start, rate, rescale, out):
-    """One model's masked weights: drop by magnitude (threshold >= 0: |v| <= kth) or at random (draw < rate,
-    for elements start.. of the stream `key`), rescale by 1 / (1 - rate), and re-add the base for delta
-    weights (`pretrained + 1.0 * masked`). Dropping multiplies by 0, as merging-eval's `values * ~mask`."""
-    mode = BY_MAGNITUDE if threshold >= 0 else (AT_RANDOM if random else KEEP_ALL)
-    flags = (int(code), bool(delta), mode, bool(rescale and rate != 1.0))
-    kernel = _MASK_VARIANTS.get(flags)
-    if kernel is None:
-        kernel = _MASK_VARIANTS.setdefault(flags, _mask_variant(*flags))
-    kernel(base, raw, threshold, key, start, rate, out)
+def mask(code, base, raw, params, out):
+    """One model's masked weights (see `_mask`), as `params` (kernels.MaskParams) describes them; the loop is
+    specialised for the dtype and every flag."""
+    if params.threshold >= 0:
+        mode = BY_MAGNITUDE
+    else:
+        mode = AT_RANDOM if params.random_key is not None else KEEP_ALL
+    rescale = params.rescale and params.rate != 1.0
+    kernel = _specialised(_mask, int(code), bool(params.delta), mode, bool(rescale))
+    kernel((base, raw, params.threshold, params.random_key or 0, params.start, params.rate, out))
 
 
 # --- the methods -----------------------------------------------------------------------------------------
 
 
-@njit(inline="always")
-def _average(inputs, code, out):
+@register_jitable(inline="always")
+def _average(constants, args):
     """`stack(inputs).mean(dim=0)`: float32 sum, float32 division, one rounding."""
+    code, = constants
+    inputs, out = args
     n = np.float32(len(inputs))
     for e in range(out.shape[0]):
         total = widen(inputs[0][e], code)
@@ -253,21 +274,14 @@ def _average(inputs, code, out):
         store(out, e, total / n, code)
 
 
-@njit(nogil=True, cache=True)
-def average(inputs, code, out):
-    """`stack(inputs).mean(dim=0)`: float32 sum, float32 division, one rounding."""
-    if code == BF16:
-        _average(inputs, BF16, out)
-    elif code == F16:
-        _average(inputs, F16, out)
-    else:
-        _average(inputs, F32, out)
+average = _per_dtype(_average)
 
 
-
-@njit(inline="always")
-def _task_arithmetic(base, inputs, code, scaling, out):
+@register_jitable(inline="always")
+def _task_arithmetic(constants, args):
     """base + s * (tv_0 + tv_1 + ...), each tv and each partial sum rounded like merging-eval's tensors."""
+    code, = constants
+    base, inputs, scaling, out = args
     s = np.float32(scaling)
     for e in range(out.shape[0]):
         b = widen(base[e], code)
@@ -277,16 +291,7 @@ def _task_arithmetic(base, inputs, code, scaling, out):
         store(out, e, b + rnd(s * total, code), code)
 
 
-@njit(nogil=True, cache=True)
-def task_arithmetic(base, inputs, code, scaling, out):
-    """base + s * (tv_0 + tv_1 + ...), each tv and each partial sum rounded like merging-eval's tensors."""
-    if code == BF16:
-        _task_arithmetic(base, inputs, BF16, scaling, out)
-    elif code == F16:
-        _task_arithmetic(base, inputs, F16, scaling, out)
-    else:
-        _task_arithmetic(base, inputs, F32, scaling, out)
-
+task_arithmetic = _per_dtype(_task_arithmetic)
 
 
 @njit(inline="always")
@@ -296,10 +301,12 @@ def _trimmed(base_value, value, code, threshold):
     return v * np.float32((threshold < 0) | (mag(v, code) >= threshold))
 
 
-@njit(inline="always")
-def _ties(base, inputs, code, thresholds, scaling, out):
+@register_jitable(inline="always")
+def _ties(constants, args):
     """merging-eval's ties_merging: trim per tensor, elect sign(sum) (0 counts as +), average the values of
     the elected sign (its `sum(list)` rounds after each addition), scale, add to the base in float32."""
+    code, = constants
+    base, inputs, thresholds, scaling, out = args
     s = np.float32(scaling)
     for e in range(out.shape[0]):
         b = widen(base[e], code)
@@ -317,58 +324,45 @@ def _ties(base, inputs, code, thresholds, scaling, out):
         store(out, e, b + s * (kept / max(count, np.float32(1.0))), code)
 
 
-@njit(nogil=True, cache=True)
-def ties(base, inputs, code, thresholds, scaling, out):
-    """merging-eval's ties_merging: trim per tensor, elect sign(sum) (0 counts as +), average the values of
-    the elected sign (its `sum(list)` rounds after each addition), scale, add to the base in float32."""
-    if code == BF16:
-        _ties(base, inputs, BF16, thresholds, scaling, out)
-    elif code == F16:
-        _ties(base, inputs, F16, thresholds, scaling, out)
-    else:
-        _ties(base, inputs, F32, thresholds, scaling, out)
-
+ties = _per_dtype(_ties)
 
 
 @njit(inline="always")
-def _dare_sum(b, inputs, e, code, thresholds):
+def _trimmed_sum(b, inputs, e, code, thresholds):
+    """Σ_i trimmed_i at element e, in float32 (`stack(trimmed).sum(dim=0)`)."""
     total = np.float32(0.0)
     for i in range(len(inputs)):
         total += _trimmed(b, widen(inputs[i][e], code), code, thresholds[i])
     return total
 
 
-@njit(inline="always")
-def _dare_balance(base, inputs, code, thresholds):
+@register_jitable(inline="always")
+def _global_ties_sign_balance(constants, args):
     """Σ sign(Σ_i trimmed_i) over the range: what decides ties_merging_dare's majority sign."""
+    code, = constants
+    base, inputs, thresholds = args
     balance = 0
     for e in range(base.shape[0]):
-        total = _dare_sum(widen(base[e], code), inputs, e, code, thresholds)
+        total = _trimmed_sum(widen(base[e], code), inputs, e, code, thresholds)
         balance += np.int64(total > 0) - np.int64(total < 0)
     return balance
 
 
-@njit(nogil=True, cache=True)
-def dare_balance(base, inputs, code, thresholds):
-    """Σ sign(Σ_i trimmed_i) over the range: what decides ties_merging_dare's majority sign."""
-    if code == BF16:
-        return _dare_balance(base, inputs, BF16, thresholds)
-    elif code == F16:
-        return _dare_balance(base, inputs, F16, thresholds)
-    else:
-        return _dare_balance(base, inputs, F32, thresholds)
+global_ties_sign_balance = _per_dtype(_global_ties_sign_balance)
 
 
-
-@njit(inline="always")
-def _dare(base, inputs, code, thresholds, majority, scaling, out):
-    """merging-eval's ties_merging_dare: global thresholds, sign of the float32 sum (0 → majority sign),
-    float32 sum of the agreeing values rounded once (`torch.sum(dim=0)`), mean, scale, add to the base."""
+@register_jitable(inline="always")
+def _global_ties(constants, args):
+    """merging-eval's ties_merging_dare (TIES with one global threshold per model): sign of the float32 sum
+    (0 → majority sign), float32 sum of the agreeing values rounded once (`torch.sum(dim=0)`), mean, scale,
+    add to the base."""
+    code, = constants
+    base, inputs, thresholds, majority, scaling, out = args
     s = np.float32(scaling)
     m = np.float32(majority)
     for e in range(out.shape[0]):
         b = widen(base[e], code)
-        total = _dare_sum(b, inputs, e, code, thresholds)
+        total = _trimmed_sum(b, inputs, e, code, thresholds)
         elected = np.float32(total > 0) - np.float32(total < 0) + m * np.float32(total == 0)
         kept = np.float32(0.0)
         count = np.float32(0.0)
@@ -380,14 +374,4 @@ def _dare(base, inputs, code, thresholds, majority, scaling, out):
         store(out, e, b + s * (rnd(kept, code) / max(count, np.float32(1.0))), code)
 
 
-
-@njit(nogil=True, cache=True)
-def dare(base, inputs, code, thresholds, majority, scaling, out):
-    """merging-eval's ties_merging_dare: global thresholds, sign of the float32 sum (0 → majority sign),
-    float32 sum of the agreeing values rounded once (`torch.sum(dim=0)`), mean, scale, add to the base."""
-    if code == BF16:
-        _dare(base, inputs, BF16, thresholds, majority, scaling, out)
-    elif code == F16:
-        _dare(base, inputs, F16, thresholds, majority, scaling, out)
-    else:
-        _dare(base, inputs, F32, thresholds, majority, scaling, out)
+global_ties = _per_dtype(_global_ties)

@@ -18,8 +18,8 @@ from functools import partial
 import numpy as np
 
 from modelmerge.contract import MergeRequest
-from modelmerge_engine.backends import CpuBackend, make_backend
 from modelmerge_engine.errors import MergeError
+from modelmerge_engine.kernels import MaskParams, make_kernels
 from modelmerge_engine.pool import OrderedPool, available_cpus
 from modelmerge_engine.progress import Progress, Step
 from modelmerge_engine.safetensors_io import (
@@ -188,14 +188,16 @@ class StreamingMerge:
     """Runs one merge request over opened models, writing into a ShardedWriter."""
 
     def __init__(self, request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
-                 progress: Progress, *, workers: int | None = None, backend: str | None = None,
+                 progress: Progress, *, workers: int | None = None, kernels: str | None = None,
                  range_elements: int | None = None):
-        """`range_elements` (default: MODELMERGE_ENGINE_RANGE_ELEMENTS, else sized to the cache and the number
-        of inputs) is how many elements of each tensor a range holds; tests set it small to split every tensor."""
+        """`kernels`: the kernel set on CPU, compiled or torch (default: MODELMERGE_ENGINE_KERNELS, else
+        compiled; use_gpu always runs torch on CUDA). `range_elements` (default: MODELMERGE_ENGINE_RANGE_ELEMENTS,
+        else sized to the cache and the number of inputs) is how many elements of each tensor a range holds;
+        tests set it small to split every tensor."""
         self.request = request
         self.dtype = COMPUTE_DTYPES[request.dtype]
-        self.backend = make_backend(self.dtype, request.use_gpu, backend or os.environ.get("MODELMERGE_ENGINE_KERNELS"))
-        on_cpu = self.backend.device == "cpu"
+        self.kernels = make_kernels(self.dtype, use_gpu=request.use_gpu, name=kernels)
+        on_cpu = self.kernels.device == "cpu"
         # CPU: one range per thread (kernels release the GIL); GPU: big ranges, each parallel on the device
         self.pool = OrderedPool((workers or available_cpus()) if on_cpu else 1)
         budget = CPU_WORK_ELEMENTS if on_cpu else GPU_WORK_ELEMENTS
@@ -210,16 +212,15 @@ class StreamingMerge:
         self.mask_thresholds: dict[str, np.ndarray] = {}
         self._plans_by_name = {plan.name: plan for plan in self.plans}
         self._ties_thresholds_by_group: dict[tuple[str, ...], np.ndarray] = {}
-        self.stats: dict[str, object] = {"workers": self.pool.workers,
-                                         "backend": "compiled-cpu" if isinstance(self.backend, CpuBackend)
-                                         else f"torch-{self.backend.device}"}
+        self.stats: dict[str, object] = {"workers": self.pool.workers, "kernels": self.kernels.name}
 
     @property
     def device(self) -> str:
-        return self.backend.device
+        return self.kernels.device
 
     @property
-    def method(self) -> str:
+    def combine_method(self) -> str:
+        """The method that combines the (masked, for mask_merging) fine-tunes."""
         r = self.request
         return r.mask_apply_method if self.masking else r.merge_method
 
@@ -234,8 +235,8 @@ class StreamingMerge:
     def run(self, writer: ShardedWriter) -> None:
         try:
             self.progress.plan(self._steps())
-            if self.method == "ties_merging_dare":
-                self._prepare_dare()
+            if self.combine_method == "ties_merging_dare":
+                self._prepare_global_ties()
             self.progress.begin_step("merge", tensors=len(self.plans))
             current = None
             models = len(self.finetunes)
@@ -258,66 +259,71 @@ class StreamingMerge:
         """How many passes kth_magnitude makes over one model's values to find the k-th smallest."""
         return 0 if k == 0 else 2 if self._wide else 1
 
-    def _mask_threshold_work(self, plan: TensorPlan) -> int:
+    def _per_tensor_statistics_work(self) -> tuple[int, int]:
+        """The histogram work of magnitude masks and of ties_merging's trim, once per tensor (fused
+        parameter): (mask thresholds, ties thresholds)."""
         r = self.request
-        if not self.masking or r.mask_strategy != "magnitude":
-            return 0
-        return plan.numel * sum(self._histogram_passes(int(plan.numel * rate)) for rate in r.weight_mask_rates)
+        groups = {p.statistics_group: sum(q.numel for q in self._statistics_group(p)) for p in self.plans
+                  if p.merged}
+        masks = ties = 0
+        for numel_of_group in groups.values():
+            if self.masking and r.mask_strategy == "magnitude":
+                masks += numel_of_group * sum(self._histogram_passes(int(numel_of_group * rate))
+                                              for rate in r.weight_mask_rates)
+            if self.combine_method == "ties_merging":
+                passes = self._histogram_passes(int(numel_of_group * r.param_value_mask_rate))
+                ties += numel_of_group * passes * len(self.finetunes)
+        return masks, ties
 
     def _steps(self) -> list[Step]:
         """Each step with the element work it does (one model's values read once = numel), as `advance`
         counts it: the histogram passes of thresholds, the sign pass, and the merge writing every tensor."""
         models = len(self.finetunes)
-        merged = [p for p in self.plans if p.merged]
         merge_work = sum(p.numel * models if p.merged else p.numel for p in self.plans)
-        if self.method == "ties_merging_dare":
-            total = sum(p.numel for p in merged)
+        masks, ties = self._per_tensor_statistics_work()
+        if self.combine_method == "ties_merging_dare":
+            total = sum(p.numel for p in self.plans if p.merged)
             k = int(total * self.request.param_value_mask_rate)
-            thresholds = sum(self._mask_threshold_work(p) for p in merged)
-            thresholds += total * self._histogram_passes(k) * models
+            thresholds = masks + total * self._histogram_passes(k) * models
             return [Step("thresholds", thresholds), Step("signs", total * models), Step("merge", merge_work)]
-        for plan in merged:  # per-tensor thresholds are found inside the merge step, tensor by tensor
-            merge_work += self._mask_threshold_work(plan)
-            if self.method == "ties_merging":
-                k = int(plan.numel * self.request.param_value_mask_rate)
-                merge_work += plan.numel * self._histogram_passes(k) * models
-        return [Step("merge", merge_work)]
+        # per-tensor thresholds are found inside the merge step, tensor by tensor
+        return [Step("merge", merge_work + masks + ties)]
 
     def _jobs(self) -> Iterator[tuple[TensorPlan, int, int, np.ndarray | None]]:
         for plan in self.plans:
             thresholds = None
             if plan.merged:
                 self._prepare_mask_thresholds(plan)
-                if self.method == "ties_merging":
+                if self.combine_method == "ties_merging":
                     thresholds = self._ties_thresholds(plan)
             for start, stop in self.ranges(plan.numel):
                 yield plan, start, stop, thresholds
 
     def _produce(self, job) -> tuple[TensorPlan, np.ndarray]:
         plan, start, stop, thresholds = job
-        backend = self.backend
+        kernels = self.kernels
         if not plan.merged:
             values = self.base.read(plan.name, start, stop)
             if plan.out_dtype.floating and plan.out_dtype != self.base.tensors[plan.name].dtype:
-                values = backend.to_host(backend.prepare(values, self.base.tensors[plan.name].dtype))
+                values = kernels.to_host(kernels.prepare(values, self.base.tensors[plan.name].dtype))
             return plan, values
         base, inputs = self._inputs(plan.name, start, stop)
-        method = self.method
+        method = self.combine_method
         if method == "average_merging":
-            merged = backend.average(inputs)
+            merged = kernels.average(inputs)
         elif method == "task_arithmetic":
-            merged = backend.task_arithmetic(base, inputs, self.scaling)
+            merged = kernels.task_arithmetic(base, inputs, self.scaling)
         elif method == "ties_merging":
-            merged = backend.ties(base, inputs, thresholds, self.scaling)
+            merged = kernels.ties(base, inputs, thresholds, self.scaling)
         else:
-            merged = backend.dare(base, inputs, self.dare_thresholds, self.majority_sign, self.scaling)
-        return plan, backend.to_host(merged)
+            merged = kernels.global_ties(base, inputs, self.global_thresholds, self.majority_sign, self.scaling)
+        return plan, kernels.to_host(merged)
 
     # --- inputs of one range --------------------------------------------------------------------------
 
     def _load(self, name: str, start: int, stop: int, models: list[int] | None = None):
         """The base and the fine-tunes (all, or those at `models`) on one range, in the compute dtype."""
-        prepare = self.backend.prepare
+        prepare = self.kernels.prepare
         base = prepare(self.base.read(name, start, stop), self.base.tensors[name].dtype)
         chosen = [self.finetunes[i] for i in models] if models is not None else self.finetunes
         return base, [prepare(m.read(name, start, stop), m.tensors[name].dtype) for m in chosen]
@@ -331,11 +337,11 @@ class StreamingMerge:
         thresholds = self.mask_thresholds.get(name)
         masked = []
         for i, raw in zip(models if models is not None else range(len(raws)), raws, strict=True):
-            rate = r.weight_mask_rates[i]
-            threshold = int(thresholds[i]) if thresholds is not None else NO_THRESHOLD
-            key = self._random_key(i, name) if r.mask_strategy == "random" else None
-            masked.append(self.backend.mask(base, raw, r.weight_format == "delta_weight", threshold, key, start,
-                                            rate, r.use_weight_rescale))
+            params = MaskParams(delta=r.weight_format == "delta_weight", rate=r.weight_mask_rates[i],
+                                rescale=r.use_weight_rescale, start=start,
+                                threshold=int(thresholds[i]) if thresholds is not None else NO_THRESHOLD,
+                                random_key=self._random_key(i, name) if r.mask_strategy == "random" else None)
+            masked.append(self.kernels.mask(base, raw, params))
         return base, masked
 
     def _random_key(self, index: int, name: str) -> int:
@@ -345,7 +351,7 @@ class StreamingMerge:
 
     # --- thresholds -----------------------------------------------------------------------------------
 
-    def _thresholds(self, plans: list[TensorPlan], ks: list[int], masked: bool, task_vectors: bool) -> np.ndarray:
+    def _thresholds(self, plans: list[TensorPlan], ks: list[int], *, masked: bool, task_vectors: bool) -> np.ndarray:
         """For each model, the k-th smallest magnitude of its task vectors (or weights) over `plans`: one
         histogram pass (two for float32) per model, in parallel over ranges."""
         def histogram_pass(index: int, shift: int, bins: int, bucket: int) -> np.ndarray:
@@ -354,7 +360,9 @@ class StreamingMerge:
             def one(job: tuple[str, int, int]) -> tuple[int, np.ndarray]:
                 name, start, stop = job
                 base, inputs = (self._inputs if masked else self._load)(name, start, stop, [index])
-                return stop - start, self.backend.histogram(base, inputs, task_vectors, shift, bins, buckets)[0]
+                counts = self.kernels.histogram(base, inputs, task_vectors=task_vectors, shift=shift, bins=bins,
+                                                buckets=buckets)
+                return stop - start, counts[0]
 
             total = np.zeros(bins, dtype=np.int64)
             jobs = ((p.name, start, stop) for p in plans for start, stop in self.ranges(p.numel))
@@ -378,7 +386,7 @@ class StreamingMerge:
             return
         group = self._statistics_group(plan)
         ks = [int(sum(p.numel for p in group) * rate) for rate in r.weight_mask_rates]
-        thresholds = self._thresholds(group, ks, False, r.weight_format == "delta_weight")
+        thresholds = self._thresholds(group, ks, masked=False, task_vectors=r.weight_format == "delta_weight")
         self.mask_thresholds.update({p.name: thresholds for p in group})
 
     def _ties_thresholds(self, plan: TensorPlan) -> np.ndarray:
@@ -388,14 +396,14 @@ class StreamingMerge:
             group = self._statistics_group(plan)
             k = int(sum(p.numel for p in group) * self.request.param_value_mask_rate)
             self._ties_thresholds_by_group[plan.statistics_group] = self._thresholds(
-                group, [k] * len(self.finetunes), True, True)
+                group, [k] * len(self.finetunes), masked=True, task_vectors=True)
         return self._ties_thresholds_by_group[plan.statistics_group]
 
     @property
     def _wide(self) -> bool:
         return self.dtype.name == "F32"
 
-    def _prepare_dare(self) -> None:
+    def _prepare_global_ties(self) -> None:
         """ties_merging_dare's two global statistics, each in one streaming pass: the k-th smallest |task
         vector| of each model over all merged parameters, then the majority sign of the elected signs."""
         merged = [p for p in self.plans if p.merged]
@@ -404,13 +412,13 @@ class StreamingMerge:
             self._prepare_mask_thresholds(plan)
         total = sum(p.numel for p in merged)
         k = int(total * self.request.param_value_mask_rate)
-        self.dare_thresholds = self._thresholds(merged, [k] * len(self.finetunes), True, True)
+        self.global_thresholds = self._thresholds(merged, [k] * len(self.finetunes), masked=True, task_vectors=True)
         self.progress.end_step()
 
         def balance(job: tuple[str, int, int]) -> tuple[int, int]:
             name, start, stop = job
             base, inputs = self._inputs(name, start, stop)
-            return stop - start, self.backend.dare_balance(base, inputs, self.dare_thresholds)
+            return stop - start, self.kernels.global_ties_sign_balance(base, inputs, self.global_thresholds)
 
         self.progress.begin_step("signs")
         overall = 0

@@ -73,7 +73,7 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict
     merge = StreamingMerge(request, base, finetunes, progress)
     timings["resolve"] = time.monotonic() - clock
     progress.message(f"merging {len(finetunes)} model(s) into {request.base_model} with "
-                     f"{request.merge_method} on {merge.device} ({request.dtype}, {merge.stats['backend']}, "
+                     f"{request.merge_method} on {merge.device} ({request.dtype}, {merge.stats['kernels']}, "
                      f"{merge.pool.workers} worker(s))")
 
     staging = output.create_staging()

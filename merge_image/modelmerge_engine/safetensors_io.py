@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modelmerge_engine.dtype_codes import BF16, F16, F32
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.output import write_synced
 
@@ -27,7 +28,7 @@ class DType:
     name: str
     storage: np.dtype
     floating: bool = False
-    code: int | None = None  # the cpu_kernels code of the float formats the engine computes in
+    code: int | None = None  # dtype_codes: the kernels' code of the float formats the engine computes in
 
     @property
     def size(self) -> int:
@@ -37,9 +38,9 @@ class DType:
 DTYPES: dict[str, DType] = {
     dtype.name: dtype
     for dtype in (
-        DType("BF16", np.dtype(np.uint16), True, 0),
-        DType("F16", np.dtype(np.uint16), True, 1),
-        DType("F32", np.dtype(np.float32), True, 2),
+        DType("BF16", np.dtype(np.uint16), True, BF16),
+        DType("F16", np.dtype(np.uint16), True, F16),
+        DType("F32", np.dtype(np.float32), True, F32),
         DType("F64", np.dtype(np.float64), True),
         DType("I64", np.dtype(np.int64)),
         DType("I32", np.dtype(np.int32)),

@@ -18,7 +18,7 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     return (x.view(view) & (0x7FFF if view == torch.int16 else 0x7FFFFFFF)).to(torch.int64)
 
 
-def histogram(base: torch.Tensor, inputs: list[torch.Tensor], task_vectors: bool, shift: int, bins: int,
+def histogram(base: torch.Tensor, inputs: list[torch.Tensor], *, task_vectors: bool, shift: int, bins: int,
               buckets: list[int]) -> list[torch.Tensor]:
     counts = []
     for values, bucket in zip(inputs, buckets, strict=True):
@@ -29,7 +29,7 @@ def histogram(base: torch.Tensor, inputs: list[torch.Tensor], task_vectors: bool
     return counts
 
 
-def mask(base: torch.Tensor, raw: torch.Tensor, delta: bool, threshold: int, draws: torch.Tensor | None,
+def mask(base: torch.Tensor, raw: torch.Tensor, *, delta: bool, threshold: int, draws: torch.Tensor | None,
          rate: float, rescale: bool) -> torch.Tensor:
     """merging-eval's mask_input_with_mask_rate + re-adding the base (mask_model_weights)."""
     values = raw - base if delta else raw
@@ -114,25 +114,26 @@ def ties(base: torch.Tensor, trimmed: list[torch.Tensor], scaling: float) -> tor
 
 
 def trim_task_vectors(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int]) -> list[torch.Tensor]:
-    """Each model's task vector trimmed at its threshold (per tensor for ties_merging, global for
-    ties_merging_dare): `tv * (|tv| >= kth)`, widened to float32."""
+    """Each model's task vector trimmed at its threshold (per tensor for ties_merging, one global threshold
+    per model for ties_merging_dare): `tv * (|tv| >= kth)`, widened to float32."""
     return [trim(values - base, threshold) for values, threshold in zip(inputs, thresholds, strict=True)]
 
 
-def dare_signs(trimmed: list[torch.Tensor]) -> torch.Tensor:
+def elected_signs(trimmed: list[torch.Tensor]) -> torch.Tensor:
     """`sign(stack(trimmed).sum(dim=0))`: a float32 sum; rounding it to 16 bits cannot change its sign."""
     return torch.sign(float_sum(trimmed))
 
 
-def dare_balance(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int]) -> int:
+def global_ties_sign_balance(base: torch.Tensor, inputs: list[torch.Tensor], thresholds: list[int]) -> int:
     """Σ sign(Σ_i trimmed_i) over the range: what decides ties_merging_dare's majority sign."""
-    signs = dare_signs(trim_task_vectors(base, inputs, thresholds))
+    signs = elected_signs(trim_task_vectors(base, inputs, thresholds))
     return int((signs > 0).sum()) - int((signs < 0).sum())
 
 
-def dare_disjoint(base: torch.Tensor, trimmed: list[torch.Tensor], signs: torch.Tensor,
-                  majority: float, scaling: float) -> torch.Tensor:
-    """merging-eval's ties_merging_dare on one range, given the global majority sign. Its
+def global_ties(base: torch.Tensor, trimmed: list[torch.Tensor], signs: torch.Tensor,
+                majority: float, scaling: float) -> torch.Tensor:
+    """merging-eval's ties_merging_dare (TIES with one global threshold per model) on one range, given the
+    global majority sign. Its
     `torch.sum(dim=0)` accumulates in float32 and rounds once to the 16-bit dtype."""
     if majority:
         signs.masked_fill_(signs == 0, majority)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import sys
 import threading
 import uuid
@@ -18,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, parse_progress
 from modelmerge_api.app import AppSettings, create_app
 from modelmerge_api.informer import Informer
 from modelmerge_api.kube import KubernetesBackend
@@ -219,7 +218,8 @@ def test_merge_end_to_end(cluster, tmp_path):
     metrics = requests.get(cluster.url + "/metrics", timeout=10).text
     assert 'modelmerge_jobs{status="completed"}' in metrics
     logs = requests.get(f"{cluster.url}/api/jobs/{job_id}/logs", headers=AUTH, timeout=30).text
-    assert re.search(r"^\[merge\]\s+100\.0% ", logs, re.MULTILINE), logs  # the engine's progress lines
+    last = parse_progress(logs)  # the engine's progress lines
+    assert last is not None and (last.percent, last.step, last.stepIndex, last.steps) == (100.0, "merge", 1, 1), logs
     followed = requests.get(f"{cluster.url}/api/jobs/{job_id}/logs", params={"follow": "true"}, headers=AUTH,
                             timeout=60)  # ends at once: the pod has ended
     assert followed.status_code == 200 and followed.text == logs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from modelmerge.contract import MergeRequest, methods_catalogue
+from modelmerge.contract import MergeRequest, methods_catalogue, parse_progress
 from modelmerge_api.app import EXAMPLE_REQUEST, AppSettings, create_app
 from modelmerge_api.local import LocalBackend
 from tests.helpers.job_progress import watch_progress
@@ -199,6 +200,24 @@ def test_merge_end_to_end_with_the_real_engine(make_server, hf_env, tmp_path):
     assert 'modelmerge_jobs{status="completed"} 1.0' in metrics
     assert "modelmerge_merge_duration_seconds_count 1.0" in metrics
     assert 'modelmerge_api_requests_total{method="POST",route="/api/merge",status="202"} 1.0' in metrics
+
+
+def test_progress_of_a_real_ties_merging_dare_merge(make_server, hf_env):
+    """The real engine reports three steps (thresholds, signs, merge) with one overall percent; what the job
+    view shows while the merge runs is what the engine reported, and never goes down."""
+    server = make_server()
+    job_id = submit(server.url, {**PAYLOAD, "merge_method": "ties_merging_dare"})
+    samples = watch_progress(server.url, job_id)
+    logs = requests.get(f"{server.url}/api/jobs/{job_id}/logs", timeout=10).text
+    assert job(server.url, job_id)["status"] == "completed", logs
+    reported = [(p.percent, f"{p.step} {p.stepIndex}/{p.steps}")
+                for p in map(parse_progress, logs.splitlines()) if p is not None]
+    steps = [step for step, _ in itertools.groupby(step for _, step in reported)]
+    assert steps == ["thresholds 1/3", "signs 2/3", "merge 3/3"], logs
+    assert [percent for percent, _ in reported] == sorted(percent for percent, _ in reported)
+    assert reported[-1][0] == 100.0
+    assert set(samples) <= set(reported), (samples, reported)  # the small merge may end between two samples
+    assert [percent for percent, _ in samples] == sorted(percent for percent, _ in samples)
 
 
 def test_engine_failure_is_reported(make_server, hf_env):

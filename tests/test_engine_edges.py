@@ -78,24 +78,37 @@ def test_tied_base_with_an_untied_finetune_merges_like_merging_eval(tied_base_un
     assert "lm_head.weight" not in read_state_dict(tmp_path / "ours")
 
 
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory) -> tuple[Path, list[Path]]:
-    root = tmp_path_factory.mktemp("mixtral")
-    base = make_model(root / "base", arch="mixtral", **MOE_SIZE)
+# One tensor per expert on disk, in each MoE layout the engine groups as transformers fuses it.
+EXPERT_TENSOR = {"mixtral": "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+                 "qwen2_moe": "model.layers.1.mlp.experts.3.up_proj.weight"}
+
+
+def make_moe_family(root: Path, arch: str) -> tuple[Path, list[Path]]:
+    base = make_model(root / "base", arch=arch, **MOE_SIZE)
     finetunes = [make_finetune(base, root / f"ft{i}", seed=200 + i) for i in range(3)]
-    names = read_state_dict(base)
-    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names  # one tensor per expert on disk
+    assert EXPERT_TENSOR[arch] in read_state_dict(base)
     return base, finetunes
+
+
+@pytest.fixture(scope="module")
+def moe_families(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
+    return {arch: make_moe_family(tmp_path_factory.mktemp(arch), arch) for arch in sorted(EXPERT_TENSOR)}
+
+
+@pytest.fixture(scope="module")
+def mixtral(moe_families) -> tuple[Path, list[Path]]:
+    return moe_families["mixtral"]
 
 
 @pytest.mark.parametrize("kernels", ["compiled", "torch"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_mixtral_merges_like_merging_eval(mixtral, tmp_path, monkeypatch, case, kernels):
+@pytest.mark.parametrize("arch", sorted(EXPERT_TENSOR))
+def test_moe_merges_like_merging_eval(moe_families, tmp_path, monkeypatch, arch, case, kernels):
     """Element-wise methods and ties_merging_dare's global threshold are indifferent to how experts are
     stored; per-tensor thresholds are taken over each fused parameter's experts, as merging-eval does.
     Both kernel sets (the torch one is the CUDA path's, run on CPU here)."""
     monkeypatch.setenv("MODELMERGE_ENGINE_KERNELS", kernels)
-    base, finetunes = mixtral
+    base, finetunes = moe_families[arch]
     result = oracle_and_engine(base, finetunes, tmp_path, **case_fields(case, finetunes))
     assert result["equal_fraction"] == 1.0, result
 

@@ -16,12 +16,19 @@ ARCHS = ("qwen2", "llama")
 
 def tiny_config(arch: str = "qwen2", *, vocab: int = 128, hidden: int = 32, layers: int = 2,
                 intermediate: int = 64, heads: int = 4, kv_heads: int = 2, tie: bool = False, experts: int = 4):
-    """`arch` qwen2 or llama (dense), or mixtral: `experts` experts per layer, stored one tensor per expert
-    (block_sparse_moe.experts.N.w1/w2/w3) and fused by transformers 5 (mlp.experts.gate_up_proj/down_proj)."""
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config
+    """`arch` qwen2 or llama (dense), or a Mixture of Experts with `experts` experts per layer, stored one
+    tensor per expert and fused by transformers 5 into mlp.experts.gate_up_proj/down_proj: mixtral
+    (block_sparse_moe.experts.N.w1/w2/w3) or qwen2_moe (mlp.experts.N.gate_proj/up_proj/down_proj, plus a
+    shared expert)."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig
 
-    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mixtral": MixtralConfig}[arch]
-    moe = {"num_local_experts": experts, "num_experts_per_tok": 2} if arch == "mixtral" else {}
+    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mixtral": MixtralConfig,
+                    "qwen2_moe": Qwen2MoeConfig}[arch]
+    moe = {
+        "mixtral": {"num_local_experts": experts, "num_experts_per_tok": 2},
+        "qwen2_moe": {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": intermediate // 2,
+                      "shared_expert_intermediate_size": intermediate},
+    }.get(arch, {})
     return config_class(
         **moe,
         vocab_size=vocab,

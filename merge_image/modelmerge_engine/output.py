@@ -176,19 +176,16 @@ def remove_stale_staging(parent: Path) -> list[str]:
         entries = list(parent.iterdir())
     except OSError:
         return []
-    merges: dict[tuple[str, str], set[str]] = {}
-    for entry in entries:
-        match = STAGING_ENTRY.match(entry.name)
-        if match:
-            merges.setdefault((match["name"], match["token"]), set()).add(match["kind"])
+    merges = sorted({(m["name"], m["token"]) for m in map(STAGING_ENTRY.match, (e.name for e in entries)) if m})
     removed = []
-    for (name, token), kinds in sorted(merges.items()):
+    for name, token in merges:
         stem = parent / f".{name}.partial-{token}"
-        lock = StagingLock.take_if_dead(Path(f"{stem}.lock")) if ".lock" in kinds else None
-        if ".lock" in kinds and lock is None and Path(f"{stem}.lock").exists():
+        lock_path = Path(f"{stem}.lock")  # looked at again: a listing can miss what is created meanwhile
+        lock = StagingLock.take_if_dead(lock_path)
+        if lock is None and lock_path.exists():
             continue  # a live merge
         old, final = Path(f"{stem}.old"), parent / name
-        if ".old" in kinds and old.exists() and not final.exists():
+        if old.exists() and not final.exists():
             with contextlib.suppress(FileNotFoundError):
                 old.rename(final)  # the crash came between the fallback's two renames: the old output wins
         for leftover in (stem, old):

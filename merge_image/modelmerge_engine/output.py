@@ -134,10 +134,10 @@ class StagingLock:
     @classmethod
     def take_if_dead(cls, path: Path) -> StagingLock | None:
         """The lock of a merge that is no longer running, or None if a live process holds it (or it is
-        gone: then whoever removed it cleaned up already)."""
+        gone: then whoever removed it cleaned up already, or not ours to open: another user's merge)."""
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return None
         lock = cls(path, descriptor)
         if lock._take() and lock._still_at_path():

@@ -1,7 +1,7 @@
 """Operator benchmark: 500 ModelMerge objects created at once against the envtest control plane.
 
 Starts etcd + kube-apiserver + kube-controller-manager (tests/kube/controlplane.py), installs the CRD, runs the
-kubelet harness (tests/kube/kubelet.py) with a no-op merge command and `modelmerge operator` as a subprocess, then
+kubelet harness (tests/kube/kubelet/) with a no-op merge command and `modelmerge operator` as a subprocess, then
 creates N ModelMerges from a thread pool and watches Jobs and ModelMerges. Reports, from the first create:
 
 * jobs_s:      all N Jobs exist (the operator's work; target: 500 within 60 s on the 2-core machine),

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from modelmerge.kubeclient import pods_of_job, raw
 from tests.helpers.waiting import wait_for
+from tests.kube.kubelet import ContainerSpec, FakeKubelet, ProcessRuntime, ResourceLimits, SecurityContext
 
 pytestmark = pytest.mark.integration
 
 
-def raw(fn, *args, **kwargs) -> dict:
-    return json.loads(fn(*args, _preload_content=False, **kwargs).data)
-
-
+def is_gone(read, *args) -> bool:
+    """Whether reading the object answers 404."""
+    try:
+        read(*args, _preload_content=False)
+        return False
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        return True
 
 
 def job_condition(batch: client.BatchV1Api, namespace: str, name: str):
@@ -27,10 +33,6 @@ def job_condition(batch: client.BatchV1Api, namespace: str, name: str):
         if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
             return cond
     return None
-
-
-def job_pods(core: client.CoreV1Api, namespace: str, name: str) -> list[dict]:
-    return raw(core.list_namespaced_pod, namespace, label_selector=f"job-name={name}")["items"]
 
 
 def make_job(name: str, script: str, backoff_limit: int = 0, volumes=None, mounts=None) -> dict:
@@ -88,7 +90,7 @@ def test_job_completes_writes_pvc_and_termination_message(k8s_api, namespace, ku
     assert cond["type"] == "Complete", cond
 
     assert (kubelet.pvc_path("output") / "run1" / "result.txt").read_text() == "hello from the pod"
-    (pod,) = job_pods(core, namespace, "writer")
+    (pod,) = pods_of_job(core, namespace, "writer")
     assert pod["spec"]["nodeName"] == kubelet.node_name
     assert pod["status"]["phase"] == "Succeeded"
     terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -107,7 +109,7 @@ def test_failing_job_exceeds_backoff_limit(k8s_api, namespace, kubelet):
     cond = wait_for(lambda: job_condition(batch, namespace, "failer"), timeout=90, what="the Job to fail")
     assert cond["type"] == "Failed"
     assert cond["reason"] == "BackoffLimitExceeded"
-    pods = job_pods(core, namespace, "failer")
+    pods = pods_of_job(core, namespace, "failer")
     assert len(pods) == 2  # the first try and one retry
     for pod in pods:
         terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -175,14 +177,11 @@ def test_garbage_collector_removes_dependents_of_a_deleted_owner(k8s_api, namesp
         namespace, {"metadata": {"name": "orphan", "ownerReferences": [ref]}}, _preload_content=False
     )
 
-    def collected() -> bool:
-        try:
-            core.read_namespaced_config_map("orphan", namespace, _preload_content=False)
-            return False
-        except ApiException as e:
-            return e.status == 404
-
-    wait_for(collected, timeout=60, what="the garbage collector to delete the dependent")
+    wait_for(
+        lambda: is_gone(core.read_namespaced_config_map, "orphan", namespace),
+        timeout=60,
+        what="the garbage collector to delete the dependent",
+    )
 
 
 def make_pod(name: str, script: str, **spec) -> dict:
@@ -241,14 +240,7 @@ def test_harness_env_volumes_and_deletion(k8s_api, namespace, kubelet):
 
     core.delete_namespaced_pod("sleeper", namespace, _preload_content=False)
 
-    def gone() -> bool:
-        try:
-            core.read_namespaced_pod("sleeper", namespace, _preload_content=False)
-            return False
-        except ApiException as e:
-            return e.status == 404
-
-    wait_for(gone, timeout=30, what="the deleted pod to disappear")
+    wait_for(lambda: is_gone(core.read_namespaced_pod, "sleeper", namespace), 30, "the deleted pod to disappear")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
@@ -283,3 +275,124 @@ def test_harness_leaves_pods_that_do_not_fit_unscheduled(k8s_api, namespace, kub
     pod = wait_for(unschedulable, timeout=30, what="the pod to be marked unschedulable")
     assert not pod["spec"].get("nodeName")
     assert "Insufficient nvidia.com/gpu" in pod["status"]["conditions"][0]["message"]
+
+
+def test_harness_waits_for_a_missing_secret_then_runs_the_pod(k8s_api, namespace, kubelet):
+    core = client.CoreV1Api(k8s_api)
+    env = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "later", "key": "token"}}}]
+    pod = make_pod("needs-secret", "import os; print(os.environ['TOKEN'])", container={"env": env})
+    core.create_namespaced_pod(namespace, pod, _preload_content=False)
+
+    state = wait_for(lambda: (s := pod_state(core, namespace, "needs-secret")).get("waiting") and s)
+    assert state["phase"] == "Pending"
+    assert state["waiting"] == {"reason": "CreateContainerConfigError", "message": 'secret "later" not found'}
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "later"}, "stringData": {"token": "now"}}, _preload_content=False
+    )
+    state = wait_for(lambda: (s := pod_state(core, namespace, "needs-secret")).get("terminated") and s)
+    assert state["phase"] == "Succeeded"
+    assert kubelet.logs(namespace, "needs-secret") == "now\n"
+
+
+def test_harness_reports_a_container_that_cannot_start(k8s_api, namespace, kubelet):
+    core = client.CoreV1Api(k8s_api)
+    pod = make_pod("no-binary", "", container={"command": ["/nonexistent/modelmerge", "merge"]})
+    core.create_namespaced_pod(namespace, pod, _preload_content=False)
+
+    state = wait_for(lambda: (s := pod_state(core, namespace, "no-binary")).get("terminated") and s)
+    assert state["phase"] == "Failed"
+    assert state["terminated"]["exitCode"] == 128 and state["terminated"]["reason"] == "StartError"
+    assert "/nonexistent/modelmerge" in state["terminated"]["message"]
+
+
+def test_harness_refuses_a_pod_it_would_not_run_as_asked(k8s_api, namespace, kubelet):
+    core = client.CoreV1Api(k8s_api)
+    core.create_namespaced_pod(
+        namespace, make_pod("restarter", "print('once')", restartPolicy="OnFailure"), _preload_content=False
+    )
+
+    pod = wait_for(lambda: (s := pod_state(core, namespace, "restarter"))["phase"] == "Failed" and s["pod"])
+    assert pod["status"]["reason"] == "UnsupportedByHarness"
+    assert "restartPolicy Never" in pod["status"]["message"]
+    assert kubelet.logs(namespace, "restarter") == ""  # it never ran
+
+
+class RecordingRuntime(ProcessRuntime):
+    """The process runtime, keeping the ContainerSpec the harness resolved for each container it starts."""
+
+    def __init__(self) -> None:
+        self.started: list[ContainerSpec] = []
+
+    def start(self, spec: ContainerSpec):
+        self.started.append(spec)
+        return super().start(spec)
+
+
+def test_a_runtime_gets_the_resolved_container(control_plane, k8s_api, namespace, tmp_path):
+    core = client.CoreV1Api(k8s_api)
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "spec"}, "data": {"spec.json": "{}"}}, _preload_content=False
+    )
+    script = "import os; open('/dev/shm/x', 'w').write('shm'); print(open('/spec/spec.json').read())"
+    pod = make_pod(
+        "resolved",
+        script,
+        container={
+            "image": "registry.example/merge:1",
+            "imagePullPolicy": "Never",
+            "args": ["ignored-by-python"],
+            "resources": {"limits": {"cpu": "500m", "memory": "1Gi"}},
+            "securityContext": {
+                "runAsUser": 20002,
+                "readOnlyRootFilesystem": True,
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "spec", "mountPath": "/spec"}],
+            "terminationMessagePath": "/tmp/summary",
+        },
+        securityContext={
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        volumes=[
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+            {"name": "spec", "configMap": {"name": "spec"}},
+        ],
+        automountServiceAccountToken=False,
+    )
+    runtime = RecordingRuntime()
+    api = control_plane.api_client()
+    harness = FakeKubelet(api, namespace=namespace, root=tmp_path / "kubelet", runtime=runtime)
+    harness.start()
+    try:
+        core.create_namespaced_pod(namespace, pod, _preload_content=False)
+        state = wait_for(lambda: (s := pod_state(core, namespace, "resolved")).get("terminated") and s)
+    finally:
+        harness.stop()
+        api.close()
+    assert state["phase"] == "Succeeded", state
+    assert state["terminated"]["containerID"].startswith("process://")
+    (spec,) = runtime.started
+    assert (spec.namespace, spec.pod_name, spec.name) == (namespace, "resolved", "main")
+    assert (spec.image, spec.image_pull_policy) == ("registry.example/merge:1", "Never")
+    assert spec.command == ("python", "-c", script) and spec.args == ("ignored-by-python",)
+    assert spec.security == SecurityContext(
+        run_as_user=20002,  # the container's over the pod's
+        run_as_group=10001,
+        run_as_non_root=True,
+        fs_group=10001,
+        read_only_root_filesystem=True,
+        allow_privilege_escalation=False,
+        capabilities_drop=("ALL",),
+        seccomp_profile="RuntimeDefault",
+    )
+    assert spec.limits == ResourceLimits(cpu=0.5, memory=2**30)
+    mounts = {m.container_path: m for m in spec.mounts}
+    assert mounts["/dev/shm"].memory_backed and mounts["/dev/shm"].size_limit == 64 * 2**20
+    assert mounts["/spec"].read_only and (mounts["/spec"].host_path / "spec.json").read_text() == "{}"
+    assert (mounts["/dev/shm"].host_path / "x").read_text() == "shm"
+    assert mounts["/tmp/summary"].host_path == spec.termination_message_file

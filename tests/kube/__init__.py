@@ -1,2 +1,3 @@
-"""Test support for the real Kubernetes API: the envtest control plane (controlplane.py), a kubelet stand-in
-that runs pods as local processes (kubelet.py) and the pytest fixtures that wire them up (fixtures.py)."""
+"""Test support for the real Kubernetes API: the envtest control plane (controlplane.py), the test kubelet that
+schedules and runs its pods (kubelet/, on a container runtime: local processes by default) and the pytest fixtures
+that wire them up (fixtures.py)."""

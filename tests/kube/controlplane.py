@@ -18,6 +18,7 @@ serviceaccount controllers work.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import shutil
 import signal
@@ -154,17 +155,6 @@ def make_pki(folder: Path) -> None:
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=folder)
 
 
-def _kubeconfig(server: str, ca_file: Path, token: str, user: str = ADMIN_USER) -> str:
-    return (
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters:\n- name: envtest\n  cluster:\n    server: {server}\n"
-        f"    certificate-authority: {ca_file}\n"
-        f"users:\n- name: {user}\n  user:\n    token: {token}\n"
-        f"contexts:\n- name: envtest\n  context:\n    cluster: envtest\n    user: {user}\n"
-        "current-context: envtest\n"
-    )
-
-
 class ControlPlaneError(RuntimeError):
     pass
 
@@ -209,22 +199,31 @@ class ControlPlane:
     def log_path(self, component: str) -> Path:
         return self.workdir / "logs" / f"{component}.log"
 
-    def configuration(self, token: str | None = None):
-        """A ``kubernetes.client.Configuration`` for this API server: admin, or the given bearer token."""
-        from kubernetes import client
-
-        conf = client.Configuration()
-        conf.host = self.host
-        conf.ssl_ca_cert = str(self.ca_file)
-        conf.verify_ssl = True
-        conf.api_key = {"authorization": token or self.token}
-        conf.api_key_prefix = {"authorization": "Bearer"}
-        return conf
+    def write_kubeconfig(self, path: Path, *, token: str | None = None, user: str = ADMIN_USER) -> Path:
+        """Writes a kubeconfig for this API server to ``path``: the admin's, or ``user`` with bearer ``token``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters:\n- name: envtest\n  cluster:\n    server: {self.host}\n"
+            f"    certificate-authority: {self.ca_file}\n"
+            f"users:\n- name: {user}\n  user:\n    token: {token or self.token}\n"
+            f"contexts:\n- name: envtest\n  context:\n    cluster: envtest\n    user: {user}\n"
+            "current-context: envtest\n"
+        )
+        return path
 
     def api_client(self, token: str | None = None):
-        from kubernetes import client
+        """A ``kubernetes.client.ApiClient`` of its own (its own configuration and connection pool): the admin's, or
+        one authenticated by ``token``."""
+        from modelmerge.kubeclient import api_client
 
-        return client.ApiClient(self.configuration(token))
+        kubeconfig = self.kubeconfig_path
+        if token is not None:
+            name = hashlib.sha256(token.encode()).hexdigest()[:16]
+            kubeconfig = self.write_kubeconfig(
+                self.workdir / "kubeconfigs" / f"{name}.kubeconfig", token=token, user="token"
+            )
+        return api_client(kubeconfig=str(kubeconfig))
 
     def __enter__(self) -> ControlPlane:
         self.start()
@@ -311,7 +310,7 @@ class ControlPlane:
             ],
         )
         self._wait(f"{self.host}/readyz", deadline, "kube-apiserver")
-        self.kubeconfig_path.write_text(_kubeconfig(self.host, self.ca_file, self.token))
+        self.write_kubeconfig(self.kubeconfig_path)
 
         self._spawn(
             "kube-controller-manager",

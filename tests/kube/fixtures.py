@@ -6,21 +6,21 @@ tests/conftest.py).
 * ``kubeconfig_path`` (session): the admin kubeconfig file (``pathlib.Path``).
 * ``k8s_api`` (session): a ``kubernetes.client.ApiClient`` authenticated as cluster admin.
 * ``namespace`` (function): the name of a fresh namespace (its ``default`` ServiceAccount already exists),
-  deleted after the test.
-* ``kubelet`` (function): a started :class:`~tests.kube.kubelet.FakeKubelet` that runs the pods of
+  deleted after the test; :func:`create_namespace` / :func:`delete_namespace` make and remove others.
+* ``kubelet`` (function): a started :class:`~tests.kube.kubelet.harness.FakeKubelet` that runs the pods of
   ``namespace``, with its files under the test's ``tmp_path / "kubelet"``; stopped after the test.
 """
 
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.waiting import wait_for
 from tests.kube.controlplane import ControlPlane, find_assets
 
 
@@ -61,33 +61,47 @@ def k8s_api(control_plane: ControlPlane):
         api.close()
 
 
-@pytest.fixture
-def namespace(k8s_api, request) -> Iterator[str]:
+def create_namespace(api, name: str, *, labels: dict[str, str] | None = None) -> str:
+    """Creates namespace ``name`` and waits for its ``default`` ServiceAccount (the serviceaccount controller makes
+    it; pods are refused until it exists)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    core = client.CoreV1Api(k8s_api)
-    base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:40].strip("-")
-    name = f"{base or 'test'}-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name, "labels": {"envtest": "true"}}}, _preload_content=False)
-    # Pods are rejected until the serviceaccount controller has made the namespace's "default" ServiceAccount.
-    deadline = time.monotonic() + 30
-    while True:
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name, "labels": labels or {}}}, _preload_content=False)
+
+    def has_default_service_account() -> bool:
         try:
             core.read_namespaced_service_account("default", name, _preload_content=False)
-            break
-        except ApiException as e:
-            if e.status != 404 or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-    try:
-        yield name
-    finally:
-        try:
-            core.delete_namespace(name, propagation_policy="Background", _preload_content=False)
+            return True
         except ApiException as e:
             if e.status != 404:
                 raise
+            return False
+
+    wait_for(has_default_service_account, 30, f"the default ServiceAccount of namespace {name}", interval=0.1)
+    return name
+
+
+def delete_namespace(api, name: str) -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        client.CoreV1Api(api).delete_namespace(name, propagation_policy="Background", _preload_content=False)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+@pytest.fixture
+def namespace(k8s_api, request) -> Iterator[str]:
+    base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:40].strip("-")
+    name = create_namespace(k8s_api, f"{base or 'test'}-{uuid.uuid4().hex[:6]}", labels={"envtest": "true"})
+    try:
+        yield name
+    finally:
+        delete_namespace(k8s_api, name)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, parse_progress
 from modelmerge_api.app import AppSettings, create_app
 from modelmerge_api.informer import Informer
 from modelmerge_api.kube import KubernetesBackend
-from tests.helpers.job_progress import watch_progress
+from tests.helpers.job_progress import THREE_STEPS, watch_progress
 from tests.helpers.rest_api import (
     PAYLOAD,
     check_merged_model,
@@ -45,6 +45,7 @@ OUTPUT_PVC, CACHE_PVC = "merge-output", "hf-cache"
 # going back (as a stale line would), then succeeds.
 DISPATCH = r'''
 import json, os, sys, time
+''' + THREE_STEPS + r'''
 def arg(flag):
     return sys.argv[sys.argv.index(flag) + 1]
 spec = json.load(open(arg("--spec")))
@@ -52,15 +53,7 @@ if spec["base_model"] == "slow/model":
     print("merging 10%", flush=True)
     time.sleep(300)
 if spec["base_model"] == "steps/model":
-    for step, index, start, weight in (("thresholds", 1, 0.0, 40.0), ("signs", 2, 40.0, 20.0),
-                                       ("merge", 3, 60.0, 40.0)):
-        for of_step in (0.0, 50.0, 100.0):
-            overall = start + weight * of_step / 100
-            print(f"[{step} {index}/3] {overall:5.1f}% overall, {of_step:.1f}% of step", file=sys.stderr, flush=True)
-            time.sleep(1.0)
-        if step == "signs":
-            print("[thresholds 1/3]  10.0% overall, 25.0% of step", file=sys.stderr, flush=True)
-            time.sleep(1.5)
+    report_three_steps(1.0)
     os.makedirs(arg("--output-dir"))
     open(os.path.join(arg("--output-dir"), "config.json"), "w").write("{}")
     summary = json.dumps({"status": "succeeded", "output_dir": arg("--output-dir")})

@@ -23,7 +23,7 @@ import requests
 from modelmerge.contract import MergeRequest, methods_catalogue, parse_progress
 from modelmerge_api.app import EXAMPLE_REQUEST, AppSettings, create_app
 from modelmerge_api.local import LocalBackend
-from tests.helpers.job_progress import watch_progress
+from tests.helpers.job_progress import STALE_REPORT, THREE_STEPS, watch_progress
 from tests.helpers.rest_api import (
     PAYLOAD,
     ServerProcess,
@@ -43,6 +43,7 @@ SECRET = "hf_SECRETtokenValue0123456789"
 # Stands in for `modelmerge merge`: same flags, same summary contract. base_model picks the behaviour.
 FAKE_ENGINE = r'''
 import argparse, json, os, sys, time
+''' + THREE_STEPS + r'''
 parser = argparse.ArgumentParser()
 parser.add_argument("command")
 parser.add_argument("--spec"); parser.add_argument("--output-dir"); parser.add_argument("--summary-file")
@@ -60,15 +61,8 @@ def summary(status, error=None):
 if spec["base_model"] == "slow/model":
     progress("merge", 1, 1, 50.0, 50.0)
     time.sleep(120)
-if spec["base_model"] == "steps/model":  # three steps over a few seconds, and one stale report going back
-    for step, index, start, weight in (("thresholds", 1, 0.0, 40.0), ("signs", 2, 40.0, 20.0),
-                                       ("merge", 3, 60.0, 40.0)):
-        for of_step in (0.0, 50.0, 100.0):
-            progress(step, index, 3, start + weight * of_step / 100, of_step)
-            time.sleep(0.4)
-        if step == "signs":
-            progress("thresholds", 1, 3, 10.0, 25.0)
-            time.sleep(0.6)
+if spec["base_model"] == "steps/model":
+    report_three_steps(0.4)
 if spec["base_model"] == "fail/model":
     summary("failed", "base_model: cannot load fail/model"); sys.exit(1)
 os.makedirs(os.path.join(args.output_dir, "sub"))
@@ -306,7 +300,7 @@ def test_progress_is_reported_while_running_and_never_goes_down(fake_server):
     assert {step for _, step in samples} == {"thresholds 1/3", "signs 2/3", "merge 3/3"}, samples
     assert percents[-1] >= 60.0 and len(set(percents)) >= 4, samples
     logs = requests.get(f"{fake_server.url}/api/jobs/{job_id}/logs", timeout=10).text
-    assert "[thresholds 1/3]  10.0% overall" in logs  # the stale report was there, and was not shown
+    assert STALE_REPORT in logs  # the stale report was there, and was not shown
 
 
 def test_list_filter_and_pagination(fake_server):

@@ -1,4 +1,4 @@
-"""Watching a REST job's progress while it runs (both backends' progress tests)."""
+"""Progress tests on both backends: what a fake engine prints, and watching a REST job's progress while it runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,22 @@ import requests
 
 from tests.helpers.rest_api import FINAL, job
 from tests.helpers.waiting import wait_for
+
+# Python source for fake engines (needs sys and time): `report_three_steps(pause)` prints the progress lines of
+# a three-step merge, `pause` seconds apart, and after the second step one stale report going back.
+THREE_STEPS = r'''
+def report_three_steps(pause):
+    for step, index, start, weight in (("thresholds", 1, 0.0, 40.0), ("signs", 2, 40.0, 20.0),
+                                       ("merge", 3, 60.0, 40.0)):
+        for of_step in (0.0, 50.0, 100.0):
+            overall = start + weight * of_step / 100
+            print(f"[{step} {index}/3] {overall:5.1f}% overall, {of_step:.1f}% of step", file=sys.stderr, flush=True)
+            time.sleep(pause)
+        if step == "signs":
+            print("[thresholds 1/3]  10.0% overall, 25.0% of step", file=sys.stderr, flush=True)
+            time.sleep(pause * 1.5)
+'''
+STALE_REPORT = "[thresholds 1/3]  10.0% overall"
 
 
 def watch_progress(base: str, job_id: str, timeout: float = 300, **kwargs: Any) -> list[tuple[float, str]]:

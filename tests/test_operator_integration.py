@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from modelmerge import crd
-from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeProgress
 from tests.helpers.waiting import wait_for
 from tests.kube.controlplane import free_port
 
@@ -25,9 +26,18 @@ pytestmark = pytest.mark.integration
 
 SLEEPER = "python -c 'import time; time.sleep(300)'"  # a "merge" that runs until it is stopped
 NO_OP = "true"
-# A "merge" that prints one engine progress line, then runs until it is stopped.
-PROGRESSING = (
-    "python -c 'import time; print(\"[merge]  42.0% 1/2 tensors 3.0 tensors/s 0.3s\", flush=True); time.sleep(300)'"
+# The progress lines of a three-step merge (ties_merging_dare: thresholds, signs, merge), as the engine prints them.
+PROGRESS_LINES = [
+    MergeProgress(percent=percent, step=step, stepIndex=index, steps=3, stepPercent=step_percent).line("t/s")
+    for step, index, percent, step_percent in [("thresholds", 1, 10.0, 30.0), ("thresholds", 1, 30.0, 100.0),
+                                              ("signs", 2, 45.0, 50.0), ("signs", 2, 60.0, 100.0),
+                                              ("merge", 3, 80.7, 42.0), ("merge", 3, 97.0, 95.0)]
+]
+# A "merge" that prints those lines on stderr over a few seconds, then ends well.
+PROGRESSING = "python -c " + shlex.quote(
+    f"import sys, time\nfor line in {PROGRESS_LINES!r}:\n"
+    "    print(line, file=sys.stderr, flush=True)\n    time.sleep(1.0)\n"
+    "time.sleep(1.0)\nprint('{\"status\": \"succeeded\"}', flush=True)"
 )
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -48,7 +58,7 @@ class OperatorProcess:
         merge_command: str | None = None,
         liveness_port: int | None = None,
         peering: tuple[str, int] | None = None,
-        progress_interval: float = 0,
+        resync_interval: float = 0,
     ):
         scope = ["--peering", peering[0], "--priority", str(peering[1])] if peering else ["--standalone"]
         self.args = [
@@ -61,8 +71,8 @@ class OperatorProcess:
             *scope,
             "--kubeconfig",
             str(kubeconfig),
-            "--progress-interval",
-            str(progress_interval),
+            "--resync-interval",
+            str(resync_interval),
             "--job-env",
             "HF_HUB_OFFLINE=1",
             "--liveness",
@@ -118,7 +128,7 @@ def start_operator(kubeconfig_path, namespace, tmp_path):
         liveness_port: int | None = None,
         peering: tuple[str, int] | None = None,
         kubeconfig: Path | None = None,
-        progress_interval: float = 0,
+        resync_interval: float = 0,
     ) -> OperatorProcess:
         op = OperatorProcess(
             kubeconfig or kubeconfig_path,
@@ -127,7 +137,7 @@ def start_operator(kubeconfig_path, namespace, tmp_path):
             merge_command,
             liveness_port,
             peering,
-            progress_interval,
+            resync_interval,
         ).start()
         started.append(op)
         return op
@@ -190,6 +200,30 @@ class World:
             _content_type=MERGE_PATCH,
             _preload_content=False,
         )
+
+    def create_claim(self, name: str) -> None:
+        claim = {"metadata": {"name": name},
+                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+        self.core.create_namespaced_persistent_volume_claim(self.ns, claim, _preload_content=False)
+
+    def printed(self, name: str) -> dict[str, tuple[str, int]]:
+        """What `kubectl get mm <name>` prints: each printer column's cell and priority (0: shown without -o wide),
+        as the API server renders them in a Table."""
+        table = _raw(self.custom.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, self.ns, PLURAL, name, _preload_content=False,
+            _headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}))
+        (row,) = table["rows"]
+        return {column["name"]: (cell, column.get("priority", 0))
+                for column, cell in zip(table["columnDefinitions"], row["cells"], strict=True)}
+
+    def wait_event(self, name: str, event: tuple[str, str, str]) -> None:
+        """Events are posted in the background: wait for (type, reason, message) to be there."""
+        wait_for(lambda: event in self.events(name), what=f"event {event}", context=lambda: str(self.events(name)))
+
+    def wait_reason(self, name: str, reason: str, timeout: float = 60.0) -> dict:
+        wait_for(lambda: self.status(name).get("reason") == reason, timeout, f"{name} to have reason {reason}",
+                 context=lambda: self.context(name))
+        return self.status(name)
 
     def jobs(self) -> list[dict]:
         return _raw(self.batch.list_namespaced_job(self.ns, _preload_content=False))["items"]
@@ -324,7 +358,7 @@ def test_real_merge_on_tiny_models_succeeds(apis, namespace, start_operator, kub
     status = world.wait_phase(name, "Succeeded", timeout=240)
     assert status["outputPath"] == "pvc://out/team/merged/one"
     assert status["reason"] == "Completed" and status["message"].startswith("merged ")
-    assert status["progress"] == "100%" and status["completionTime"] and status["startTime"]
+    assert status["progress"]["percent"] == 100.0 and status["completionTime"] and status["startTime"]
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions == {"Accepted": "True", "Running": "False", "Complete": "True"}
     out = kubelet.pvc_path("out", "team") / "merged" / "one"
@@ -335,15 +369,99 @@ def test_real_merge_on_tiny_models_succeeds(apis, namespace, start_operator, kub
 
 
 def test_progress_comes_from_the_running_merge_pods_log(apis, namespace, start_operator, kubelet):
-    world = World(apis, namespace, start_operator(merge_command=PROGRESSING, progress_interval=0.5))
+    from kubernetes import watch
+
+    world = World(apis, namespace, start_operator(merge_command=PROGRESSING, resync_interval=0.3))
     name = world.create(_spec())
-    world.wait_phase(name, "Running")
-    wait_for(
-        lambda: world.status(name).get("progress") == "merge 42%",
-        60,
-        "status.progress from the pod's log",
-        context=lambda: world.context(name),
-    )
+    seen: list[dict] = []  # status.progress of every status the API server reported while the merge ran
+    stream = watch.Watch()
+    for event in stream.stream(world.custom.list_namespaced_custom_object, API_GROUP, API_VERSION, namespace,
+                               PLURAL, field_selector=f"metadata.name={name}", timeout_seconds=120):
+        status = event["object"].get("status") or {}
+        if status.get("progress") and (not seen or seen[-1] != status["progress"]):
+            seen.append(status["progress"])
+        if status.get("phase") in ("Succeeded", "Failed"):
+            stream.stop()
+    assert world.status(name)["phase"] == "Succeeded", world.context(name)
+    running, final = seen[:-1], seen[-1]
+    assert len(running) >= 3, seen  # several reports while it ran, not just the end
+    for progress in seen:
+        assert set(progress) == {"percent", "step", "stepIndex", "steps", "stepPercent", "text"}, progress
+        assert progress["steps"] == 3 and progress["text"].startswith(f"{progress['step']} {progress['stepIndex']}/3 ")
+    percents = [p["percent"] for p in seen]
+    assert percents == sorted(percents), percents  # never goes down
+    assert {p["step"] for p in running} <= {"thresholds", "signs", "merge"} and len({p["step"] for p in running}) >= 2
+    assert (final["percent"], final["text"]) == (100.0, "merge 3/3 100%")
+
+
+def test_unschedulable_merge_pod_is_reported_with_the_schedulers_message(apis, namespace, start_operator,
+                                                                        kubelet):
+    world = World(apis, namespace, start_operator(merge_command=NO_OP, resync_interval=0.3))
+    world.create_claim("out")
+    name = world.create(_spec(use_gpu=True, resources={"gpu": 64}))  # the test node has 8 GPUs
+    status = world.wait_reason(name, "Unschedulable")
+    (pod,) = world.pods()
+    (scheduled,) = [c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled"]
+    assert status["phase"] == "Pending" and status["message"] == scheduled["message"]
+    assert "Insufficient nvidia.com/gpu" in status["message"], status["message"]
+    world.wait_event(name, ("Warning", "Unschedulable", f"Pending: {status['message']}"))
+    assert world.printed(name)["Reason"] == ("Unschedulable", 0)
+    assert world.printed(name)["Phase"] == ("Pending", 0)
+
+
+def test_image_that_cannot_be_pulled_is_reported_naming_the_image(apis, namespace, start_operator):
+    image = "registry.local/no-such-merge-image:1"
+    world = World(apis, namespace, start_operator(merge_command=NO_OP, resync_interval=0.3))
+    world.create_claim("out")
+    name = world.create(_spec(image=image))
+    pod = wait_for(lambda: next(iter(world.pods()), None), what="the merge pod", context=world.context)
+    pod_name = pod["metadata"]["name"]
+    # What a scheduler and a kubelet that cannot pull the image do: bind the pod, report the container waiting.
+    world.core.create_namespaced_pod_binding(pod_name, namespace, {
+        "apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod_name},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": "node-without-the-image"}}, _preload_content=False)
+
+    def kubelet_reports(reason: str, message: str) -> None:
+        container = {"name": "merge", "image": image, "imageID": "", "ready": False, "started": False,
+                     "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}}}
+        world.core.patch_namespaced_pod_status(pod_name, namespace, {"status": {
+            "phase": "Pending", "containerStatuses": [container]}}, _content_type=MERGE_PATCH, _preload_content=False)
+
+    pull_error = f'failed to pull and unpack image "{image}": not found'
+    kubelet_reports("ErrImagePull", pull_error)
+    status = world.wait_reason(name, "ErrImagePull")
+    assert (status["phase"], status["message"]) == ("Pending", pull_error)
+    world.wait_event(name, ("Warning", "ErrImagePull", f"Pending: {pull_error}"))
+    kubelet_reports("ImagePullBackOff", f'Back-off pulling image "{image}"')
+    status = world.wait_reason(name, "ImagePullBackOff")
+    assert (status["phase"], status["message"]) == ("Pending", f'Back-off pulling image "{image}"')
+    assert world.printed(name)["Reason"] == ("ImagePullBackOff", 0)
+    time.sleep(2)  # give a buggy operator time to announce the same cause again
+    warnings = [e for e in world.events(name) if e[0] == "Warning"]
+    assert warnings == [("Warning", "ErrImagePull", f"Pending: {pull_error}")]  # one per cause
+
+
+def test_missing_claim_is_reported_until_it_exists(apis, namespace, start_operator, control_plane, tmp_path):
+    from tests.kube.kubelet import FakeKubelet
+
+    world = World(apis, namespace, start_operator(merge_command=NO_OP, resync_interval=0.3))
+    world.create_claim("out")  # the output claim exists, the cache claim does not
+    name = world.create(_spec(modelCache={"pvc": "hf-cache", "readOnly": True}))
+    status = world.wait_reason(name, "ClaimNotFound")
+    expected = f"PersistentVolumeClaim 'hf-cache' (spec.modelCache.pvc) does not exist in namespace {namespace}"
+    assert (status["phase"], status["message"]) == ("Pending", expected)
+    world.wait_event(name, ("Warning", "ClaimNotFound", f"Pending: {expected}"))
+    assert world.printed(name)["Reason"] == ("ClaimNotFound", 0)
+    world.create_claim("hf-cache")
+    api = control_plane.api_client()
+    kubelet = FakeKubelet(api, namespace=namespace, root=tmp_path / "kubelet")  # now a node takes the pod
+    kubelet.start()
+    try:
+        status = world.wait_phase(name, "Succeeded")
+    finally:
+        kubelet.stop()
+        api.close()
+    assert status["reason"] == "Completed" and world.printed(name)["Reason"] == ("Completed", 0)
 
 
 def test_bad_model_path_fails_with_the_engines_message_after_retries(apis, namespace, start_operator, kubelet):

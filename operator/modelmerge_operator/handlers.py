@@ -18,15 +18,11 @@ from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
 from modelmerge.kubeclient import api_client, configuration
 from modelmerge_operator import manifests
 from modelmerge_operator.config import OperatorConfig
-from modelmerge_operator.kube import Kube
+from modelmerge_operator.kube import REPORTING_COMPONENT, Kube
 from modelmerge_operator.reconcile import Reconciler, owner_of
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 HANDLER_BACKOFF = 5.0
-
-
-def emit(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(obj, type=type_, reason=reason, message=message[:1024])
 
 
 def configure(settings: kopf.OperatorSettings, workers: int) -> None:
@@ -37,8 +33,8 @@ def configure(settings: kopf.OperatorSettings, workers: int) -> None:
         prefix=API_GROUP, key="last-handled-configuration")
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.posting.level = logging.WARNING
-    settings.posting.reporting_component = "modelmerge-operator"
-    settings.posting.reporting_instance = os.environ.get("HOSTNAME", "modelmerge-operator")
+    settings.posting.reporting_component = REPORTING_COMPONENT
+    settings.posting.reporting_instance = os.environ.get("HOSTNAME", REPORTING_COMPONENT)
     settings.watching.server_timeout = 300  # the API server ends each watch after 5 min; kopf re-lists
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
@@ -67,8 +63,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     workers = int(memo.get("workers") or os.environ.get("MODELMERGE_WORKERS", "16"))
     configure(settings, workers)
     config = memo.get("config") or OperatorConfig()
-    kube = Kube(api_client(kubeconfig=memo.get("kubeconfig"), pool_size=workers + 4, retries=3))
-    memo.reconciler = Reconciler(kube, config, emit)
+    kube = Kube(api_client(kubeconfig=memo.get("kubeconfig"), pool_size=workers + 4, retries=3),
+                reporting_instance=settings.posting.reporting_instance)
+    memo.reconciler = Reconciler(kube, config, kube.post_event)
     if config.resync_interval > 0:
         memo.stop_resync = threading.Event()
         threading.Thread(target=memo.reconciler.poll, name="resync", daemon=True,

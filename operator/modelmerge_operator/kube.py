@@ -3,6 +3,8 @@ idempotent or tolerant of the races an operator meets (409 on create, 404 on del
 
 from __future__ import annotations
 
+import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
@@ -11,9 +13,15 @@ from kubernetes.client.exceptions import ApiException
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
 from modelmerge.kubeclient import merge_patch, pods_of_job, raw
 
+log = logging.getLogger(__name__)
+
+EVENT_MESSAGE_LIMIT = 1024
+REPORTING_COMPONENT = "modelmerge-operator"
+
 
 class Kube:
-    def __init__(self, api: client.ApiClient):
+    def __init__(self, api: client.ApiClient, *, reporting_instance: str = REPORTING_COMPONENT):
+        self.reporting_instance = reporting_instance
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.custom = client.CustomObjectsApi(api)
@@ -73,6 +81,25 @@ class Kube:
             if exc.status == 403:
                 return True
             raise
+
+    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Posts a core/v1 Event about `obj` (best effort, from any thread: kopf.event works only inside kopf's
+        handlers, and the resync runs outside them)."""
+        meta = obj["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta["uid"]},
+            "type": type_, "reason": reason, "message": message[:EVENT_MESSAGE_LIMIT],
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": REPORTING_COMPONENT},
+            "reportingComponent": REPORTING_COMPONENT, "reportingInstance": self.reporting_instance,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
+        except ApiException as exc:
+            log.warning("event %s for %s/%s not posted: %s", reason, meta["namespace"], meta["name"], exc.reason)
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge-patches the ModelMerge's status subresource; False when the ModelMerge is gone."""

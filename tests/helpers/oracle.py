@@ -1,5 +1,6 @@
-"""merging-eval as the test oracle: merge with its MergingMethod exactly as its CLI does (bf16 load), save
-with save_pretrained, and read back what it saved. Also the element-wise comparison used by the tests."""
+"""merging-eval as the test oracle: merge with its MergingMethod exactly as its CLI does (bf16 load; other
+load dtypes for the engine's float16/float32 compute), save with save_pretrained, and read back what it
+saved. Also the element-wise comparison used by the tests."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from tests.helpers.models import read_state_dict
 
 
 def oracle_merge(base: Path, finetunes: list[Path], out: Path, *, merge_method: str,
-                 exclude_param_names_regex: list[str] | None = None, **params) -> dict[str, torch.Tensor]:
+                 exclude_param_names_regex: list[str] | None = None, dtype: torch.dtype = torch.bfloat16,
+                 **params) -> dict[str, torch.Tensor]:
     from merge import MergingMethod
     from transformers import AutoModelForCausalLM
 
     def load(path: Path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
     if "scaling_coefficient" in params:
         params["scaling_coefficient"] = float(params["scaling_coefficient"])  # merging-eval asserts float
@@ -27,7 +29,7 @@ def oracle_merge(base: Path, finetunes: list[Path], out: Path, *, merge_method: 
         merged = MergingMethod(merging_method_name=merge_method).get_merged_model(
             merged_model=merged, models_to_merge=[load(p) for p in finetunes],
             exclude_param_names_regex=exclude_param_names_regex or [], **params)
-    merged.to(torch.bfloat16).save_pretrained(out)
+    merged.to(dtype).save_pretrained(out)
     return read_state_dict(out)
 
 
@@ -39,17 +41,32 @@ def ordered_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -(bits & sign_mask), bits)
 
 
-def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Fraction of bit-identical elements (±0 equal) and the largest distance in ulps, over all tensors."""
+def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict:
+    """Fraction of bit-identical elements (±0 equal) and the largest distance in ulps, over all tensors, and
+    for each tensor that differs: how many elements and by how many ulps at most."""
     assert set(ours) == set(theirs), f"tensor names differ: {sorted(set(ours) ^ set(theirs))}"
     equal = total = 0
     max_ulps = 0
+    differing: dict[str, dict[str, int]] = {}
     for name, expected in theirs.items():
         actual = ours[name]
         assert actual.shape == expected.shape, name
         assert actual.dtype == expected.dtype, f"{name}: {actual.dtype} vs {expected.dtype}"
         distance = (ordered_bits(actual) - ordered_bits(expected)).abs()
-        equal += int((distance == 0).sum())
+        same = int((distance == 0).sum())
+        worst = int(distance.max()) if distance.numel() else 0
+        if same != distance.numel():
+            differing[name] = {"elements": distance.numel() - same, "max_ulps": worst}
+        equal += same
         total += distance.numel()
-        max_ulps = max(max_ulps, int(distance.max()) if distance.numel() else 0)
-    return {"equal_fraction": equal / max(total, 1), "max_ulps": max_ulps, "elements": total}
+        max_ulps = max(max_ulps, worst)
+    return {"equal_fraction": equal / max(total, 1), "max_ulps": max_ulps, "elements": total,
+            "differing_tensors": differing}
+
+
+def assert_identical(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict:
+    """The equality the engine reaches: every element of every tensor bit-identical (+0 and -0 equal)."""
+    result = compare(ours, theirs)
+    assert result["elements"] > 0
+    assert not result["differing_tensors"] and result["equal_fraction"] == 1.0, result
+    return result

@@ -98,13 +98,3 @@ def triples(rules: Iterable[dict[str, Any]]) -> set[Triple]:
                     out.add((group, resource, verb))
     return out
 
-
-def kubeconfig_for_token(path: Path, host: str, ca_file: Path, token: str, user: str) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "envtest", "cluster": {"server": host, "certificate-authority": str(ca_file)}}],
-        "users": [{"name": user, "user": {"token": token}}],
-        "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": user}}],
-        "current-context": "envtest",
-    }))
-    return path

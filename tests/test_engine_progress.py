@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from modelmerge.contract import METHODS, MergeProgress, MergeRequest, parse_progress
-from tests.helpers.models import make_family
+from tests.helpers.models import make_family, make_finetune, make_model
 
 SIZE = {"vocab": 256, "hidden": 64, "intermediate": 160, "layers": 2}
 RANGE_ELEMENTS = "1000"  # small ranges: many progress updates per step
@@ -28,12 +28,21 @@ CASES = {method: {} for method in METHODS} | {
     "mask_merging-magnitude-ties_merging_dare": {"mask_strategy": "magnitude", "mask_apply_method": GLOBAL_TIES},
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # float32 thresholds take two passes
+MOE_SIZE = {"vocab": 128, "hidden": 32, "intermediate": 48, "layers": 2, "experts": 4}
 
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     root = tmp_path_factory.mktemp("progress")
     return {name: make_family(root / name, n=2, dtype=dtype, **SIZE) for name, dtype in DTYPES.items()}
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """Experts stored one tensor per expert: per-tensor statistics are taken once per fused parameter."""
+    root = tmp_path_factory.mktemp("progress-mixtral")
+    base = make_model(root / "base", arch="mixtral", **MOE_SIZE)
+    return base, [make_finetune(base, root / f"ft{i}", seed=300 + i) for i in range(2)]
 
 
 def merge_with_progress(base, finetunes, out, case: str, dtype: str) -> subprocess.CompletedProcess:
@@ -99,6 +108,15 @@ def test_progress_lines_cover_the_whole_merge(families, tmp_path, case, dtype):
     if case == GLOBAL_TIES:
         assert [p.stepIndex for p, _ in parsed].count(2) > 2 and parsed[0][0].steps == 3
     assert parse_progress(result.stderr) == parsed[-1][0]  # a log tail reads as its last line
+
+
+@pytest.mark.parametrize("case", ["ties_merging", "mask_merging-magnitude-ties_merging",
+                                  "mask_merging-magnitude-ties_merging_dare"])
+def test_progress_counts_statistics_of_fused_expert_parameters_once(mixtral, tmp_path, case):
+    base, finetunes = mixtral
+    result = merge_with_progress(base, finetunes, tmp_path / "out", case, "bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert_progress_of_one_merge(progress_lines(result.stderr), expected_steps(case))
 
 
 def test_bar_mode_shows_the_same_progress(families, tmp_path, monkeypatch):

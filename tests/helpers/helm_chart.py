@@ -37,8 +37,11 @@ def helm(*args: str, home: Path | None = None, check: bool = True, timeout: floa
     """Runs helm with its config/cache/data folders under `home` (never the user's), returns the result."""
     env = dict(os.environ)
     if home is not None:
-        env.update(HELM_CONFIG_HOME=str(home / "config"), HELM_CACHE_HOME=str(home / "cache"),
-                   HELM_DATA_HOME=str(home / "data"))
+        env.update(
+            HELM_CONFIG_HOME=str(home / "config"),
+            HELM_CACHE_HOME=str(home / "cache"),
+            HELM_DATA_HOME=str(home / "data"),
+        )
     result = subprocess.run([str(helm_binary()), *args], capture_output=True, text=True, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}{result.stdout}")
@@ -54,26 +57,46 @@ def values_file(folder: Path, values: dict[str, Any] | None) -> list[str]:
     return ["-f", str(path)]
 
 
-def render(tmp_path: Path, values: dict[str, Any] | None = None, namespace: str = "modelmerge",
-           release: str = RELEASE, include_crds: bool = False, check: bool = True) -> list[dict[str, Any]]:
+def render(
+    tmp_path: Path,
+    values: dict[str, Any] | None = None,
+    namespace: str = "modelmerge",
+    release: str = RELEASE,
+    include_crds: bool = False,
+    check: bool = True,
+) -> list[dict[str, Any]]:
     """`helm template` of the chart as a list of objects (empty documents dropped)."""
-    args = ["template", release, str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION,
-            *values_file(tmp_path, values)]
+    args = [
+        "template",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--kube-version",
+        KUBE_VERSION,
+        *values_file(tmp_path, values),
+    ]
     if include_crds:
         args.append("--include-crds")
     result = helm(*args, home=tmp_path / "helm-home", check=check)
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def find(objects: Iterable[dict[str, Any]], kind: str, name: str | None = None,
-         namespace: str | None = None) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind
-            and (name is None or o["metadata"]["name"] == name)
-            and (namespace is None or o["metadata"].get("namespace") == namespace)]
+def find(
+    objects: Iterable[dict[str, Any]], kind: str, name: str | None = None, namespace: str | None = None
+) -> list[dict[str, Any]]:
+    return [
+        o
+        for o in objects
+        if o["kind"] == kind
+        and (name is None or o["metadata"]["name"] == name)
+        and (namespace is None or o["metadata"].get("namespace") == namespace)
+    ]
 
 
-def one(objects: Iterable[dict[str, Any]], kind: str, name: str | None = None,
-        namespace: str | None = None) -> dict[str, Any]:
+def one(
+    objects: Iterable[dict[str, Any]], kind: str, name: str | None = None, namespace: str | None = None
+) -> dict[str, Any]:
     found = find(objects, kind, name, namespace)
     assert len(found) == 1, f"expected one {kind} {name or ''} in {namespace or 'any namespace'}, got {len(found)}"
     return found[0]
@@ -97,4 +120,3 @@ def triples(rules: Iterable[dict[str, Any]]) -> set[Triple]:
                 for verb in rule.get("verbs") or []:
                     out.add((group, resource, verb))
     return out
-

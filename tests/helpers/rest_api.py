@@ -106,8 +106,9 @@ def job(base: str, job_id: str, **kwargs: Any) -> dict[str, Any]:
     return response.json()
 
 
-def wait_status(base: str, job_id: str, statuses: tuple[str, ...] = FINAL, timeout: float = 180,
-                **kwargs: Any) -> dict[str, Any]:
+def wait_status(
+    base: str, job_id: str, statuses: tuple[str, ...] = FINAL, timeout: float = 180, **kwargs: Any
+) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
         current = job(base, job_id, **kwargs)
         return current if current["status"] in statuses else None
@@ -145,5 +146,4 @@ def check_merged_model(folder: Path, base: Path, finetunes: list[Path], scaling:
     tunes = [read_state_dict(f) for f in finetunes]
     name = "model.layers.0.mlp.up_proj.weight"
     expected = base_sd[name].float() + scaling * sum(t[name].float() - base_sd[name].float() for t in tunes)
-    torch.testing.assert_close(merged[name].float(), expected.to(merged[name].dtype).float(), rtol=0.02,
-                               atol=1e-3)
+    torch.testing.assert_close(merged[name].float(), expected.to(merged[name].dtype).float(), rtol=0.02, atol=1e-3)

@@ -7,8 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition", *,
-             context: Callable[[], str] | None = None, interval: float = 0.2) -> Any:
+def wait_for(
+    check: Callable[[], Any],
+    timeout: float = 60.0,
+    what: str = "condition",
+    *,
+    context: Callable[[], str] | None = None,
+    interval: float = 0.2,
+) -> Any:
     """Call `check` until it returns something truthy and return that; fail after `timeout` seconds with
     `what` (and `context()`, e.g. logs or a status dump) in the message."""
     deadline = time.monotonic() + timeout

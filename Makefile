@@ -7,14 +7,17 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install run test test-unit lint crds envtest bench bench-operator bench-api operator images kind-e2e clean
+.PHONY: install run test test-unit lint crds envtest bench bench-engine bench-operator bench-api bench-report operator images kind-e2e clean
 
 install: $(STAMP)
 
+# The last step compiles numba's kernels for every method, dtype and 1-8 fine-tunes (a few minutes, once), so that
+# no merge pays it (modelmerge_engine/precompile.py).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[engine,gpu,operator,api,dev]'
+	$(BIN)/python -m modelmerge_engine.precompile
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The main job on its embedded default: the REST API with the local backend on port 5000.
@@ -36,14 +39,32 @@ crds: install
 envtest:
 	bash hack/envtest.sh
 
-bench: install
+# The recorded benchmarks (bench/results/*.json, then the README tables): engine, operator and API, about 5 hours on
+# the 2-core machine (engine ~4.5 h: 3 tools x 5 methods x 2 and 8 fine-tunes x cold/warm x 5 runs, plus the
+# memory-limit runs). Run as root on a quiet machine: drop_caches and memory cgroups. --smoke flags for a quick check.
+bench: bench-engine bench-operator bench-api bench-report
+
+MERGEKIT := .bench/mergekit-venv/bin/mergekit-yaml
+
+# mergekit in its own venv, sharing the main venv's torch and transformers (a .pth file) so it installs only itself.
+$(MERGEKIT): | install
+	$(BIN)/python -m venv .bench/mergekit-venv
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$$(.bench/mergekit-venv/bin/python \
+	  -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/modelmerge-main-venv.pth"
+	.bench/mergekit-venv/bin/pip install -q mergekit==0.1.5
+
+bench-engine: install $(MERGEKIT)
 	$(BIN)/python bench/bench_engine.py
 
+# A missed target is recorded in the results (target_met), not a reason to stop the other benchmarks.
 bench-operator: install envtest
-	$(BIN)/python bench/bench_operator.py
+	-$(BIN)/python bench/bench_operator.py
 
 bench-api: install envtest
 	$(BIN)/python bench/bench_api.py
+
+bench-report: install
+	$(BIN)/python bench/report.py --write
 
 operator: install
 	$(BIN)/modelmerge operator

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from modelmerge import crd
-from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeRequest, ModelMergeSpec
+from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeProgress, MergeRequest, ModelMergeSpec
+from modelmerge.kubeclient import merge_patch, raw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,8 +170,7 @@ def _body(spec: dict, name: str | None = None) -> dict:
 
 
 def _create(custom, namespace: str, body: dict) -> dict:
-    return json.loads(custom.create_namespaced_custom_object(
-        API_GROUP, API_VERSION, namespace, PLURAL, body, _preload_content=False).data)
+    return raw(custom.create_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, body)
 
 
 def _rejection(custom, namespace: str, body: dict) -> str:
@@ -222,9 +222,8 @@ def test_spec_is_immutable_except_cancel(custom, namespace):
     name = created["metadata"]["name"]
 
     def patch(spec_patch: dict) -> dict:
-        return json.loads(custom.patch_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, PLURAL, name, {"spec": spec_patch},
-            _content_type="application/merge-patch+json", _preload_content=False).data)
+        return merge_patch(custom.patch_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name,
+                           {"spec": spec_patch})
 
     for change, fragment in [({"scaling_coefficient": 0.5}, "spec.scaling_coefficient"),
                              ({"models_to_merge": ["org/c"]}, "spec.models_to_merge"),
@@ -251,15 +250,19 @@ def test_status_is_a_subresource(custom, namespace):
     name = created["metadata"]["name"]
     body = copy.deepcopy(created)
     body["status"] = {"phase": "Succeeded"}
-    replaced = json.loads(custom.replace_namespaced_custom_object(
-        API_GROUP, API_VERSION, namespace, PLURAL, name, body, _preload_content=False).data)
+    replaced = raw(custom.replace_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name, body)
     assert "status" not in replaced  # the main resource ignores status
-    patched = json.loads(custom.patch_namespaced_custom_object_status(
-        API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": {"phase": "Running", "unknown": 1}},
-        _content_type="application/merge-patch+json", _preload_content=False).data)
+    progress = MergeProgress(percent=80.7, step="merge", stepIndex=3, steps=3, stepPercent=42.0).model_dump()
+
+    def patch_status(status: dict) -> dict:
+        return merge_patch(custom.patch_namespaced_custom_object_status, API_GROUP, API_VERSION, namespace, PLURAL,
+                           name, {"status": status})
+
+    patched = patch_status({"phase": "Running", "unknown": 1, "progress": progress})
     assert patched["status"]["phase"] == "Running" and "unknown" not in patched["status"]
-    with pytest.raises(ApiException) as info:
-        custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": {"phase": "Exploded"}},
-            _content_type="application/merge-patch+json", _preload_content=False)
-    assert "status.phase" in json.loads(info.value.body)["message"]
+    assert patched["status"]["progress"] == progress
+    for bad, field in [({"phase": "Exploded"}, "status.phase"), ({"progress": "merge 42%"}, "status.progress"),
+                       ({"progress": {**progress, "percent": 140}}, "status.progress.percent")]:
+        with pytest.raises(ApiException) as info:
+            patch_status(bad)
+        assert field in json.loads(info.value.body)["message"], info.value.body

@@ -19,6 +19,7 @@ import pytest
 
 from modelmerge import crd
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeProgress
+from modelmerge.kubeclient import merge_patch, raw
 from tests.helpers.waiting import wait_for
 from tests.kube.controlplane import free_port
 
@@ -39,7 +40,6 @@ PROGRESSING = "python -c " + shlex.quote(
     "    print(line, file=sys.stderr, flush=True)\n    time.sleep(1.0)\n"
     "time.sleep(1.0)\nprint('{\"status\": \"succeeded\"}', flush=True)"
 )
-MERGE_PATCH = "application/merge-patch+json"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,10 +147,6 @@ def start_operator(kubeconfig_path, namespace, tmp_path):
         op.stop()
 
 
-def _raw(response) -> dict:
-    return json.loads(response.data or b"{}")
-
-
 class World:
     """The ModelMerge, Job and pod views one test needs, plus waiting with diagnostics."""
 
@@ -176,11 +172,7 @@ class World:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return _raw(
-                self.custom.get_namespaced_custom_object(
-                    API_GROUP, API_VERSION, self.ns, PLURAL, name, _preload_content=False
-                )
-            )
+            return raw(self.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, self.ns, PLURAL, name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -190,16 +182,8 @@ class World:
         return (self.mm(name) or {}).get("status") or {}
 
     def patch_spec(self, name: str, spec: dict) -> None:
-        self.custom.patch_namespaced_custom_object(
-            API_GROUP,
-            API_VERSION,
-            self.ns,
-            PLURAL,
-            name,
-            {"spec": spec},
-            _content_type=MERGE_PATCH,
-            _preload_content=False,
-        )
+        merge_patch(self.custom.patch_namespaced_custom_object, API_GROUP, API_VERSION, self.ns, PLURAL, name,
+                    {"spec": spec})
 
     def create_claim(self, name: str) -> None:
         claim = {"metadata": {"name": name},
@@ -209,9 +193,8 @@ class World:
     def printed(self, name: str) -> dict[str, tuple[str, int]]:
         """What `kubectl get mm <name>` prints: each printer column's cell and priority (0: shown without -o wide),
         as the API server renders them in a Table."""
-        table = _raw(self.custom.get_namespaced_custom_object(
-            API_GROUP, API_VERSION, self.ns, PLURAL, name, _preload_content=False,
-            _headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}))
+        table = raw(self.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, self.ns, PLURAL, name,
+                    _headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
         (row,) = table["rows"]
         return {column["name"]: (cell, column.get("priority", 0))
                 for column, cell in zip(table["columnDefinitions"], row["cells"], strict=True)}
@@ -226,20 +209,16 @@ class World:
         return self.status(name)
 
     def jobs(self) -> list[dict]:
-        return _raw(self.batch.list_namespaced_job(self.ns, _preload_content=False))["items"]
+        return raw(self.batch.list_namespaced_job, self.ns)["items"]
 
     def job(self, name: str) -> dict | None:
         return next((j for j in self.jobs() if j["metadata"]["name"] == name), None)
 
     def pods(self) -> list[dict]:
-        return _raw(self.core.list_namespaced_pod(self.ns, _preload_content=False))["items"]
+        return raw(self.core.list_namespaced_pod, self.ns)["items"]
 
     def events(self, name: str) -> list[tuple[str, str, str]]:
-        items = _raw(
-            self.core.list_namespaced_event(
-                self.ns, field_selector=f"involvedObject.name={name}", _preload_content=False
-            )
-        )["items"]
+        items = raw(self.core.list_namespaced_event, self.ns, field_selector=f"involvedObject.name={name}")["items"]
         return [(e["type"], e["reason"], e.get("message", "")) for e in items]
 
     def context(self, name: str | None = None) -> str:
@@ -329,7 +308,7 @@ def test_modelmerge_becomes_a_job_with_the_expected_pod_spec(apis, namespace, st
         "/scratch",
     }
     assert c["terminationMessagePath"] == "/dev/termination-log"
-    cm = _raw(world.core.read_namespaced_config_map(f"{name}-merge", namespace, _preload_content=False))
+    cm = raw(world.core.read_namespaced_config_map, f"{name}-merge", namespace)
     assert json.loads(cm["data"]["spec.json"])["base_model"] == "org/base"
     status = world.wait_phase(name, "Pending")
     assert status["jobName"] == f"{name}-merge" and status["outputPath"] == "pvc://out/team/runs/1"
@@ -424,8 +403,8 @@ def test_image_that_cannot_be_pulled_is_reported_naming_the_image(apis, namespac
     def kubelet_reports(reason: str, message: str) -> None:
         container = {"name": "merge", "image": image, "imageID": "", "ready": False, "started": False,
                      "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}}}
-        world.core.patch_namespaced_pod_status(pod_name, namespace, {"status": {
-            "phase": "Pending", "containerStatuses": [container]}}, _content_type=MERGE_PATCH, _preload_content=False)
+        merge_patch(world.core.patch_namespaced_pod_status, pod_name, namespace,
+                    {"status": {"phase": "Pending", "containerStatuses": [container]}})
 
     pull_error = f'failed to pull and unpack image "{image}": not found'
     kubelet_reports("ErrImagePull", pull_error)
@@ -523,7 +502,7 @@ def test_deleting_the_modelmerge_cascades_to_its_job(apis, namespace, start_oper
     def config_map_gone() -> bool:
         names = [
             c["metadata"]["name"]
-            for c in _raw(world.core.list_namespaced_config_map(namespace, _preload_content=False))["items"]
+            for c in raw(world.core.list_namespaced_config_map, namespace)["items"]
         ]
         return f"{name}-merge" not in names
 
@@ -582,9 +561,7 @@ def test_kueue_queue_creates_a_suspended_job_that_runs_once_admitted(apis, names
     wait_for(lambda: world.status(name).get("reason") == "Queued", what="reason Queued", context=world.context)
     assert world.pods() == []
     # Kueue admits the workload by unsuspending the Job; the operator must not suspend it again.
-    world.batch.patch_namespaced_job(
-        f"{name}-merge", namespace, {"spec": {"suspend": False}}, _content_type=MERGE_PATCH, _preload_content=False
-    )
+    merge_patch(world.batch.patch_namespaced_job, f"{name}-merge", namespace, {"spec": {"suspend": False}})
     status = world.wait_phase(name, "Succeeded")
     assert status["message"] == "the merge finished"
     assert world.job(f"{name}-merge")["spec"]["suspend"] is False
@@ -607,10 +584,8 @@ def test_peering_lets_one_replica_act_and_the_other_take_over(apis, namespace, s
     world = World(apis, namespace, leader)
 
     def peers() -> dict:
-        obj = _raw(
-            custom.get_namespaced_custom_object(
-                "kopf.dev", "v1", namespace, "kopfpeerings", "modelmerge", _preload_content=False
-            )
+        obj = raw(
+            custom.get_namespaced_custom_object, "kopf.dev", "v1", namespace, "kopfpeerings", "modelmerge"
         )
         return obj.get("status") or {}
 
@@ -646,10 +621,8 @@ def test_operator_works_under_its_own_rbac_rules(
         else:
             rbac_api.create_namespaced_role_binding(namespace, obj, _preload_content=False)
     try:
-        token = _raw(
-            core.create_namespaced_service_account_token(
-                "operator", namespace, {"spec": {"expirationSeconds": 3600}}, _preload_content=False
-            )
+        token = raw(
+            core.create_namespaced_service_account_token, "operator", namespace, {"spec": {"expirationSeconds": 3600}}
         )["status"]["token"]
         kubeconfig = tmp_path / "operator.kubeconfig"
         kubeconfig.write_text(

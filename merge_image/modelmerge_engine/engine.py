@@ -371,7 +371,7 @@ class StreamingMerge:
                 self.progress.advance(size)
             return total
 
-        return np.array([kth_magnitude(partial(histogram_pass, i), k, self._wide) for i, k in enumerate(ks)],
+        return np.array([kth_magnitude(partial(histogram_pass, i), k, wide=self._wide) for i, k in enumerate(ks)],
                         dtype=np.int64)
 
     def _statistics_group(self, plan: TensorPlan) -> list[TensorPlan]:

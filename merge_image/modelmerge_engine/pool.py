@@ -1,8 +1,8 @@
 """An ordered, bounded map over worker threads.
 
-torch releases the GIL inside its kernels, so Python threads each running single-threaded torch ops on
-their own range use every core without OpenMP's barriers (which spin badly on a busy 2-core machine). The
-window bounds how many ranges are in flight, and so the memory."""
+The compiled kernels (and torch's) release the GIL, so Python threads each running one range use every core
+without OpenMP's barriers (which spin badly on a busy 2-core machine). The window bounds how many ranges are
+in flight, and so the memory."""
 
 from __future__ import annotations
 

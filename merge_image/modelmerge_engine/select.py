@@ -25,7 +25,7 @@ def _kth_bin(counts: np.ndarray, k: int) -> tuple[int, int]:
     return index, int(cumulative[index - 1]) if index else 0
 
 
-def kth_magnitude(histogram_pass: HistogramPass, k: int, wide: bool) -> int:
+def kth_magnitude(histogram_pass: HistogramPass, k: int, *, wide: bool) -> int:
     """The k-th smallest magnitude of one stream as a bit pattern (NO_THRESHOLD where k = 0).
 
     `wide` is True for float32: a first pass counts the high 16 bits (shift 16), a second counts the low 16

@@ -282,34 +282,6 @@ def test_a_deadline_while_the_pod_never_started_says_why():
     assert failed["reason"] == "DeadlineExceeded"
 
 
-def test_resync_reports_pods_that_cannot_start_once_per_cause(world):
-    rec, kube, events = world
-    body = _body(modelCache={"pvc": "hf-cache"})
-    rec.create(body)
-    job = kube.objects[("Job", "llama-merge-merge")]
-    job["status"] = {"active": 1, "ready": 0}
-    kube.pods = [_waiting_pod(node=None)]
-    rec.resync(body)
-    status = kube.statuses[-1][1]
-    assert (status["phase"], status["reason"]) == ("Pending", "ClaimNotFound")
-    assert status["message"] == ("PersistentVolumeClaim 'hf-cache' (spec.modelCache.pvc) does not exist in "
-                                 "namespace team-a")
-    assert events[-1] == ("Warning", "ClaimNotFound", f"Pending: {status['message']}")
-    kube.claims.add("hf-cache")
-    kube.pods = [_waiting_pod(waiting=("ErrImagePull", "not found"))]
-    rec.resync(body)
-    kube.pods = [_waiting_pod(waiting=("ImagePullBackOff", "Back-off pulling image"))]
-    rec.resync(body)
-    kube.pods = [_waiting_pod(waiting=("ErrImagePull", "not found"))]
-    rec.resync(body)
-    assert [s["reason"] for _, s in kube.statuses[-3:]] == ["ErrImagePull", "ImagePullBackOff", "ErrImagePull"]
-    assert [e[1] for e in events if e[0] == "Warning"] == ["ClaimNotFound", "ErrImagePull"]  # one per cause
-    kube.pods = [_running_pod()]
-    job["status"] = {"active": 1, "ready": 1}
-    rec.resync(body)
-    assert (kube.statuses[-1][1]["phase"], events[-1][:2]) == ("Running", ("Normal", "Running"))
-
-
 def test_conditions_keep_their_transition_time():
     running = build_status({}, Observation(Phase.Running, "Running"), now="t1", generation=1, job_name="j")
     again = build_status(running, Observation(Phase.Running, "Running"), now="t2", generation=1)
@@ -370,6 +342,16 @@ def world():
     kube, events = FakeKube(), []
     rec = Reconciler(kube, CONFIG, lambda obj, type_, reason, message: events.append((type_, reason, message)))
     return rec, kube, events
+
+
+def _created(world, job_status: dict, **spec) -> tuple[dict, dict]:
+    """A ModelMerge created through the world's Reconciler, and its Job, given `job_status`."""
+    rec, kube, _ = world
+    body = _body(**spec)
+    rec.create(body)
+    job = kube.objects[("Job", "llama-merge-merge")]
+    job["status"] = job_status
+    return body, job
 
 
 def _with_status(body: dict, rec: Reconciler) -> dict:
@@ -443,10 +425,7 @@ def test_job_events_drive_the_status_and_stop_at_a_terminal_phase(world):
 
 def test_resync_reads_progress_through_the_one_writer_and_never_lowers_it(world):
     rec, kube, events = world
-    body = _body()
-    rec.create(body)
-    job = kube.objects[("Job", "llama-merge-merge")]
-    job["status"] = {"active": 1, "ready": 1}
+    body, job = _created(world, {"active": 1, "ready": 1})
     kube.pods = [_running_pod()]
     kube.log_tail = "merging\n" + _progress_line("thresholds", 1, 3, 20.0)
     rec.resync(body)
@@ -486,6 +465,31 @@ def test_resync_leaves_finished_cancelled_and_foreign_merges_alone(world):
     kube.objects.pop(("Job", "llama-merge-merge"))
     rec.resync(body)  # a deleted Job is reported by its DELETED event, not here
     assert len(kube.statuses) == count
+
+
+def test_resync_reports_pods_that_cannot_start_once_per_cause(world):
+    rec, kube, events = world
+    body, job = _created(world, {"active": 1, "ready": 0}, modelCache={"pvc": "hf-cache"})
+    kube.pods = [_waiting_pod(node=None)]
+    rec.resync(body)
+    status = kube.statuses[-1][1]
+    assert (status["phase"], status["reason"]) == ("Pending", "ClaimNotFound")
+    assert status["message"] == ("PersistentVolumeClaim 'hf-cache' (spec.modelCache.pvc) does not exist in "
+                                 "namespace team-a")
+    assert events[-1] == ("Warning", "ClaimNotFound", f"Pending: {status['message']}")
+    kube.claims.add("hf-cache")
+    kube.pods = [_waiting_pod(waiting=("ErrImagePull", "not found"))]
+    rec.resync(body)
+    kube.pods = [_waiting_pod(waiting=("ImagePullBackOff", "Back-off pulling image"))]
+    rec.resync(body)
+    kube.pods = [_waiting_pod(waiting=("ErrImagePull", "not found"))]
+    rec.resync(body)
+    assert [s["reason"] for _, s in kube.statuses[-3:]] == ["ErrImagePull", "ImagePullBackOff", "ErrImagePull"]
+    assert [e[1] for e in events if e[0] == "Warning"] == ["ClaimNotFound", "ErrImagePull"]  # one per cause
+    kube.pods = [_running_pod()]
+    job["status"] = {"active": 1, "ready": 1}
+    rec.resync(body)
+    assert (kube.statuses[-1][1]["phase"], events[-1][:2]) == ("Running", ("Normal", "Running"))
 
 
 def test_job_deleted_by_hand_is_reported_not_recreated(world):
@@ -561,10 +565,7 @@ def test_resume_reports_a_job_that_vanished_while_the_operator_was_down(world):
 
 def test_resume_syncs_from_an_existing_job(world):
     rec, kube, _ = world
-    body = _body()
-    rec.create(body)
-    job = kube.objects[("Job", "llama-merge-merge")]
-    job["status"] = {"active": 1, "ready": 1}
+    body, _ = _created(world, {"active": 1, "ready": 1})
     fresh = Reconciler(kube, CONFIG, lambda *a: None)
     fresh.resume(_with_status(body, rec))
     assert kube.statuses[-1][1]["phase"] == "Running"

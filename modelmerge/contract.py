@@ -389,7 +389,7 @@ class MergeSummary(BaseModel):
 EXIT_MERGED = 0
 EXIT_FAILED = 1
 EXIT_INVALID_REQUEST = 2  # the engine rejected the request: running it again cannot help
-_SIGNAL_EXIT_BASE = 128  # a shell or container runtime reports death by signal N as 128 + N
+EXIT_SIGNAL_BASE = 128  # a shell or container runtime reports death by signal N as 128 + N
 _MAX_SIGNAL = 64
 
 
@@ -428,8 +428,8 @@ def _signal_name(number: int) -> str:
 def _exit_sentence(exit_code: int | None) -> str:
     if exit_code is None:
         return "the merge ended without an exit code or a summary"
-    if exit_code < 0 or _SIGNAL_EXIT_BASE < exit_code <= _SIGNAL_EXIT_BASE + _MAX_SIGNAL:
-        number = -exit_code if exit_code < 0 else exit_code - _SIGNAL_EXIT_BASE
+    if exit_code < 0 or EXIT_SIGNAL_BASE < exit_code <= EXIT_SIGNAL_BASE + _MAX_SIGNAL:
+        number = -exit_code if exit_code < 0 else exit_code - EXIT_SIGNAL_BASE
         code = f" (exit code {exit_code})" if exit_code > 0 else ""
         return f"the merge was killed by {_signal_name(number)}{code}"
     if exit_code == EXIT_INVALID_REQUEST:

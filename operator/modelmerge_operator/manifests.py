@@ -8,7 +8,7 @@ import hashlib
 import json
 from typing import Any
 
-from modelmerge.contract import API_GROUP, API_VERSION, KIND, ModelMergeSpec, output_location
+from modelmerge.contract import API_GROUP, API_VERSION, EXIT_INVALID_REQUEST, KIND, ModelMergeSpec, output_location
 from modelmerge_operator.config import OperatorConfig
 
 CONTAINER = "merge"
@@ -18,7 +18,6 @@ OUTPUT_MOUNT = "/output"
 CACHE_MOUNT = "/cache"
 SCRATCH_MOUNT = "/scratch"  # the writable HOME/TMPDIR of a read-only root filesystem (HF downloads without a cache)
 TERMINATION_LOG = "/dev/termination-log"
-INVALID_REQUEST_EXIT_CODE = 2  # the engine's exit code for a request it rejects: retrying cannot help
 
 MANAGED_BY = "modelmerge-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -97,7 +96,7 @@ def job(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig) -> d
         # Kueue admits a queued Job by unsuspending it; the operator never touches `suspend` afterwards.
         "suspend": bool(spec.queueName),
         "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-            "containerName": CONTAINER, "operator": "In", "values": [INVALID_REQUEST_EXIT_CODE]}}]},
+            "containerName": CONTAINER, "operator": "In", "values": [EXIT_INVALID_REQUEST]}}]},  # retrying cannot help
         "template": {"metadata": {"labels": {**labels(name), **queue}}, "spec": pod_spec(body, spec, config)},
     }
     if spec.activeDeadlineSeconds is not None:

@@ -35,7 +35,7 @@ from modelmerge.kubeclient import pods_of_job, raw
 from tests.helpers.helm_chart import CHART, RELEASE, ROOT, helm, triples, values_file
 from tests.helpers.waiting import wait_for
 from tests.kube.controlplane import ControlPlane, free_port
-from tests.kube.fixtures import create_namespace, delete_namespace
+from tests.kube.fixtures import create_namespace, delete_namespace, running_kubelet
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.kubelet.containers import container_env
 
@@ -414,20 +414,20 @@ def running_release(
     the API as their Deployments state (the API serves claim ``api_output_claim``, or an empty folder). Everything
     goes afterwards, the namespaces too."""
     release = Release(control_plane, admin, next(iter(namespaces)), values, work)
-    kubelet_api = control_plane.api_client()  # its own connection pool: the watch holds one connection for long
-    kubelet = FakeKubelet(kubelet_api, namespace=merges_in, label_selector=MERGE_SELECTOR, root=work / "kubelet")
     try:
         for name, labels in namespaces.items():
             create_namespace(admin, name, labels=labels)
         release.install()
-        kubelet.start()
-        release.start_operator()
-        release.start_api(kubelet.pvc_path(api_output_claim) if api_output_claim else work / "api-output")
-        yield release, kubelet
+        with running_kubelet(
+            control_plane, work / "kubelet", namespace=merges_in, label_selector=MERGE_SELECTOR
+        ) as kubelet:
+            try:
+                release.start_operator()
+                release.start_api(kubelet.pvc_path(api_output_claim) if api_output_claim else work / "api-output")
+                yield release, kubelet
+            finally:
+                release.stop()
     finally:
-        release.stop()
-        kubelet.stop()
-        kubelet_api.close()
         try:
             release.uninstall()
         finally:

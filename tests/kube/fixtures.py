@@ -9,6 +9,7 @@ tests/conftest.py).
   deleted after the test; :func:`create_namespace` / :func:`delete_namespace` make and remove others.
 * ``kubelet`` (function): a started :class:`~tests.kube.kubelet.harness.FakeKubelet` that runs the pods of
   ``namespace``, with its files under the test's ``tmp_path / "kubelet"``; stopped after the test.
+  :func:`running_kubelet` starts one with other settings (a label selector, another runtime).
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.helpers.waiting import wait_for
 from tests.kube.controlplane import ControlPlane, find_assets
+
+if TYPE_CHECKING:
+    from tests.kube.kubelet import ContainerRuntime, FakeKubelet
 
 
 def envtest_required() -> bool:
@@ -104,15 +110,30 @@ def namespace(k8s_api, request) -> Iterator[str]:
         delete_namespace(k8s_api, name)
 
 
-@pytest.fixture
-def kubelet(control_plane: ControlPlane, namespace: str, tmp_path: Path):
+@contextmanager
+def running_kubelet(
+    control_plane: ControlPlane,
+    root: Path,
+    *,
+    namespace: str | None = None,
+    label_selector: str | None = None,
+    runtime: ContainerRuntime | None = None,
+) -> Iterator[FakeKubelet]:
+    """A started test kubelet for the pods of ``namespace`` (all namespaces when None) that match
+    ``label_selector``, on ``runtime`` (local processes when None), with its files under ``root``; stopped after."""
     from tests.kube.kubelet import FakeKubelet
 
     api = control_plane.api_client()  # its own connection pool: the watch holds one connection for long
-    harness = FakeKubelet(api, namespace=namespace, root=tmp_path / "kubelet")
-    harness.start()
+    kubelet = FakeKubelet(api, namespace=namespace, label_selector=label_selector, root=root, runtime=runtime)
     try:
-        yield harness
+        kubelet.start()
+        yield kubelet
     finally:
-        harness.stop()
+        kubelet.stop()
         api.close()
+
+
+@pytest.fixture
+def kubelet(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> Iterator[FakeKubelet]:
+    with running_kubelet(control_plane, tmp_path / "kubelet", namespace=namespace) as harness:
+        yield harness

@@ -66,6 +66,21 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                      progress=args.progress)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        from modelmerge_engine.evaluation.options import EvalInputError, EvalOptions
+        from modelmerge_engine.evaluation.run import run_eval  # torch and transformers only when evaluating
+    except ImportError as exc:
+        return _missing_extra("engine", exc)
+    try:
+        given = {name: getattr(args, name) for name in ("max_length", "batch_size", "limit", "dtype")}
+        options = EvalOptions(use_gpu=args.use_gpu, **{k: v for k, v in given.items() if v is not None})
+    except EvalInputError as exc:
+        return _fail_early(args, str(exc))
+    return run_eval(args.model, args.data, options, output=args.output, summary_file=args.summary_file,
+                    progress=args.progress)
+
+
 def _fail_early(args: argparse.Namespace, message: str) -> int:
     """Errors before the engine starts still produce the summary line the operator reads."""
     summary = json.dumps({"status": "failed", "error": message})
@@ -125,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="progress on stderr: a bar on a terminal, else one line per step")
     merge.set_defaults(handler=_cmd_merge)
 
+    evaluate = sub.add_parser("eval", help="evaluate a model with merging-eval's cross-entropy on "
+                              "instruction/answer data")
+    _configure_eval(evaluate)
+    evaluate.set_defaults(handler=_cmd_eval)
+
     methods = sub.add_parser("methods", help="print the method registry as JSON")
     methods.set_defaults(handler=_cmd_methods)
 
@@ -140,6 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     operator.set_defaults(handler=_cmd_operator)
     _configure_operator(operator)
     return parser
+
+
+def _configure_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id (org/name[@rev])")
+    parser.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE|DIR",
+                        help="JSON or JSONL files of instruction+output or problem+solution records, or "
+                        "directories of them (*.json, *.jsonl)")
+    parser.add_argument("--max-length", type=int,
+                        help="tokens per record at most (capped at the model's maximum positions; default 2048)")
+    parser.add_argument("--batch-size", type=int, help="records per forward pass (default 10)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N records of each file")
+    parser.add_argument("--use-gpu", action="store_true", help="run on CUDA (fails at once without it)")
+    parser.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--output", help="also write the full report (per file and overall) to this JSON file")
+    parser.add_argument("--summary-file", help="also write the final JSON summary line here")
+    parser.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                        help="progress on stderr: a bar on a terminal, else one line per step")
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:

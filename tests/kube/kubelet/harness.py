@@ -39,10 +39,9 @@ from tests.kube.kubelet.containers import container_log_file, resolve_container
 from tests.kube.kubelet.logserver import LogServer
 from tests.kube.kubelet.pod_worker import MAX_GRACE_SECONDS, PodWorker
 from tests.kube.kubelet.process import ProcessRuntime
-from tests.kube.kubelet.references import HOST_IP
 from tests.kube.kubelet.runtime import ContainerRuntime, ContainerSpec
 from tests.kube.kubelet.scheduling import DEFAULT_CAPACITY, Scheduler
-from tests.kube.kubelet.status import StatusReporter, now
+from tests.kube.kubelet.status import HOST_IP, StatusReporter, now
 
 log = logging.getLogger(__name__)
 

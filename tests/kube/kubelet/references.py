@@ -12,8 +12,6 @@ from kubernetes.client.exceptions import ApiException
 from modelmerge.kubeclient import raw
 from tests.kube.kubelet.runtime import UnsupportedPod
 
-HOST_IP = "127.0.0.1"  # the harness's Node, and every pod on it
-
 
 class MissingReference(Exception):
     """A ConfigMap, Secret or key the pod needs does not exist (yet)."""
@@ -43,14 +41,9 @@ def _read(read, kind: str, namespace: str, name: str, *, optional: bool) -> dict
 
 
 def field_value(pod: dict[str, Any], path: str) -> str:
-    """A downward API ``fieldRef`` (the fields the harness's pods use)."""
-    fields = {
-        "metadata.name": pod["metadata"]["name"],
-        "metadata.namespace": pod["metadata"]["namespace"],
-        "metadata.uid": pod["metadata"]["uid"],
-        "status.hostIP": HOST_IP,
-        "status.podIP": HOST_IP,
-    }
+    """A downward API ``fieldRef``: the fields the harness's pods use (their name; their namespace, in the projected
+    ServiceAccount volume)."""
+    fields = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"]["namespace"]}
     if path not in fields:
         raise UnsupportedPod(f"fieldRef {path!r} is not supported by the kubelet harness (only {', '.join(fields)})")
     return fields[path]

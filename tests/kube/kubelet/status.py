@@ -12,9 +12,10 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from modelmerge.kubeclient import merge_patch
-from tests.kube.kubelet.references import HOST_IP
 
 log = logging.getLogger(__name__)
+
+HOST_IP = "127.0.0.1"  # the harness's Node, and every pod on it
 
 
 def now() -> str:

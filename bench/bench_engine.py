@@ -1,14 +1,29 @@
-"""Engine benchmark: this engine vs merging-eval (and mergekit where it is installed), same machine, same run.
+"""Engine benchmark: this engine, merging-eval and mergekit in the same run, on the same inputs, under the same
+conditions, repeated and shuffled; raw rows and provenance in bench/results/engine.json (bench/report.py turns it
+into the README's tables).
 
-Makes a Qwen2.5-0.5B-shaped random model (hidden 896, 24 layers, vocab 151936, bf16, ~0.94 GB) and
-fine-tunes under .bench/ (reused on later runs), runs every method with each tool one after another, and
-prints wall time and peak anonymous memory (RssAnon of the process tree, sampled every 20 ms) with ratios.
-Before each method, this engine runs once unmeasured (kernel compilation is cached on disk after the first
-use of a signature; it also puts the inputs in the page cache, where they are for the peers that follow).
+Inputs: a Qwen2.5-0.5B-shaped random model (hidden 896, 24 layers, vocab 151936, bf16, 0.99 GB) and 8 fine-tunes
+under .bench/models/ (made once, reused). Every (tool, method, fine-tune count, state) is run --runs times, all
+trials in one shuffled order (seed recorded), so drift and noise from other load spread over every tool alike.
 
-    .venv/bin/python bench/bench_engine.py [--methods a,b] [--finetunes 2] [--mergekit PATH] [--skip-peers]
+States (page cache in the same state for every tool):
+  warm          the inputs read once just before the run (in the page cache); ours with its kernels precompiled.
+  cold          page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches: inputs, Python and libraries all come
+                from disk); ours as a fresh merge pod runs it: an empty writable numba cache seeded from the
+                precompiled one (SeededCacheLocator), i.e. what the merge image ships.
+  cold-compile  ours only: page cache dropped and an empty numba cache (what a pod paid before precompilation).
 
-mergekit is looked up as `mergekit-yaml` next to --mergekit, in .bench/mergekit-venv/bin, or on PATH.
+Per run: wall time; peak RssAnon and peak total RSS (VmRSS) of the tool's processes, sampled every 20 ms; and the
+peak its memory cgroup was charged (max_usage_in_bytes: anonymous memory + page cache, what a pod's memory limit
+counts). Each run has its own cgroup v1 memory cgroup, capped at --safety-limit so that a peer can never push the
+machine into a global OOM. The memory-limit table runs each tool under --limits (default 256 MiB, 1 GiB, 4 GiB):
+succeeded or killed, and wall time.
+
+    .venv/bin/python bench/bench_engine.py                       # the recorded run (make bench-engine)
+    .venv/bin/python bench/bench_engine.py --smoke               # a quick check: small shape, 1 run, .bench/
+
+Needs root (drop_caches, memory cgroups). mergekit is looked up as `mergekit-yaml` next to --mergekit, in
+.bench/mergekit-venv/bin (make bench creates it), or on PATH.
 """
 
 from __future__ import annotations
@@ -16,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,12 +42,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".bench" / "models"
+BENCH = ROOT / ".bench"
 sys.path.insert(0, str(ROOT))
 
-QWEN_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-            "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True,
-            "max_position_embeddings": 32768}
+from bench.provenance import memory_total_bytes, package_version, provenance, results_path  # noqa: E402
+from tests.helpers.memory_cgroup import MemoryCgroup, unavailable_reason  # noqa: E402
+
+SHAPES = {
+    "qwen2.5-0.5b": {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2},
+    "small": {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2},
+}
 METHODS = {
     "average_merging": {},
     "task_arithmetic": {"scaling_coefficient": 0.3},
@@ -38,102 +61,63 @@ METHODS = {
     "ties_merging_dare": {"scaling_coefficient": 1.0, "param_value_mask_rate": 0.8},
     "mask_merging": {"mask_strategy": "random", "mask_apply_method": "average_merging"},
 }
-# mergekit equivalents (same family of arithmetic; timing peers, not oracles)
+# mergekit's equivalents (the same family of arithmetic; timing peers, not oracles)
 MERGEKIT = {"average_merging": "linear", "task_arithmetic": "task_arithmetic", "ties_merging": "ties",
             "ties_merging_dare": "ties", "mask_merging": "dare_linear"}
+TOOLS = ("ours", "merging-eval", "mergekit")
+PEERS = ("merging-eval", "mergekit")
+STATES = ("warm", "cold", "cold-compile")
+MIB = 1 << 20
 
 
-# --- models ----------------------------------------------------------------------------------------------
+# --- inputs ----------------------------------------------------------------------------------------------
 
-def make_models(finetunes: int) -> tuple[Path, list[Path]]:
+
+def make_models(shape: str, finetunes: int) -> tuple[Path, list[Path]]:
+    """The base and `finetunes` fine-tunes (base + N(0, 0.002) noise) of the given shape, made once."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from tests.helpers.models import save_tokenizer
 
-    base = CACHE / "base"
-    config = Qwen2Config(**QWEN_05B, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         architectures=["Qwen2ForCausalLM"])
+    folder = BENCH / "models" / shape
+    base = folder / "base"
+    config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=True, max_position_embeddings=32768, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, architectures=["Qwen2ForCausalLM"])
     config.torch_dtype = "bfloat16"
-    with torch.device("meta"):
-        shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).state_dict().items()
-                  if n != "lm_head.weight"}
-    if (base / "model.safetensors").exists():
-        config.save_pretrained(base)
-    else:
-        print(f"making base model in {base} ...", flush=True)
+    if not (base / "model.safetensors").exists():
+        print(f"making base model in {base} ...", file=sys.stderr, flush=True)
+        with torch.device("meta"):
+            shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).state_dict().items()
+                      if n != "lm_head.weight"}
         generator = torch.Generator().manual_seed(0)
         tensors = {n: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for n, s in shapes.items()}
         _save(base, tensors, config, save_file)
         save_tokenizer(base, 1024)
-    fts = []
+    paths = []
     for i in range(finetunes):
-        path = CACHE / f"ft{i}"
-        fts.append(path)
+        path = folder / f"ft{i}"
+        paths.append(path)
         if (path / "model.safetensors").exists():
-            config.save_pretrained(path)
             continue
-        print(f"making fine-tune {path} ...", flush=True)
-        from safetensors.torch import load_file
-
+        print(f"making fine-tune {path} ...", file=sys.stderr, flush=True)
         generator = torch.Generator().manual_seed(100 + i)
         tensors = {n: (t.float() + torch.randn(t.shape, generator=generator) * 0.002).to(torch.bfloat16)
                    for n, t in load_file(base / "model.safetensors").items()}
         _save(path, tensors, config, save_file)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(base / name, path / name)
-    return base, fts
+    return base, paths
 
 
 def _save(path: Path, tensors, config, save_file) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(path)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(path)
 
 
-# --- measuring -------------------------------------------------------------------------------------------
-
-def _rss_anon_kib(pid: int) -> int:
-    total = 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
-def measure(command: list[str], env: dict | None = None) -> dict:
-    started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    peak = 0
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss_anon_kib(process.pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = process.communicate()
-    done.set()
-    sampler.join()
-    seconds = time.monotonic() - started
-    if process.returncode != 0:
-        tail = (err or out)[-2000:]
-        return {"ok": False, "seconds": seconds, "peak_gib": peak / 2**20, "error": tail}
-    return {"ok": True, "seconds": seconds, "peak_gib": peak / 2**20}
+# --- the tools' command lines ----------------------------------------------------------------------------
 
 
 def ours(method: str, base: Path, fts: list[Path], out: Path) -> list[str]:
@@ -170,78 +154,326 @@ def mergekit(method: str, base: Path, fts: list[Path], out: Path, binary: str) -
         config["base_model"] = str(base)
     if kind == "ties":
         config["parameters"] = {"normalize": True}
-    config_path = out.parent / f"mergekit-{method}.yml"
+    config_path = out.parent / f"mergekit-{method}-{len(fts)}.yml"
     config_path.write_text(json.dumps(config))
     return [binary, str(config_path), str(out), "--copy-tokenizer", "--allow-crimes"]
 
 
 def find_mergekit(explicit: str | None) -> str | None:
-    for candidate in ([explicit] if explicit else []) + [str(ROOT / ".bench/mergekit-venv/bin/mergekit-yaml"),
+    for candidate in ([explicit] if explicit else []) + [str(BENCH / "mergekit-venv/bin/mergekit-yaml"),
                                                            shutil.which("mergekit-yaml") or ""]:
         if candidate and Path(candidate).exists():
             return candidate
     return None
 
 
+# --- page cache, numba cache ------------------------------------------------------------------------------
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def warm_page_cache(paths: list[Path]) -> None:
+    """Reads every input file once, so the tool finds it in the page cache."""
+    for folder in paths:
+        for file in sorted(folder.iterdir()):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    while handle.read(16 << 20):
+                        pass
+
+
+def precompiled_cache(max_models: int) -> Path:
+    """numba's cache with every bfloat16 kernel signature compiled (as `make install` and the image build do
+    for every dtype; the benchmark merges in bfloat16)."""
+    cache = BENCH / "numba-cache"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    print("precompiling the engine's kernels into .bench/numba-cache ...", file=sys.stderr, flush=True)
+    subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "modelmerge_engine.precompile", "--max-models",
+                    str(max_models), "--dtypes", "bfloat16"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return cache
+
+
+def ours_env(state: str, precompiled: Path, scratch: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    if state == "warm":
+        return {**env, "NUMBA_CACHE_DIR": str(precompiled)}
+    fresh = Path(tempfile.mkdtemp(prefix="numba-", dir=scratch))  # an empty cache, as a fresh pod's emptyDir
+    env["NUMBA_CACHE_DIR"] = str(fresh)
+    if state == "cold":
+        env.update(NUMBA_CACHE_LOCATOR_CLASSES="modelmerge_engine.precompile.SeededCacheLocator",
+                   MODELMERGE_NUMBA_CACHE_SEED=str(precompiled))
+    return env
+
+
+# --- one measured run -------------------------------------------------------------------------------------
+
+
+def _proc_kib(pid: int) -> tuple[int, int]:
+    anon = rss = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1])
+            elif line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    except OSError:
+        pass
+    return anon, rss
+
+
+def measure(command: list[str], env: dict[str, str], *, limit_bytes: int, timeout: float) -> dict:
+    """Runs `command` in its own memory cgroup limited to `limit_bytes`; wall time, peaks, outcome."""
+    with MemoryCgroup("bench", limit_bytes=limit_bytes) as cgroup:
+        started = time.monotonic()
+        process = cgroup.popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        peak_anon = peak_rss = 0
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak_anon, peak_rss
+            while not done.is_set():
+                try:
+                    pids = cgroup.pids()
+                except OSError:
+                    pids = []
+                sizes = [_proc_kib(pid) for pid in pids]
+                peak_anon = max(peak_anon, sum(a for a, _ in sizes))
+                peak_rss = max(peak_rss, sum(r for _, r in sizes))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            out, err = process.communicate(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            timed_out = True
+        seconds = time.monotonic() - started
+        done.set()
+        sampler.join()
+        stats = cgroup.stats()
+    killed = stats["oom_kills"] > 0 or process.returncode == -9
+    outcome = "timeout" if timed_out else "killed" if killed else "ok" if process.returncode == 0 else "failed"
+    row = {"outcome": outcome, "returncode": process.returncode, "seconds": round(seconds, 3),
+           "rss_anon_peak_bytes": peak_anon * 1024, "rss_peak_bytes": peak_rss * 1024,
+           "cgroup_peak_bytes": stats["peak_bytes"], "oom_kills": stats["oom_kills"], "limit_bytes": limit_bytes}
+    if outcome != "ok":
+        row["error"] = (err or out or "")[-1500:]
+    return row
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def plan(args) -> list[dict]:
+    trials = []
+    for tool in args.tools:
+        for method in args.methods:
+            for count in args.finetunes:
+                for state in args.states:
+                    if state == "cold-compile" and tool != "ours":
+                        continue
+                    trials += [{"tool": tool, "method": method, "finetunes": count, "state": state, "run": run}
+                               for run in range(args.runs)]
+    random.Random(args.seed).shuffle(trials)
+    limit_trials = [{"tool": tool, "method": method, "finetunes": count, "state": "warm", "run": 0,
+                     "limit": limit}
+                    for tool in args.tools for method in args.limit_methods for count in args.finetunes
+                    for limit in args.limits]
+    random.Random(args.seed + 1).shuffle(limit_trials)
+    return trials + limit_trials
+
+
+def command_for(trial: dict, base: Path, fts: list[Path], out: Path, kit: str | None) -> list[str]:
+    inputs = fts[: trial["finetunes"]]
+    if trial["tool"] == "ours":
+        return ours(trial["method"], base, inputs, out)
+    if trial["tool"] == "merging-eval":
+        return merging_eval(trial["method"], base, inputs, out)
+    return mergekit(trial["method"], base, inputs, out, kit)
+
+
+def run(args) -> dict:
+    kit = find_mergekit(args.mergekit) if "mergekit" in args.tools else None
+    if "mergekit" in args.tools and kit is None:
+        raise SystemExit("mergekit-yaml not found: `make bench` creates .bench/mergekit-venv, or pass --mergekit, "
+                         "or leave it out with --tools ours,merging-eval")
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"the benchmark runs every tool in a memory cgroup: {reason} (run it as root)")
+    if {"cold", "cold-compile"} & set(args.states) and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        raise SystemExit("cold runs drop the page cache: /proc/sys/vm/drop_caches is not writable (run as root, "
+                         "or --states warm)")
+    base, fts = make_models(args.shape, max(args.finetunes))
+    precompiled = precompiled_cache(max(args.finetunes)) if "ours" in args.tools else Path()
+    trials = plan(args)
+    packages = ["numba", "llvmlite", "numpy", "torch", "transformers", "safetensors", "merging-eval"]
+    mergekit_version = package_version("mergekit", str(Path(kit).parent / "python")) if kit else None
+    result = {"benchmark": "engine", "provenance": provenance(packages, mergekit=mergekit_version), "settings": {
+        "command": " ".join(sys.argv), "shape": args.shape, "runs": args.runs, "seed": args.seed,
+        "methods": args.methods, "finetunes": args.finetunes, "states": args.states, "tools": args.tools,
+        "limits": args.limits, "limit_methods": args.limit_methods, "safety_limit_bytes": args.safety_limit,
+        "input_bytes": {str(n): sum((p / "model.safetensors").stat().st_size for p in [base, *fts[:n]])
+                        for n in args.finetunes}}, "rows": []}
+    print(f"{len(trials)} runs in shuffled order (seed {args.seed})", file=sys.stderr, flush=True)
+    BENCH.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=BENCH, prefix="run-") as tmp:
+        scratch = Path(tmp)
+        out = scratch / "out"
+        for index, trial in enumerate(trials, 1):
+            shutil.rmtree(out, ignore_errors=True)
+            env = ours_env(trial["state"], precompiled, scratch) if trial["tool"] == "ours" else \
+                {**os.environ, "HF_HUB_OFFLINE": "1"}
+            env["HF_HUB_OFFLINE"] = "1"
+            command = command_for(trial, base, fts, out, kit)
+            if trial["state"] == "warm":
+                warm_page_cache([base, *fts[: trial["finetunes"]]])
+            else:
+                drop_page_cache()
+            row = {**trial, **measure(command, env, limit_bytes=trial.get("limit") or args.safety_limit,
+                                      timeout=args.run_timeout)}
+            row.pop("limit", None)
+            row["kind"] = "limit" if "limit" in trial else "timing"
+            result["rows"].append(row)
+            print(f"[{index}/{len(trials)}] {row['kind']:6} {row['tool']:12} {row['method']:18} "
+                  f"{row['finetunes']} fts {row['state']:12} {row['outcome']:7} {row['seconds']:8.2f}s "
+                  f"anon {row['rss_anon_peak_bytes'] / MIB:7.0f} MiB rss {row['rss_peak_bytes'] / MIB:7.0f} MiB "
+                  f"cgroup {row['cgroup_peak_bytes'] / MIB:7.0f} MiB", file=sys.stderr, flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+# --- summary ----------------------------------------------------------------------------------------------
+
+
+def summarize(result: dict) -> dict:
+    """Per (method, fine-tunes, state, tool): median and spread of each measure over the successful runs, and
+    ours' ratios against the fastest / leanest peer."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in result["rows"]:
+        if row["kind"] == "timing":
+            groups.setdefault((row["method"], row["finetunes"], row["state"], row["tool"]), []).append(row)
+    cells = {}
+    for key, rows in groups.items():
+        good = [r for r in rows if r["outcome"] == "ok"]
+        cell = {"runs": len(rows), "ok": len(good)}
+        for measure_name in ("seconds", "rss_anon_peak_bytes", "rss_peak_bytes", "cgroup_peak_bytes"):
+            values = sorted(r[measure_name] for r in good)
+            if values:
+                cell[measure_name] = {"median": statistics.median(values), "min": values[0], "max": values[-1]}
+        cells[key] = cell
+    ratios = []
+    for method, count, state, tool in sorted(cells):
+        if tool != "ours" or "seconds" not in cells[(method, count, state, tool)]:
+            continue
+        mine = cells[(method, count, state, tool)]
+        peer_state = "cold" if state == "cold-compile" else state
+        peers = {p: cells[(method, count, peer_state, p)] for p in PEERS
+                 if "seconds" in cells.get((method, count, peer_state, p), {})}
+        entry = {"method": method, "finetunes": count, "state": state}
+        if peers:
+            fastest = min(peers, key=lambda p: peers[p]["seconds"]["median"])
+            entry.update(fastest_peer=fastest, speedup=peers[fastest]["seconds"]["median"] / mine["seconds"]["median"])
+            for measure_name in ("rss_anon_peak_bytes", "rss_peak_bytes", "cgroup_peak_bytes"):
+                leanest = min(peers[p][measure_name]["median"] for p in peers)
+                entry[f"{measure_name}_ratio"] = leanest / max(1, mine[measure_name]["median"])
+        ratios.append(entry)
+    return {"cells": [{"method": k[0], "finetunes": k[1], "state": k[2], "tool": k[3], **v}
+                      for k, v in sorted(cells.items())], "ratios": ratios}
+
+
+def print_summary(summary: dict, rows: list[dict]) -> None:
+    def spread(cell: dict, name: str, scale: float = 1.0, digits: int = 2) -> str:
+        if name not in cell:
+            return "-"
+        m = cell[name]
+        return f"{m['median'] / scale:.{digits}f} ({m['min'] / scale:.{digits}f}-{m['max'] / scale:.{digits}f})"
+
+    print(f"\n{'method':18} {'fts':>3} {'state':12} {'tool':12} {'ok':>5} {'seconds med (min-max)':>24} "
+          f"{'RssAnon MiB':>18} {'RSS MiB':>18} {'cgroup MiB':>18}")
+    for cell in summary["cells"]:
+        print(f"{cell['method']:18} {cell['finetunes']:>3} {cell['state']:12} {cell['tool']:12} "
+              f"{cell['ok']:>2}/{cell['runs']:<2} {spread(cell, 'seconds'):>24} "
+              f"{spread(cell, 'rss_anon_peak_bytes', MIB, 0):>18} {spread(cell, 'rss_peak_bytes', MIB, 0):>18} "
+              f"{spread(cell, 'cgroup_peak_bytes', MIB, 0):>18}")
+    print(f"\n{'method':18} {'fts':>3} {'state':12} {'fastest peer':>13} {'speed-up':>9} {'anon':>7} {'rss':>7} "
+          f"{'cgroup':>7}   (memory: leanest peer / ours)")
+    for r in summary["ratios"]:
+        if "speedup" in r:
+            print(f"{r['method']:18} {r['finetunes']:>3} {r['state']:12} {r['fastest_peer']:>13} "
+                  f"{r['speedup']:8.1f}x {r['rss_anon_peak_bytes_ratio']:6.1f}x {r['rss_peak_bytes_ratio']:6.1f}x "
+                  f"{r['cgroup_peak_bytes_ratio']:6.1f}x")
+    limits = [r for r in rows if r["kind"] == "limit"]
+    if limits:
+        print(f"\n{'memory limit':>12} {'tool':12} {'method':18} {'fts':>3} {'outcome':8} {'seconds':>8}")
+        for r in sorted(limits, key=lambda r: (r["limit_bytes"], r["tool"], r["method"], r["finetunes"])):
+            print(f"{r['limit_bytes'] / MIB:>8.0f} MiB {r['tool']:12} {r['method']:18} {r['finetunes']:>3} "
+                  f"{r['outcome']:8} {r['seconds']:8.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--runs", type=int, default=5, help="runs per tool, method, fine-tune count and state")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--finetunes", type=int, default=2)
-    parser.add_argument("--memory-check", type=int, default=8,
-                        help="also run ours with this many fine-tunes to compare peak memory (0: skip)")
-    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--finetunes", default="2,8", help="fine-tune counts (comma-separated)")
+    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--states", default=",".join(STATES))
+    parser.add_argument("--limits", default="256MiB,1GiB,4GiB", help="memory limits of the limit table ('' skips)")
+    parser.add_argument("--limit-methods", default="task_arithmetic,ties_merging_dare")
+    parser.add_argument("--safety-limit", default=None,
+                        help="memory cgroup limit of the timing runs (default: 85%% of MemTotal)")
+    parser.add_argument("--run-timeout", type=float, default=3600)
+    parser.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random, recorded)")
     parser.add_argument("--mergekit")
+    parser.add_argument("--smoke", action="store_true",
+                        help="small shape, 1 run, 2 fine-tunes, two methods, 256MiB limit only; written to .bench/")
+    parser.add_argument("--out", type=Path, help="results JSON (default: bench/results/engine.json for a full "
+                                                 "run, .bench/results/engine-smoke.json otherwise)")
     args = parser.parse_args()
-    methods = args.methods.split(",")
-    base, fts = make_models(max(args.finetunes, args.memory_check))
-    two = fts[: args.finetunes]
-    kit = None if args.skip_peers else find_mergekit(args.mergekit)
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    rows = []
-    with tempfile.TemporaryDirectory(dir=ROOT / ".bench") as tmp:
-        out = Path(tmp) / "out"
-        for method in methods:
-            # One unmeasured run per input count: numba compiles a kernel once per signature and caches it
-            # on disk (an image build or first use pays it), and the inputs land in the page cache, as they
-            # are for the peers that run after it.
-            for count in {args.finetunes, args.memory_check} - {0}:
-                measure(ours(method, base, fts[:count], out), env)
-                shutil.rmtree(out, ignore_errors=True)
-            row = {"method": method, "ours": measure(ours(method, base, two, out), env)}
-            shutil.rmtree(out, ignore_errors=True)
-            if not args.skip_peers:
-                row["merging-eval"] = measure(merging_eval(method, base, two, out), env)
-                shutil.rmtree(out, ignore_errors=True)
-                if kit:
-                    row["mergekit"] = measure(mergekit(method, base, two, out, kit), env)
-                    shutil.rmtree(out, ignore_errors=True)
-            if args.memory_check:
-                row["ours_many"] = measure(ours(method, base, fts[: args.memory_check], out), env)
-                shutil.rmtree(out, ignore_errors=True)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    report(rows, args.memory_check)
+    if args.smoke:
+        args.shape, args.runs, args.finetunes = "small", 1, "2"
+        args.methods, args.limits, args.limit_methods = "task_arithmetic,ties_merging_dare", "256MiB", "task_arithmetic"
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.tools = [t for t in args.tools.split(",") if t]
+    args.states = [s for s in args.states.split(",") if s]
+    args.finetunes = [int(n) for n in args.finetunes.split(",") if n]
+    args.limits = [parse_size(s) for s in args.limits.split(",") if s]
+    args.limit_methods = [m for m in args.limit_methods.split(",") if m]
+    for field, values, allowed in (("--methods", args.methods, METHODS), ("--tools", args.tools, TOOLS),
+                                   ("--states", args.states, STATES), ("--limit-methods", args.limit_methods, METHODS)):
+        unknown = [v for v in values if v not in allowed]
+        if unknown or (not values and field != "--limit-methods"):
+            parser.error(f"{field}: unknown or missing {', '.join(unknown) or 'values'}; choose from "
+                         f"{', '.join(allowed)}")
+    if args.runs < 1 or not args.finetunes or min(args.finetunes) < 1:
+        parser.error("--runs and every --finetunes count must be at least 1")
+    args.safety_limit = parse_size(args.safety_limit) if args.safety_limit else int(memory_total_bytes() * 0.85)
+    args.seed = random.randrange(2**31) if args.seed is None else args.seed
+    full = (args.runs >= 5 and args.shape == "qwen2.5-0.5b" and set(args.tools) == set(TOOLS)
+            and not args.smoke)
+    out = args.out or results_path("engine", recorded=full)
+
+    result = run(args)
+    result["summary"] = summarize(result)
+    print_summary(result["summary"], result["rows"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nraw rows and provenance: {out}", file=sys.stderr)
     return 0
-
-
-def report(rows: list[dict], many: int) -> None:
-    print(f"\n{'method':20} {'tool':14} {'seconds':>8} {'peak GiB':>9}")
-    for row in rows:
-        for tool in ("ours", "merging-eval", "mergekit", "ours_many"):
-            if tool in row:
-                r = row[tool]
-                label = f"ours ({many} fts)" if tool == "ours_many" else tool
-                status = "" if r["ok"] else "  FAILED: " + r["error"].strip().splitlines()[-1][:80]
-                print(f"{row['method']:20} {label:14} {r['seconds']:8.2f} {r['peak_gib']:9.3f}{status}")
-    print(f"\n{'method':20} {'speed-up vs fastest peer':>26} {'memory: leanest peer / ours':>28} "
-          f"{'ours mem {many}fts/2fts':>20}")
-    for row in rows:
-        peers = [row[t] for t in ("merging-eval", "mergekit") if t in row and row[t]["ok"]]
-        ours_r = row["ours"]
-        speed = min(p["seconds"] for p in peers) / ours_r["seconds"] if peers else float("nan")
-        memory = min(p["peak_gib"] for p in peers) / ours_r["peak_gib"] if peers else float("nan")
-        growth = row["ours_many"]["peak_gib"] / ours_r["peak_gib"] if "ours_many" in row else float("nan")
-        print(f"{row['method']:20} {speed:25.1f}x {memory:27.1f}x {growth:19.2f}x")
 
 
 if __name__ == "__main__":

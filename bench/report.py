@@ -1,0 +1,192 @@
+"""The README's measured-performance tables, generated from the recorded runs in bench/results/*.json.
+
+    .venv/bin/python bench/report.py            # print the tables
+    .venv/bin/python bench/report.py --write    # replace them in README.md, between the bench-report markers
+    .venv/bin/python bench/report.py --check    # exit 1 if README.md differs from what the results give
+
+Each table sits between `<!-- bench-report:NAME -->` and `<!-- /bench-report:NAME -->` (NAME: engine, limits,
+operator, api); nothing else in the README is touched. A missing results file gives a line saying how to record it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+MIB = 1 << 20
+ENGINE_TARGETS = {"average_merging": 3.0, "task_arithmetic": 3.0, "ties_merging": 8.0, "ties_merging_dare": 8.0,
+                  "mask_merging": 8.0}
+
+
+def _load(name: str, results: Path) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _missing(name: str, command: str) -> str:
+    return f"_No recorded run yet: `{command}` writes `bench/results/{name}.json`, then `make bench-report`._"
+
+
+def _provenance(result: dict) -> str:
+    p = result["provenance"]
+    packages = ", ".join(f"{k} {v}" for k, v in sorted(p["packages"].items()) if v)
+    return (f"Recorded {p['date'][:10]} at commit `{p['commit'][:10]}`"
+            f"{' (with uncommitted changes)' if p.get('uncommitted_changes') else ''} on {p['cpu_model']}, "
+            f"{p['cpu_cores']} cores, {p['memory_bytes'] / 2**30:.0f} GiB, Linux {p['kernel']}; {packages}.")
+
+
+def _spread(cell: dict, name: str, scale: float = 1.0, digits: int = 2) -> str:
+    if name not in cell:
+        return "failed" if cell.get("runs") else "-"
+    m = cell[name]
+    return f"{m['median'] / scale:.{digits}f} ({m['min'] / scale:.{digits}f}–{m['max'] / scale:.{digits}f})"
+
+
+def engine_table(result: dict | None) -> str:
+    if result is None:
+        return _missing("engine", "make bench-engine")
+    settings = result["settings"]
+    cells = {(c["method"], c["finetunes"], c["state"], c["tool"]): c for c in result["summary"]["cells"]}
+    ratios = {(r["method"], r["finetunes"], r["state"]): r for r in result["summary"]["ratios"]}
+    tools = settings["tools"]
+    lines = [_provenance(result),
+             f"{settings['runs']} runs per cell in one shuffled order (seed {settings['seed']}); "
+             "median (min–max) seconds; speed-up = fastest peer's median / ours; memory = peak of the run's memory "
+             "cgroup (anonymous memory + page cache, what a pod's limit counts), with RssAnon and total RSS in "
+             "`bench/results/engine.json`. Targets: ≥ 3× on average/task arithmetic, ≥ 8× on TIES, DARE and mask "
+             "merging, cold.", "",
+             "| method | fine-tunes | state | " + " | ".join(f"{t} s" for t in tools)
+             + " | speed-up (target) | " + " | ".join(f"{t} cgroup MiB" for t in tools) + " |",
+             "|" + " --- |" * (3 + 2 * len(tools) + 1)]
+    for method in settings["methods"]:
+        for count in settings["finetunes"]:
+            for state in settings["states"]:
+                row = [cells.get((method, count, state, t), {}) for t in tools]
+                if not any(row):
+                    continue
+                ratio = ratios.get((method, count, state), {})
+                speedup = f"{ratio['speedup']:.1f}× ({ENGINE_TARGETS[method]:g}×)" if "speedup" in ratio else "-"
+                lines.append(f"| {method} | {count} | {state} | "
+                             + " | ".join(_spread(c, "seconds") for c in row) + f" | {speedup} | "
+                             + " | ".join(_spread(c, "cgroup_peak_bytes", MIB, 0) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def memory_table(result: dict | None) -> str:
+    if result is None:
+        return _missing("engine", "make bench-engine")
+    cells = [c for c in result["summary"]["cells"] if c["state"] == "warm"]
+    lines = ["Peak memory of the warm runs, median MiB: RssAnon (what the processes allocated), total RSS (plus the "
+             "file pages they map: inputs and libraries) and the cgroup's peak (anonymous memory plus all page "
+             "cache the run brought in or wrote, what a pod's memory limit counts).", "",
+             "| method | fine-tunes | tool | RssAnon | RSS | cgroup peak |", "| --- | --- | --- | --- | --- | --- |"]
+    for c in cells:
+        lines.append(f"| {c['method']} | {c['finetunes']} | {c['tool']} | "
+                     + " | ".join(_spread(c, name, MIB, 0) for name in
+                                  ("rss_anon_peak_bytes", "rss_peak_bytes", "cgroup_peak_bytes")) + " |")
+    return "\n".join(lines)
+
+
+def limits_table(result: dict | None) -> str:
+    if result is None:
+        return _missing("engine", "make bench-engine")
+    rows = [r for r in result["rows"] if r["kind"] == "limit"]
+    limits = sorted({r["limit_bytes"] for r in rows})
+    by_key = {(r["tool"], r["method"], r["finetunes"], r["limit_bytes"]): r for r in rows}
+    lines = ["Each tool under a memory cgroup limit (as a pod's `resources.limits.memory`), page cache warm: "
+             "succeeded with its wall time, or killed by the OOM killer.", "",
+             "| tool | method | fine-tunes | " + " | ".join(f"{limit / MIB:g} MiB" for limit in limits) + " |",
+             "|" + " --- |" * (3 + len(limits))]
+    for tool, method, count in sorted({k[:3] for k in by_key}):
+        outcomes = []
+        for limit in limits:
+            r = by_key.get((tool, method, count, limit))
+            outcomes.append("-" if r is None else f"ok {r['seconds']:.1f} s" if r["outcome"] == "ok"
+                            else f"{r['outcome']} after {r['seconds']:.1f} s")
+        lines.append(f"| {tool} | {method} | {count} | " + " | ".join(outcomes) + " |")
+    return "\n".join(lines)
+
+
+def operator_table(result: dict | None) -> str:
+    if result is None:
+        return _missing("operator", "make bench-operator")
+    s = result["summary"]
+    lines = [_provenance(result),
+             f"{result['settings']['count']} ModelMerges created at once, {len(result['rows'])} runs, median "
+             "(min–max) seconds from the first create; target: all Jobs within "
+             f"{result['settings']['target_jobs_s']:g} s.", "",
+             "| milestone | seconds |", "| --- | --- |"]
+    for name, label in (("jobs_s", "all Jobs exist (operator)"), ("direct_jobs_s", "same Jobs created directly "
+                                                                  "(the API server's floor)"),
+                        ("pods_s", "all pods exist"), ("running_s", "all ModelMerges Running"),
+                        ("succeeded_s", "all ModelMerges Succeeded")):
+        if name in s:
+            lines.append(f"| {label} | {_spread({'x': s[name]}, 'x')} |")
+    return "\n".join(lines)
+
+
+def api_table(result: dict | None) -> str:
+    if result is None:
+        return _missing("api", "make bench-api")
+    s = result["settings"]
+    lines = [_provenance(result),
+             f"{s['jobs']} jobs recorded, {s['clients']} concurrent keep-alive clients in a separate process, "
+             f"{s['requests']} requests per run, {s['runs']} runs; median (min–max) of the runs' p50/p99 in ms. "
+             "`merging`: merges run through the API during the measurement.", "",
+             "| backend | load | endpoint | p50 ms | p99 ms | req/s | p99 target |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for cell in result["summary"]:
+        lines.append(f"| {cell['backend']} | {cell['load']} | `{cell['endpoint']}` | {_spread(cell, 'p50_ms', 1, 1)} | "
+                     f"{_spread(cell, 'p99_ms', 1, 1)} | {_spread(cell, 'throughput_rps', 1, 0)} | "
+                     f"{cell['target_p99_ms']:g} ms |")
+    return "\n".join(lines)
+
+
+def sections(results: Path) -> dict[str, str]:
+    engine = _load("engine", results)
+    return {"engine": engine_table(engine), "memory": memory_table(engine), "limits": limits_table(engine),
+            "operator": operator_table(_load("operator", results)), "api": api_table(_load("api", results))}
+
+
+def render(readme: str, tables: dict[str, str]) -> str:
+    for name, table in tables.items():
+        pattern = re.compile(rf"(<!-- bench-report:{name} -->\n).*?(<!-- /bench-report:{name} -->)", re.S)
+        if not pattern.search(readme):
+            raise SystemExit(f"README.md has no <!-- bench-report:{name} --> ... <!-- /bench-report:{name} --> "
+                             "markers")
+        readme = pattern.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), readme)
+    return readme
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="update README.md in place")
+    mode.add_argument("--check", action="store_true", help="exit 1 when README.md is out of date")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder of engine.json, operator.json, api.json (default: bench/results)")
+    args = parser.parse_args()
+    tables = sections(args.results)
+    if not (args.write or args.check):
+        print("\n\n".join(tables.values()))
+        return 0
+    current = README.read_text()
+    updated = render(current, tables)
+    if args.check:
+        if updated != current:
+            print("README.md's measured-performance tables differ from bench/results: run make bench-report",
+                  file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

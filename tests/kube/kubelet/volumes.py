@@ -41,10 +41,12 @@ def container_mounts(
     """Prepares the pod's volumes and returns the container's mounts; raises ContainerCreateError while an
     object a volume needs is missing."""
     volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+    hosts: dict[str, Path] = {}
     try:
-        hosts = {
-            name: _prepare(core, pod, v, pod_folder / "volumes" / name, claim_folder) for name, v in volumes.items()
-        }
+        for name, volume in volumes.items():
+            claim = volume.get("persistentVolumeClaim")
+            folder = pod_folder / "volumes" / name
+            hosts[name] = claim_folder(claim["claimName"]) if claim else _prepare(core, pod, volume, folder)
     except MissingReference as e:
         raise ContainerCreateError("ContainerCreating", f"MountVolume.SetUp failed: {e}") from e
     mounts = []
@@ -74,15 +76,8 @@ def _filled(volume: dict[str, Any]) -> bool:
     return any(kind in volume for kind in FILLED_KINDS)
 
 
-def _prepare(
-    core: client.CoreV1Api,
-    pod: dict[str, Any],
-    volume: dict[str, Any],
-    folder: Path,
-    claim_folder: Callable[[str], Path],
-) -> Path:
-    if "persistentVolumeClaim" in volume:
-        return claim_folder(volume["persistentVolumeClaim"]["claimName"])
+def _prepare(core: client.CoreV1Api, pod: dict[str, Any], volume: dict[str, Any], folder: Path) -> Path:
+    """The folder of a volume that is not a claim."""
     if "emptyDir" in volume:
         folder.mkdir(parents=True, exist_ok=True)
         return folder

@@ -328,7 +328,7 @@ def test_api_serves_the_release_namespace_with_the_output_claim_read_only(render
     secret = one(objects, "Secret", "modelmerge-api-token", NS)
     assert len(secret["data"]["token"]) > 40
     assert _spec_defaults(objects) == {"backoffLimit": 1, "ttlSecondsAfterFinished": 86400, "resources": {
-        "cpu": "2", "memory": "8Gi", "gpu": 1, "gpuResourceName": "nvidia.com/gpu", "shmSize": "1Gi"}}
+        "cpu": "2", "memory": "2Gi", "gpu": 1, "gpuResourceName": "nvidia.com/gpu", "shmSize": "1Gi"}}
 
 
 def test_existing_claims_and_the_model_cache(renders):

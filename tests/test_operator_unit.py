@@ -76,7 +76,8 @@ def test_minimal_job_shape():
                          "--summary-file", "/dev/termination-log", "--progress", "lines"]
     assert c["terminationMessagePath"] == "/dev/termination-log"
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    assert c["resources"] == {}
+    assert c["resources"] == {"requests": {"memory": manifests.DEFAULT_MERGE_MEMORY},
+                              "limits": {"memory": manifests.DEFAULT_MERGE_MEMORY}}
     assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/modelmerge", "/output", "/dev/shm", "/scratch"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["spec"]["configMap"]["name"] == "llama-merge-merge"
@@ -133,10 +134,12 @@ def test_full_job_shape():
 
 
 def test_gpu_limit_only_when_use_gpu():
+    default = {"memory": manifests.DEFAULT_MERGE_MEMORY}
     body = _body(resources={"gpu": 4})
-    assert manifests.resources(_spec(body)) == {}
+    assert manifests.resources(_spec(body)) == {"requests": default, "limits": default}
     body = _body(use_gpu=True)
-    assert manifests.resources(_spec(body)) == {"limits": {"nvidia.com/gpu": "1"}}
+    assert manifests.resources(_spec(body)) == {"requests": default,
+                                                "limits": {**default, "nvidia.com/gpu": "1"}}
 
 
 def test_config_map_holds_only_the_engine_request():

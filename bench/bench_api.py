@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.provenance import provenance, results_path  # noqa: E402
+from bench.provenance import median_spread, provenance, results_path  # noqa: E402
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL  # noqa: E402
 from tests.helpers.rest_api import PAYLOAD, free_port, wait_for  # noqa: E402
 
@@ -312,8 +312,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         cell = {"backend": backend, "load": load, "endpoint": endpoint, "runs": len(group),
                 "target_p99_ms": TARGET_P99_MS[backend]}
         for name in ("p50_ms", "p99_ms", "throughput_rps"):
-            values = sorted(r[name] for r in group)
-            cell[name] = {"median": statistics.median(values), "min": values[0], "max": values[-1]}
+            cell[name] = median_spread([r[name] for r in group])
         cell["p99_target_met"] = cell["p99_ms"]["median"] < TARGET_P99_MS[backend]
         cells.append(cell)
     return cells

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
 sys.path.insert(0, str(ROOT))
 
-from bench.provenance import memory_total_bytes, package_version, provenance, results_path  # noqa: E402
+from bench.provenance import median_spread, memory_total_bytes, package_version, provenance, results_path  # noqa: E402
 from tests.helpers.memory_cgroup import MemoryCgroup, unavailable_reason  # noqa: E402
 
 SHAPES = {
@@ -371,9 +370,8 @@ def summarize(result: dict) -> dict:
         good = [r for r in rows if r["outcome"] == "ok"]
         cell = {"runs": len(rows), "ok": len(good)}
         for measure_name in ("seconds", "rss_anon_peak_bytes", "rss_peak_bytes", "cgroup_peak_bytes"):
-            values = sorted(r[measure_name] for r in good)
-            if values:
-                cell[measure_name] = {"median": statistics.median(values), "min": values[0], "max": values[-1]}
+            if good:
+                cell[measure_name] = median_spread([r[measure_name] for r in good])
         cells[key] = cell
     ratios = []
     for method, count, state, tool in sorted(cells):

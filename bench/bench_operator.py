@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from kubernetes import client, watch  # noqa: E402
 
-from bench.provenance import provenance, results_path  # noqa: E402
+from bench.provenance import median_spread, provenance, results_path  # noqa: E402
 from modelmerge import crd  # noqa: E402
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL  # noqa: E402
 from tests.kube.controlplane import ControlPlane, find_assets  # noqa: E402
@@ -276,10 +275,9 @@ def run_once(args) -> dict:
 def summarize(rows: list[dict]) -> dict:
     summary = {}
     for name in ("jobs_s", "direct_jobs_s", "pods_s", "pods_ran_s", "running_s", "succeeded_s"):
-        values = sorted(r[name] for r in rows if r.get(name) is not None)
+        values = [r[name] for r in rows if r.get(name) is not None]
         if values:
-            summary[name] = {"median": statistics.median(values), "min": values[0], "max": values[-1],
-                             "missing": len(rows) - len(values)}
+            summary[name] = {**median_spread(values), "missing": len(rows) - len(values)}
     return summary
 
 

@@ -1,10 +1,12 @@
-"""Where a benchmark ran: commit, package versions, CPU model and core count, memory, kernel; and where its
-results go. Every bench_*.py records this beside its raw rows in bench/results/*.json."""
+"""Where a benchmark ran: commit, package versions, CPU model and core count, memory, kernel; where its results go;
+and how runs are summed up (median and spread). Every bench_*.py records this beside its raw rows in
+bench/results/*.json."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
@@ -49,3 +51,9 @@ def results_path(name: str, *, recorded: bool) -> Path:
     """bench/results/<name>.json for a run with the recorded settings, .bench/results/<name>-smoke.json else
     (smoke runs are never committed as results)."""
     return RESULTS / f"{name}.json" if recorded else SMOKE_RESULTS / f"{name}-smoke.json"
+
+
+def median_spread(values: list[float]) -> dict[str, float]:
+    """The median and the range of several runs' values (what the tables print as `median (min-max)`)."""
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1]}

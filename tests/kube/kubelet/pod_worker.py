@@ -1,7 +1,9 @@
 """Running one pod bound to the harness's Node, from creation to its end, on a container runtime.
 
 Creation is retried every second while something the container needs is missing (the pod is Pending, its
-container waiting with the reason). The pod's ``activeDeadlineSeconds`` is honoured (the pod then fails with
+container waiting with the reason). A pod the harness does not run as asked (see
+containers.py) stays Pending with reason ``UnsupportedByHarness`` and a message saying why. The pod's
+``activeDeadlineSeconds`` is honoured (the pod then fails with
 reason DeadlineExceeded). When the pod is deleted its container is stopped (SIGTERM, then SIGKILL after the
 grace period, at most ``MAX_GRACE_SECONDS``); the harness then confirms the deletion. The termination message
 is the container's termination-message file, or with ``FallbackToLogsOnError`` the tail of its log when it
@@ -76,12 +78,17 @@ class PodWorker:
     def _run(self) -> None:
         try:
             self._run_pod()
-        except UnsupportedPod as e:
-            self.reporter.failed(self.namespace, self.name, "UnsupportedByHarness", str(e))
+        except UnsupportedPod as e:  # Pending, not Failed: a ReplicaSet would replace a failed pod at once, forever
+            self.reporter.pod_phase(
+                self.namespace, self.name, phase="Pending", reason="UnsupportedByHarness", message=str(e)
+            )
         except Exception as e:  # report instead of leaving the pod Running forever
             log.exception("kubelet harness: pod %s/%s", self.namespace, self.name)
             if not self._kill.is_set():
-                self.reporter.failed(self.namespace, self.name, "HarnessError", f"kubelet harness: {e}")
+                message = f"kubelet harness: {e}"
+                self.reporter.pod_phase(
+                    self.namespace, self.name, phase="Failed", reason="HarnessError", message=message
+                )
         finally:
             self.on_done(self)
 

@@ -12,7 +12,7 @@ runs. A runtime:
   that reason and the harness tries again (ErrImagePull, CreateContainerConfigError, ... on a real node), or
   :class:`ContainerStartError` when it was created but could not start: the container terminates with exit code
   128 and reason ``StartError``, as on a real node;
-* raises :class:`UnsupportedPod` for what it does not do (the pod fails with reason ``UnsupportedByHarness``).
+* raises :class:`UnsupportedPod` for what it does not do (the pod stays Pending with reason ``UnsupportedByHarness``).
 
 :class:`~tests.kube.kubelet.process.ProcessRuntime` runs containers as local processes; another runtime (podman,
 say) is one more module implementing the same two protocols, handed to ``FakeKubelet(runtime=...)``.
@@ -40,7 +40,7 @@ class ContainerStartError(Exception):
 
 
 class UnsupportedPod(ValueError):
-    """The pod asks for something the harness (or its runtime) does not do; the pod fails with the message."""
+    """The pod asks for something the harness (or its runtime) does not do; the pod stays Pending with the message."""
 
 
 @dataclass(frozen=True)

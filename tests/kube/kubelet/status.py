@@ -103,9 +103,9 @@ class StatusReporter:
             status.update(reason=reason, message=message or "")
         self._patch(pod["metadata"]["namespace"], pod["metadata"]["name"], status)
 
-    def failed(self, namespace: str, name: str, reason: str, message: str) -> None:
-        """The pod failed before its container could be reported (the harness could not run it)."""
-        self._patch(namespace, name, {"phase": "Failed", "reason": reason, "message": message})
+    def pod_phase(self, namespace: str, name: str, *, phase: str, reason: str, message: str) -> None:
+        """The phase, reason and message of a pod whose container the harness could not run."""
+        self._patch(namespace, name, {"phase": phase, "reason": reason, "message": message})
 
     def unschedulable(self, namespace: str, name: str, message: str) -> None:
         condition = {

@@ -80,7 +80,9 @@ def test_verify_fails_naming_the_kernels_that_were_not_cached(built_cache, tmp_p
                                 "--verify", env=_env(NUMBA_CACHE_DIR=str(cache)))
     assert result.returncode == 1
     assert report["compiled"] > 0
-    assert "compiled instead of loaded from the cache" in result.stderr and "ties(" in result.stderr
+    header, _, listing = result.stderr.partition("precompile --verify: compiled instead of loaded from the cache:\n")
+    named = [line for line in listing.splitlines() if line.startswith("  ")]
+    assert len(named) == report["compiled"] and all("Array(" in line for line in named), result.stderr
 
 
 def test_a_read_only_seed_fills_numbas_writable_cache(built_cache, tmp_path):

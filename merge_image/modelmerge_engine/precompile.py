@@ -196,7 +196,8 @@ class SeededCacheLocator:
 
 def seed_cache(source: Path, target: Path) -> int:
     """Copies the files of `source` missing from `target` (each written to a temporary name, then renamed, so a
-    concurrent process never reads half a file); once per process and target. Returns how many it copied."""
+    concurrent process never reads half a file; data files before the indexes that name them); once per process
+    and target. Returns how many it copied."""
     key = f"{source}->{target}"
     if key in SeededCacheLocator._seeded:
         return 0
@@ -211,8 +212,12 @@ def seed_cache(source: Path, target: Path) -> int:
         if destination.exists():
             continue
         partial = target / f".{name}.{os.getpid()}.partial"
-        shutil.copyfile(source / name, partial)
-        os.replace(partial, destination)
+        try:
+            shutil.copyfile(source / name, partial)
+            os.replace(partial, destination)
+        except OSError:  # a full disk: the seed only saves compiling, so numba compiles what is missing
+            partial.unlink(missing_ok=True)
+            break
         copied += 1
     return copied
 

@@ -138,20 +138,14 @@ def precompile(*, max_models: int, dtypes: list[str], methods: list[str], log) -
 
 
 def engine_dispatchers() -> list:
-    """Every numba dispatcher the engine's modules hold (module globals and the values of dict globals, where
-    kernels specialised on first use are kept)."""
+    """Every live numba dispatcher whose Python function is the engine's, wherever the engine keeps it (module
+    globals, registries, kernels specialised on first use)."""
+    import gc
+
     from numba.core.dispatcher import Dispatcher
 
-    found: dict[int, Dispatcher] = {}
-    for name, module in list(sys.modules.items()):
-        if not (name == "modelmerge_engine" or name.startswith("modelmerge_engine.")) or module is None:
-            continue
-        for value in list(vars(module).values()):
-            candidates = value.values() if isinstance(value, dict) else [value]
-            for candidate in candidates:
-                if isinstance(candidate, Dispatcher):
-                    found[id(candidate)] = candidate
-    return list(found.values())
+    return [obj for obj in gc.get_objects() if isinstance(obj, Dispatcher)
+            and (obj.py_func.__module__ or "").partition(".")[0] == "modelmerge_engine"]
 
 
 def compiled_here() -> tuple[list[str], int]:

@@ -148,10 +148,16 @@ def engine_dispatchers() -> list:
             and (obj.py_func.__module__ or "").partition(".")[0] == "modelmerge_engine"]
 
 
+def cached_kernels() -> list:
+    """The engine's dispatchers with an on-disk cache (cache=True): the kernels a merge calls. Helpers compiled
+    only inside them (inlined, overload implementations) have none and are left out."""
+    return [d for d in engine_dispatchers() if d.stats.cache_path is not None]
+
+
 def compiled_here() -> tuple[list[str], int]:
     """(kernels compiled in this process rather than loaded from the cache, number of cache hits)."""
     compiled, hits = [], 0
-    for dispatcher in engine_dispatchers():
+    for dispatcher in cached_kernels():
         loaded = dispatcher.stats.cache_hits
         hits += sum(loaded.values())
         for signature in dispatcher.overloads:

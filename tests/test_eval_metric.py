@@ -17,7 +17,7 @@ from modelmerge_engine.evaluation.encode import SYSTEM_PROMPT
 from modelmerge_engine.evaluation.options import EvalOptions
 from modelmerge_engine.evaluation.run import evaluate
 from tests.helpers.eval_data import make_chat_model, make_records, write_records
-from tests.helpers.eval_oracle import padded_loop, per_record
+from tests.helpers.eval_oracle import batches_loss, padded_batches, per_record
 
 MAX_POSITIONS = 128  # tiny_config's max_position_embeddings
 FLOAT32_RTOL = 2e-6
@@ -83,7 +83,7 @@ def test_padding_does_not_change_it_merging_evals_own_loop(chat_model, data):
     root, records = data
     report = evaluate(str(chat_model), load_data_files([root / "code.json"]), EvalOptions(max_length=96))
     model, tokenizer, _ = oracle(chat_model, [], max_length=96)
-    loss_sum, tokens = padded_loop(model, tokenizer, records["code"], max_length=96, batch_size=10)
+    loss_sum, tokens = batches_loss(model, padded_batches(tokenizer, records["code"], max_length=96))
     (result,) = report["files"]
     assert result["tokens"] == tokens
     assert result["loss_sum"] == pytest.approx(loss_sum, rel=FLOAT32_RTOL, abs=0)

@@ -41,9 +41,9 @@ def loss_sum_and_tokens(model, batch: dict[str, torch.Tensor]) -> tuple[float, i
     tokens = int((batch["labels"] != -100).sum())
     if not tokens:
         return 0.0, 0
+    on_device = {key: value.to(model.device) for key, value in batch.items()}
     with torch.inference_mode():
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"]).loss
+        loss = model(**on_device).loss
     return loss.item() * tokens, tokens
 
 
@@ -53,15 +53,18 @@ def per_record(model, tokenizer, records: Sequence[dict], *, max_length: int) ->
         tokenizer, record, max_length=max_length, pad_to_max_length=False).items()}) for record in records]
 
 
-def padded_loop(model, tokenizer, records: Sequence[dict], *, max_length: int,
-                batch_size: int = 10) -> tuple[float, int]:
-    """merging-eval's own loop: every record padded to max_length, `batch_size` records a batch in file
-    order; (loss sum, answer tokens) of all of them."""
+def padded_batches(tokenizer, records: Sequence[dict], *, max_length: int,
+                   batch_size: int = 10) -> list[dict[str, torch.Tensor]]:
+    """merging-eval's batches: every record padded to max_length, `batch_size` records a batch in file order."""
     items = [labelled(tokenizer, record, max_length=max_length, pad_to_max_length=True) for record in records]
+    return [{key: torch.stack([item[key] for item in items[start:start + batch_size]]) for key in items[0]}
+            for start in range(0, len(items), batch_size)]
+
+
+def batches_loss(model, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """merging-eval's loop over its batches: (loss sum, answer tokens) of all of them."""
     total, tokens = 0.0, 0
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = {key: torch.stack([item[key] for item in chunk]) for key in chunk[0]}
+    for batch in batches:
         batch_sum, batch_tokens = loss_sum_and_tokens(model, batch)
         total, tokens = total + batch_sum, tokens + batch_tokens
     return total, tokens

@@ -7,6 +7,7 @@ API images carry no torch.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class MergeMethod(StrEnum):
     ties_merging = "ties_merging"
     ties_merging_dare = "ties_merging_dare"
     mask_merging = "mask_merging"
+    # mergekit's methods, with mergekit's names and semantics
+    linear = "linear"
 
 
 class MaskApplyMethod(StrEnum):
@@ -49,6 +52,16 @@ class MaskApplyMethod(StrEnum):
 
 ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_REF_LENGTH, pattern=_REF_PATTERN)]
 Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class ModelParameters(BaseModel):
+    """The parameters of one fine-tuned model (mergekit's per-model `parameters`): entry i of
+    `model_parameters` belongs to `models_to_merge[i]`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(default=1.0, ge=-100.0, le=100.0, allow_inf_nan=False,
+                          description="linear: the model's weight (mergekit's `weight`).")
 
 
 def _split_csv(value: Any) -> Any:
@@ -121,6 +134,17 @@ class MergeRequest(BaseModel):
         description="mask_merging: drop rate for each fine-tuned model, one per model, each in [0, 1); "
         "a comma-separated string is accepted too.",
     )
+    model_parameters: list[ModelParameters] | None = Field(
+        default=None,
+        max_length=MAX_MODELS,
+        description="Per-model parameters of mergekit's methods, one entry per model in models_to_merge, e.g. "
+        "[{\"weight\": 0.3}, {\"weight\": 0.7}]; unset: every model with the defaults (weight 1.0). "
+        "A JSON array string is accepted too.",
+    )
+    normalize: bool = Field(
+        default=True,
+        description="linear: divide the weighted sum by the sum of the weights (mergekit's `normalize`).",
+    )
     exclude_param_names_regex: list[Annotated[str, Field(max_length=512)]] = Field(
         default_factory=list,
         max_length=MAX_REGEXES,
@@ -167,6 +191,17 @@ class MergeRequest(BaseModel):
     def _split_rates(cls, value: Any) -> Any:
         return _split_csv(value)
 
+    @field_validator("model_parameters", mode="before")
+    @classmethod
+    def _parse_model_parameters(cls, value: Any) -> Any:
+        """The CLI gives a flag's text: a JSON array of objects."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"expected a JSON array of objects such as [{{\"weight\": 0.5}}]: {exc}") from None
+
     @field_validator("exclude_param_names_regex")
     @classmethod
     def _regexes_compile(cls, patterns: list[str]) -> list[str]:
@@ -194,12 +229,27 @@ class MergeRequest(BaseModel):
                     f"weight_mask_rates needs one rate per model: got {len(self.weight_mask_rates)} "
                     f"rates for {len(self.models_to_merge)} models_to_merge"
                 )
+        if self.model_parameters is not None and len(self.model_parameters) != len(self.models_to_merge):
+            raise ValueError(
+                f"model_parameters needs one entry per model: got {len(self.model_parameters)} entries for "
+                f"{len(self.models_to_merge)} models_to_merge"
+            )
+        if self.merge_method == MergeMethod.linear and self.normalize and sum(self.weights()) == 0.0:
+            raise ValueError("model_parameters weights sum to 0, and linear with normalize divides by their "
+                             "sum; set normalize to false or change a weight")
         return self
+
+    def weights(self) -> list[float]:
+        """Each model's `weight` (model_parameters, else 1.0 each)."""
+        if self.model_parameters is None:
+            return [1.0] * len(self.models_to_merge)
+        return [entry.weight for entry in self.model_parameters]
 
     def merge_params(self) -> dict[str, Any]:
         """The parameters that the chosen method actually uses (for reports and status)."""
         names = METHODS[self.merge_method].parameters
-        return {name: getattr(self, name) for name in names}
+        dumped = self.model_dump(mode="json", include=set(names))
+        return {name: dumped[name] for name in names}
 
 
 def shard_size_bytes(text: str) -> int:
@@ -217,11 +267,16 @@ def shard_size_bytes(text: str) -> int:
 COMMON_PARAMETERS = ("exclude_param_names_regex", "dtype", "use_gpu", "max_shard_size")
 
 
+MERGING_EVAL = "merging-eval"
+MERGEKIT = "mergekit"
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     description: str
     parameters: tuple[str, ...]
+    origin: str = MERGING_EVAL  # whose names, semantics and results it has: merging-eval's or mergekit's (the oracles)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -265,6 +320,13 @@ METHODS: dict[str, MethodSpec] = {
                 *COMMON_PARAMETERS,
             ),
         ),
+        MethodSpec(
+            "linear",
+            "mergekit's linear: the weighted sum of the models (weight from model_parameters), divided by the "
+            "sum of the weights with normalize; the base model only supplies what is not merged.",
+            ("model_parameters", "normalize", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+        ),
     )
 }
 assert set(METHODS) == {m.value for m in MergeMethod}
@@ -298,6 +360,12 @@ def _describe(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         info["enum"] = [prop["const"]]
     if prop.get("type") == "array":
         info["items"] = _describe(prop.get("items", {}), defs)
+    if "properties" in prop:  # an object such as ModelParameters: each of its fields described the same way
+        info["properties"] = {
+            name: {**_describe(field, defs), "description": field.get("description", ""),
+                   "default": field.get("default")}
+            for name, field in prop["properties"].items()
+        }
     return info
 
 
@@ -307,6 +375,7 @@ def methods_catalogue() -> list[dict[str, Any]]:
         {
             "name": spec.name,
             "description": spec.description,
+            "origin": spec.origin,
             "parameters": {name: parameter_schema(name) for name in spec.parameters},
         }
         for spec in METHODS.values()

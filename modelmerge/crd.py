@@ -3,8 +3,9 @@
 The spec schema is ModelMergeSpec's pydantic JSON schema turned into a structural OpenAPI v3 schema (refs
 inlined, `anyOf [X, null]` → `nullable`, exclusive bounds in OpenAPI v3 form, defaults kept); the status schema is
 ModelMergeStatus's. What a schema cannot say alone is added as CEL rules (x-kubernetes-validations): one mask rate
-per model for mask_merging, relative output paths, and an immutable spec except `cancel` (which cannot be undone).
-Regex compilability cannot be checked by CEL: the operator rejects such a spec with a permanent error.
+per model for mask_merging, one model_parameters entry per model, relative output paths, and an immutable spec
+except `cancel` (which cannot be undone). Regex compilability cannot be checked by CEL: the operator rejects such a
+spec with a permanent error.
 """
 
 from __future__ import annotations
@@ -135,6 +136,15 @@ def _mask_rates_rule() -> dict[str, str]:
     )
 
 
+def _model_parameters_rule() -> dict[str, str]:
+    return _rule(
+        "!has(self.model_parameters) || size(self.model_parameters) == size(self.models_to_merge)",
+        "model_parameters needs one entry per model in models_to_merge",
+        field_path=".model_parameters",
+        reason="FieldValueInvalid",
+    )
+
+
 def _presence_rule(optional: list[str]) -> dict[str, str]:
     """Transition rules on a field run only when it exists before and after; this one catches adding or
     removing an optional field."""
@@ -159,7 +169,7 @@ def add_validations(spec: dict[str, Any]) -> None:
     for volume in ("output", "modelCache"):
         props[volume]["properties"]["subPath"]["x-kubernetes-validations"] = [_RELATIVE_RULE]
     optional = [name for name, prop in props.items() if "default" not in prop and name not in spec["required"]]
-    spec["x-kubernetes-validations"] = [_mask_rates_rule(), _presence_rule(optional)]
+    spec["x-kubernetes-validations"] = [_mask_rates_rule(), _presence_rule(optional), _model_parameters_rule()]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def test_health_methods_example(fake_server):
     methods = requests.get(fake_server.url + "/api/methods", timeout=10).json()["methods"]
     assert methods == methods_catalogue()
     assert {m["name"] for m in methods} == {"average_merging", "task_arithmetic", "ties_merging",
-                                            "ties_merging_dare", "mask_merging"}
+                                            "ties_merging_dare", "mask_merging", "linear"}
     for method in methods:
         for info in method["parameters"].values():
             assert {"type", "default", "description"} <= set(info)

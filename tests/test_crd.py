@@ -87,7 +87,7 @@ def test_schema_carries_the_contracts_enums_bounds_defaults_and_descriptions():
     props = _schema()["properties"]["spec"]["properties"]
     assert set(props) == set(ModelMergeSpec.model_fields)
     assert props["merge_method"]["enum"] == ["average_merging", "task_arithmetic", "ties_merging",
-                                            "ties_merging_dare", "mask_merging"]
+                                            "ties_merging_dare", "mask_merging", "linear"]
     rate = props["param_value_mask_rate"]
     assert (rate["minimum"], rate["maximum"], rate["exclusiveMaximum"]) == (0.0, 1.0, True)
     assert props["weight_mask_rates"]["items"]["maximum"] == 1.0

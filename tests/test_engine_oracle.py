@@ -3,7 +3,8 @@
 The engine performs merging-eval's operations in the same order and dtypes, so every element of every tensor
 is bit-identical (+0 and -0 counted equal); that is what these tests assert, so any regression fails.
 
-Methods and their parameters come from the contract's registry (METHODS, MaskApplyMethod). Combinations,
+Methods and their parameters come from the contract's registry (METHODS of merging-eval's origin,
+MaskApplyMethod). Combinations,
 chosen so each dimension is covered without the full cross product:
 - every method x every family (bf16/fp32 checkpoints, 2/4 fine-tunes, tied embeddings, sharded inputs) x
   with/without exclude regexes, with the default range size (one range per tiny tensor);
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelmerge.contract import METHODS, MaskApplyMethod, MergeRequest
+from modelmerge.contract import MERGING_EVAL, METHODS, MaskApplyMethod, MergeRequest
 from modelmerge_engine.engine import RANGE_ELEMENTS_ENV
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
 from modelmerge_engine.run import run_merge
@@ -47,7 +48,8 @@ MASK_RATES = [0.3, 0.6, 0.5, 0.9]
 # shows; which parameters a method takes is the registry's.
 PARAMETER_VALUES = {"scaling_coefficient": 0.7, "param_value_mask_rate": 0.6}
 MASKING = "mask_merging"
-DIRECT_METHODS = sorted(m for m in METHODS if m != MASKING)
+# merging-eval's methods (mergekit's are checked against mergekit: tests/test_mergekit_oracle.py)
+DIRECT_METHODS = sorted(m for m, spec in METHODS.items() if spec.origin == MERGING_EVAL and m != MASKING)
 APPLY_METHODS = sorted(m.value for m in MaskApplyMethod)
 
 

@@ -499,7 +499,7 @@ def test_the_tiny_examples_succeed_and_are_served_by_the_api(namespaced):
     release = namespaced.release
     docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "modelmerge-tiny.yaml").read_text()) if d]
     assert sorted(d["spec"]["merge_method"] for d in docs) == sorted(
-        ["average_merging", "task_arithmetic", "ties_merging", "ties_merging_dare", "mask_merging"]
+        ["average_merging", "task_arithmetic", "ties_merging", "ties_merging_dare", "mask_merging", "linear"]
     )
     for doc in docs:
         spec = doc["spec"]

@@ -375,3 +375,26 @@ def _global_ties(constants, args):
 
 
 global_ties = _per_dtype(_global_ties)
+
+
+# --- mergekit's methods ----------------------------------------------------------------------------------
+
+
+@register_jitable(inline="always")
+def _linear(constants, args):
+    """mergekit's linear: Σ_i weight_i * x_i in float32 (each product rounded, then added: `addcmul_` into a
+    float32 accumulator, never fused), divided by the sum of the weights with normalize, one rounding."""
+    code, normalize = constants
+    inputs, weights, denominator, out = args
+    for e in range(out.shape[0]):
+        total = np.float32(0.0)
+        for i in range(len(inputs)):
+            total += widen(inputs[i][e], code) * weights[i]
+        if normalize:
+            total = total / denominator
+        store(out, e, total, code)
+
+
+def linear(code, inputs, weights, denominator, out, *, normalize: bool):
+    """mergekit's linear on one range (see `_linear`), specialised for the dtype and `normalize`."""
+    _specialised(_linear, int(code), bool(normalize))((inputs, weights, np.float32(denominator), out))

@@ -7,7 +7,6 @@ computed by a pool of threads (the kernels release the GIL) and written in order
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,7 +18,8 @@ import numpy as np
 
 from modelmerge.contract import MergeRequest
 from modelmerge_engine.errors import MergeError
-from modelmerge_engine.kernels import MaskParams, make_kernels
+from modelmerge_engine.kernels import CpuKernels, make_kernels
+from modelmerge_engine.methods import method_class
 from modelmerge_engine.pool import OrderedPool, available_cpus
 from modelmerge_engine.progress import Progress, Step
 from modelmerge_engine.safetensors_io import (
@@ -30,7 +30,7 @@ from modelmerge_engine.safetensors_io import (
     ShardedWriter,
     numel,
 )
-from modelmerge_engine.select import NO_THRESHOLD, kth_magnitude
+from modelmerge_engine.select import kth_magnitude
 
 # Buffers that some checkpoints carry: never merged, copied from the base like merging-eval's saved model.
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "position_ids")
@@ -108,16 +108,8 @@ def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[
 
 
 def per_tensor_statistics(request: MergeRequest) -> list[str]:
-    """What in this request takes a statistic over each tensor (a k-th smallest magnitude)."""
-    method = request.merge_method
-    applied = request.mask_apply_method if method == "mask_merging" else method
-    found = []
-    if method == "mask_merging" and request.mask_strategy == "magnitude":
-        found.append("mask_merging with mask_strategy magnitude")
-    if applied == "ties_merging":
-        found.append("ties_merging" if method == "ties_merging" else "mask_merging with mask_apply_method "
-                     "ties_merging")
-    return found
+    """What in this request takes a statistic over each tensor (a k-th smallest magnitude): the method's say."""
+    return method_class(request.merge_method).per_tensor_statistics(request)
 
 
 def _with_fused_groups(plans: list[TensorPlan], request: MergeRequest) -> list[TensorPlan]:
@@ -207,12 +199,14 @@ class StreamingMerge:
         self.finetunes = finetunes
         self.plans = plan_tensors(request, base, finetunes, self.dtype)
         self.progress = progress
-        self.scaling = float(request.scaling_coefficient)
-        self.masking = request.merge_method == "mask_merging"
-        self.mask_thresholds: dict[str, np.ndarray] = {}
         self._plans_by_name = {plan.name: plan for plan in self.plans}
-        self._ties_thresholds_by_group: dict[tuple[str, ...], np.ndarray] = {}
         self.stats: dict[str, object] = {"workers": self.pool.workers, "kernels": self.kernels.name}
+        # The registry's implementation of the request's method, and the one whose combine step writes the
+        # output (mask_merging's apply method), on this kernel set.
+        self.method = method_class(request.merge_method)(self)
+        self.combining = self.method.combiner()
+        on_compiled = isinstance(self.kernels, CpuKernels)
+        self._combine = self.combining.combine_cpu if on_compiled else self.combining.combine_torch
 
     @property
     def device(self) -> str:
@@ -221,8 +215,7 @@ class StreamingMerge:
     @property
     def combine_method(self) -> str:
         """The method that combines the (masked, for mask_merging) fine-tunes."""
-        r = self.request
-        return r.mask_apply_method if self.masking else r.merge_method
+        return self.combining.name
 
     def output_tensors(self) -> list[PlannedTensor]:
         return [PlannedTensor(p.name, p.out_dtype, p.shape) for p in self.plans]
@@ -235,8 +228,7 @@ class StreamingMerge:
     def run(self, writer: ShardedWriter) -> None:
         try:
             self.progress.plan(self._steps())
-            if self.combine_method == "ties_merging_dare":
-                self._prepare_global_ties()
+            self.method.prepare()
             self.progress.begin_step("merge", tensors=len(self.plans))
             current = None
             models = len(self.finetunes)
@@ -255,69 +247,39 @@ class StreamingMerge:
 
     # --- progress: the steps of the whole merge, planned up front ----------------------------------------
 
-    def _histogram_passes(self, k: int) -> int:
+    def histogram_passes(self, k: int) -> int:
         """How many passes kth_magnitude makes over one model's values to find the k-th smallest."""
         return 0 if k == 0 else 2 if self._wide else 1
 
-    def _per_tensor_statistics_work(self) -> tuple[int, int]:
-        """The histogram work of magnitude masks and of ties_merging's trim, once per tensor (fused
-        parameter): (mask thresholds, ties thresholds)."""
-        r = self.request
-        groups = {p.statistics_group: sum(q.numel for q in self._statistics_group(p)) for p in self.plans
-                  if p.merged}
-        masks = ties = 0
-        for numel_of_group in groups.values():
-            if self.masking and r.mask_strategy == "magnitude":
-                masks += numel_of_group * sum(self._histogram_passes(int(numel_of_group * rate))
-                                              for rate in r.weight_mask_rates)
-            if self.combine_method == "ties_merging":
-                passes = self._histogram_passes(int(numel_of_group * r.param_value_mask_rate))
-                ties += numel_of_group * passes * len(self.finetunes)
-        return masks, ties
-
     def _steps(self) -> list[Step]:
         """Each step with the element work it does (one model's values read once = numel), as `advance`
-        counts it: the histogram passes of thresholds, the sign pass, and the merge writing every tensor."""
+        counts it: the method's statistics passes (thresholds, signs) and the merge writing every tensor."""
         models = len(self.finetunes)
         merge_work = sum(p.numel * models if p.merged else p.numel for p in self.plans)
-        masks, ties = self._per_tensor_statistics_work()
-        if self.combine_method == "ties_merging_dare":
-            total = sum(p.numel for p in self.plans if p.merged)
-            k = int(total * self.request.param_value_mask_rate)
-            thresholds = masks + total * self._histogram_passes(k) * models
-            return [Step("thresholds", thresholds), Step("signs", total * models), Step("merge", merge_work)]
-        # per-tensor thresholds are found inside the merge step, tensor by tensor
-        return [Step("merge", merge_work + masks + ties)]
+        groups = {p.statistics_group: sum(q.numel for q in self.statistics_group(p)) for p in self.plans
+                  if p.merged}
+        statistics = sum(self.method.statistics_work(numel_of_group) for numel_of_group in groups.values())
+        return self.method.planned_steps(merge_work, statistics)
 
-    def _jobs(self) -> Iterator[tuple[TensorPlan, int, int, np.ndarray | None]]:
+    def _jobs(self) -> Iterator[tuple[TensorPlan, int, int, object]]:
         for plan in self.plans:
-            thresholds = None
+            state = None
             if plan.merged:
-                self._prepare_mask_thresholds(plan)
-                if self.combine_method == "ties_merging":
-                    thresholds = self._ties_thresholds(plan)
+                self.method.prepare_tensor(plan)
+                state = self.combining.tensor_state(plan)
             for start, stop in self.ranges(plan.numel):
-                yield plan, start, stop, thresholds
+                yield plan, start, stop, state
 
     def _produce(self, job) -> tuple[TensorPlan, np.ndarray]:
-        plan, start, stop, thresholds = job
+        plan, start, stop, state = job
         kernels = self.kernels
         if not plan.merged:
             values = self.base.read(plan.name, start, stop)
             if plan.out_dtype.floating and plan.out_dtype != self.base.tensors[plan.name].dtype:
                 values = kernels.to_host(kernels.prepare(values, self.base.tensors[plan.name].dtype))
             return plan, values
-        base, inputs = self._inputs(plan.name, start, stop)
-        method = self.combine_method
-        if method == "average_merging":
-            merged = kernels.average(inputs)
-        elif method == "task_arithmetic":
-            merged = kernels.task_arithmetic(base, inputs, self.scaling)
-        elif method == "ties_merging":
-            merged = kernels.ties(base, inputs, thresholds, self.scaling)
-        else:
-            merged = kernels.global_ties(base, inputs, self.global_thresholds, self.majority_sign, self.scaling)
-        return plan, kernels.to_host(merged)
+        base, inputs = self.inputs(plan.name, start, stop)
+        return plan, kernels.to_host(self._combine(kernels, base, inputs, state))
 
     # --- inputs of one range --------------------------------------------------------------------------
 
@@ -328,30 +290,15 @@ class StreamingMerge:
         chosen = [self.finetunes[i] for i in models] if models is not None else self.finetunes
         return base, [prepare(m.read(name, start, stop), m.tensors[name].dtype) for m in chosen]
 
-    def _inputs(self, name: str, start: int, stop: int, models: list[int] | None = None):
-        """The fine-tuned weights as the merge method sees them: mask_merging masks them first."""
+    def inputs(self, name: str, start: int, stop: int, models: list[int] | None = None):
+        """The base and the fine-tuned weights as the merge method sees them (mask_merging masks them first)."""
         base, raws = self._load(name, start, stop, models)
-        if not self.masking:
-            return base, raws
-        r = self.request
-        thresholds = self.mask_thresholds.get(name)
-        masked = []
-        for i, raw in zip(models if models is not None else range(len(raws)), raws, strict=True):
-            params = MaskParams(delta=r.weight_format == "delta_weight", rate=r.weight_mask_rates[i],
-                                rescale=r.use_weight_rescale, start=start,
-                                threshold=int(thresholds[i]) if thresholds is not None else NO_THRESHOLD,
-                                random_key=self._random_key(i, name) if r.mask_strategy == "random" else None)
-            masked.append(self.kernels.mask(base, raw, params))
-        return base, masked
-
-    def _random_key(self, index: int, name: str) -> int:
-        """The random stream of one model's tensor: a function of (seed, model position, tensor name) only."""
-        key = f"{self.request.seed}/{index}/{name}".encode()
-        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # fits an int64
+        positions = models if models is not None else list(range(len(raws)))
+        return base, self.method.inputs(name, start, base, raws, positions)
 
     # --- thresholds -----------------------------------------------------------------------------------
 
-    def _thresholds(self, plans: list[TensorPlan], ks: list[int], *, masked: bool, task_vectors: bool) -> np.ndarray:
+    def thresholds(self, plans: list[TensorPlan], ks: list[int], *, masked: bool, task_vectors: bool) -> np.ndarray:
         """For each model, the k-th smallest magnitude of its task vectors (or weights) over `plans`: one
         histogram pass (two for float32) per model, in parallel over ranges."""
         def histogram_pass(index: int, shift: int, bins: int, bucket: int) -> np.ndarray:
@@ -359,7 +306,7 @@ class StreamingMerge:
 
             def one(job: tuple[str, int, int]) -> tuple[int, np.ndarray]:
                 name, start, stop = job
-                base, inputs = (self._inputs if masked else self._load)(name, start, stop, [index])
+                base, inputs = (self.inputs if masked else self._load)(name, start, stop, [index])
                 counts = self.kernels.histogram(base, inputs, task_vectors=task_vectors, shift=shift, bins=bins,
                                                 buckets=buckets)
                 return stop - start, counts[0]
@@ -374,57 +321,10 @@ class StreamingMerge:
         return np.array([kth_magnitude(partial(histogram_pass, i), k, wide=self._wide) for i, k in enumerate(ks)],
                         dtype=np.int64)
 
-    def _statistics_group(self, plan: TensorPlan) -> list[TensorPlan]:
+    def statistics_group(self, plan: TensorPlan) -> list[TensorPlan]:
         """The tensors a per-tensor statistic of `plan` covers (a fused MoE parameter's, see plan_tensors)."""
         return [self._plans_by_name[name] for name in plan.statistics_group]
-
-    def _prepare_mask_thresholds(self, plan: TensorPlan) -> None:
-        """mask_merging by magnitude: per tensor (fused parameter) and model, the k-th smallest |delta| (or
-        |weight|)."""
-        r = self.request
-        if not self.masking or r.mask_strategy != "magnitude" or plan.name in self.mask_thresholds:
-            return
-        group = self._statistics_group(plan)
-        ks = [int(sum(p.numel for p in group) * rate) for rate in r.weight_mask_rates]
-        thresholds = self._thresholds(group, ks, masked=False, task_vectors=r.weight_format == "delta_weight")
-        self.mask_thresholds.update({p.name: thresholds for p in group})
-
-    def _ties_thresholds(self, plan: TensorPlan) -> np.ndarray:
-        """ties_merging: per tensor (fused parameter) and model, the k-th smallest |task vector|
-        (k = int(numel * rate))."""
-        if plan.statistics_group not in self._ties_thresholds_by_group:
-            group = self._statistics_group(plan)
-            k = int(sum(p.numel for p in group) * self.request.param_value_mask_rate)
-            self._ties_thresholds_by_group[plan.statistics_group] = self._thresholds(
-                group, [k] * len(self.finetunes), masked=True, task_vectors=True)
-        return self._ties_thresholds_by_group[plan.statistics_group]
 
     @property
     def _wide(self) -> bool:
         return self.dtype.name == "F32"
-
-    def _prepare_global_ties(self) -> None:
-        """ties_merging_dare's two global statistics, each in one streaming pass: the k-th smallest |task
-        vector| of each model over all merged parameters, then the majority sign of the elected signs."""
-        merged = [p for p in self.plans if p.merged]
-        self.progress.begin_step("thresholds")
-        for plan in merged:
-            self._prepare_mask_thresholds(plan)
-        total = sum(p.numel for p in merged)
-        k = int(total * self.request.param_value_mask_rate)
-        self.global_thresholds = self._thresholds(merged, [k] * len(self.finetunes), masked=True, task_vectors=True)
-        self.progress.end_step()
-
-        def balance(job: tuple[str, int, int]) -> tuple[int, int]:
-            name, start, stop = job
-            base, inputs = self._inputs(name, start, stop)
-            return stop - start, self.kernels.global_ties_sign_balance(base, inputs, self.global_thresholds)
-
-        self.progress.begin_step("signs")
-        overall = 0
-        for size, part in self.pool.map(balance, ((p.name, a, b) for p in merged for a, b in self.ranges(p.numel))):
-            overall += part
-            self.progress.advance(size * len(self.finetunes))
-        self.progress.end_step()
-        self.majority_sign = float((overall > 0) - (overall < 0))
-        self.stats.update({"global_threshold_k": k, "majority_sign": int(self.majority_sign)})

@@ -2,7 +2,9 @@
 `use_gpu`; on CPU when MODELMERGE_ENGINE_KERNELS=torch, which the tests use to check it against the oracle).
 
 Both take and give numpy arrays holding the compute dtype's bit patterns (see safetensors_io.DType), so the
-engine around them is the same. The CPU set never imports torch: it starts fast and stays small.
+engine around them is the same. They hold what every method shares (conversion, thresholds' histograms,
+mask_merging's masks); each method's combine step is in its module under methods/, calling the set's kernel
+module (`k`: cpu_kernels or torch_kernels) directly. The CPU set never imports torch: it starts fast and stays small.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class CpuKernels:
         self.k.convert(values, source_code, out, self.code)
         return out
 
-    def _out(self, like: np.ndarray) -> np.ndarray:
+    def empty(self, like: np.ndarray) -> np.ndarray:
+        """An output range as long as `like`, in the compute dtype (what the combine steps write into)."""
         return np.empty(like.shape[0], self.dtype.storage)
 
     def histogram(self, base, inputs, *, task_vectors: bool, shift: int, bins: int, buckets: np.ndarray):
@@ -69,32 +72,12 @@ class CpuKernels:
         return counts
 
     def mask(self, base, raw, params: MaskParams):
-        out = self._out(base)
+        out = self.empty(base)
         self.k.mask(self.code, base, raw, params, out)
-        return out
-
-    def average(self, inputs):
-        out = self._out(inputs[0])
-        self.k.average(self.code, tuple(inputs), out)
-        return out
-
-    def task_arithmetic(self, base, inputs, scaling: float):
-        out = self._out(base)
-        self.k.task_arithmetic(self.code, base, tuple(inputs), scaling, out)
-        return out
-
-    def ties(self, base, inputs, thresholds: np.ndarray, scaling: float):
-        out = self._out(base)
-        self.k.ties(self.code, base, tuple(inputs), thresholds, scaling, out)
         return out
 
     def global_ties_sign_balance(self, base, inputs, thresholds: np.ndarray) -> int:
         return int(self.k.global_ties_sign_balance(self.code, base, tuple(inputs), thresholds))
-
-    def global_ties(self, base, inputs, thresholds: np.ndarray, majority: float, scaling: float):
-        out = self._out(base)
-        self.k.global_ties(self.code, base, tuple(inputs), thresholds, majority, scaling, out)
-        return out
 
     def to_host(self, values: np.ndarray) -> np.ndarray:
         return values
@@ -142,23 +125,8 @@ class TorchKernels:
         return self.k.mask(base, raw, delta=params.delta, threshold=int(params.threshold), draws=draws,
                            rate=params.rate, rescale=params.rescale)
 
-    def average(self, inputs):
-        return self.k.average(inputs)
-
-    def task_arithmetic(self, base, inputs, scaling: float):
-        return self.k.task_arithmetic(base, inputs, scaling)
-
-    def ties(self, base, inputs, thresholds: np.ndarray, scaling: float):
-        trimmed = self.k.trim_task_vectors(base, inputs, [int(t) for t in thresholds])
-        return self.k.ties(base, trimmed, scaling).to(self.tdtype)
-
     def global_ties_sign_balance(self, base, inputs, thresholds: np.ndarray) -> int:
         return self.k.global_ties_sign_balance(base, inputs, [int(t) for t in thresholds])
-
-    def global_ties(self, base, inputs, thresholds: np.ndarray, majority: float, scaling: float):
-        trimmed = self.k.trim_task_vectors(base, inputs, [int(t) for t in thresholds])
-        signs = self.k.elected_signs(trimmed)
-        return self.k.global_ties(base, trimmed, signs, majority, scaling).to(self.tdtype)
 
     def to_host(self, values) -> np.ndarray:
         values = values.to("cpu")

@@ -139,3 +139,15 @@ def global_ties(base: torch.Tensor, trimmed: list[torch.Tensor], signs: torch.Te
         signs.masked_fill_(signs == 0, majority)
     rnd = rounder(base.dtype)
     return _disjoint_mean(base, trimmed, signs, lambda values: rnd(float_sum(values)), scaling)
+
+
+# --- mergekit's methods ----------------------------------------------------------------------------------
+
+
+def linear(inputs: list[torch.Tensor], weights: list[float], denominator: float, *, normalize: bool) -> torch.Tensor:
+    """mergekit's linear: Σ_i weight_i * x_i in float32, / Σ weights with normalize. A product, then a sum
+    (no fused multiply-add, which CUDA's addcmul would be), so it agrees with the CPU kernels bit for bit."""
+    total = torch.zeros(inputs[0].shape, dtype=torch.float32, device=inputs[0].device)
+    for values, weight in zip(inputs, weights, strict=True):
+        total.add_(values.to(torch.float32, copy=True).mul_(weight))
+    return total.div_(denominator) if normalize else total

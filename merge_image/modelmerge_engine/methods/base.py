@@ -1,0 +1,74 @@
+"""What every merge method provides to the streaming engine (engine.StreamingMerge)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from modelmerge_engine.progress import Step
+
+if TYPE_CHECKING:
+    from modelmerge.contract import MergeRequest
+    from modelmerge_engine.engine import StreamingMerge, TensorPlan
+    from modelmerge_engine.kernels import CpuKernels, TorchKernels
+
+
+class Method:
+    """One merge method bound to one merge. Subclasses set `name` and `parameters` and implement the combine
+    step of one range twice, side by side: `combine_cpu` with the compiled kernels (cpu_kernels.py, where numba's
+    on-disk cache needs them) and `combine_torch` with the torch ones (torch_kernels.py; CUDA for use_gpu).
+    Both get the base's and the fine-tunes' values of one range in the compute dtype and return the merged
+    range; they must agree bit for bit."""
+
+    name: ClassVar[str]
+    # The request fields the method reads besides contract.COMMON_PARAMETERS, in the catalogue's order.
+    parameters: ClassVar[tuple[str, ...]]
+
+    def __init__(self, merge: StreamingMerge):
+        self.merge = merge
+        self.request = merge.request
+
+    @classmethod
+    def per_tensor_statistics(cls, request: MergeRequest) -> list[str]:
+        """What in `request` takes a statistic over each whole tensor (then fused MoE experts are grouped as
+        merging-eval sees them), named for error messages."""
+        return []
+
+    # --- planning -------------------------------------------------------------------------------------
+
+    def statistics_work(self, group_numel: int) -> int:
+        """Element work of the per-tensor statistics of one tensor (or fused parameter) of this size."""
+        return 0
+
+    def planned_steps(self, merge_work: int, statistics_work: int) -> list[Step]:
+        """The steps of the whole merge with their work; per-tensor statistics run inside the merge step."""
+        return [Step("merge", merge_work + statistics_work)]
+
+    # --- passes -----------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Passes over all inputs before the merge step (global statistics)."""
+
+    def prepare_tensor(self, plan: TensorPlan) -> None:
+        """Statistics of one tensor the inputs need before they are read (masks' thresholds)."""
+
+    def inputs(self, name: str, start: int, base, raws: list, models: list[int]) -> list:
+        """The fine-tunes' values as the combine step sees them (models[i] is the position of raws[i])."""
+        return raws
+
+    def tensor_state(self, plan: TensorPlan) -> Any:
+        """What the combine step of every range of `plan` needs (a per-tensor threshold), or None."""
+        return None
+
+    def combiner(self) -> Method:
+        """The method whose combine step produces the output (mask_merging's apply method; else itself)."""
+        return self
+
+    # --- the combine step of one range --------------------------------------------------------------------
+
+    def combine_cpu(self, kernels: CpuKernels, base: np.ndarray, inputs: list[np.ndarray], state: Any) -> np.ndarray:
+        raise NotImplementedError(f"{self.name} has no compiled CPU combine step")
+
+    def combine_torch(self, kernels: TorchKernels, base, inputs: list, state: Any):
+        raise NotImplementedError(f"{self.name} has no torch combine step")

@@ -1,0 +1,37 @@
+"""mergekit's linear (mergekit/merge_methods/linear.py, 0.1.5): Σ weight_i · model_i in float32, divided by
+Σ weight_i with `normalize`, rounded once to the compute dtype. The models are models_to_merge (each with its
+model_parameters weight); the base model supplies only the tensors that are not merged, as in every method
+here. mergekit adds each product into a float32 accumulator (`addcmul_`); the kernels multiply, then add (never
+a fused multiply-add), so the CPU path, the torch path and mergekit agree bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modelmerge_engine.methods import register
+from modelmerge_engine.methods.base import Method
+
+
+@register
+class Linear(Method):
+    name = "linear"
+    parameters = ("model_parameters", "normalize")
+
+    def __init__(self, merge):
+        super().__init__(merge)
+        self.weights = np.array(self.request.weights(), dtype=np.float32)
+        denominator = np.float32(0.0)
+        for weight in self.weights:  # `weight.sum()` over a handful of float32 values: in order
+            denominator = np.float32(denominator + weight)
+        self.denominator = denominator if self.request.normalize else np.float32(1.0)
+
+    def combine_cpu(self, kernels, base, inputs, state):
+        out = kernels.empty(base)
+        kernels.k.linear(kernels.code, tuple(inputs), self.weights, self.denominator, out,
+                         normalize=self.request.normalize)
+        return out
+
+    def combine_torch(self, kernels, base, inputs, state):
+        merged = kernels.k.linear(inputs, [float(w) for w in self.weights], float(self.denominator),
+                                  normalize=self.request.normalize)
+        return merged.to(kernels.tdtype)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -142,3 +143,21 @@ def test_a_broken_merge_is_far_worse_than_its_inputs(tmp_path):
     assert max(inputs) < 0.5 * math.log(CHAT_VOCAB), ce  # the inputs know the data
     assert abs(ce["sensible"] - min(inputs)) < 0.1 * min(inputs), ce
     assert ce["broken"] > 2 * max(inputs), ce
+
+
+def test_sigterm_during_the_evaluation_reports_and_leaves_no_report(chat_model, tmp_path):
+    data = write_records(tmp_path / "many.json", make_records(400, seed=8))
+    report_path = tmp_path / "out" / "report.json"
+    report_path.parent.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "modelmerge.cli", "eval", "--progress", "lines",
+                                "--model", str(chat_model), "--data", str(data), "--batch-size", "1",
+                                "--output", str(report_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stderr:
+        if line.startswith("[eval 1/1]"):  # the evaluation has begun
+            process.send_signal(signal.SIGTERM)
+            break
+    stdout, _ = process.communicate()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert json.loads(stdout.strip().splitlines()[-1])["error"] == "interrupted by SIGTERM"
+    assert list(report_path.parent.iterdir()) == []

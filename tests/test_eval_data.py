@@ -4,6 +4,8 @@ refused with the file and the record named (no model involved: this is checked b
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -130,3 +132,17 @@ def test_default_dtype_is_merging_evals_choice():
     assert EvalOptions().compute_dtype == "float32"
     assert EvalOptions(use_gpu=True).compute_dtype == "bfloat16"
     assert EvalOptions(use_gpu=True, dtype="float32").compute_dtype == "float32"
+
+
+def test_data_checks_and_the_merge_path_import_neither_torch_nor_the_metric():
+    """The CPU merge image has no torch: checking data and options needs none, and merging never imports the
+    evaluation package."""
+    evaluation = ("import sys, modelmerge_engine.evaluation.run, modelmerge_engine.evaluation.data\n"
+                  "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+                  "assert not heavy, heavy")
+    merge = ("import sys, modelmerge_engine.run, modelmerge_engine.engine, modelmerge.cli\n"
+             "loaded = sorted(m for m in sys.modules if m.startswith('modelmerge_engine.evaluation'))\n"
+             "assert not loaded, loaded")
+    for code in (evaluation, merge):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr

@@ -1,12 +1,13 @@
 """`modelmerge eval`: evaluate one model on data files and report, as `modelmerge merge` does: progress lines
 on stderr (the contract's MergeProgress, one step `eval`), the JSON summary as the last stdout line, the report
 in `--output`. Exit codes: 0 evaluated, 1 evaluation failed, 2 invalid input (options or data, found before
-any model is loaded), 130 interrupted."""
+any model is loaded), 128+signal when interrupted (SIGTERM, SIGINT); a report is written whole or not at all."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 import traceback
@@ -19,7 +20,9 @@ from modelmerge_engine.errors import MergeError
 from modelmerge_engine.evaluation.data import DataFile, load_data_files
 from modelmerge_engine.evaluation.options import EvalInputError, EvalOptions
 from modelmerge_engine.progress import Progress, Step
+from modelmerge_engine.run import Interrupted
 from modelmerge_engine.run import _emit_summary as emit_summary  # the merge's summary line and file
+from modelmerge_engine.run import _raise_interrupted as raise_interrupted
 
 STEP = "eval"
 
@@ -95,17 +98,21 @@ def run_eval(model_ref: str, data_paths: Sequence[str], options: EvalOptions, *,
         files = load_data_files(data_paths, limit=options.limit)
     except EvalInputError as exc:
         return finish({"status": "failed", "error": str(exc)}, 2)
+    previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         report = evaluate(model_ref, files, options, progress=EvalProgress(progress))
         if output_path is not None:
             _write_atomically(output_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
     except MergeError as exc:
         return finish({"status": "failed", "error": str(exc)}, 1)
-    except KeyboardInterrupt:
-        return finish({"status": "failed", "error": "interrupted by SIGINT"}, 130)
+    except Interrupted as exc:
+        return finish({"status": "failed", "error": f"interrupted by {exc}"}, 128 + exc.signum)
     except Exception as exc:  # a bug: still reported the way callers read failures
         traceback.print_exc()
         return finish({"status": "failed", "error": f"internal error: {type(exc).__name__}: {exc}"}, 1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     overall = report["overall"]
     summary = {"status": "succeeded", "model": model_ref, "ce": overall["ce"], "ppl": overall["ppl"],
                "mean_ce": overall["mean_ce"], "tokens": overall["tokens"], "records": overall["records"],

@@ -200,3 +200,21 @@ def test_use_gpu_without_cuda_fails_at_once(chat_model, data):
     root, _ = data
     with pytest.raises(MergeError, match="^use_gpu is set but CUDA is not available$"):
         evaluate(str(chat_model), load_data_files([root]), EvalOptions(use_gpu=True))
+
+
+def test_models_that_change_logits_after_the_head_run_their_own_forward(chat_model, data, tmp_path):
+    """A config with a logit transform (here final_logit_softcapping, which Qwen2 and Llama keep but ignore)
+    takes the full forward path: same losses as the head-only path, checked against the oracle."""
+    root, records = data
+    copy = tmp_path / "softcapped"
+    copy.mkdir()
+    for item in chat_model.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    files = load_data_files([root / "code.json"])
+    full, head_only = (evaluate(str(path), files, EvalOptions(batch_size=6)) for path in (copy, chat_model))
+    assert (full["full_forward"], head_only["full_forward"]) == (True, False)
+    _, _, expected = oracle(chat_model, records["code"], max_length=MAX_POSITIONS)
+    assert full["files"][0]["tokens"] == head_only["files"][0]["tokens"] == sum(t for _, t in expected)
+    assert full["files"][0]["loss_sum"] == pytest.approx(math.fsum(s for s, _ in expected), rel=FLOAT32_RTOL, abs=0)

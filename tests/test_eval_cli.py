@@ -161,3 +161,16 @@ def test_sigterm_during_the_evaluation_reports_and_leaves_no_report(chat_model, 
     assert process.returncode == 128 + signal.SIGTERM
     assert json.loads(stdout.strip().splitlines()[-1])["error"] == "interrupted by SIGTERM"
     assert list(report_path.parent.iterdir()) == []
+
+
+def test_without_torch_the_evaluation_says_what_is_missing(chat_model, data_dir):
+    """The CPU merge image has no torch: `modelmerge eval` there fails with a message, not a traceback."""
+    code = ("import sys\nsys.modules['torch'] = None  # unimportable, as in the CPU merge image\n"
+            "from modelmerge.cli import main\n"
+            f"sys.exit(main(['eval', '--model', {str(chat_model)!r}, '--data', {str(data_dir)!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert summary_of(result)["error"] == ("evaluation needs torch and transformers, and this installation lacks "
+                                           "torch (the CPU merge image carries neither): pip install torch "
+                                           "transformers")
+    assert "Traceback" not in result.stderr

@@ -54,7 +54,12 @@ def open_model(ref: str, *, field: str = "model") -> ModelSource:
 
 def require_device(*, use_gpu: bool) -> str:
     """The device the evaluation runs on; `use_gpu` without CUDA fails at once, as a merge does."""
-    import torch
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise MergeError(f"evaluation needs torch and transformers, and this installation lacks {exc.name} "
+                         "(the CPU merge image carries neither): pip install torch transformers") from None
 
     if use_gpu and not torch.cuda.is_available():
         raise MergeError("use_gpu is set but CUDA is not available")

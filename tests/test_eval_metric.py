@@ -147,8 +147,7 @@ def test_answers_cut_away_by_max_length_are_counted_and_named(chat_model, tmp_pa
 
 def test_limit_evaluates_the_first_records(chat_model, data):
     root, records = data
-    report = evaluate(str(chat_model), load_data_files([root / "algebra.jsonl"], limit=5),
-                      EvalOptions(limit=5, batch_size=2))
+    report = evaluate(str(chat_model), load_data_files([root / "algebra.jsonl"]), EvalOptions(limit=5, batch_size=2))
     _, _, expected = oracle(chat_model, records["algebra"][:5], max_length=MAX_POSITIONS)
     (result,) = report["files"]
     assert (result["records"], report["limit"]) == (5, 5)

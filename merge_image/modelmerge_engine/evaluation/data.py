@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from modelmerge_engine.evaluation.options import EvalInputError
@@ -28,6 +28,10 @@ class DataFile:
     path: Path
     records: tuple[EvalRecord, ...]
     classification: str | None  # the first record's `classification`, lower-cased, when it has one
+
+    def first(self, limit: int | None) -> DataFile:
+        """This file with only its first `limit` records (all with None)."""
+        return self if limit is None else replace(self, records=self.records[:limit])
 
 
 def load_data_files(paths: Sequence[str | Path], *, limit: int | None = None) -> list[DataFile]:

@@ -38,8 +38,8 @@ class EvalProgress(Progress):
 
 def evaluate(model_ref: str, files: Sequence[DataFile], options: EvalOptions, *,
              progress: Progress | None = None, field: str = "model") -> dict:
-    """The report of `model_ref` on `files` (from load_data_files); `field` names the model in errors.
-    Raises MergeError when the model cannot be evaluated."""
+    """The report of `model_ref` on `files` (from load_data_files; options.limit applies to each); `field`
+    names the model in errors. Raises MergeError when the model cannot be evaluated."""
     from modelmerge_engine.evaluation.encode import encode_files
     from modelmerge_engine.evaluation.loading import load_weights, open_model, require_device
     from modelmerge_engine.evaluation.metric import score_records, uses_full_forward
@@ -47,6 +47,7 @@ def evaluate(model_ref: str, files: Sequence[DataFile], options: EvalOptions, *,
 
     progress = progress or EvalProgress("none")
     started = time.monotonic()
+    files = [data.first(options.limit) for data in files]
     device = require_device(use_gpu=options.use_gpu)
     source = open_model(model_ref, field=field)
     max_length = source.max_length(options.max_length)

@@ -145,9 +145,9 @@ def global_ties(base: torch.Tensor, trimmed: list[torch.Tensor], signs: torch.Te
 
 
 def linear(inputs: list[torch.Tensor], weights: list[float], denominator: float, *, normalize: bool) -> torch.Tensor:
-    """mergekit's linear: Σ_i weight_i * x_i in float32, / Σ weights with normalize. A product, then a sum
-    (no fused multiply-add, which CUDA's addcmul would be), so it agrees with the CPU kernels bit for bit."""
+    """mergekit's linear: Σ_i weight_i * x_i into a float32 accumulator with `addcmul_` (a fused multiply-add,
+    as the compiled kernels do), / Σ weights with normalize."""
     total = torch.zeros(inputs[0].shape, dtype=torch.float32, device=inputs[0].device)
     for values, weight in zip(inputs, weights, strict=True):
-        total.add_(values.to(torch.float32, copy=True).mul_(weight))
+        total.addcmul_(values, torch.tensor(weight, dtype=torch.float32, device=values.device))
     return total.div_(denominator) if normalize else total

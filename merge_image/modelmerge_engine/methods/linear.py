@@ -1,8 +1,9 @@
 """mergekit's linear (mergekit/merge_methods/linear.py, 0.1.5): Σ weight_i · model_i in float32, divided by
 Σ weight_i with `normalize`, rounded once to the compute dtype. The models are models_to_merge (each with its
 model_parameters weight); the base model supplies only the tensors that are not merged, as in every method
-here. mergekit adds each product into a float32 accumulator (`addcmul_`); the kernels multiply, then add (never
-a fused multiply-add), so the CPU path, the torch path and mergekit agree bit for bit."""
+here. mergekit adds each product into a float32 accumulator with `addcmul_`, which torch's CPU kernels compile to a
+fused multiply-add (one rounding per model; CUDA's too); the compiled kernel calls llvm.fma, the torch path
+`addcmul_`, so both agree with mergekit bit for bit."""
 
 from __future__ import annotations
 

@@ -28,17 +28,9 @@ from modelmerge.contract import MERGING_EVAL, METHODS, MaskApplyMethod, MergeReq
 from modelmerge_engine.engine import RANGE_ELEMENTS_ENV
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
 from modelmerge_engine.run import run_merge
-from tests.helpers.models import make_family, read_state_dict
-from tests.helpers.oracle import assert_identical, compare, oracle_merge
+from tests.helpers.models import read_state_dict
+from tests.helpers.oracle import FAMILIES, assert_identical, compare, engine_merge, make_families, oracle_merge
 
-SIZE = {"vocab": 256, "hidden": 64, "intermediate": 160, "layers": 2}
-
-FAMILIES = {
-    "qwen2-bf16-2": {"arch": "qwen2", "dtype": torch.bfloat16, "n": 2},
-    "llama-bf16-4-sharded": {"arch": "llama", "dtype": torch.bfloat16, "n": 4, "shard_size": "40KB"},
-    "qwen2-fp32-4-tied": {"arch": "qwen2", "dtype": torch.float32, "n": 4, "tie": True},
-    "llama-fp32-2": {"arch": "llama", "dtype": torch.float32, "n": 2},
-}
 EXCLUDES = {"none": [], "regex": [r".*embed_tokens.*", r"model\.layers\.1\.mlp\..*"]}
 SPLIT_RANGES = {"1000": 1000, "37": 37}  # elements per range; the smallest tensors hold 64
 COMPUTE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -72,13 +64,7 @@ ALL_METHODS = {**{m: {} for m in DIRECT_METHODS}, MASKING: {"mask_apply_method":
 
 @pytest.fixture(scope="session")
 def families(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
-    root = tmp_path_factory.mktemp("families")
-    made = {}
-    for key, spec in FAMILIES.items():
-        spec = dict(spec)
-        n = spec.pop("n")
-        made[key] = make_family(root / key, n=n, **spec, **SIZE)
-    return made
+    return make_families(tmp_path_factory.mktemp("families"))
 
 
 @pytest.fixture(scope="session")
@@ -97,13 +83,6 @@ def oracle(tmp_path_factory):
     return merged
 
 
-def engine(base: Path, finetunes: list[Path], out: Path, **fields) -> dict[str, torch.Tensor]:
-    request = MergeRequest(base_model=str(base), models_to_merge=[str(p) for p in finetunes],
-                           output_dir=str(out), **fields)
-    assert run_merge(request, progress="none") == 0
-    return read_state_dict(out)
-
-
 @pytest.mark.parametrize("exclude", sorted(EXCLUDES))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("method", sorted(ALL_METHODS))
@@ -111,7 +90,7 @@ def test_methods_match_merging_eval(families, oracle, tmp_path, method, family, 
     base, finetunes = families[family]
     fields = {**method_fields(method, finetunes, **ALL_METHODS[method]),
               "exclude_param_names_regex": EXCLUDES[exclude]}
-    assert_identical(engine(base, finetunes, tmp_path / "ours", **fields), oracle(base, finetunes, **fields))
+    assert_identical(engine_merge(base, finetunes, tmp_path / "ours", **fields), oracle(base, finetunes, **fields))
 
 
 @pytest.mark.parametrize("range_elements", sorted(SPLIT_RANGES))
@@ -126,7 +105,7 @@ def test_split_ranges_and_both_kernel_sets_match_merging_eval(families, oracle, 
     base, finetunes = families["llama-bf16-4-sharded"]
     fields = method_fields(method, finetunes, **ALL_METHODS[method])
     out = tmp_path / "ours"
-    ours = engine(base, finetunes, out, max_shard_size="40KB", **fields)
+    ours = engine_merge(base, finetunes, out, max_shard_size="40KB", **fields)
     assert len(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
     assert_identical(ours, oracle(base, finetunes, **fields))
 
@@ -140,7 +119,7 @@ def test_float16_and_float32_compute_match_merging_eval(families, oracle, tmp_pa
     monkeypatch.setenv(KERNELS_ENV, kernels)
     base, finetunes = families["qwen2-fp32-4-tied"]
     fields = method_fields(method, finetunes, **ALL_METHODS[method])
-    ours = engine(base, finetunes, tmp_path / "ours", dtype=dtype, **fields)
+    ours = engine_merge(base, finetunes, tmp_path / "ours", dtype=dtype, **fields)
     assert_identical(ours, oracle(base, finetunes, dtype=COMPUTE_DTYPES[dtype], **fields))
 
 
@@ -149,7 +128,7 @@ def test_float16_and_float32_compute_match_merging_eval(families, oracle, tmp_pa
 def test_magnitude_mask_merging_matches_merging_eval(families, oracle, tmp_path, case, family):
     base, finetunes = families[family]
     fields = method_fields(MASKING, finetunes, **MASK_CASES[case])
-    assert_identical(engine(base, finetunes, tmp_path / "ours", **fields), oracle(base, finetunes, **fields))
+    assert_identical(engine_merge(base, finetunes, tmp_path / "ours", **fields), oracle(base, finetunes, **fields))
 
 
 def test_a_single_differing_element_fails_the_comparison(families, oracle, tmp_path):
@@ -157,7 +136,7 @@ def test_a_single_differing_element_fails_the_comparison(families, oracle, tmp_p
     base, finetunes = families["qwen2-bf16-2"]
     fields = method_fields("task_arithmetic", finetunes)
     theirs = oracle(base, finetunes, **fields)
-    ours = engine(base, finetunes, tmp_path / "ours", **fields)
+    ours = engine_merge(base, finetunes, tmp_path / "ours", **fields)
     name = "model.layers.1.mlp.down_proj.weight"
     ours[name].view(torch.int16).view(-1)[5] += 1
     with pytest.raises(AssertionError, match=name.replace(".", r"\.")):
@@ -166,7 +145,7 @@ def test_a_single_differing_element_fails_the_comparison(families, oracle, tmp_p
 
 def test_excluded_and_unmerged_tensors_are_the_base_exactly(families, tmp_path):
     base, finetunes = families["qwen2-bf16-2"]
-    ours = engine(base, finetunes, tmp_path / "ours", merge_method="task_arithmetic",
+    ours = engine_merge(base, finetunes, tmp_path / "ours", merge_method="task_arithmetic",
                   exclude_param_names_regex=[r".*norm.*"])
     base_tensors = read_state_dict(base)
     norms = [name for name in ours if "norm" in name]
@@ -179,13 +158,13 @@ def test_excluded_and_unmerged_tensors_are_the_base_exactly(families, tmp_path):
 
 def test_tied_embeddings_are_not_stored_twice(families, tmp_path):
     base, finetunes = families["qwen2-fp32-4-tied"]
-    ours = engine(base, finetunes, tmp_path / "ours", merge_method="average_merging")
+    ours = engine_merge(base, finetunes, tmp_path / "ours", merge_method="average_merging")
     assert "lm_head.weight" not in ours and "model.embed_tokens.weight" in ours
 
 
 def test_float32_output_is_float32_arithmetic(families, tmp_path):
     base, finetunes = families["llama-fp32-2"]
-    ours = engine(base, finetunes, tmp_path / "ours", merge_method="task_arithmetic",
+    ours = engine_merge(base, finetunes, tmp_path / "ours", merge_method="task_arithmetic",
                   scaling_coefficient=0.5, dtype="float32")
     b, f0, f1 = (read_state_dict(p) for p in (base, *finetunes))
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -197,8 +176,8 @@ def test_float32_output_is_float32_arithmetic(families, tmp_path):
 def test_integer_scaling_coefficient_is_accepted(families, tmp_path):
     """merging-eval asserts a float; we take 1 as 1.0 (a documented fix)."""
     base, finetunes = families["qwen2-bf16-2"]
-    ours = engine(base, finetunes, tmp_path / "int", merge_method="task_arithmetic", scaling_coefficient=1)
-    again = engine(base, finetunes, tmp_path / "float", merge_method="task_arithmetic", scaling_coefficient=1.0)
+    ours = engine_merge(base, finetunes, tmp_path / "int", merge_method="task_arithmetic", scaling_coefficient=1)
+    again = engine_merge(base, finetunes, tmp_path / "float", merge_method="task_arithmetic", scaling_coefficient=1.0)
     assert all(torch.equal(ours[k], again[k]) for k in ours)
 
 
@@ -215,7 +194,7 @@ def test_compiled_cpu_kernels_match_the_torch_kernels(families, tmp_path, monkey
     outputs = {}
     for kernels in KERNEL_SET_NAMES:
         monkeypatch.setenv(KERNELS_ENV, kernels)
-        outputs[kernels] = engine(base, finetunes, tmp_path / kernels, dtype=dtype, **fields)
+        outputs[kernels] = engine_merge(base, finetunes, tmp_path / kernels, dtype=dtype, **fields)
     assert_identical(*outputs.values())
 
 

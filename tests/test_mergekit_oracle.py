@@ -16,21 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelmerge.contract import MergeRequest
 from modelmerge_engine.engine import RANGE_ELEMENTS_ENV
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
-from modelmerge_engine.run import run_merge
 from tests.helpers.mergekit import mergekit_merge, mergekit_python
-from tests.helpers.models import make_family, read_state_dict
-from tests.helpers.oracle import compare
+from tests.helpers.models import read_state_dict
+from tests.helpers.oracle import FAMILIES, compare, engine_merge, make_families
 
-SIZE = {"vocab": 256, "hidden": 64, "intermediate": 160, "layers": 2}
-FAMILIES = {
-    "qwen2-bf16-2": {"arch": "qwen2", "dtype": torch.bfloat16, "n": 2},
-    "llama-bf16-4-sharded": {"arch": "llama", "dtype": torch.bfloat16, "n": 4, "shard_size": "40KB"},
-    "qwen2-fp32-4-tied": {"arch": "qwen2", "dtype": torch.float32, "n": 4, "tie": True},
-    "llama-fp32-2": {"arch": "llama", "dtype": torch.float32, "n": 2},
-}
 WEIGHTS = [0.3, 0.7, -0.2, 1.3]  # uneven, one negative: a weight that is ignored or misplaced shows
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -53,20 +44,7 @@ def mergekit(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
-    root = tmp_path_factory.mktemp("families")
-    made = {}
-    for key, spec in FAMILIES.items():
-        spec = dict(spec)
-        n = spec.pop("n")
-        made[key] = make_family(root / key, n=n, **spec, **SIZE)
-    return made
-
-
-def engine(base: Path, finetunes: list[Path], out: Path, **fields) -> dict[str, torch.Tensor]:
-    request = MergeRequest(base_model=str(base), models_to_merge=[str(p) for p in finetunes], output_dir=str(out),
-                           **fields)
-    assert run_merge(request, progress="none") == 0
-    return read_state_dict(out)
+    return make_families(tmp_path_factory.mktemp("families"))
 
 
 def assert_agrees(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *, tied: bool) -> dict:
@@ -97,7 +75,7 @@ def linear_config(finetunes: list[Path], *, normalize: bool, dtype: str) -> dict
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_linear_matches_mergekit(families, mergekit, tmp_path, family, normalize):
     base, finetunes = families[family]
-    ours = engine(base, finetunes, tmp_path / "ours", **linear_fields(len(finetunes), normalize=normalize))
+    ours = engine_merge(base, finetunes, tmp_path / "ours", **linear_fields(len(finetunes), normalize=normalize))
     theirs = mergekit(linear_config(finetunes, normalize=normalize, dtype="bfloat16"))
     assert_agrees(ours, theirs, tied=FAMILIES[family].get("tie", False))
 
@@ -109,7 +87,7 @@ def test_linear_split_ranges_and_both_kernel_sets_match_mergekit(families, merge
     monkeypatch.setenv(KERNELS_ENV, kernels)
     monkeypatch.setenv(RANGE_ELEMENTS_ENV, str(range_elements))
     base, finetunes = families["llama-bf16-4-sharded"]
-    ours = engine(base, finetunes, tmp_path / "ours", max_shard_size="40KB",
+    ours = engine_merge(base, finetunes, tmp_path / "ours", max_shard_size="40KB",
                   **linear_fields(len(finetunes), normalize=True))
     assert_agrees(ours, mergekit(linear_config(finetunes, normalize=True, dtype="bfloat16")), tied=False)
 
@@ -119,14 +97,15 @@ def test_linear_split_ranges_and_both_kernel_sets_match_mergekit(families, merge
 def test_linear_in_every_compute_dtype_matches_mergekit(families, mergekit, tmp_path, monkeypatch, dtype, kernels):
     monkeypatch.setenv(KERNELS_ENV, kernels)
     base, finetunes = families["qwen2-fp32-4-tied"]
-    ours = engine(base, finetunes, tmp_path / "ours", dtype=dtype, **linear_fields(len(finetunes), normalize=True))
+    ours = engine_merge(base, finetunes, tmp_path / "ours", dtype=dtype,
+                        **linear_fields(len(finetunes), normalize=True))
     assert_agrees(ours, mergekit(linear_config(finetunes, normalize=True, dtype=dtype)), tied=True)
 
 
 def test_linear_without_model_parameters_weighs_every_model_one(families, mergekit, tmp_path):
     """Unset model_parameters: weight 1.0 each (mergekit requires a weight; 1.0 each is its plain mean)."""
     base, finetunes = families["qwen2-bf16-2"]
-    ours = engine(base, finetunes, tmp_path / "ours", merge_method="linear")
+    ours = engine_merge(base, finetunes, tmp_path / "ours", merge_method="linear")
     config = {"merge_method": "linear", "dtype": "bfloat16",
               "models": [{"model": str(path), "parameters": {"weight": 1.0}} for path in finetunes]}
     assert_agrees(ours, mergekit(config), tied=False)
@@ -134,7 +113,7 @@ def test_linear_without_model_parameters_weighs_every_model_one(families, mergek
 
 def test_linear_excluded_tensors_are_the_base(families, tmp_path):
     base, finetunes = families["qwen2-bf16-2"]
-    ours = engine(base, finetunes, tmp_path / "ours", exclude_param_names_regex=[r".*norm.*"],
+    ours = engine_merge(base, finetunes, tmp_path / "ours", exclude_param_names_regex=[r".*norm.*"],
                   **linear_fields(2, normalize=True))
     base_tensors = read_state_dict(base)
     norms = [name for name in ours if "norm" in name]
@@ -143,7 +122,7 @@ def test_linear_excluded_tensors_are_the_base(families, tmp_path):
 
 def test_one_differing_element_fails_the_comparison(families, mergekit, tmp_path):
     base, finetunes = families["qwen2-bf16-2"]
-    ours = engine(base, finetunes, tmp_path / "ours", **linear_fields(2, normalize=True))
+    ours = engine_merge(base, finetunes, tmp_path / "ours", **linear_fields(2, normalize=True))
     theirs = mergekit(linear_config(finetunes, normalize=True, dtype="bfloat16"))
     ours["model.layers.0.mlp.up_proj.weight"].view(torch.int16).view(-1)[3] += 1
     with pytest.raises(AssertionError, match="model.layers.0.mlp.up_proj.weight"):

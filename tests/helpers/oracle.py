@@ -1,6 +1,7 @@
 """merging-eval as the test oracle: merge with its MergingMethod exactly as its CLI does (bf16 load; other
 load dtypes for the engine's float16/float32 compute), save with save_pretrained, and read back what it
-saved. Also the element-wise comparison used by the tests."""
+saved. Also what the oracle tests share (merging-eval's here, mergekit's in test_mergekit_oracle.py): the tiny
+model families, the engine run, and the element-wise comparison."""
 
 from __future__ import annotations
 
@@ -10,7 +11,36 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers.models import read_state_dict
+from tests.helpers.models import make_family, read_state_dict
+
+SIZE = {"vocab": 256, "hidden": 64, "intermediate": 160, "layers": 2}
+FAMILIES = {
+    "qwen2-bf16-2": {"arch": "qwen2", "dtype": torch.bfloat16, "n": 2},
+    "llama-bf16-4-sharded": {"arch": "llama", "dtype": torch.bfloat16, "n": 4, "shard_size": "40KB"},
+    "qwen2-fp32-4-tied": {"arch": "qwen2", "dtype": torch.float32, "n": 4, "tie": True},
+    "llama-fp32-2": {"arch": "llama", "dtype": torch.float32, "n": 2},
+}
+
+
+def make_families(root: Path) -> dict[str, tuple[Path, list[Path]]]:
+    """Each of FAMILIES (a base and its fine-tunes) under `root`."""
+    made = {}
+    for key, spec in FAMILIES.items():
+        spec = dict(spec)
+        n = spec.pop("n")
+        made[key] = make_family(root / key, n=n, **spec, **SIZE)
+    return made
+
+
+def engine_merge(base: Path, finetunes: list[Path], out: Path, **fields) -> dict[str, torch.Tensor]:
+    """The engine's merge of `fields` (request fields), read back."""
+    from modelmerge.contract import MergeRequest
+    from modelmerge_engine.run import run_merge
+
+    request = MergeRequest(base_model=str(base), models_to_merge=[str(p) for p in finetunes],
+                           output_dir=str(out), **fields)
+    assert run_merge(request, progress="none") == 0
+    return read_state_dict(out)
 
 
 def oracle_merge(base: Path, finetunes: list[Path], out: Path, *, merge_method: str,

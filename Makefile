@@ -11,13 +11,16 @@ PORT ?= 5000
 
 install: $(STAMP)
 
-# The last step compiles numba's kernels for every method, dtype and 1-8 fine-tunes (a few minutes, once), so that
-# no merge pays it (modelmerge_engine/precompile.py).
+# The last step compiles numba's kernels for every method in the default dtype (bfloat16) with 1-4 fine-tunes, so
+# that such merges pay no compile (modelmerge_engine/precompile.py). Every dtype with 1-8 fine-tunes takes far
+# longer on two cores (~375 s for bfloat16 alone when busy): PRECOMPILE='--max-models 8 --dtypes
+# bfloat16,float16,float32' asks for it; PRECOMPILE=skip skips it. Other merges compile on first use, once.
+PRECOMPILE ?= --max-models 4 --dtypes bfloat16
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[engine,gpu,operator,api,dev]'
-	$(BIN)/python -m modelmerge_engine.precompile
+	[ "$(PRECOMPILE)" = skip ] || $(BIN)/python -m modelmerge_engine.precompile $(PRECOMPILE)
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The main job on its embedded default: the REST API with the local backend on port 5000.

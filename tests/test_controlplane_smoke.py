@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import pytest
@@ -11,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from modelmerge.kubeclient import pods_of_job, raw
 from tests.helpers.waiting import wait_for
 from tests.kube.kubelet import ContainerSpec, FakeKubelet, ProcessRuntime, ResourceLimits, SecurityContext
+from tests.kube.kubelet.scheduling import parse_quantity
 
 pytestmark = pytest.mark.integration
 
@@ -209,10 +212,16 @@ def test_harness_env_volumes_and_deletion(k8s_api, namespace, kubelet):
     core.create_namespaced_config_map(
         namespace, {"metadata": {"name": "cfg"}, "data": {"spec.json": "{}"}}, _preload_content=False
     )
+    settings = {"MODE": "fast", "LEVEL": "from-config-map"}
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "settings"}, "data": settings}, _preload_content=False
+    )
     script = (
-        "import os, time\n"
+        "import json, os, time\n"
         "cfg = open('/etc/cfg/spec.json').read()\n"
         "open('/scratch/env.txt', 'w').write(os.environ['HF_TOKEN'] + ' ' + os.environ['POD'] + ' ' + cfg)\n"
+        "names = ('CFG_MODE', 'CFG_LEVEL', 'S_token', 'MEM_MI', 'CPU_M', 'CPU_LIMIT')\n"
+        "open('/scratch/env.json', 'w').write(json.dumps({n: os.environ.get(n) for n in names}))\n"
         "print('ready', flush=True)\n"
         "time.sleep(300)\n"
     )
@@ -220,10 +229,20 @@ def test_harness_env_volumes_and_deletion(k8s_api, namespace, kubelet):
         "sleeper",
         script,
         container={
+            "envFrom": [
+                {"configMapRef": {"name": "settings"}, "prefix": "CFG_"},
+                {"secretRef": {"name": "hf"}, "prefix": "S_"},
+                {"configMapRef": {"name": "absent", "optional": True}},
+            ],
             "env": [
                 {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
                 {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "CFG_LEVEL", "value": "from-env"},  # env wins over envFrom
+                {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+                {"name": "CPU_M", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1m"}}},
+                {"name": "CPU_LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
             ],
+            "resources": {"requests": {"cpu": "250m"}, "limits": {"memory": "300Mi"}},
             "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"}, {"name": "scratch", "mountPath": "/scratch"}],
         },
         volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}],
@@ -236,6 +255,16 @@ def test_harness_env_volumes_and_deletion(k8s_api, namespace, kubelet):
     wait_for(lambda: "ready" in kubelet.logs(namespace, "sleeper"), what="the process to start")
     scratch = kubelet.pod_dir(namespace, "sleeper") / "volumes" / "scratch"
     assert (scratch / "env.txt").read_text() == "s3cret sleeper {}"
+    node = raw(core.read_node, state["pod"]["spec"]["nodeName"])
+    node_cpus = str(math.ceil(parse_quantity(node["status"]["allocatable"]["cpu"])))
+    assert json.loads((scratch / "env.json").read_text()) == {
+        "CFG_MODE": "fast",
+        "CFG_LEVEL": "from-env",
+        "S_token": "s3cret",  # envFrom, prefixed; env overrides it
+        "MEM_MI": "300",
+        "CPU_M": "250",
+        "CPU_LIMIT": node_cpus,  # resourceFieldRef; no cpu limit: node allocatable
+    }
     pid = int(state["pod"]["status"]["containerStatuses"][0]["containerID"].split("://")[1])
 
     core.delete_namespaced_pod("sleeper", namespace, _preload_content=False)

@@ -2,9 +2,10 @@
 `use_gpu`; on CPU when MODELMERGE_ENGINE_KERNELS=torch, which the tests use to check it against the oracle).
 
 Both take and give numpy arrays holding the compute dtype's bit patterns (see safetensors_io.DType), so the
-engine around them is the same. They hold what every method shares (conversion, thresholds' histograms,
-mask_merging's masks); each method's combine step is in its module under methods/, calling the set's kernel
-module (`k`: cpu_kernels or torch_kernels) directly. The CPU set never imports torch: it starts fast and stays small.
+engine around them is the same. They hold what methods share (conversion, thresholds' histograms,
+mask_merging's masks, ties_merging_dare's sign balance); each method's combine step is in its module under
+methods/, calling the set's kernel module (`k`: cpu_kernels or torch_kernels) directly. The CPU set never
+imports torch: it starts fast and stays small.
 """
 
 from __future__ import annotations

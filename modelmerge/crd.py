@@ -308,26 +308,27 @@ def write_crds(output_dir: str | Path) -> list[Path]:
 def install(api_client: Any, timeout: float = 60.0, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Creates or updates a CRD (the ModelMerge one by default) through `api_client` (a
     kubernetes.client.ApiClient) and waits until the API server serves it (condition Established)."""
-    import json
     import time
 
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
+    from modelmerge.kubeclient import raw
+
     ext = client.ApiextensionsV1Api(api_client)
     manifest = copy.deepcopy(manifest or crd())
     name = manifest["metadata"]["name"]
     try:
-        ext.create_custom_resource_definition(manifest, _preload_content=False)
+        raw(ext.create_custom_resource_definition, manifest)
     except ApiException as exc:
         if exc.status != 409:
             raise
-        current = json.loads(ext.read_custom_resource_definition(name, _preload_content=False).data)
+        current = raw(ext.read_custom_resource_definition, name)
         manifest["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        ext.replace_custom_resource_definition(name, manifest, _preload_content=False)
+        raw(ext.replace_custom_resource_definition, name, manifest)
     deadline = time.monotonic() + timeout
     while True:
-        stored = json.loads(ext.read_custom_resource_definition(name, _preload_content=False).data)
+        stored = raw(ext.read_custom_resource_definition, name)
         conditions = {c["type"]: c["status"] for c in (stored.get("status") or {}).get("conditions") or []}
         if conditions.get("Established") == "True":
             return stored

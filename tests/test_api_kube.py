@@ -18,6 +18,7 @@ import requests
 import yaml
 
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, parse_progress
+from modelmerge.kubeclient import MERGE_PATCH
 from modelmerge_api.app import AppSettings, create_app
 from modelmerge_api.informer import Informer
 from modelmerge_api.kube import KubernetesBackend
@@ -416,7 +417,7 @@ def test_informer_follows_the_namespace_and_never_rolls_back(k8s_api, namespace)
         by_hand("watched")
         wait_for(lambda: informer.get("watched"), 30, "the watch to add the new object")
         changed = custom.patch_namespaced_custom_object(*args, "listed", {"metadata": {"labels": {"x": "y"}}},
-                                                        _content_type="application/merge-patch+json")
+                                                        _content_type=MERGE_PATCH)
         version = changed["metadata"]["resourceVersion"]
         wait_for(lambda: informer.get("listed").view[0] == version, 30, "the watch to see the change")
         assert informer.get("listed").view == (version, (first["metadata"]["resourceVersion"], None))

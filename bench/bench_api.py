@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.provenance import median_spread, provenance, results_path  # noqa: E402
+from bench.provenance import median_spread, provenance, results_path, write_results  # noqa: E402
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL  # noqa: E402
 from tests.helpers.rest_api import PAYLOAD, free_port, wait_for  # noqa: E402
 
@@ -375,9 +375,7 @@ def main() -> int:
                            "targets_p99_ms": TARGET_P99_MS},
               "rows": rows, "summary": cells}
     out = args.out or results_path("api", recorded=recorded)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"raw rows and provenance: {out}", file=sys.stderr)
+    write_results(result, out)
     return 0
 
 

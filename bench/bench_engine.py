@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
 sys.path.insert(0, str(ROOT))
 
-from bench.provenance import median_spread, memory_total_bytes, package_version, provenance, results_path  # noqa: E402
+from bench.provenance import median_spread, memory_total_bytes, package_version, provenance, results_path, write_results  # noqa: E402
 from tests.helpers.memory_cgroup import MemoryCgroup, unavailable_reason  # noqa: E402
 
 SHAPES = {
@@ -468,9 +468,7 @@ def main() -> int:
     result = run(args)
     result["summary"] = summarize(result)
     print_summary(result["summary"], result["rows"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nraw rows and provenance: {out}", file=sys.stderr)
+    write_results(result, out)
     return 0
 
 

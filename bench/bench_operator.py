@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from kubernetes import client, watch  # noqa: E402
 
-from bench.provenance import median_spread, provenance, results_path  # noqa: E402
+from bench.provenance import median_spread, provenance, results_path, write_results  # noqa: E402
 from modelmerge import crd  # noqa: E402
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL  # noqa: E402
 from tests.kube.controlplane import ControlPlane, find_assets  # noqa: E402
@@ -322,10 +322,8 @@ def main() -> int:
                            "kcm_qps": args.kcm_qps or "default", "target_jobs_s": TARGET_JOBS_S},
               "rows": rows, "summary": summary}
     out = args.out or results_path("operator", recorded=recorded)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
-    print(f"raw rows and provenance: {out}", file=sys.stderr)
+    write_results(result, out)
     return 0 if summary["target_met"] else 1
 
 

@@ -4,10 +4,12 @@ bench/results/*.json."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +53,13 @@ def results_path(name: str, *, recorded: bool) -> Path:
     """bench/results/<name>.json for a run with the recorded settings, .bench/results/<name>-smoke.json else
     (smoke runs are never committed as results)."""
     return RESULTS / f"{name}.json" if recorded else SMOKE_RESULTS / f"{name}-smoke.json"
+
+
+def write_results(result: dict, out: Path) -> None:
+    """Writes a benchmark's raw rows, summary and provenance as JSON and says where on stderr."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"raw rows and provenance: {out}", file=sys.stderr)
 
 
 def median_spread(values: list[float]) -> dict[str, float]:

@@ -38,6 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from modelmerge.contract import METHODS as CATALOGUE
+from modelmerge.contract import MaskApplyMethod
+
 SEED_ENV = "MODELMERGE_NUMBA_CACHE_SEED"
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Shapes of a miniature decoder: 2-D weights, 1-D norms, an embedding; 256+ elements per tensor, so that rates
@@ -79,8 +82,10 @@ def write_checkpoint(path: Path, dtype: str, seed: int, shapes: dict[str, tuple[
     return path
 
 
-DIRECT = ("average_merging", "task_arithmetic", "ties_merging", "ties_merging_dare")
-METHODS = (*DIRECT, "mask_merging")
+# Every method of the contract's catalogue (a new method is precompiled without touching this file), and the
+# methods mask_merging can apply to its masked copies.
+METHODS = tuple(CATALOGUE)
+DIRECT = tuple(method.value for method in MaskApplyMethod)
 
 
 def requests(max_models: int, methods: list[str]) -> Iterator[dict]:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from modelmerge.cli import build_parser
+from modelmerge.contract import METHODS
 from tests.helpers.helm_chart import CHART, ROOT
 
 IMAGES = {  # Dockerfile → (extra, the chart Deployment that runs it or None)
@@ -261,8 +262,7 @@ def merge_without_torch(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("method", ["average_merging", "task_arithmetic", "ties_merging", "ties_merging_dare",
-                                    "mask_merging"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_cpu_engine_merges_without_torch(tiny_family, tmp_path, method):
     """What the CPU merge image (the `engine` extra, no torch) runs, here with torch unimportable: every method
     merges, and the output is byte-identical to the same merge in this environment (where torch exists)."""
@@ -281,3 +281,15 @@ def test_cpu_engine_merges_without_torch(tiny_family, tmp_path, method):
     for name in shards:
         assert (tmp_path / "no-torch" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
 
+
+def test_use_gpu_without_torch_names_the_missing_extra(tiny_family, tmp_path):
+    """use_gpu in the CPU merge image (no torch) fails with a message saying what to install, and leaves nothing."""
+    base, finetunes = tiny_family
+    output = tmp_path / "merged"
+    result = merge_without_torch("--base-model", str(base), "--models-to-merge", ",".join(map(str, finetunes)),
+                                 "--merge-method", "task_arithmetic", "--use-gpu", "--output-dir", str(output))
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["status"] == "failed"
+    assert "use_gpu needs torch" in summary["error"] and "'gpu' extra" in summary["error"], summary["error"]
+    assert not output.exists() and not list(tmp_path.glob(".merged*"))

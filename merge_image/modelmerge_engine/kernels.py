@@ -88,7 +88,12 @@ class TorchKernels:
     """The same operations with torch (torch_kernels.py) on `device`: CUDA for use_gpu."""
 
     def __init__(self, dtype: DType, *, device: str):
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise MergeError(f"{'use_gpu' if device == 'cuda' else 'the torch kernel set'} needs torch, which is not "
+                             "installed here (the CPU merge image and the 'engine' extra carry none): install the "
+                             "'gpu' extra (pip install 'modelmerge[gpu]') or use the GPU merge image") from None
 
         from modelmerge_engine import torch_kernels
 

@@ -47,16 +47,8 @@ envtest:
 # memory-limit runs). Run as root on a quiet machine: drop_caches and memory cgroups. --smoke flags for a quick check.
 bench: bench-engine bench-operator bench-api bench-report
 
-MERGEKIT := .bench/mergekit-venv/bin/mergekit-yaml
-
-# mergekit in its own venv, sharing the main venv's torch and transformers (a .pth file) so it installs only itself.
-$(MERGEKIT): | install
-	$(BIN)/python -m venv .bench/mergekit-venv
-	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$$(.bench/mergekit-venv/bin/python \
-	  -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/modelmerge-main-venv.pth"
-	.bench/mergekit-venv/bin/pip install -q mergekit==0.1.5
-
-bench-engine: install $(MERGEKIT)
+# mergekit runs in its own virtualenv, the one the oracle tests use (tests/helpers/mergekit.py makes it on first use).
+bench-engine: install
 	$(BIN)/python bench/bench_engine.py
 
 # A missed target is recorded in the results (target_met), not a reason to stop the other benchmarks.

@@ -22,8 +22,8 @@ succeeded or killed, and wall time.
     .venv/bin/python bench/bench_engine.py                       # the recorded run (make bench-engine)
     .venv/bin/python bench/bench_engine.py --smoke               # a quick check: small shape, 1 run, .bench/
 
-Needs root (drop_caches, memory cgroups). mergekit is looked up as `mergekit-yaml` next to --mergekit, in
-.bench/mergekit-venv/bin (make bench creates it), or on PATH.
+Needs root (drop_caches, memory cgroups). mergekit is `--mergekit`, else the virtualenv the mergekit oracle tests
+use (tests/helpers/mergekit.py: ~/.cache/modelmerge-mergekit/, made on first use), else `mergekit-yaml` on PATH.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.provenance import median_spread, memory_total_bytes, package_version, provenance, results_path, write_results  # noqa: E402
 from tests.helpers.memory_cgroup import MemoryCgroup, unavailable_reason  # noqa: E402
+from tests.helpers.mergekit import mergekit_venv  # noqa: E402
 
 SHAPES = {
     "qwen2.5-0.5b": {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
@@ -159,11 +160,14 @@ def mergekit(method: str, base: Path, fts: list[Path], out: Path, binary: str) -
 
 
 def find_mergekit(explicit: str | None) -> str | None:
-    for candidate in ([explicit] if explicit else []) + [str(BENCH / "mergekit-venv/bin/mergekit-yaml"),
-                                                           shutil.which("mergekit-yaml") or ""]:
-        if candidate and Path(candidate).exists():
-            return candidate
-    return None
+    """`--mergekit`, else the mergekit virtualenv the oracle tests use (made on first use), else one on PATH."""
+    if explicit:
+        return explicit if Path(explicit).exists() else None
+    try:
+        return str(mergekit_venv() / "bin" / "mergekit-yaml")
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return shutil.which("mergekit-yaml")
 
 
 # --- page cache, numba cache ------------------------------------------------------------------------------
@@ -308,7 +312,7 @@ def command_for(trial: dict, base: Path, fts: list[Path], out: Path, kit: str | 
 def run(args) -> dict:
     kit = find_mergekit(args.mergekit) if "mergekit" in args.tools else None
     if "mergekit" in args.tools and kit is None:
-        raise SystemExit("mergekit-yaml not found: `make bench` creates .bench/mergekit-venv, or pass --mergekit, "
+        raise SystemExit("mergekit-yaml not found: its virtualenv could not be made (see above); pass --mergekit, "
                          "or leave it out with --tools ours,merging-eval")
     reason = unavailable_reason()
     if reason:

@@ -1,6 +1,6 @@
 """mergekit as the test oracle for mergekit's methods: in its own virtualenv outside the repository
 (~/.cache/modelmerge-mergekit/<key>/, MODELMERGE_MERGEKIT_CACHE overrides the folder), made on first use with
-`pip install mergekit==MERGEKIT_VERSION` (the version bench/ measures) and reused afterwards. Like the bench's, it
+`pip install mergekit==MERGEKIT_VERSION` and reused afterwards, by these tests and by bench/bench_engine.py. It
 shares the main virtualenv's torch and transformers through a .pth file, so it installs only mergekit and its
 small dependencies. Where it cannot be made (no package index), tests that need it are skipped, unless
 REQUIRE_MERGEKIT=1 (CI), which makes that a failure."""
@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers.models import read_state_dict
 
-MERGEKIT_VERSION = "0.1.5"  # the Makefile's .bench/mergekit-venv pins the same
+MERGEKIT_VERSION = "0.1.5"  # the oracle and bench/bench_engine.py's peer
 REQUIRE_ENV = "REQUIRE_MERGEKIT"
 CACHE_ENV = "MODELMERGE_MERGEKIT_CACHE"
 
@@ -50,21 +50,26 @@ def _create(folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def mergekit_python() -> Path:
-    """The mergekit virtualenv's interpreter, made if missing; skips (fails with REQUIRE_MERGEKIT=1) where it
-    cannot be made."""
+def mergekit_venv() -> Path:
+    """The mergekit virtualenv (the oracle tests' and bench/'s), made if missing; RuntimeError where it cannot be."""
     folder = _venv_folder()
-    python = folder / "bin" / "python"
-    if not python.exists():
+    if not (folder / "bin" / "python").exists():
         try:
             _create(folder)
         except (OSError, subprocess.CalledProcessError) as exc:
             detail = getattr(exc, "stderr", None) or str(exc)
-            message = f"cannot make mergekit's virtualenv at {folder}: {detail.strip()[-2000:]}"
-            if os.environ.get(REQUIRE_ENV) == "1":
-                pytest.fail(message)
-            pytest.skip(message)
-    return python
+            raise RuntimeError(f"cannot make mergekit's virtualenv at {folder}: {detail.strip()[-2000:]}") from exc
+    return folder
+
+
+def mergekit_python() -> Path:
+    """The mergekit virtualenv's interpreter; skips (fails with REQUIRE_MERGEKIT=1) where it cannot be made."""
+    try:
+        return mergekit_venv() / "bin" / "python"
+    except RuntimeError as exc:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 def mergekit_merge(python: Path, config: dict, out: Path) -> dict:

@@ -93,6 +93,55 @@ def _split_csv(value: Any) -> Any:
     return [part.strip() for part in parts if part.strip()]
 
 
+MAX_EVAL_FILES = 16
+DATA_REPO_PREFIX = "hf://datasets/"
+_DATA_REF_PATTERN = r"^[^\s,]+$"
+DataRef = Annotated[str, Field(min_length=1, max_length=MAX_REF_LENGTH, pattern=_DATA_REF_PATTERN)]
+
+
+class EvaluationRequest(BaseModel):
+    """Evaluate the merged model after it is written, with merging-eval's metric: the token-level cross-entropy
+    of the answers of chat-templated instruction/answer records (lower is better). `modelmerge eval` takes the
+    same options as flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: list[DataRef] = Field(
+        min_length=1,
+        max_length=MAX_EVAL_FILES,
+        description="Data files or folders of JSON arrays / JSONL records with instruction + output (or problem + "
+        "solution): a local path (in a ModelMerge: relative to the output volume), or "
+        "hf://datasets/<owner>/<name>[@revision]/<path> read through the Hugging Face cache.",
+    )
+    max_length: int = Field(default=2048, ge=2, le=1_048_576, description="Tokens per record, prompt "
+                            "included; capped at the model's maximum positions (merging-eval's default 2048).")
+    batch_size: int = Field(default=10, ge=1, le=4096, description="Records per forward pass (length-sorted, "
+                            "padded to the longest of the batch).")
+    limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N records of each file.")
+    baselines: bool = Field(default=False, description="Also evaluate the base model and each fine-tuned model "
+                            "on the same data, so the report compares the merge with its inputs.")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        default=None, description="Dtype of the forward pass; unset: bfloat16 on GPU, float32 on CPU "
+        "(merging-eval's choice).")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _split_data(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("data")
+    @classmethod
+    def _data_refs(cls, refs: list[str]) -> list[str]:
+        for ref in refs:
+            if ref.startswith("hf://") and not (ref.startswith(DATA_REPO_PREFIX)
+                                                 and len(ref[len(DATA_REPO_PREFIX):].split("/")) >= 2):
+                raise ValueError(f"{ref!r}: a Hugging Face dataset is hf://datasets/<owner>/<name>[@revision]"
+                                 "[/<path>]")
+        if len(set(refs)) != len(refs):
+            raise ValueError("lists a data file twice")
+        return refs
+
+
 class MergeRequest(BaseModel):
     """What to merge and how. Field names are the predecessor API's, so existing clients keep working."""
 
@@ -181,6 +230,11 @@ class MergeRequest(BaseModel):
         default="5GB",
         pattern=_SHARD_SIZE_PATTERN,
         description="Largest output safetensors shard, e.g. '5GB' or '500MiB'.",
+    )
+    evaluation: EvaluationRequest | None = Field(
+        default=None,
+        description="Evaluate the merged model (and with baselines its inputs) once it is written; the results "
+        "go into merge_report.json, the model card, the ModelMerge status and the REST job view.",
     )
 
     _split_models = field_validator("models_to_merge", mode="before")(_split_csv)
@@ -438,6 +492,76 @@ class Condition(BaseModel):
     lastTransitionTime: str | None = None
 
 
+class EvaluationScore(BaseModel):
+    """Cross-entropy of one model on some data: token-weighted over the answer tokens (lower is better)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    ce: float | None = Field(default=None, description="Token-weighted mean cross-entropy of the answer tokens; "
+                             "null when no answer token is left or the losses are not finite.")
+    ppl: float | None = Field(default=None, description="Perplexity, exp(ce).")
+    tokens: int = Field(default=0, ge=0, description="Answer tokens scored.")
+    records: int = Field(default=0, ge=0, description="Records read.")
+
+
+class FileEvaluation(EvaluationScore):
+    name: str = Field(max_length=253, description="The data file's name.")
+    answerCutAway: int = Field(default=0, ge=0, description="Records whose answer max_length cut away entirely: "
+                               "counted, no tokens (as in merging-eval); merge_report.json names them.")
+
+
+class OverallEvaluation(EvaluationScore):
+    meanCe: float | None = Field(default=None, description="Plain mean of the files' cross-entropies "
+                                 "(merging-eval's Avg. row).")
+
+
+class InputEvaluation(BaseModel):
+    """A baseline: one input of the merge evaluated on the same data."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(max_length=MAX_REF_LENGTH, description="The input's reference.")
+    role: Literal["base", "finetuned"]
+    ce: float | None = None
+    ppl: float | None = None
+    files: dict[str, float | None] = Field(default_factory=dict, description="Cross-entropy per data file.")
+
+
+class MergeEvaluation(BaseModel):
+    """The evaluation of a merged model, as the engine's summary, the ModelMerge status and the REST job view
+    carry it (merge_report.json has the full report: per-record detail, timings, options). An evaluation that
+    failed after a successful merge keeps the merged model: state Failed, the reason in message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: Literal["Succeeded", "Failed"]
+    message: str | None = Field(default=None, max_length=2000, description="Why the evaluation failed.")
+    metric: Literal["cross_entropy"] = "cross_entropy"
+    dtype: str | None = Field(default=None, description="Dtype of the forward pass.")
+    device: str | None = Field(default=None, description="cpu or cuda.")
+    overall: OverallEvaluation | None = Field(default=None, description="The merged model over all files.")
+    files: list[FileEvaluation] = Field(default_factory=list, description="The merged model per data file.")
+    baselines: list[InputEvaluation] = Field(default_factory=list, description="The inputs on the same data "
+                                             "(with evaluation.baselines).")
+    bestInput: str | None = Field(default=None, description="The baseline with the lowest overall "
+                                  "cross-entropy.")
+    bestInputCe: float | None = Field(default=None, description="Its overall cross-entropy, to compare with "
+                                      "overall.ce.")
+
+    @model_validator(mode="after")
+    def _fill_best_input(self) -> MergeEvaluation:
+        scored = [b for b in self.baselines if b.ce is not None]
+        if scored and self.bestInput is None:
+            best = min(scored, key=lambda b: b.ce)
+            self.bestInput, self.bestInputCe = best.model, best.ce
+        return self
+
+
+# The container's termination message (where the operator reads the summary) holds at most 4096 bytes: the
+# engine's summary line fits in it (the engine drops the baselines' per-file scores first, then the files').
+MAX_SUMMARY_BYTES = 4096
+
+
 class MergeSummary(BaseModel):
     """The engine's final JSON line (stdout, and `--summary-file` = the container's termination message)."""
 
@@ -449,6 +573,7 @@ class MergeSummary(BaseModel):
     method: str | None = None
     tensors: int | None = None
     seconds: float | None = None
+    evaluation: MergeEvaluation | None = None  # the merged model's, when the request asked for one
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -772,6 +897,8 @@ class ModelMergeStatus(BaseModel):
     outputPath: str | None = Field(default=None, description="pvc://<claim>/<path> of the merged model.")
     progress: MergeProgress | None = Field(default=None, description="How far the merge is, as the engine "
                                            "reports it; 100% once it succeeded.")
+    evaluation: MergeEvaluation | None = Field(default=None, description="The merged model's cross-entropy on "
+                                               "spec.evaluation's data (and its inputs' with baselines).")
     attempts: int | None = Field(default=None, description="Merge pods that ran (retries + 1).")
     observedGeneration: int | None = Field(default=None, description="metadata.generation last acted on.")
     conditions: list[Condition] = Field(default_factory=list, description="Accepted, Running, Complete, "

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from modelmerge.contract import ModelParameters
 from modelmerge_engine.progress import Step
 
 if TYPE_CHECKING:
@@ -28,6 +29,18 @@ class Method:
     def __init__(self, merge: StreamingMerge):
         self.merge = merge
         self.request = merge.request
+
+    def value(self, name: str, *, tensor: str, model: int | None = None) -> Any:
+        """The value of parameter `name` for tensor `tensor` (and, for a per-model parameter of
+        model_parameters, for models_to_merge[model]). Methods read parameters that mergekit lets vary by
+        tensor (its conditional `filter` parameters and layer gradients) through here, never from the request
+        directly, so a mergekit config's per-tensor values reach every method."""
+        if model is not None:
+            entries = self.request.model_parameters
+            if entries is None:
+                return ModelParameters.model_fields[name].get_default(call_default_factory=True)
+            return getattr(entries[model], name)
+        return getattr(self.request, name)
 
     @classmethod
     def per_tensor_statistics(cls, request: MergeRequest) -> list[str]:

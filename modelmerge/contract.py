@@ -804,6 +804,24 @@ class Toleration(_KubeModel):
 _LABEL_VALUE = Annotated[str, Field(max_length=63)]
 
 
+def check_volume_data_refs(refs: list[str]) -> list[str]:
+    """Local data files of an evaluation that runs next to an output volume (a ModelMerge, the REST API): paths
+    relative to that volume, never absolute and never through '..'; hf://datasets/... refs are not paths."""
+    for index, ref in enumerate(refs):
+        if ref.startswith(DATA_REPO_PREFIX):
+            continue
+        if ref.startswith("/") or ".." in ref.split("/"):
+            raise ValueError(f"item {index} {ref!r}: a local data file must be a path relative to the output "
+                             "volume without '..' (or hf://datasets/<owner>/<name>[@revision]/<path>)")
+    return refs
+
+
+class VolumeEvaluationRequest(EvaluationRequest):
+    """spec.evaluation: local data paths are relative to the output volume (the merge pod's working directory)."""
+
+    _relative_data = field_validator("data")(check_volume_data_refs)
+
+
 class ModelMergeSpec(MergeRequest):
     """The ModelMerge custom resource's spec: the merge request plus how to run it on Kubernetes.
 
@@ -842,6 +860,13 @@ class ModelMergeSpec(MergeRequest):
                                                 "or its status) after this many seconds.")
     cancel: bool = Field(default=False, description="Set to true to stop the merge: the operator deletes "
                          "the Job and marks the ModelMerge Cancelled. The only field that may change.")
+
+    evaluation: VolumeEvaluationRequest | None = Field(
+        default=None,
+        description="Evaluate the merged model (and with baselines its inputs) once it is written, in the "
+        "evaluation image; local data files are relative to the output volume. The results go into "
+        "merge_report.json, the model card and status.evaluation.",
+    )
 
     _relative_output = field_validator("output_dir")(_check_relative)
 

@@ -3,8 +3,8 @@
 The spec schema is ModelMergeSpec's pydantic JSON schema turned into a structural OpenAPI v3 schema (refs
 inlined, `anyOf [X, null]` → `nullable`, exclusive bounds in OpenAPI v3 form, defaults kept); the status schema is
 ModelMergeStatus's. What a schema cannot say alone is added as CEL rules (x-kubernetes-validations): one mask rate
-per model for mask_merging, one model_parameters entry per model, relative output paths, and an immutable spec
-except `cancel` (which cannot be undone). Regex compilability cannot be checked by CEL: the operator rejects such a
+per model for mask_merging, one model_parameters entry per model, relative output and evaluation data paths, and an
+immutable spec except `cancel` (which cannot be undone). Regex compilability cannot be checked by CEL: the operator rejects such a
 spec with a permanent error.
 """
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from modelmerge.contract import (
     API_GROUP,
     API_VERSION,
+    DATA_REPO_PREFIX,
     KIND,
     PLURAL,
     SHORT_NAME,
@@ -157,6 +158,12 @@ _RELATIVE_RULE = _rule("!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)
                        "must be a relative path without '..'")
 
 
+_DATA_REF_RULE = _rule(f"self.startsWith('{DATA_REPO_PREFIX}') || (!self.startsWith('/') && "
+                       "!self.matches('(^|/)[.][.](/|$)'))",
+                       "a local data file must be a path relative to the output volume without '..' (or "
+                       "hf://datasets/<owner>/<name>[@revision]/<path>)")
+
+
 def add_validations(spec: dict[str, Any]) -> None:
     props = spec["properties"]
     for name, prop in props.items():
@@ -166,6 +173,7 @@ def add_validations(spec: dict[str, Any]) -> None:
         else:
             rules.append(_rule("self == oldSelf", f"{name} {IMMUTABLE_MESSAGE}"))
     props["output_dir"]["x-kubernetes-validations"].append(_RELATIVE_RULE)
+    props["evaluation"]["properties"]["data"]["items"]["x-kubernetes-validations"] = [_DATA_REF_RULE]
     for volume in ("output", "modelCache"):
         props[volume]["properties"]["subPath"]["x-kubernetes-validations"] = [_RELATIVE_RULE]
     optional = [name for name, prop in props.items() if "default" not in prop and name not in spec["required"]]
@@ -208,6 +216,8 @@ def printer_columns() -> list[dict[str, Any]]:
         # (ImagePullBackOff, Unschedulable, ClaimNotFound) or made it fail.
         {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.text"},
+        # The merged model's overall cross-entropy on spec.evaluation's data (lower is better), once evaluated.
+        {"name": "CE", "type": "number", "jsonPath": ".status.evaluation.overall.ce"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Output", "type": "string", "jsonPath": ".status.outputPath"},
         {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},

@@ -64,11 +64,12 @@ def test_crd_identity_and_columns():
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     shown = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert shown == ["Method", "Phase", "Reason", "Progress", "Age", "Output"]  # `kubectl get mm` without -o wide
+    assert shown == ["Method", "Phase", "Reason", "Progress", "CE", "Age", "Output"]  # `kubectl get mm`, no -o wide
     assert columns["Method"] == ".spec.merge_method"
     assert columns["Phase"] == ".status.phase"
     assert columns["Reason"] == ".status.reason"
     assert columns["Progress"] == ".status.progress.text"
+    assert columns["CE"] == ".status.evaluation.overall.ce"
     assert columns["Age"] == ".metadata.creationTimestamp"
     assert columns["Output"] == ".status.outputPath"
 

@@ -8,9 +8,19 @@ import os
 import shlex
 from dataclasses import dataclass
 
-from modelmerge import __version__
+from pydantic import ValidationError
 
+from modelmerge import __version__
+from modelmerge.contract import MergeResources
+
+# The `merge` target of merge_image/Dockerfile: torch (CUDA wheels) besides the CPU engine; the `merge-cpu` target
+# (tag suffix -cpu) has no torch, so it cannot evaluate.
 DEFAULT_IMAGE = f"ghcr.io/modelmerge/merge:{__version__}"
+# Memory of an evaluated merge whose ModelMerge states none. Evaluation loads the merged model (and with baselines
+# each input, one at a time) as a transformers model: float32 on CPU is 4 bytes per parameter, plus the logits of one
+# batch (batch_size x tokens x vocabulary x 4 bytes); 16Gi fits a 1.5B model on CPU or a 7B one staged in bfloat16
+# for the GPU. Larger models state spec.resources.memory.
+DEFAULT_EVALUATION_MEMORY = "16Gi"
 ENV_PREFIX = "MODELMERGE_"
 
 
@@ -24,6 +34,11 @@ class OperatorConfig:
     service_account: str | None = None
     job_env: tuple[tuple[str, str], ...] = ()
     resync_interval: float = 15.0
+    # A ModelMerge with spec.evaluation runs in this image (torch and transformers) unless it sets spec.image, with
+    # these CPU and memory amounts unless spec.resources states its own.
+    evaluation_image: str = DEFAULT_IMAGE
+    evaluation_cpu: str | None = None
+    evaluation_memory: str = DEFAULT_EVALUATION_MEMORY
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -50,6 +65,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jobs.add_argument("--job-env", action="append", default=_env_list("JOB_ENV"), metavar="NAME=VALUE",
                       help="extra environment variable of every merge container, repeatable, e.g. "
                       "HF_HUB_OFFLINE=1 [MODELMERGE_JOB_ENV, comma-separated]")
+    jobs.add_argument("--evaluation-image", default=_env("EVALUATION_IMAGE", DEFAULT_IMAGE),
+                      help="image of the Jobs of ModelMerges with spec.evaluation unless they set spec.image: it "
+                      "needs torch and transformers (the merge image's `merge` target; `merge-cpu` has neither) "
+                      "[MODELMERGE_EVALUATION_IMAGE]")
+    jobs.add_argument("--evaluation-cpu", default=_env("EVALUATION_CPU"),
+                      help="CPU request and limit of an evaluated merge whose spec.resources sets none (default: "
+                      "none) [MODELMERGE_EVALUATION_CPU]")
+    jobs.add_argument("--evaluation-memory", default=_env("EVALUATION_MEMORY", DEFAULT_EVALUATION_MEMORY),
+                      help="memory request and limit of an evaluated merge whose spec.resources sets none: the "
+                      f"model is loaded for evaluation (default {DEFAULT_EVALUATION_MEMORY}) "
+                      "[MODELMERGE_EVALUATION_MEMORY]")
     jobs.add_argument("--resync-interval", "--progress-interval", dest="resync_interval", type=float,
                       default=float(_env("RESYNC_INTERVAL", _env("PROGRESS_INTERVAL", "15"))),
                       help="seconds between reads of each active merge's Job, pods and log tail: status.progress "
@@ -87,6 +113,12 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         if not sep or not name:
             raise ValueError(f"--job-env {item!r}: expected NAME=VALUE")
         pairs.append((name, value))
+    for flag, field, value in (("--evaluation-cpu", "cpu", args.evaluation_cpu),
+                               ("--evaluation-memory", "memory", args.evaluation_memory)):
+        try:
+            MergeResources.model_validate({field: value or None})
+        except ValidationError:
+            raise ValueError(f"{flag} {value!r}: not a Kubernetes quantity (e.g. 4, 3500m, 16Gi)") from None
     return OperatorConfig(
         image=args.image,
         merge_command=tuple(shlex.split(args.merge_command)),
@@ -94,4 +126,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         service_account=args.job_service_account or None,
         job_env=tuple(pairs),
         resync_interval=args.resync_interval,
+        evaluation_image=args.evaluation_image,
+        evaluation_cpu=args.evaluation_cpu or None,
+        evaluation_memory=args.evaluation_memory,
     )

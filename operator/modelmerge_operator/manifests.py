@@ -131,11 +131,19 @@ def pod_spec(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig)
     return pod
 
 
+def image(spec: ModelMergeSpec, config: OperatorConfig) -> str:
+    """spec.image, else the evaluation image for an evaluated merge (evaluation needs torch and transformers, which
+    the CPU merge image lacks), else the merge image."""
+    if spec.image:
+        return spec.image
+    return config.evaluation_image if spec.evaluation is not None else config.image
+
+
 def container(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig) -> dict[str, Any]:
     name = body["metadata"]["name"]
-    return {
+    out = {
         "name": CONTAINER,
-        "image": spec.image or config.image,
+        "image": image(spec, config),
         "imagePullPolicy": config.image_pull_policy,
         "command": [*config.merge_command, "merge"],
         "args": ["--spec", f"{SPEC_DIR}/{SPEC_FILE}",
@@ -143,13 +151,16 @@ def container(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig
                  "--summary-file", TERMINATION_LOG,
                  "--progress", "lines"],
         "env": env(spec, config),
-        "resources": resources(spec),
+        "resources": resources(spec, config),
         "volumeMounts": volume_mounts(spec),
         "terminationMessagePath": TERMINATION_LOG,
         # The engine writes its JSON summary there; if it dies before that, the log's tail stands in.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
+    if spec.evaluation is not None:
+        out["workingDir"] = OUTPUT_MOUNT  # spec.evaluation.data's local files are relative to the output volume
+    return out
 
 
 def env(spec: ModelMergeSpec, config: OperatorConfig) -> list[dict[str, Any]]:
@@ -164,10 +175,15 @@ def env(spec: ModelMergeSpec, config: OperatorConfig) -> list[dict[str, Any]]:
     return out
 
 
-def resources(spec: ModelMergeSpec) -> dict[str, Any]:
-    memory = spec.resources.memory if spec.resources.memory is not None else DEFAULT_MERGE_MEMORY
-    amounts = {key: str(value) for key, value in (("cpu", spec.resources.cpu), ("memory", memory))
-               if value is not None}
+def resources(spec: ModelMergeSpec, config: OperatorConfig = OperatorConfig()) -> dict[str, Any]:
+    """spec.resources as requests = limits; what it leaves unset comes from the operator's defaults: those of
+    evaluated merges (--evaluation-cpu/--evaluation-memory: the model is loaded) or DEFAULT_MERGE_MEMORY."""
+    evaluated = spec.evaluation is not None
+    default_cpu = config.evaluation_cpu if evaluated else None
+    default_memory = config.evaluation_memory if evaluated else DEFAULT_MERGE_MEMORY
+    cpu = spec.resources.cpu if spec.resources.cpu is not None else default_cpu
+    memory = spec.resources.memory if spec.resources.memory is not None else default_memory
+    amounts = {key: str(value) for key, value in (("cpu", cpu), ("memory", memory)) if value is not None}
     limits = dict(amounts)
     if spec.use_gpu:
         limits[spec.resources.gpuResourceName] = str(spec.resources.gpu)

@@ -28,11 +28,17 @@ the reason changes to a warning one):
 | pod running (progress from its log)                   | Running   | Running                                 | N     |
 | a pod failed, the Job retries                         | Running   | Retrying                                | W     |
 | Job Complete (progress 100%)                          | Succeeded | Completed                               | N     |
+| ... with spec.evaluation: the summary's evaluation    | Succeeded | Evaluated (condition Evaluated True)    | N     |
+| ... whose evaluation failed (the output stays)        | Succeeded | EvaluationFailed (Evaluated False)      | W     |
 | Job Failed: the container ran out of memory           | Failed    | OOMKilled                               | W     |
 | Job Failed: the engine's error, deadline, retries     | Failed    | the Job's reason: BackoffLimitExceeded, | W     |
 |                                                       |           | DeadlineExceeded, PodFailurePolicy      |       |
 | Job deleted before it finished                        | Failed    | JobDeleted                              | W     |
 | spec.cancel set                                       | Cancelled | Cancelled                               | N     |
+
+status.evaluation is the engine summary's evaluation (the overall cross-entropy is the CE printer column); the
+Evaluated rows are events besides the Completed one, with the reason as the event's reason (the phase's reason stays
+Completed).
 
 A pod that cannot start keeps the merge Pending (the cause may clear up: an image pushed, a GPU freed, a claim
 created); spec.activeDeadlineSeconds bounds the wait, and the Failed message then says why the pod never started.
@@ -53,6 +59,7 @@ from pydantic import ValidationError
 from modelmerge.contract import (
     KIND,
     TERMINAL_PHASES,
+    MergeEvaluation,
     MergeProgress,
     ModelMergeSpec,
     Phase,
@@ -68,6 +75,7 @@ from modelmerge_operator.status import (
     Observation,
     awaits_a_node,
     build_status,
+    evaluation_sentence,
     needs_pods,
     observe,
     running_pod,
@@ -145,6 +153,14 @@ class Reconciler:
         return True
 
     def _announce(self, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        self._announce_phase(body, old, new)
+        if new.get("evaluation") and not old.get("evaluation"):
+            evaluation = MergeEvaluation.model_validate(new["evaluation"])
+            succeeded = evaluation.state == "Succeeded"
+            self.emit(body, "Normal" if succeeded else "Warning", "Evaluated" if succeeded else "EvaluationFailed",
+                      evaluation_sentence(evaluation))
+
+    def _announce_phase(self, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
         phase, reason, message = new["phase"], new["reason"], new.get("message")
         new_cause = reason in WARNING_REASONS and _cause(reason) != _cause(old.get("reason"))
         if phase == old.get("phase") and not new_cause:
@@ -216,7 +232,8 @@ class Reconciler:
         if inspect_pods:
             progress = self._progress(meta["namespace"], pods)
             missing = self._missing_claims(meta["namespace"], spec) if awaits_a_node(pods) else None
-        obs = observe(job, pods, spec.get("queueName"), progress=progress, missing_claims=missing)
+        obs = observe(job, pods, spec.get("queueName"), progress=progress, missing_claims=missing,
+                      evaluated=bool(spec.get("evaluation")))
         self.write(mm, obs, job_name=meta["name"])
 
     def _missing_claims(self, namespace: str, spec: dict[str, Any]) -> list[str]:

@@ -1,13 +1,13 @@
 """Pure functions that turn a Job (and its pods, the merge's progress and the claims it lacks, when the caller
-read them) into the ModelMerge's status: phase, reason, message, times, attempts, progress and conditions. No API
-calls here."""
+read them) into the ModelMerge's status: phase, reason, message, times, attempts, progress, the evaluation of the
+merged model and conditions. No API calls here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from modelmerge.contract import TERMINAL_PHASES, MergeProgress, Phase, engine_outcome
+from modelmerge.contract import TERMINAL_PHASES, MergeEvaluation, MergeProgress, MergeSummary, Phase, engine_outcome
 
 MESSAGE_LIMIT = 1024
 
@@ -19,6 +19,8 @@ CONTAINER_PROBLEMS = IMAGE_PROBLEMS | {"CreateContainerConfigError", "CreateCont
 START_PROBLEMS = CONTAINER_PROBLEMS | {"Unschedulable", "ClaimNotFound"}
 WARNING_REASONS = START_PROBLEMS | {"Retrying"}  # announced with a Warning event whenever they start
 WAITING_MESSAGE = "waiting for the merge pod to start"
+NO_EVALUATION = ("the merge succeeded but the engine reported no evaluation (its summary has none: does the image "
+                 "run an engine that evaluates?)")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Observation:
     completion_time: str | None = None
     attempts: int | None = None
     progress: MergeProgress | None = None
+    evaluation: MergeEvaluation | None = None  # of a succeeded merge whose spec asked for one
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,12 +74,40 @@ def failure_detail(terminated: dict[str, Any] | None) -> tuple[str | None, str]:
 
 
 def success_detail(terminated: dict[str, Any] | None) -> str:
-    summary = engine_outcome(exit_code=0, summary=(terminated or {}).get("message")).summary
+    summary = _success_summary(terminated)
     if summary is None:
         return "the merge finished"
     parts = [f"{summary.tensors} tensors" if summary.tensors is not None else "",
              f"in {summary.seconds:g}s" if summary.seconds is not None else ""]
     return " ".join(["merged", *[p for p in parts if p]])
+
+
+def _success_summary(terminated: dict[str, Any] | None) -> MergeSummary | None:
+    return engine_outcome(exit_code=0, summary=(terminated or {}).get("message")).summary
+
+
+def evaluation_detail(terminated: dict[str, Any] | None) -> MergeEvaluation:
+    """The evaluation in a succeeded merge's summary; a Failed one saying so when the summary has none."""
+    summary = _success_summary(terminated)
+    if summary is None or summary.evaluation is None:
+        return MergeEvaluation(state="Failed", message=NO_EVALUATION)
+    return summary.evaluation
+
+
+def evaluation_sentence(evaluation: MergeEvaluation) -> str:
+    """One line for the Evaluated condition and its event: the overall CE, and the best input's to compare."""
+    if evaluation.state == "Failed":
+        return _clip(f"the evaluation failed: {evaluation.message or 'no reason given'}")
+    overall = evaluation.overall
+    if overall is None or overall.ce is None:
+        text = "no answer token was scored (cross-entropy undefined)"
+    else:
+        files = len(evaluation.files)
+        text = (f"cross-entropy {overall.ce:.4f} (perplexity {overall.ppl:.4g}) over {overall.tokens} answer "
+                f"tokens of {files} data file{'s' if files != 1 else ''}")
+    if evaluation.bestInput is not None and evaluation.bestInputCe is not None:
+        text += f"; best input {evaluation.bestInput}: {evaluation.bestInputCe:.4f}"
+    return _clip(text)
 
 
 def _pending_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -136,18 +167,22 @@ def needs_pods(job: dict[str, Any]) -> bool:
 
 
 def observe(job: dict[str, Any], pods: list[dict[str, Any]], queue: str | None = None, *,
-            progress: MergeProgress | None = None, missing_claims: list[str] | None = None) -> Observation:
+            progress: MergeProgress | None = None, missing_claims: list[str] | None = None,
+            evaluated: bool = False) -> Observation:
     """The merge's state from its Job and `pods` (newest first), with `progress` from the running pod's log and
-    `missing_claims` (sentences) when the caller read them."""
+    `missing_claims` (sentences) when the caller read them; `evaluated`: the spec asked for an evaluation, which
+    a succeeded merge's summary carries."""
     status = job.get("status") or {}
     conditions = true_conditions(job)
     failed, active = status.get("failed") or 0, status.get("active") or 0
     common = {"start_time": status.get("startTime"),
               "attempts": failed + (status.get("succeeded") or 0) + active or None}
     if "Complete" in conditions:
-        return Observation(Phase.Succeeded, "Completed", success_detail(last_terminated(pods, "Succeeded")),
+        terminated = last_terminated(pods, "Succeeded")
+        return Observation(Phase.Succeeded, "Completed", success_detail(terminated),
                            completion_time=status.get("completionTime") or conditions["Complete"].get(
-                               "lastTransitionTime"), **common)
+                               "lastTransitionTime"),
+                           evaluation=evaluation_detail(terminated) if evaluated else None, **common)
     if "Failed" in conditions:
         return _failed(conditions["Failed"], pods, common)
     if (job.get("spec") or {}).get("suspend") and not active:
@@ -193,6 +228,17 @@ def _clip(message: str) -> str:
 _TERMINAL_CONDITION = {Phase.Succeeded: "Complete", Phase.Failed: "Failed", Phase.Cancelled: "Cancelled"}
 
 
+def evaluated_condition(evaluation: dict[str, Any] | None) -> list[dict[str, str]]:
+    """`Evaluated` once a merge with an evaluation succeeded: True when it was evaluated, False when the evaluation
+    failed (the merge and its output stay Succeeded)."""
+    if not evaluation:
+        return []
+    parsed = MergeEvaluation.model_validate(evaluation)
+    succeeded = parsed.state == "Succeeded"
+    return [{"type": "Evaluated", "status": "True" if succeeded else "False",
+             "reason": "Evaluated" if succeeded else "EvaluationFailed", "message": evaluation_sentence(parsed)}]
+
+
 def desired_conditions(obs: Observation, accepted: bool = True) -> list[dict[str, str]]:
     phase = Phase(obs.phase)
     out = [{"type": "Accepted", "status": "True" if accepted else "False",
@@ -227,6 +273,8 @@ def build_status(old: dict[str, Any] | None, obs: Observation, *, now: str, gene
                  accepted: bool = True) -> dict[str, Any]:
     """The full status to write (a merge patch: every key is set, None clears)."""
     old = old or {}
+    evaluation = obs.evaluation.model_dump(mode="json", exclude_none=True) if obs.evaluation else \
+        old.get("evaluation")
     message = obs.message
     if obs.phase == Phase.Failed and old.get("reason") in START_PROBLEMS and old.get("message"):
         message = _clip(f"{message}; the merge pod never started: {old['message']}")
@@ -239,9 +287,11 @@ def build_status(old: dict[str, Any] | None, obs: Observation, *, now: str, gene
         "completionTime": obs.completion_time or old.get("completionTime"),
         "outputPath": output_path or old.get("outputPath"),
         "progress": next_progress(old, obs),
+        "evaluation": evaluation,
         "attempts": obs.attempts if obs.attempts is not None else old.get("attempts"),
         "observedGeneration": generation,
-        "conditions": merge_conditions(old.get("conditions"), desired_conditions(obs, accepted), now),
+        "conditions": merge_conditions(old.get("conditions"),
+                                       desired_conditions(obs, accepted) + evaluated_condition(evaluation), now),
     }
 
 

@@ -44,6 +44,9 @@ EXAMPLE_REQUEST: dict[str, Any] = {
 TOKEN_HEADER = "x-hf-token"
 MAX_TOKEN_LENGTH = 1024
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
+# Overall cross-entropy of evaluated merges (nats per answer token): a useful merge of instruction-tuned models is
+# around 0.3-2, a broken one far above (a uniform guess over a 150k vocabulary is 11.9).
+CE_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 12, float("inf"))
 
 
 @dataclass
@@ -271,3 +274,19 @@ class JobCollector:
                    for bound in DURATION_BUCKETS]
         yield HistogramMetricFamily("modelmerge_merge_duration_seconds", "Wall time of completed merges",
                                     buckets=buckets, sum_value=sum(durations))
+        yield from _evaluation_metrics(self.backend.evaluations())
+
+
+def _evaluation_metrics(evaluations: list[Any]):
+    """Evaluations by state, and a histogram of the merged models' overall cross-entropy: bounded labels (a gauge
+    per job would grow with every merge)."""
+    states = GaugeMetricFamily("modelmerge_evaluations", "Evaluations of completed merges by state",
+                               labels=["state"])
+    for state in ("Succeeded", "Failed"):
+        states.add_metric([state], sum(1 for e in evaluations if e.state == state))
+    yield states
+    scores = [e.overall.ce for e in evaluations if e.state == "Succeeded" and e.overall and e.overall.ce is not None]
+    buckets = [("+Inf" if bound == float("inf") else str(bound), sum(1 for ce in scores if ce <= bound))
+               for bound in CE_BUCKETS]
+    yield HistogramMetricFamily("modelmerge_evaluation_cross_entropy", "Overall cross-entropy of evaluated "
+                                "merged models (lower is better)", buckets=buckets, sum_value=sum(scores))

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
-from modelmerge.contract import MergeProgress, MergeRequest
+from modelmerge.contract import MergeEvaluation, MergeProgress, MergeRequest
 from modelmerge_api.errors import Conflict
 
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]
@@ -42,6 +42,11 @@ class Job:
     params: dict[str, Any] = field(default_factory=dict)
     progress: MergeProgress | None = None  # shown as `progress` (overall percent) and `progress_step`
     output_rel: str | None = None  # relative to the backend's output root; not shown to clients
+    evaluation: MergeEvaluation | None = None  # of a completed merge whose request asked for one
+
+    def evaluation_json(self) -> dict[str, Any] | None:
+        """`evaluation` as clients see it: the contract's MergeEvaluation (the ModelMerge's status.evaluation)."""
+        return self.evaluation.model_dump(mode="json") if self.evaluation else None
 
     def to_json(self) -> dict[str, Any]:
         """The job as clients see it (a shallow dict: `params` is shared, not copied)."""
@@ -49,7 +54,7 @@ class Job:
                 "started_at": self.started_at, "completed_at": self.completed_at,
                 "error_message": self.error_message, "output_path": self.output_path, "params": self.params,
                 "progress": self.progress.percent if self.progress else None,
-                "progress_step": _step(self.progress)}
+                "progress_step": _step(self.progress), "evaluation": self.evaluation_json()}
 
     def duration(self) -> float | None:
         return seconds_between(self.started_at, self.completed_at)
@@ -120,4 +125,8 @@ class Backend(Protocol):
 
     def stats(self) -> tuple[dict[str, int], list[float]]:
         """(job count per status, durations in seconds of finished merges) for /metrics."""
+        ...
+
+    def evaluations(self) -> list[MergeEvaluation]:
+        """The evaluations of completed merges, for /metrics."""
         ...

@@ -13,11 +13,11 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from modelmerge import kubeclient
 from modelmerge.contract import (
@@ -25,6 +25,7 @@ from modelmerge.contract import (
     API_VERSION,
     KIND,
     PLURAL,
+    MergeEvaluation,
     MergeProgress,
     MergeRequest,
     ModelMergeSpec,
@@ -46,6 +47,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "modelmerge-api"}
 TOKEN_KEY = "token"
 HEALTH_TTL_S = 5.0
 SYNC_WAIT_S = 10.0
+Reported = TypeVar("Reported", bound=BaseModel)
 
 
 class MergeView(NamedTuple):
@@ -176,6 +178,10 @@ class KubernetesBackend:
                 durations.append(seconds)
         return counts, durations
 
+    def evaluations(self) -> list[MergeEvaluation]:
+        return [job.evaluation for job in (entry.view.job for entry in self._entries())
+                if job.status == "completed" and job.evaluation is not None]
+
     def review_token(self, token: str) -> bool:
         """TokenReview: does the cluster authenticate this bearer token (e.g. a service-account token)?"""
         review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
@@ -189,8 +195,8 @@ class KubernetesBackend:
     # ---- ModelMerge <-> job ------------------------------------------------------------------------
 
     def _spec(self, job_id: str, request: MergeRequest, output_rel: str, hf_token: str | None) -> ModelMergeSpec:
-        spec = {**self.spec_defaults, **request.model_dump(mode="json", exclude_none=True),
-                "output_dir": output_rel}
+        defaults = self.spec_defaults if request.evaluation is None else _evaluation_defaults(self.spec_defaults)
+        spec = {**defaults, **request.model_dump(mode="json", exclude_none=True), "output_dir": output_rel}
         if hf_token:
             spec["hfTokenSecret"] = {"name": _secret_name(job_id), "key": TOKEN_KEY}
         try:
@@ -211,13 +217,16 @@ class KubernetesBackend:
         else:
             location = output_location(spec, name)
             params = request_params(spec.merge_request(), location.relative)
-        progress = advanced(previous.job.progress if previous else None, _progress(status.get("progress")))
+        progress = advanced(previous.job.progress if previous else None,
+                            _reported(MergeProgress, status.get("progress")))
+        evaluation = _reported(MergeEvaluation, status.get("evaluation")) if job_status == "completed" else None
         job = Job(job_id=name, status=job_status,
                   created_at=obj["metadata"].get("creationTimestamp"), started_at=status.get("startTime"),
                   completed_at=status.get("completionTime"),
                   error_message=status.get("message") if job_status in ("failed", "cancelled") else None,
                   output_path=status.get("outputPath") or (location.uri if location else None),
-                  params=params, progress=progress, output_rel=self._output_rel(location))
+                  params=params, progress=progress, output_rel=self._output_rel(location),
+                  evaluation=evaluation)
         return MergeView(job, location)
 
     def _output_rel(self, location: OutputLocation | None) -> str | None:
@@ -308,14 +317,24 @@ def _status(obj: dict[str, Any]) -> str:
     return STATUS_OF_PHASE.get((obj.get("status") or {}).get("phase"), "pending")
 
 
-def _progress(reported: Any) -> MergeProgress | None:
-    """status.progress as the contract defines it (None when absent or not in that form)."""
+def _reported(model: type[Reported], reported: Any) -> Reported | None:
+    """A status field (progress, evaluation) as the contract's `model` (None when absent or not in that form)."""
     if not isinstance(reported, dict):
         return None
     try:
-        return MergeProgress.model_validate(reported)
+        return model.model_validate(reported)
     except ValidationError:
         return None
+
+
+def _evaluation_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The spec defaults of an evaluated merge: without the merge's CPU and memory, so that the operator's
+    evaluation defaults (--evaluation-cpu/--evaluation-memory, the chart's evaluation.resources) apply; the
+    model is loaded to be evaluated, which a streaming merge never does."""
+    resources = {key: value for key, value in (defaults.get("resources") or {}).items()
+                 if key not in ("cpu", "memory")}
+    out = {key: value for key, value in defaults.items() if key != "resources"}
+    return {**out, "resources": resources} if resources else out
 
 
 def _stream(response: Any) -> Iterator[bytes]:

@@ -5,7 +5,11 @@ Layout of the data dir: `jobs.db`, `logs/<job>.log`, `work/<job>/{spec,summary}.
 output root). Restart policy: a job that was running when the server stopped is marked failed with an
 "interrupted" message (its merge wrote into a temporary sibling, so no half-written output looks finished);
 pending jobs stay queued, except those submitted with an hf_token, which is never stored: they fail with a
-message asking to resubmit."""
+message asking to resubmit.
+
+Evaluation: a request's local data files are relative to the output root (as a ModelMerge's are to its output
+volume), checked at submit and resolved to absolute paths for the engine; a completed job's evaluation is the one
+in its summary.json (read once, then cached)."""
 
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from modelmerge.contract import MergeProgress, MergeRequest, engine_outcome, parse_progress
+from modelmerge.contract import MergeEvaluation, MergeProgress, MergeRequest, engine_outcome, parse_progress
 from modelmerge_api import outputs
-from modelmerge_api.errors import Unavailable, job_not_found
+from modelmerge_api.errors import ApiError, Unavailable, job_not_found
 from modelmerge_api.jobs import ACTIVE, Job, advanced, check_cancellable, request_params, seconds_between, utcnow
 from modelmerge_api.store import JobStore
 
@@ -33,6 +37,7 @@ INTERRUPTED = ("interrupted: the API server stopped while this merge was running
 TOKEN_LOST = ("interrupted: the API server restarted before this job started, and its hf_token is never "
               "stored; resubmit the job")
 KILL_GRACE_S = 10.0
+EVALUATION_CACHE_SIZE = 20_000
 _SECRET_ENV = ("MODELMERGE_API_TOKEN",)
 
 
@@ -53,6 +58,7 @@ class LocalBackend:
         self._tokens: dict[str, str] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._progress: dict[str, MergeProgress] = {}  # of running jobs, by job id
+        self._evaluations: dict[str, MergeEvaluation | None] = {}  # of completed jobs (never change), by job id
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -114,6 +120,8 @@ class LocalBackend:
     def submit(self, job_id: str, request: MergeRequest, output_rel: str, hf_token: str | None) -> Job:
         if self._stopping.is_set():
             raise Unavailable("the server is shutting down")
+        if request.evaluation is not None:
+            outputs.evaluation_data(self.output_root, request.evaluation.data)
         target = outputs.ensure_free(self.output_root, output_rel)
         job = Job(job_id=job_id, status="pending", created_at=utcnow(), output_path=str(target),
                   params=request_params(request, output_rel), output_rel=output_rel)
@@ -128,14 +136,30 @@ class LocalBackend:
         job = self.store.get(job_id)
         if job is None:
             raise job_not_found(job_id)
-        job.progress = self._progress.get(job_id) if job.status == "running" else None
+        self._fill_in(job)
         return job
 
     def list(self, status: str | None, limit: int, offset: int, *, blocking: bool = True) -> tuple[list[Job], int]:
         jobs, total = self.store.page(status, limit, offset)
         for job in jobs:
-            job.progress = self._progress.get(job.job_id) if job.status == "running" else None
+            self._fill_in(job)
         return jobs, total
+
+    def _fill_in(self, job: Job) -> None:
+        """What the job table does not hold: the progress of a running merge, the evaluation of a completed one."""
+        job.progress = self._progress.get(job.job_id) if job.status == "running" else None
+        job.evaluation = self._evaluation(job)
+
+    def _evaluation(self, job: Job) -> MergeEvaluation | None:
+        if job.status != "completed" or not job.params.get("evaluation"):
+            return None
+        if job.job_id not in self._evaluations:
+            if len(self._evaluations) >= EVALUATION_CACHE_SIZE:
+                self._evaluations.clear()
+            summary = _read_from(self.data_dir / "work" / job.job_id / "summary.json", 0)
+            parsed = engine_outcome(exit_code=0, summary=summary).summary
+            self._evaluations[job.job_id] = parsed.evaluation if parsed is not None else None
+        return self._evaluations[job.job_id]
 
     def cancel(self, job_id: str) -> Job:
         check_cancellable(self.get(job_id))
@@ -155,6 +179,10 @@ class LocalBackend:
     def stats(self) -> tuple[dict[str, int], list[float]]:
         counts, spans = self.store.stats()
         return counts, [seconds_between(start, end) for start, end in spans]
+
+    def evaluations(self) -> list[MergeEvaluation]:
+        completed = (job for job, _, _ in self.store.with_status("completed"))
+        return [evaluation for job in completed if (evaluation := self._evaluation(job)) is not None]
 
     # ---- workers -----------------------------------------------------------------------------------
 
@@ -182,7 +210,11 @@ class LocalBackend:
         target = outputs.contained(self.output_root, job.output_rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         spec, summary = work / "spec.json", work / "summary.json"
-        spec.write_text(json.dumps({**job.params, "output_dir": str(target)}))
+        try:
+            spec.write_text(json.dumps(self._engine_request(job.params, target)))
+        except ApiError as exc:  # a data file went away (or was replaced by a link out) since the job was queued
+            self.store.finish(job.job_id, "failed", exc.message)
+            return
         command = [sys.executable, "-m", "modelmerge_api.child", str(os.getpid()), *self.engine_command,
                    "merge", "--spec", str(spec), "--output-dir", str(target),
                    "--summary-file", str(summary), "--progress", "lines"]
@@ -202,6 +234,14 @@ class LocalBackend:
             return
         outcome = engine_outcome(exit_code=code, summary=_read_from(summary, 0))
         self.store.finish(job.job_id, "completed" if outcome.succeeded else "failed", outcome.error)
+
+    def _engine_request(self, params: dict[str, Any], target: Path) -> dict[str, Any]:
+        """The request the engine runs: the job's params with absolute output and evaluation data paths."""
+        request = {**params, "output_dir": str(target)}
+        if params.get("evaluation"):
+            data = outputs.evaluation_data(self.output_root, params["evaluation"]["data"])
+            request["evaluation"] = {**params["evaluation"], "data": data}
+        return request
 
     def _pump(self, proc: subprocess.Popen[bytes], log: IO[bytes], job_id: str, token: str | None) -> None:
         """Copy the merge's output into its log (token redacted), keeping the progress it reports."""

@@ -1,4 +1,5 @@
-"""Merge outputs on disk: the `output_dir` rule, containment checks, file listings with checksums, tar streams.
+"""Merge outputs on disk: the `output_dir` rule, containment checks, file listings with checksums, tar streams,
+and the local evaluation data files a request names (relative to the output root, like a ModelMerge's to its volume).
 
 Both backends read outputs from a local directory (the local backend's output root, or the output PVC mounted
 read-only into the API pod), so this module serves both. Every path a client names is resolved and checked to
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from modelmerge.contract import DATA_REPO_PREFIX, check_volume_data_refs
 from modelmerge_api.errors import ApiError, Conflict, NotFound
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -59,6 +61,32 @@ def ensure_free(root: Path, relative: str) -> Path:
     if target.exists() or target.is_symlink():
         raise Conflict(f"output_dir: {relative!r} already exists under the output root; choose another name")
     return target
+
+
+def evaluation_data(root: Path, refs: list[str]) -> list[str]:
+    """A request's evaluation.data for the engine: local files (or folders), given relative to `root`, as absolute
+    paths inside it that exist; hf://datasets/ refs unchanged. No absolute paths, no '..', no links out of it."""
+    try:
+        check_volume_data_refs(refs)
+    except ValueError as exc:
+        raise _bad_data(str(exc)) from None
+    resolved = []
+    for index, ref in enumerate(refs):
+        if ref.startswith(DATA_REPO_PREFIX):
+            resolved.append(ref)
+            continue
+        target = (root / ref).resolve()
+        if not target.is_relative_to(root.resolve()):
+            raise _bad_data(f"item {index} {ref!r}: leads out of the data root (the output root) through a link")
+        if not target.exists():
+            raise _bad_data(f"item {index} {ref!r}: no such file or folder under the data root (the output "
+                            f"root, {root})")
+        resolved.append(str(target))
+    return resolved
+
+
+def _bad_data(reason: str) -> ApiError:
+    return ApiError(400, f"evaluation.data: {reason}", [{"field": "evaluation.data", "message": reason}])
 
 
 def job_output(root: Path, relative: str | None) -> Path:

@@ -270,10 +270,8 @@ class JobCollector:
         for status in STATUSES:
             gauge.add_metric([status], counts.get(status, 0))
         yield gauge
-        buckets = [("+Inf" if bound == float("inf") else str(bound), sum(1 for d in durations if d <= bound))
-                   for bound in DURATION_BUCKETS]
-        yield HistogramMetricFamily("modelmerge_merge_duration_seconds", "Wall time of completed merges",
-                                    buckets=buckets, sum_value=sum(durations))
+        yield _histogram("modelmerge_merge_duration_seconds", "Wall time of completed merges", durations,
+                         DURATION_BUCKETS)
         yield from _evaluation_metrics(self.backend.evaluations())
 
 
@@ -286,7 +284,11 @@ def _evaluation_metrics(evaluations: list[Any]):
         states.add_metric([state], sum(1 for e in evaluations if e.state == state))
     yield states
     scores = [e.overall.ce for e in evaluations if e.state == "Succeeded" and e.overall and e.overall.ce is not None]
-    buckets = [("+Inf" if bound == float("inf") else str(bound), sum(1 for ce in scores if ce <= bound))
-               for bound in CE_BUCKETS]
-    yield HistogramMetricFamily("modelmerge_evaluation_cross_entropy", "Overall cross-entropy of evaluated "
-                                "merged models (lower is better)", buckets=buckets, sum_value=sum(scores))
+    yield _histogram("modelmerge_evaluation_cross_entropy", "Overall cross-entropy of evaluated merged models "
+                     "(lower is better)", scores, CE_BUCKETS)
+
+
+def _histogram(name: str, documentation: str, values: list[float], bounds: tuple[float, ...]):
+    buckets = [("+Inf" if bound == float("inf") else str(bound), sum(1 for v in values if v <= bound))
+               for bound in bounds]
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(values))

@@ -63,6 +63,8 @@ COMBINATIONS: dict[str, dict] = {
                      "replicas": 0, "env": {"MODELMERGE_WORKERS": "4"}, "podAnnotations": {"a": "b"}},
         "api": {"replicas": 3, "nodeSelector": {"role": "system"}, "service": {"type": "LoadBalancer", "port": 8080}}},
     "name-overrides": {"fullnameOverride": "mm"},
+    "evaluation": {"evaluation": {"image": {"repository": "reg.local/eval", "tag": "2.0-cuda"},
+                                  "resources": {"cpu": None, "memory": "64Gi"}}},
 }
 
 
@@ -115,6 +117,10 @@ def test_helm_lint_strict(name, tmp_path):
     ({"api": {"logLevel": "chatty"}}, "/api/logLevel"),
     ({"api": {"corsOrigins": "https://a.example"}}, "/api/corsOrigins"),
     ({"apii": {"enabled": False}}, "apii"),
+    ({"evaluation": {"resources": {"memory": "lots"}}}, "/evaluation/resources/memory"),
+    ({"evaluation": {"resources": {"memory": None}}}, "missing property 'memory'"),  # helm: null removes a key
+    ({"evaluation": {"image": {"repository": ""}}}, "/evaluation/image/repository"),
+    ({"evaluation": {"gpu": 1}}, "gpu"),
 ])
 def test_values_schema_rejects_bad_values(values, message, tmp_path):
     result = helm("template", "x", str(CHART), "--kube-version", KUBE_VERSION, "-f",
@@ -508,3 +514,55 @@ def test_kind_e2e_install_values_pass_the_schema_and_use_the_fixture_image(tmp_p
     for path in ("examples/modelmerge-tiny.yaml", "merge_image/Dockerfile", "operator/Dockerfile", "api/Dockerfile",
                  "tests/helpers/models.py"):
         assert path in script and (ROOT / path).exists(), path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluated merges: their image and default CPU/memory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _evaluated_pod(objects: list[dict], spec_defaults: dict) -> dict:
+    """The merge container the operator (with the rendered flags) makes for an evaluated merge with these spec
+    defaults."""
+    from modelmerge.cli import build_parser
+    from modelmerge_operator import manifests
+    from modelmerge_operator.config import config_from_args
+
+    c = container(_deployment(objects, "operator"))
+    config = config_from_args(build_parser().parse_args([*c["command"][1:], *c["args"]]))
+    spec = ModelMergeSpec.model_validate({
+        **spec_defaults, "base_model": "a", "models_to_merge": ["b"], "merge_method": "task_arithmetic",
+        "output": {"pvc": "out"}, "evaluation": {"data": ["eval/algebra.json"]}})
+    body = {"metadata": {"name": "m", "namespace": NS, "uid": "u"}}
+    return manifests.job(body, spec, config)["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_evaluation_image_and_resources_reach_the_operator(renders):
+    args = container(_deployment(renders["defaults"], "operator"))["args"]
+    assert _flag(args, "evaluation-image") == ["ghcr.io/modelmerge/merge:0.1.0"]
+    assert _flag(args, "evaluation-cpu") == ["4"] and _flag(args, "evaluation-memory") == ["16Gi"]
+    args = container(_deployment(renders["evaluation"], "operator"))["args"]
+    assert _flag(args, "evaluation-image") == ["reg.local/eval:2.0-cuda"]
+    assert _flag(args, "evaluation-cpu") == [] and _flag(args, "evaluation-memory") == ["64Gi"]
+    # A ModelMerge applied with kubectl that states no resources.
+    merge = _evaluated_pod(renders["evaluation"], {})
+    assert merge["image"] == "reg.local/eval:2.0-cuda"
+    assert merge["resources"] == {"requests": {"memory": "64Gi"}, "limits": {"memory": "64Gi"}}
+    assert merge["workingDir"] == "/output"  # relative data files are on the output volume
+
+
+def test_api_created_evaluated_merges_get_the_evaluation_resources_not_the_merge_ones(renders):
+    """The API leaves CPU and memory of an evaluated merge to the operator (merge.resources stream, evaluation
+    loads the model); GPUs and /dev/shm stay the chart's merge defaults."""
+    from modelmerge_api.kube import evaluation_spec_defaults
+
+    for name, cpu, memory in (("defaults", "4", "16Gi"), ("merge-defaults", "4", "16Gi")):
+        defaults = _spec_defaults(renders[name])
+        merge = _evaluated_pod(renders[name], evaluation_spec_defaults(defaults))
+        assert merge["image"] == "ghcr.io/modelmerge/merge:0.1.0"
+        amounts = {"cpu": cpu, "memory": memory}
+        assert merge["resources"] == {"requests": amounts, "limits": amounts}, name
+        plain = _evaluated_pod(renders[name], defaults)  # without the API's rule the merge's 2Gi would apply
+        assert plain["resources"]["limits"]["memory"] == str(defaults["resources"]["memory"])
+    evaluated = evaluation_spec_defaults(_spec_defaults(renders["merge-defaults"]))
+    assert evaluated["resources"] == {"gpu": 2, "gpuResourceName": "amd.com/gpu", "shmSize": "16Gi"}

@@ -195,7 +195,7 @@ class KubernetesBackend:
     # ---- ModelMerge <-> job ------------------------------------------------------------------------
 
     def _spec(self, job_id: str, request: MergeRequest, output_rel: str, hf_token: str | None) -> ModelMergeSpec:
-        defaults = self.spec_defaults if request.evaluation is None else _evaluation_defaults(self.spec_defaults)
+        defaults = self.spec_defaults if request.evaluation is None else evaluation_spec_defaults(self.spec_defaults)
         spec = {**defaults, **request.model_dump(mode="json", exclude_none=True), "output_dir": output_rel}
         if hf_token:
             spec["hfTokenSecret"] = {"name": _secret_name(job_id), "key": TOKEN_KEY}
@@ -327,7 +327,7 @@ def _reported(model: type[Reported], reported: Any) -> Reported | None:
         return None
 
 
-def _evaluation_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+def evaluation_spec_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
     """The spec defaults of an evaluated merge: without the merge's CPU and memory, so that the operator's
     evaluation defaults (--evaluation-cpu/--evaluation-memory, the chart's evaluation.resources) apply; the
     model is loaded to be evaluated, which a streaming merge never does."""

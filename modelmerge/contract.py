@@ -14,7 +14,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from modelmerge.mergekit_config import CONFIG_DESCRIPTION, CONFIG_JSON_SCHEMA, CONFIG_KEYS, MergekitConfig, request_data
 
 API_GROUP = "modelmerge.io"
 API_VERSION = "v1alpha1"
@@ -41,6 +52,7 @@ class MergeMethod(StrEnum):
     mask_merging = "mask_merging"
     # mergekit's methods, with mergekit's names and semantics
     linear = "linear"
+    passthrough = "passthrough"
 
 
 class MaskApplyMethod(StrEnum):
@@ -62,6 +74,9 @@ class ModelParameters(BaseModel):
 
     weight: float = Field(default=1.0, ge=-100.0, le=100.0, allow_inf_nan=False,
                           description="linear: the model's weight (mergekit's `weight`).")
+    scale: float | None = Field(default=None, ge=-100.0, le=100.0, allow_inf_nan=False,
+                                description="passthrough: multiply the model's tensors by this (mergekit's `scale`); "
+                                "unset: copied as they are.")
 
 
 def _split_csv(value: Any) -> Any:
@@ -237,7 +252,16 @@ class MergeRequest(BaseModel):
         "go into merge_report.json, the model card, the ModelMerge status and the REST job view.",
     )
 
+    config: Annotated[MergekitConfig, WithJsonSchema(CONFIG_JSON_SCHEMA)] | None = Field(
+        default=None, validation_alias=AliasChoices(*CONFIG_KEYS), description=CONFIG_DESCRIPTION)
+
     _split_models = field_validator("models_to_merge", mode="before")(_split_csv)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_config(cls, data: Any) -> Any:
+        """A mergekit config sets base_model, models_to_merge, merge_method and dtype (modelmerge/mergekit_config.py)."""
+        return request_data(data)
     _split_regexes = field_validator("exclude_param_names_regex", mode="before")(_split_csv)
 
     @field_validator("weight_mask_rates", mode="before")
@@ -288,6 +312,9 @@ class MergeRequest(BaseModel):
                 f"model_parameters needs one entry per model: got {len(self.model_parameters)} entries for "
                 f"{len(self.models_to_merge)} models_to_merge"
             )
+        if self.merge_method == MergeMethod.passthrough and self.config is None and len(self.models_to_merge) != 1:
+            raise ValueError(f"models_to_merge: passthrough copies exactly one model (got {len(self.models_to_merge)}); "
+                             "stacking layers of several models takes a mergekit config with slices")
         if self.merge_method == MergeMethod.linear and self.normalize and sum(self.weights()) == 0.0:
             raise ValueError("model_parameters weights sum to 0, and linear with normalize divides by their "
                              "sum; set normalize to false or change a weight")
@@ -379,6 +406,14 @@ METHODS: dict[str, MethodSpec] = {
             "mergekit's linear: the weighted sum of the models (weight from model_parameters), divided by the "
             "sum of the weights with normalize; the base model only supplies what is not merged.",
             ("model_parameters", "normalize", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+        ),
+        MethodSpec(
+            "passthrough",
+            "mergekit's passthrough: the one model's tensors as they are (times its model_parameters scale when "
+            "set); with a mergekit config's slices, layer ranges of several models stacked (depth up-scaling, "
+            "frankenmerges), layers renumbered and the output config resized.",
+            ("model_parameters", *COMMON_PARAMETERS),
             origin=MERGEKIT,
         ),
     )

@@ -129,7 +129,7 @@ def _rule(rule: str, message: str = "", *, message_expression: str = "", field_p
 def _mask_rates_rule() -> dict[str, str]:
     # A messageExpression with the counts exceeds the API server's cost budget; the operator's message has them.
     return _rule(
-        "self.merge_method != 'mask_merging' || "
+        "!has(self.merge_method) || self.merge_method != 'mask_merging' || !has(self.models_to_merge) || "
         "(has(self.weight_mask_rates) ? size(self.weight_mask_rates) : 0) == size(self.models_to_merge)",
         "weight_mask_rates needs one rate per model in models_to_merge when merge_method is mask_merging",
         field_path=".weight_mask_rates",
@@ -139,7 +139,8 @@ def _mask_rates_rule() -> dict[str, str]:
 
 def _model_parameters_rule() -> dict[str, str]:
     return _rule(
-        "!has(self.model_parameters) || size(self.model_parameters) == size(self.models_to_merge)",
+        "!has(self.model_parameters) || !has(self.models_to_merge) || "
+        "size(self.model_parameters) == size(self.models_to_merge)",
         "model_parameters needs one entry per model in models_to_merge",
         field_path=".model_parameters",
         reason="FieldValueInvalid",
@@ -177,7 +178,19 @@ def add_validations(spec: dict[str, Any]) -> None:
     for volume in ("output", "modelCache"):
         props[volume]["properties"]["subPath"]["x-kubernetes-validations"] = [_RELATIVE_RULE]
     optional = [name for name, prop in props.items() if "default" not in prop and name not in spec["required"]]
-    spec["x-kubernetes-validations"] = [_mask_rates_rule(), _presence_rule(optional), _model_parameters_rule()]
+    spec["x-kubernetes-validations"] = [_mask_rates_rule(), _presence_rule(optional), _model_parameters_rule(),
+                                        _config_or_fields_rule()]
+
+
+# A mergekit config (spec.config) sets these; without one they are required.
+CONFIG_SETS = ("base_model", "models_to_merge", "merge_method")
+
+
+def _config_or_fields_rule() -> dict[str, str]:
+    present = " && ".join(f"has(self.{name})" for name in CONFIG_SETS)
+    return _rule(f"has(self.config) || ({present})",
+                 f"{', '.join(CONFIG_SETS)} are required unless config (a mergekit config) sets them",
+                 reason="FieldValueRequired")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,6 +200,7 @@ def add_validations(spec: dict[str, Any]) -> None:
 
 def spec_schema() -> dict[str, Any]:
     schema = model_schema(ModelMergeSpec)
+    schema["required"] = [name for name in schema["required"] if name not in CONFIG_SETS]
     schema["description"] = (
         "What to merge and how (the merge request), plus how to run it on Kubernetes. Immutable once created, "
         "except cancel."

@@ -101,7 +101,7 @@ def measure(tool: str, model: Path, data: Path, *, max_length: int, batch_size: 
     if tool == "ours":
         from modelmerge_engine.evaluation.data import load_data_files
         from modelmerge_engine.evaluation.options import EvalOptions
-        from modelmerge_engine.evaluation.run import evaluate
+        from modelmerge_engine.evaluation.scoring import evaluate
 
         report = evaluate(str(model), load_data_files([data]),
                           EvalOptions(max_length=max_length, batch_size=batch_size, use_gpu=use_gpu))

@@ -11,7 +11,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import ValidationError
 
-from modelmerge.contract import MergeRequest, format_validation_error, methods_catalogue
+from modelmerge.contract import EvaluationRequest, MergeRequest, format_validation_error, methods_catalogue
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -21,19 +21,32 @@ def _flag(name: str) -> str:
 
 
 def add_request_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per contract field; a flag left unset does not override `--spec`."""
+    """One flag per contract field (the evaluation's as --eval-<field>); a flag left unset does not override
+    `--spec`."""
     for name, field in MergeRequest.model_fields.items():
-        annotation = field.annotation
-        is_list = get_origin(annotation) is list or any(get_origin(a) is list for a in get_args(annotation))
-        help_text = field.description
-        if annotation is bool:
-            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
-        elif is_list:
-            parser.add_argument(_flag(name), dest=name, metavar="A,B,...", default=None,
-                                help=help_text + " (comma-separated)")
-        else:
-            parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
+        if name == "evaluation":
+            continue
+        _add_field_flag(parser, name, field)
+    group = parser.add_argument_group("evaluation of the merged model", EvaluationRequest.__doc__)
+    for name, field in EvaluationRequest.model_fields.items():
+        _add_field_flag(group, f"eval_{name}", field)
+
+
+def _add_field_flag(parser, name: str, field) -> None:
+    annotation = field.annotation
+    is_list = get_origin(annotation) is list or any(get_origin(a) is list for a in get_args(annotation))
+    help_text = field.description
+    if name == "eval_data":  # paths: several after one flag, or the flag repeated
+        parser.add_argument(_flag(name), dest=name, metavar="FILE|DIR", nargs="+", action="extend", default=None,
+                            help=help_text)
+    elif annotation is bool:
+        parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                            help=help_text)
+    elif is_list:
+        parser.add_argument(_flag(name), dest=name, metavar="A,B,...", default=None,
+                            help=help_text + " (comma-separated)")
+    else:
+        parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
 
 
 def request_from_args(args: argparse.Namespace) -> MergeRequest:
@@ -50,6 +63,12 @@ def request_from_args(args: argparse.Namespace) -> MergeRequest:
         value = getattr(args, name, None)
         if value is not None:
             data[name] = value
+    evaluation = {name: getattr(args, f"eval_{name}", None) for name in EvaluationRequest.model_fields}
+    evaluation = {name: value for name, value in evaluation.items() if value is not None}
+    if evaluation:
+        if not isinstance(data.get("evaluation") or {}, dict):
+            raise ValueError(f"--spec {args.spec}: evaluation must be an object")
+        data["evaluation"] = {**(data.get("evaluation") or {}), **evaluation}
     return MergeRequest.model_validate(data)
 
 

@@ -16,7 +16,7 @@ import pytest
 from modelmerge.contract import MergeRequest, parse_progress
 from modelmerge_engine.evaluation.data import load_data_files
 from modelmerge_engine.evaluation.options import EvalOptions
-from modelmerge_engine.evaluation.run import evaluate
+from modelmerge_engine.evaluation.scoring import evaluate
 from modelmerge_engine.run import run_merge
 from tests.helpers.eval_data import (
     CHAT_VOCAB,
@@ -171,6 +171,7 @@ def test_without_torch_the_evaluation_says_what_is_missing(chat_model, data_dir)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert summary_of(result)["error"] == ("evaluation needs torch and transformers, and this installation lacks "
-                                           "torch (the CPU merge image carries neither): pip install torch "
-                                           "transformers")
+                                           "torch (the CPU merge image and the 'engine' extra carry neither): "
+                                           "install the 'eval' extra (pip install 'modelmerge[eval]') or use the "
+                                           "GPU merge image")
     assert "Traceback" not in result.stderr

@@ -135,13 +135,15 @@ def test_default_dtype_is_merging_evals_choice():
 
 
 def test_data_checks_and_the_merge_path_import_neither_torch_nor_the_metric():
-    """The CPU merge image has no torch: checking data and options needs none, and merging never imports the
-    evaluation package."""
+    """The CPU merge image has no torch: checking data and options needs none, and merging (which checks an
+    evaluation's data before it starts) never imports torch, transformers or the metric's modules."""
     evaluation = ("import sys, modelmerge_engine.evaluation.run, modelmerge_engine.evaluation.data\n"
                   "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
                   "assert not heavy, heavy")
     merge = ("import sys, modelmerge_engine.run, modelmerge_engine.engine, modelmerge.cli\n"
-             "loaded = sorted(m for m in sys.modules if m.startswith('modelmerge_engine.evaluation'))\n"
+             "metric = ('loading', 'encode', 'metric', 'report')\n"
+             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') or "
+             "m.startswith(tuple(f'modelmerge_engine.evaluation.{name}' for name in metric)))\n"
              "assert not loaded, loaded")
     for code in (evaluation, merge):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -15,7 +15,7 @@ from modelmerge_engine.errors import MergeError
 from modelmerge_engine.evaluation.data import load_data_files
 from modelmerge_engine.evaluation.encode import SYSTEM_PROMPT
 from modelmerge_engine.evaluation.options import EvalOptions
-from modelmerge_engine.evaluation.run import evaluate
+from modelmerge_engine.evaluation.scoring import evaluate
 from tests.helpers.eval_data import make_chat_model, make_records, write_records
 from tests.helpers.eval_oracle import batches_loss, padded_batches, per_record
 

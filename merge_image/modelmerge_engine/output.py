@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from modelmerge_engine.errors import MergeError
+from modelmerge_engine.evaluation.card import evaluation_card
 
 # Files taken from the base model besides the weights: never code (no trust_remote_code, ever).
 AUX_FILES = (
@@ -333,4 +334,6 @@ def model_card(report: dict) -> str:
     lines += [f"- {phase}: {seconds:.2f}" for phase, seconds in report["timings"].items()]
     lines += ["", f"Tensors: {report['tensors']} ({report['merged_tensors']} merged). "
               f"Output dtype: {report['dtype']}. Files: {', '.join(report['files'])}.", ""]
+    if "evaluation" in report:
+        lines += evaluation_card(report["evaluation"])
     return "\n".join(lines)

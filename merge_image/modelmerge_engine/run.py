@@ -1,8 +1,11 @@
-"""`modelmerge merge`: resolve inputs, stream the merge into a staging directory, publish it, report.
+"""`modelmerge merge`: resolve inputs, stream the merge into a staging directory, evaluate it when the request
+asks (evaluation/after_merge.py), publish it, report.
 
 The last line on stdout is a JSON summary (also written to `--summary-file`, which the operator points at
-the container's termination-message path). Exit codes: 0 merged, 1 merge failed, 2 invalid request,
-143/130 interrupted (SIGTERM/SIGINT) — in every failure case nothing is left in the output location."""
+the container's termination-message path), at most MAX_SUMMARY_BYTES. Exit codes: 0 merged (also when its
+evaluation failed: the summary's evaluation says so), 1 merge failed, 2 invalid request (invalid evaluation
+data included), 143/130 interrupted (SIGTERM/SIGINT) — in every failure case nothing is left in the output
+location."""
 
 from __future__ import annotations
 
@@ -14,12 +17,13 @@ import traceback
 from datetime import UTC, datetime
 
 from modelmerge import __version__
-from modelmerge.contract import MergeRequest, shard_size_bytes
+from modelmerge.contract import MAX_SUMMARY_BYTES, MergeRequest, shard_size_bytes
 from modelmerge_engine.errors import MergeError
+from modelmerge_engine.evaluation import after_merge
+from modelmerge_engine.evaluation.options import EvalInputError
+from modelmerge_engine.evaluation.scoring import EvalProgress
 from modelmerge_engine.output import OutputDir, copy_aux_files, disk_error, model_card, write_synced
 from modelmerge_engine.progress import Progress
-
-SUMMARY_LIMIT = 3500  # the kubelet keeps at most 4096 bytes of a termination message
 
 
 class Interrupted(BaseException):
@@ -38,9 +42,12 @@ def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: s
     started = time.monotonic()
     output = None
     try:
+        evaluation = after_merge.check(request) if request.evaluation else None
         output = OutputDir(request.output_dir, overwrite=overwrite)
-        summary = _merge(request, output, Progress(progress))
+        summary = _merge(request, output, EvalProgress(progress) if evaluation else Progress(progress), evaluation)
         code = 0
+    except EvalInputError as exc:
+        summary, code = {"status": "failed", "error": str(exc)}, 2
     except MergeError as exc:
         summary, code = {"status": "failed", "error": str(exc)}, 1
     except Interrupted as exc:
@@ -59,7 +66,8 @@ def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: s
     return code
 
 
-def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict:
+def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
+           evaluation: after_merge.CheckedData | None) -> dict:
     from modelmerge_engine.engine import StreamingMerge
     from modelmerge_engine.refs import resolve
     from modelmerge_engine.safetensors_io import SafetensorsModel, ShardedWriter
@@ -72,6 +80,12 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict
     finetunes = [SafetensorsModel(r.path, f"models_to_merge[{i}] {r.ref}") for i, r in enumerate(refs)]
     merge = StreamingMerge(request, base, finetunes, progress)
     timings["resolve"] = time.monotonic() - clock
+    plan = None
+    if evaluation is not None:
+        clock = time.monotonic()
+        plan = after_merge.prepare(evaluation, base_ref, refs)
+        after_merge.plan_progress(progress, plan, parameters=sum(p.numel for p in merge.plans))
+        timings["evaluation_prepare"] = time.monotonic() - clock
     progress.message(f"merging {len(finetunes)} model(s) into {request.base_model} with "
                      f"{request.merge_method} on {merge.device} ({request.dtype}, {merge.stats['kernels']}, "
                      f"{merge.pool.workers} worker(s))")
@@ -87,9 +101,6 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict
         files = writer.finish()
         files += copy_aux_files(base_ref.path, staging, request.dtype)
         timings["merge"] = time.monotonic() - clock
-        report = _report(request, base_ref, refs, merge, files, timings)
-        write_synced(staging / "merge_report.json", json.dumps(report, indent=2) + "\n")
-        write_synced(staging / "README.md", model_card(report))
     except OSError as exc:
         writer.abort()
         raise disk_error(exc, staging) from None
@@ -97,9 +108,25 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress) -> dict
         base.close()
         for model in finetunes:
             model.close()
+    section = None
+    if plan is not None:
+        clock = time.monotonic()
+        section = after_merge.evaluate_merge(plan, staging, output.final, progress)
+        timings["evaluation"] = time.monotonic() - clock
+    report = _report(request, base_ref, refs, merge, files, timings)
+    if section is not None:
+        report["evaluation"] = section
+    try:
+        write_synced(staging / "merge_report.json", json.dumps(report, indent=2) + "\n")
+        write_synced(staging / "README.md", model_card(report))
+    except OSError as exc:
+        raise disk_error(exc, staging) from None
     output.commit()
-    return {"status": "succeeded", "output_dir": str(output.final), "tensors": len(merge.plans),
-            "files": sorted(files + ["README.md", "merge_report.json"])}
+    summary = {"status": "succeeded", "output_dir": str(output.final), "tensors": len(merge.plans),
+               "files": sorted(files + ["README.md", "merge_report.json"])}
+    if section is not None:
+        summary["evaluation"] = after_merge.merge_evaluation(section).model_dump(mode="json", exclude_none=True)
+    return summary
 
 
 def _report(request, base_ref, refs, merge, files, timings) -> dict:
@@ -123,11 +150,7 @@ def _report(request, base_ref, refs, merge, files, timings) -> dict:
 def _emit_summary(summary: dict, summary_file: str | None) -> None:
     if summary.get("error"):
         print(f"error: {summary['error']}", file=sys.stderr, flush=True)
-    line = json.dumps(summary)
-    if len(line) > SUMMARY_LIMIT:
-        summary.pop("files", None)
-        summary["error"] = (summary.get("error") or "")[:2000] or None
-        line = json.dumps(summary)
+    line = _fitted_summary_line(summary)
     print(line, flush=True)
     if summary_file:
         try:
@@ -135,3 +158,23 @@ def _emit_summary(summary: dict, summary_file: str | None) -> None:
                 handle.write(line)
         except OSError as exc:
             print(f"warning: cannot write summary file {summary_file}: {exc.strerror}", file=sys.stderr)
+
+
+def _fitted_summary_line(summary: dict) -> str:
+    """The summary as one JSON line of at most MAX_SUMMARY_BYTES (what a termination message holds): when it
+    is longer, the list of output files goes first, then the baselines' per-file scores, then the merged
+    model's, then the error is cut to 2000 characters; the overall scores always stay."""
+    evaluation = summary.get("evaluation") or {}
+    shorten = [
+        lambda: summary.pop("files", None),
+        lambda: [baseline.pop("files", None) for baseline in evaluation.get("baselines", [])],
+        lambda: evaluation.pop("files", None),
+        lambda: summary.update(error=(summary.get("error") or "")[:2000] or None),
+    ]
+    line = json.dumps(summary)
+    for step in shorten:
+        if len(line.encode()) <= MAX_SUMMARY_BYTES:
+            break
+        step()
+        line = json.dumps(summary)
+    return line

@@ -29,11 +29,12 @@ class ModelSource:
         return min(requested, self.max_positions) if self.max_positions else requested
 
 
-def open_model(ref: str, *, field: str = "model") -> ModelSource:
+def open_model(model: str | ResolvedModel, *, field: str = "model") -> ModelSource:
+    """The model `model` (a reference, or one a merge has resolved already) with its config and tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
-    resolved = resolve(ref, field)
-    path = resolved.path
+    resolved = model if isinstance(model, ResolvedModel) else resolve(model, field)
+    path, ref = resolved.path, resolved.ref
     if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
         found = "only .bin weights, which are never loaded" if any(path.glob("*.bin")) else "no weights"
         raise MergeError(f"{field}: {ref} has {found}; it needs model.safetensors or "
@@ -59,7 +60,8 @@ def require_device(*, use_gpu: bool) -> str:
         import transformers  # noqa: F401
     except ImportError as exc:
         raise MergeError(f"evaluation needs torch and transformers, and this installation lacks {exc.name} "
-                         "(the CPU merge image carries neither): pip install torch transformers") from None
+                         "(the CPU merge image and the 'engine' extra carry neither): install the 'eval' extra "
+                         "(pip install 'modelmerge[eval]') or use the GPU merge image") from None
 
     if use_gpu and not torch.cuda.is_available():
         raise MergeError("use_gpu is set but CUDA is not available")

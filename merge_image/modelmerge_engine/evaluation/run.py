@@ -12,77 +12,15 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
-from modelmerge import __version__
 from modelmerge_engine.errors import MergeError
-from modelmerge_engine.evaluation.data import DataFile, load_data_files
 from modelmerge_engine.evaluation.options import EvalInputError, EvalOptions
-from modelmerge_engine.progress import Progress, Step
+from modelmerge_engine.evaluation.scoring import EvalProgress, evaluate
+from modelmerge_engine.evaluation.sources import load_data, resolve_data
 from modelmerge_engine.run import Interrupted
 from modelmerge_engine.run import _emit_summary as emit_summary  # the merge's summary line and file
 from modelmerge_engine.run import _raise_interrupted as raise_interrupted
-
-STEP = "eval"
-
-
-class EvalProgress(Progress):
-    """The merge's progress reporting, counting tokens instead of tensor values."""
-
-    def detail(self) -> str:
-        now = time.monotonic()
-        rate = self.step_done / max(now - self.step_started, 1e-9)
-        return f"{self.step_done}/{self.step.work} tokens {rate:.1f} tokens/s {now - self.started:.1f}s"
-
-
-def evaluate(model_ref: str, files: Sequence[DataFile], options: EvalOptions, *,
-             progress: Progress | None = None, field: str = "model") -> dict:
-    """The report of `model_ref` on `files` (from load_data_files; options.limit applies to each); `field`
-    names the model in errors. Raises MergeError when the model cannot be evaluated."""
-    from modelmerge_engine.evaluation.encode import encode_files
-    from modelmerge_engine.evaluation.loading import load_weights, open_model, require_device
-    from modelmerge_engine.evaluation.metric import score_records, uses_full_forward
-    from modelmerge_engine.evaluation.report import file_results, overall_result
-
-    progress = progress or EvalProgress("none")
-    started = time.monotonic()
-    files = [data.first(options.limit) for data in files]
-    device = require_device(use_gpu=options.use_gpu)
-    source = open_model(model_ref, field=field)
-    max_length = source.max_length(options.max_length)
-    records = encode_files(source.tokenizer, files, max_length=max_length)
-    if not any(r.answer_tokens for r in records):
-        raise MergeError(f"data: no answer tokens are left within max_length {max_length} in any data file "
-                         f"(the prompts of all {len(records)} record(s) fill it)")
-    model = load_weights(source, dtype=options.compute_dtype, device=device)
-    processed = sum(len(r.input_ids) for r in records if r.answer_tokens)
-    progress.plan([Step(STEP, processed)])
-    progress.message(f"evaluating {model_ref} on {len(records)} record(s) of {len(files)} file(s) on {device} "
-                     f"({options.compute_dtype}, max_length {max_length}, batch size {options.batch_size})")
-    clock = time.monotonic()
-    progress.begin_step(STEP)
-    scores = score_records(model, records, batch_size=options.batch_size, on_batch=progress.advance)
-    progress.end_step()
-    seconds = time.monotonic() - clock
-    results = file_results(files, records, scores)
-    return {
-        "metric": "cross_entropy",
-        "engine_version": __version__,
-        "model": source.resolved.describe(),
-        "device": device,
-        "dtype": options.compute_dtype,
-        "max_length": max_length,
-        "requested_max_length": options.max_length,
-        "batch_size": options.batch_size,
-        "limit": options.limit,
-        "full_forward": uses_full_forward(model),
-        "files": results,
-        "overall": overall_result(results),
-        "timings": {"total": round(time.monotonic() - started, 3), "eval": round(seconds, 3)},
-        "tokens_per_second": round(processed / seconds, 1) if seconds > 0 else None,
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
 
 
 def run_eval(model_ref: str, data_paths: Sequence[str], options: EvalOptions, *, output: str | None = None,
@@ -96,9 +34,11 @@ def run_eval(model_ref: str, data_paths: Sequence[str], options: EvalOptions, *,
 
     try:
         output_path = _output_path(output)
-        files = load_data_files(data_paths, limit=options.limit)
+        files = load_data(resolve_data(data_paths), limit=options.limit)
     except EvalInputError as exc:
         return finish({"status": "failed", "error": str(exc)}, 2)
+    except MergeError as exc:  # a dataset reference that cannot be fetched
+        return finish({"status": "failed", "error": str(exc)}, 1)
     previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         report = evaluate(model_ref, files, options, progress=EvalProgress(progress))

@@ -108,12 +108,14 @@ def make_family(root: Path, *, n: int = 2, arch: str = "qwen2", dtype: torch.dty
     return base, finetunes
 
 
-def fill_hf_cache(hf_home: Path, repo_id: str, source: Path, revision: str = "main") -> str:
-    """Lay out `source` as huggingface_hub's cache does (blobs, snapshot symlinks, refs) for `repo_id`.
+def fill_hf_cache(hf_home: Path, repo_id: str, source: Path, revision: str = "main", *,
+                  repo_type: str = "model") -> str:
+    """Lay out `source` as huggingface_hub's cache does (blobs, snapshot symlinks, refs) for `repo_id` (a
+    model repo, or a `dataset` one).
 
     Returns the commit hash. With HF_HOME=hf_home and HF_HUB_OFFLINE=1 the repo id then resolves with no
     network, exactly as a pre-filled cache does on a real machine."""
-    repo_dir = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    repo_dir = Path(hf_home) / "hub" / (f"{repo_type}s--" + repo_id.replace("/", "--"))
     commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
     snapshot = repo_dir / "snapshots" / commit
     (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ class MergeMethod(StrEnum):
     mask_merging = "mask_merging"
     # mergekit's methods, with mergekit's names and semantics
     linear = "linear"
+    slerp = "slerp"
     passthrough = "passthrough"
 
 
@@ -205,6 +206,13 @@ class MergeRequest(BaseModel):
         "[{\"weight\": 0.3}, {\"weight\": 0.7}]; unset: every model with the defaults (weight 1.0). "
         "A JSON array string is accepted too.",
     )
+    t: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        examples=[0.5],
+        description="slerp: the interpolation factor from the base model (0) to the model (1) (mergekit's `t`; "
+        "required, values outside [0, 1] extrapolate).",
+    )
     normalize: bool = Field(
         default=True,
         description="linear: divide the weighted sum by the sum of the weights (mergekit's `normalize`).",
@@ -315,6 +323,16 @@ class MergeRequest(BaseModel):
         if self.merge_method == MergeMethod.passthrough and self.config is None and len(self.models_to_merge) != 1:
             raise ValueError(f"models_to_merge: passthrough copies exactly one model (got {len(self.models_to_merge)}); "
                              "stacking layers of several models takes a mergekit config with slices")
+        spec = METHODS[self.merge_method]
+        if self.config is None:  # a mergekit config's own checks name its keys
+            for name in spec.required:
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} is required for {spec.name}")
+            fewest, most = spec.models
+            if not fewest <= len(self.models_to_merge) <= (most or MAX_MODELS):
+                wanted = f"exactly {fewest}" if fewest == most else f"at least {fewest}"
+                raise ValueError(f"models_to_merge: {spec.name} takes {wanted} model(s) besides base_model"
+                                 f"{spec.models_note}: got {len(self.models_to_merge)}")
         if self.merge_method == MergeMethod.linear and self.normalize and sum(self.weights()) == 0.0:
             raise ValueError("model_parameters weights sum to 0, and linear with normalize divides by their "
                              "sum; set normalize to false or change a weight")
@@ -358,6 +376,9 @@ class MethodSpec:
     description: str
     parameters: tuple[str, ...]
     origin: str = MERGING_EVAL  # whose names, semantics and results it has: merging-eval's or mergekit's (the oracles)
+    required: tuple[str, ...] = ()  # parameters without a default that the method needs (fields with examples)
+    models: tuple[int, int | None] = (1, None)  # how many models_to_merge it takes (None: up to MAX_MODELS)
+    models_note: str = ""  # what that count means, for the error message
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -415,6 +436,16 @@ METHODS: dict[str, MethodSpec] = {
             "frankenmerges), layers renumbered and the output config resized.",
             ("model_parameters", *COMMON_PARAMETERS),
             origin=MERGEKIT,
+        ),
+        MethodSpec(
+            "slerp",
+            "mergekit's slerp: spherical interpolation, tensor by tensor, from the base model (t = 0) to the one "
+            "model of models_to_merge (t = 1); linear interpolation where the two are (anti)parallel.",
+            ("t", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            required=("t",),
+            models=(1, 1),
+            models_note=" (the base model is the other endpoint)",
         ),
     )
 }

@@ -88,14 +88,24 @@ METHODS = tuple(CATALOGUE)
 DIRECT = tuple(method.value for method in MaskApplyMethod)
 
 
+def required_examples(method: str) -> dict:
+    """A value for each parameter `method` requires (the contract field's first example)."""
+    from modelmerge.contract import MergeRequest
+
+    return {name: MergeRequest.model_fields[name].examples[0] for name in CATALOGUE[method].required}
+
+
 def requests(max_models: int, methods: list[str]) -> Iterator[dict]:
     """The request fields of every merge to run: each method with 1..max_models fine-tunes; mask_merging with
     every mask flag combination (one fine-tune: the mask loop runs per model) and every apply method with
     1..max_models fine-tunes (the apply step sees the masked copies, not the mapped checkpoints)."""
     for count in range(1, max_models + 1):
         for method in methods:
+            fewest, most = CATALOGUE[method].models
+            if not fewest <= count <= (most or count):
+                continue
             if method != "mask_merging":
-                yield {"merge_method": method, "count": count}
+                yield {"merge_method": method, "count": count, **required_examples(method)}
                 continue
             flags = itertools.product(("random", "magnitude"), ("delta_weight", "finetuned_weight"), (True, False),
                                       (0.0, 0.5))

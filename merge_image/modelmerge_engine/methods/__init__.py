@@ -38,6 +38,8 @@ from modelmerge_engine.methods import (  # noqa: E402, F401
     average_merging,
     linear,
     mask_merging,
+    passthrough,
+    slerp,
     task_arithmetic,
     ties_merging,
 )

@@ -317,12 +317,14 @@ def render_peering() -> str:
 
 
 def write_crds(output_dir: str | Path) -> list[Path]:
-    """Writes the CRD YAML files into `output_dir` (the ModelMerge CRD, and kopf's peering CRDs for
-    leader election between operator replicas); returns the written paths."""
+    """Writes the CRD YAML files into `output_dir` (the ModelMerge and ModelMergeSweep CRDs, and kopf's peering
+    CRDs for leader election between operator replicas); returns the written paths."""
+    from modelmerge.sweep_crd import SWEEP_CRD_FILE, render_sweep
+
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, text in ((CRD_FILE, render()), (PEERING_FILE, render_peering())):
+    for name, text in ((CRD_FILE, render()), (PEERING_FILE, render_peering()), (SWEEP_CRD_FILE, render_sweep())):
         path = folder / name
         path.write_text(text, encoding="utf-8")
         paths.append(path)

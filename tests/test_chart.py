@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelmerge import crd
+from modelmerge import crd, sweep_crd
 from modelmerge.contract import ModelMergeSpec
 from tests.helpers.helm_chart import (
     CHART,
@@ -152,13 +152,15 @@ def test_chart_versions_match_the_package_and_the_operator_default_image():
     assert DEFAULT_IMAGE == f"{values['images']['merge']['repository']}:{version}"
 
 
-@pytest.mark.parametrize("name, render_crd", [(crd.CRD_FILE, crd.render), (crd.PEERING_FILE, crd.render_peering)])
+@pytest.mark.parametrize("name, render_crd", [(crd.CRD_FILE, crd.render), (crd.PEERING_FILE, crd.render_peering),
+                                              (sweep_crd.SWEEP_CRD_FILE, sweep_crd.render_sweep)])
 def test_chart_crds_are_the_generated_ones(name, render_crd):
     path = CHART / "crds" / name
     assert path.read_text(encoding="utf-8") == render_crd(), (
         f"charts/modelmerge/crds/{name} is stale: run `make chart-crds` (modelmerge crds --output "
         "charts/modelmerge/crds/) and commit the result")
-    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted([crd.CRD_FILE, crd.PEERING_FILE])
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted([crd.CRD_FILE, crd.PEERING_FILE,
+                                                                         sweep_crd.SWEEP_CRD_FILE])
 
 
 def test_every_value_is_documented():

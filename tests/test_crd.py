@@ -48,7 +48,7 @@ def test_committed_crds_are_what_make_crds_generates(name, render):
 def test_write_crds_writes_deterministic_yaml(tmp_path):
     first = crd.write_crds(tmp_path / "a")
     second = crd.write_crds(tmp_path / "b")
-    assert [p.name for p in first] == [crd.CRD_FILE, crd.PEERING_FILE]
+    assert [p.name for p in first] == [crd.CRD_FILE, crd.PEERING_FILE, "modelmerge.io_modelmergesweeps.yaml"]
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
     assert yaml.safe_load(first[0].read_text())["metadata"]["name"] == "modelmerges.modelmerge.io"
     assert [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(first[1].read_text())] == [

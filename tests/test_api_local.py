@@ -463,4 +463,4 @@ def test_job_json_has_the_predecessor_fields():
 
     fields = set(Job(job_id="x", status="pending", created_at="t").to_json())  # output_rel stays internal
     assert fields == {"job_id", "status", "created_at", "started_at", "completed_at", "error_message",
-                      "output_path", "params", "progress", "progress_step"}
+                      "output_path", "params", "progress", "progress_step", "evaluation", "sweep_id"}

@@ -43,6 +43,7 @@ class Job:
     progress: MergeProgress | None = None  # shown as `progress` (overall percent) and `progress_step`
     output_rel: str | None = None  # relative to the backend's output root; not shown to clients
     evaluation: MergeEvaluation | None = None  # of a completed merge whose request asked for one
+    sweep_id: str | None = None  # the sweep this merge is a trial of
 
     def evaluation_json(self) -> dict[str, Any] | None:
         """`evaluation` as clients see it: the contract's MergeEvaluation (the ModelMerge's status.evaluation)."""
@@ -54,7 +55,8 @@ class Job:
                 "started_at": self.started_at, "completed_at": self.completed_at,
                 "error_message": self.error_message, "output_path": self.output_path, "params": self.params,
                 "progress": self.progress.percent if self.progress else None,
-                "progress_step": _step(self.progress), "evaluation": self.evaluation_json()}
+                "progress_step": _step(self.progress), "evaluation": self.evaluation_json(),
+                "sweep_id": self.sweep_id}
 
     def duration(self) -> float | None:
         return seconds_between(self.started_at, self.completed_at)

@@ -117,14 +117,16 @@ class LocalBackend:
         return {"merging_available": available, "workers": self.workers,
                 "running": len(self._procs), "output_root": str(self.output_root)}
 
-    def submit(self, job_id: str, request: MergeRequest, output_rel: str, hf_token: str | None) -> Job:
+    def submit(self, job_id: str, request: MergeRequest, output_rel: str, hf_token: str | None, *,
+               sweep_id: str | None = None) -> Job:
+        """`sweep_id`: the sweep whose trial this merge is (local_sweeps submits its trials here)."""
         if self._stopping.is_set():
             raise Unavailable("the server is shutting down")
         if request.evaluation is not None:
             outputs.evaluation_data(self.output_root, request.evaluation.data)
         target = outputs.ensure_free(self.output_root, output_rel)
         job = Job(job_id=job_id, status="pending", created_at=utcnow(), output_path=str(target),
-                  params=request_params(request, output_rel), output_rel=output_rel)
+                  params=request_params(request, output_rel), output_rel=output_rel, sweep_id=sweep_id)
         if hf_token:
             self._tokens[job.job_id] = hf_token
         self.store.insert(job, has_token=bool(hf_token))

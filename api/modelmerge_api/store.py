@@ -25,13 +25,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_path TEXT NOT NULL,
     params TEXT NOT NULL,
     has_token INTEGER NOT NULL DEFAULT 0,
-    pid INTEGER
+    pid INTEGER,
+    sweep_id TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_output ON jobs(output_rel)
     WHERE status IN ('pending', 'running');
 """
-_COLUMNS = "id, status, created_at, started_at, completed_at, error_message, output_rel, output_path, params"
+_COLUMNS = ("id, status, created_at, started_at, completed_at, error_message, output_rel, output_path, params, "
+            "sweep_id")
 
 
 class JobStore:
@@ -46,6 +48,8 @@ class JobStore:
         self._params: dict[str, dict] = {}  # parsed params by job id (never change): lists skip json.loads
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        if "sweep_id" not in {row["name"] for row in self._rows("PRAGMA table_info(jobs)")}:  # a data dir from
+            self._db.execute("ALTER TABLE jobs ADD COLUMN sweep_id TEXT")  # before sweeps
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -82,7 +86,7 @@ class JobStore:
         return Job(job_id=row["id"], status=row["status"], created_at=row["created_at"],
                    started_at=row["started_at"], completed_at=row["completed_at"],
                    error_message=row["error_message"], output_path=row["output_path"], params=params,
-                   output_rel=row["output_rel"])
+                   output_rel=row["output_rel"], sweep_id=row["sweep_id"])
 
     def _rows(self, sql: str, *args: object) -> list[sqlite3.Row]:
         return self._db.execute(sql, args).fetchall()
@@ -93,10 +97,10 @@ class JobStore:
     def insert(self, job: Job, *, has_token: bool) -> None:
         try:
             self._change(
-                "INSERT INTO jobs (id, status, created_at, output_rel, output_path, params, has_token) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, status, created_at, output_rel, output_path, params, has_token, sweep_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 job.job_id, job.status, job.created_at, job.output_rel, job.output_path,
-                json.dumps(job.params), int(has_token))
+                json.dumps(job.params), int(has_token), job.sweep_id)
         except sqlite3.IntegrityError:
             raise Conflict(f"output_dir: {job.output_rel!r} is the output of another pending or running job") \
                 from None

@@ -4,8 +4,8 @@ The spec schema is ModelMergeSpec's pydantic JSON schema turned into a structura
 inlined, `anyOf [X, null]` → `nullable`, exclusive bounds in OpenAPI v3 form, defaults kept); the status schema is
 ModelMergeStatus's. What a schema cannot say alone is added as CEL rules (x-kubernetes-validations): one mask rate
 per model for mask_merging, one model_parameters entry per model, relative output and evaluation data paths, and an
-immutable spec except `cancel` (which cannot be undone). Regex compilability cannot be checked by CEL: the operator rejects such a
-spec with a permanent error.
+immutable spec except `cancel` (which cannot be undone). Regex compilability cannot be checked by CEL: the operator
+rejects such a spec with a permanent error.
 """
 
 from __future__ import annotations
@@ -159,10 +159,10 @@ _RELATIVE_RULE = _rule("!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)
                        "must be a relative path without '..'")
 
 
-_DATA_REF_RULE = _rule(f"self.startsWith('{DATA_REPO_PREFIX}') || (!self.startsWith('/') && "
-                       "!self.matches('(^|/)[.][.](/|$)'))",
-                       "a local data file must be a path relative to the output volume without '..' (or "
-                       "hf://datasets/<owner>/<name>[@revision]/<path>)")
+_DATA_REF_RULE = _rule(f"self.startsWith('hf://') ? self.matches('^{DATA_REPO_PREFIX}[^/]+/') : "
+                       "(!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)'))",
+                       "a local data file must be a path relative to the output volume without '..', and a "
+                       "Hugging Face dataset hf://datasets/<owner>/<name>[@revision][/<path>]")
 
 
 def add_validations(spec: dict[str, Any]) -> None:

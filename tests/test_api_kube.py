@@ -12,6 +12,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -89,8 +90,9 @@ def install_crd(api) -> None:
 
 
 @contextmanager
-def operator_in_process(kubeconfig: Path, namespace: str, merge_command: list[str]):
-    """The kopf operator in a thread of this process, watching one namespace."""
+def operator_in_process(kubeconfig: Path, namespace: str, merge_command: list[str], **settings: Any):
+    """The kopf operator in a thread of this process, watching one namespace (`settings`: more OperatorConfig
+    fields)."""
     import kopf
 
     from modelmerge_operator import handlers  # noqa: F401 - registers the handlers
@@ -98,7 +100,7 @@ def operator_in_process(kubeconfig: Path, namespace: str, merge_command: list[st
 
     # Running merges are read every half second, so their progress reaches the status while a test watches.
     config = OperatorConfig(merge_command=tuple(merge_command), job_env=(("HF_HUB_OFFLINE", "1"),),
-                            resync_interval=0.5)
+                            resync_interval=0.5, **settings)
     memo = kopf.Memo(config=config, workers=4, kubeconfig=str(kubeconfig))
     stop, ready = threading.Event(), threading.Event()
     patch = pytest.MonkeyPatch()

@@ -4,7 +4,6 @@ The route code is the same for every backend; a backend is the small `jobs.Backe
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -26,9 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modelmerge import __version__
 from modelmerge.contract import MergeRequest, describe_validation_error, format_validation_error, methods_catalogue
 from modelmerge_api import outputs
+from modelmerge_api.bodies import MAX_TOKEN_LENGTH, TOKEN_HEADER, json_object, pop_token
 from modelmerge_api.errors import ApiError
 from modelmerge_api.jobs import STATUSES, Backend, Job, Status, WouldBlock, utcnow
 from modelmerge_api.middleware import BearerAuth, BodyLimit, RequestMetrics
+from modelmerge_api.sweeps import sweep_routes
 
 log = logging.getLogger("modelmerge.api")
 
@@ -41,8 +42,6 @@ EXAMPLE_REQUEST: dict[str, Any] = {
     "param_value_mask_rate": 0.8,
     "exclude_param_names_regex": [],
 }
-TOKEN_HEADER = "x-hf-token"
-MAX_TOKEN_LENGTH = 1024
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
 # Overall cross-entropy of evaluated merges (nats per answer token): a useful merge of instruction-tuned models is
 # around 0.3-2, a broken one far above (a uniform guess over a 150k vocabulary is 11.9).
@@ -74,6 +73,7 @@ def create_app(backend: Backend, settings: AppSettings | None = None) -> FastAPI
     registry = CollectorRegistry()
     registry.register(JobCollector(backend))
     app.include_router(api_routes(backend))
+    app.include_router(sweep_routes(backend))
     app.add_api_route("/metrics", lambda: Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST),
                       include_in_schema=False)
     _install_error_handlers(app)
@@ -109,8 +109,8 @@ def api_routes(backend: Backend) -> APIRouter:
 
     @router.post("/merge", status_code=202, summary="Start a merge (body: MergeRequest)")
     async def merge(request: Request) -> JSONResponse:
-        data = _json_object(await request.body())
-        token = _pop_token(data, request.headers.get(TOKEN_HEADER))
+        data = json_object(await request.body(), what="the merge request's fields (see GET /api/example)")
+        token = pop_token(data, request.headers.get(TOKEN_HEADER))
         merge_request = _validate(data)
         job_id = str(uuid.uuid4())
         output_rel = outputs.normalize_output_dir(merge_request.output_dir, default=job_id)
@@ -173,26 +173,6 @@ async def _read(method: Callable[..., Any], *args: Any) -> Any:
         return method(*args, blocking=False)
     except WouldBlock:
         return await run_in_threadpool(method, *args)
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object with the merge request's fields "
-                       "(see GET /api/example)")
-    return data
-
-
-def _pop_token(data: dict[str, Any], header: str | None) -> str | None:
-    """The HF token from the body's `hf_token` or the X-HF-Token header; it goes no further than the backend."""
-    token = data.pop("hf_token", None) or header
-    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH):
-        raise ApiError(400, f"hf_token: must be a string of 1 to {MAX_TOKEN_LENGTH} characters",
-                       [{"field": "hf_token", "message": "invalid token"}])
-    return token
 
 
 def _validate(data: dict[str, Any]) -> MergeRequest:

@@ -33,6 +33,7 @@ from modelmerge.contract import (
     format_validation_error,
     output_location,
 )
+from modelmerge.sweep import SWEEP_KIND
 from modelmerge_api import outputs
 from modelmerge_api.errors import ApiError, Conflict, Unavailable, job_not_found
 from modelmerge_api.informer import Cached, Informer
@@ -126,15 +127,15 @@ class KubernetesBackend:
         body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
                 "metadata": {"name": job_id, "labels": dict(MANAGED_BY)},
                 "spec": spec.model_dump(mode="json", exclude_none=True)}
-        secret = self._create_token_secret(job_id, hf_token) if hf_token else None
+        secret = self.create_token_secret(job_id, hf_token) if hf_token else None
         try:
             created = kubeclient.raw(self.custom.create_namespaced_custom_object, *self._list_args(), body)
         except ApiException as exc:
             if secret:
-                self._delete_secret(secret)
+                self.delete_secret(secret)
             raise api_error(exc, "ModelMerge") from None
         if secret:
-            self._adopt_secret(secret, created)
+            self.adopt_secret(secret, created)
         return self.merges.remember(created).view.job
 
     def get(self, job_id: str, *, blocking: bool = True) -> Job:
@@ -198,7 +199,7 @@ class KubernetesBackend:
         defaults = self.spec_defaults if request.evaluation is None else evaluation_spec_defaults(self.spec_defaults)
         spec = {**defaults, **request.model_dump(mode="json", exclude_none=True), "output_dir": output_rel}
         if hf_token:
-            spec["hfTokenSecret"] = {"name": _secret_name(job_id), "key": TOKEN_KEY}
+            spec["hfTokenSecret"] = {"name": token_secret_name(job_id), "key": TOKEN_KEY}
         try:
             return ModelMergeSpec.model_validate(spec)
         except ValidationError as exc:
@@ -226,7 +227,7 @@ class KubernetesBackend:
                   error_message=status.get("message") if job_status in ("failed", "cancelled") else None,
                   output_path=status.get("outputPath") or (location.uri if location else None),
                   params=params, progress=progress, output_rel=self._output_rel(location),
-                  evaluation=evaluation)
+                  evaluation=evaluation, sweep_id=_sweep_of(obj))
         return MergeView(job, location)
 
     def _output_rel(self, location: OutputLocation | None) -> str | None:
@@ -272,8 +273,8 @@ class KubernetesBackend:
 
     # ---- the hf_token Secret and the merge pod --------------------------------------------------------
 
-    def _create_token_secret(self, job_id: str, token: str) -> str:
-        name = _secret_name(job_id)
+    def create_token_secret(self, job_id: str, token: str) -> str:
+        name = token_secret_name(job_id)
         body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                 "metadata": {"name": name, "labels": dict(MANAGED_BY)},
                 "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()}}
@@ -283,17 +284,18 @@ class KubernetesBackend:
             raise api_error(exc, "storing the hf_token Secret") from None
         return name
 
-    def _adopt_secret(self, name: str, owner: dict[str, Any]) -> None:
-        """Make the ModelMerge own its token Secret, so deleting the merge deletes the token."""
-        reference = {"apiVersion": owner["apiVersion"], "kind": KIND, "name": owner["metadata"]["name"],
+    def adopt_secret(self, name: str, owner: dict[str, Any]) -> None:
+        """Make the ModelMerge (or ModelMergeSweep) own its token Secret, so deleting it deletes the token."""
+        reference = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
                      "uid": owner["metadata"]["uid"], "blockOwnerDeletion": False}
         try:
             kubeclient.merge_patch(self.core.patch_namespaced_secret, name, self.namespace,
                                    {"metadata": {"ownerReferences": [reference]}})
         except ApiException as exc:
-            log.warning("could not make ModelMerge %s own Secret %s: %s", reference["name"], name, exc.reason)
+            log.warning("could not make %s %s own Secret %s: %s", reference["kind"], reference["name"], name,
+                        exc.reason)
 
-    def _delete_secret(self, name: str) -> None:
+    def delete_secret(self, name: str) -> None:
         try:
             kubeclient.raw(self.core.delete_namespaced_secret, name, self.namespace)
         except ApiException as exc:
@@ -309,8 +311,16 @@ class KubernetesBackend:
         return pods[0]["metadata"]["name"] if pods else None
 
 
-def _secret_name(job_id: str) -> str:
+def token_secret_name(job_id: str) -> str:
     return f"{job_id}-hf-token"
+
+
+def _sweep_of(obj: dict[str, Any]) -> str | None:
+    """The sweep whose trial a ModelMerge is: its controlling ModelMergeSweep, if any."""
+    for owner in obj["metadata"].get("ownerReferences") or []:
+        if owner.get("kind") == SWEEP_KIND and owner.get("controller"):
+            return owner.get("name")
+    return None
 
 
 def _status(obj: dict[str, Any]) -> str:

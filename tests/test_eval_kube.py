@@ -41,6 +41,7 @@ EVALUATION_IMAGE = "registry.local/modelmerge/merge-eval:1"
 MERGE_IMAGE = "registry.local/modelmerge/merge-cpu:1"
 BASE, FINETUNES = "test/chat-base", ("test/chat-code", "test/chat-algebra")
 DATA = "eval/algebra.json"
+DATASET, DATASET_REF = "test/evals", "hf://datasets/test/evals/code.json"
 AUTH = {"Authorization": "Bearer static-token"}
 TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io"
 EVAL_FAILURE = "evaluation: CUDA error: an illegal memory access was encountered (stand-in engine)"
@@ -131,6 +132,8 @@ def cluster(control_plane, k8s_api, kubeconfig_path, module_namespace, tmp_path_
     for seed, repo in enumerate(FINETUNES, start=1):
         fill_hf_cache(kubelet.pvc_path(CACHE_PVC), repo, make_chat_finetune(base, root / "models" / repo, seed=seed))
     write_records(kubelet.pvc_path(OUTPUT_PVC) / DATA, make_records(12, seed=3))
+    write_records(root / "dataset" / "code.json", make_records(7, seed=4))
+    fill_hf_cache(kubelet.pvc_path(CACHE_PVC), DATASET, root / "dataset", repo_type="dataset")
     kubelet.start()
     defaults = {"output": {"pvc": OUTPUT_PVC}, "modelCache": {"pvc": CACHE_PVC, "readOnly": True},
                 "resources": {"cpu": 1, "memory": "2Gi"}}
@@ -198,11 +201,15 @@ def test_an_evaluated_merge_through_the_api_shows_its_ce_in_status_column_job_an
 
 
 def test_a_modelmerge_applied_directly_runs_in_the_evaluation_image_and_shows_its_ce(cluster):
+    """Data from the output volume and from a dataset repo in the cache claim (HF_HOME, offline)."""
     name = f"direct-{uuid.uuid4().hex[:6]}"
-    cluster.create(name, {**_spec(limit=5), "resources": {"memory": "3Gi"}})
+    spec = _spec(limit=5)
+    spec["evaluation"]["data"].append(DATASET_REF)
+    cluster.create(name, {**spec, "resources": {"memory": "3Gi"}})
     merge = cluster.wait_phase(name, "Succeeded")
     evaluation = merge["status"]["evaluation"]
-    assert evaluation["state"] == "Succeeded" and evaluation["overall"]["records"] == 5
+    assert evaluation["state"] == "Succeeded" and evaluation["overall"]["records"] == 10
+    assert sorted(f["records"] for f in evaluation["files"]) == [5, 5]
     assert "baselines" not in evaluation or evaluation["baselines"] == []
     assert cluster.table_row(name)["CE"] == evaluation["overall"]["ce"]
     (container,) = cluster.pod(name)["spec"]["containers"]

@@ -404,14 +404,18 @@ def sweep_trials(spec: ModelMergeSweepSpec) -> list[Trial]:
     return trials
 
 
+def bounded_name(base: str, suffix: str) -> str:
+    """`<base><suffix>`, or with `base` cut and a hash of it when that would pass 63 characters (still DNS-safe
+    and unique per base)."""
+    if len(base) + len(suffix) <= MAX_NAME:
+        return base + suffix
+    digest = hashlib.sha256(base.encode()).hexdigest()[:10]
+    return f"{base[:MAX_NAME - len(suffix) - len(digest) - 1].rstrip('-.')}-{digest}{suffix}"
+
+
 def trial_name(sweep_name: str, index: int) -> str:
-    """Trial `index`'s ModelMerge: `<sweep>-<index>`, or with the sweep name cut and a hash of it when that would
-    pass 63 characters (still DNS-safe and unique per sweep name)."""
-    suffix = f"-{index}"
-    if len(sweep_name) + len(suffix) <= MAX_NAME:
-        return sweep_name + suffix
-    digest = hashlib.sha256(sweep_name.encode()).hexdigest()[:10]
-    return f"{sweep_name[:MAX_NAME - len(suffix) - len(digest) - 1].rstrip('-.')}-{digest}{suffix}"
+    """Trial `index`'s ModelMerge: `<sweep>-<index>`, hashed as bounded_name does when longer than 63."""
+    return bounded_name(sweep_name, f"-{index}")
 
 
 def trial_spec(spec: ModelMergeSweepSpec, trial: Trial, name: str) -> ModelMergeSpec:

@@ -218,7 +218,8 @@ def test_default_render_is_namespaced_with_least_privilege_roles(renders):
     # The API: its own Role; Secrets only created/patched/deleted (never read), no status writes.
     api_role = one(objects, "Role", "modelmerge-api", NS)
     assert triples(api_role["rules"]) == {
-        ("modelmerge.io", "modelmerges", v) for v in ("get", "list", "watch", "create", "patch")} | {
+        ("modelmerge.io", plural, v) for plural in ("modelmerges", "modelmergesweeps")
+        for v in ("get", "list", "watch", "create", "patch")} | {
         ("", "secrets", v) for v in ("create", "patch", "delete")} | {("", "pods", "list"), ("", "pods/log", "get")}
     for binding in find(objects, "RoleBinding") + find(objects, "ClusterRoleBinding"):
         (subject,) = binding["subjects"]
@@ -449,7 +450,8 @@ def test_names_follow_overrides_and_cluster_objects_carry_the_namespace(renders,
 def test_include_crds_renders_the_modelmerge_crd(tmp_path):
     objects = render(tmp_path, include_crds=True)
     names = {o["metadata"]["name"] for o in find(objects, "CustomResourceDefinition")}
-    assert names == {"modelmerges.modelmerge.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+    assert names == {"modelmerges.modelmerge.io", "modelmergesweeps.modelmerge.io", "kopfpeerings.kopf.dev",
+                     "clusterkopfpeerings.kopf.dev"}
 
 
 # ---------------------------------------------------------------------------------------------------------

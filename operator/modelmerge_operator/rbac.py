@@ -3,9 +3,10 @@ integration test runs the operator under exactly these rules).
 
 * `CLUSTER_RULES`: cluster-scoped reads kopf needs in any mode (it notices CRDs and namespaces coming and going)
   and the cluster-wide peering object.
-* `NAMESPACE_RULES`: what it does in each watched namespace: ModelMerges and their status, Jobs, the spec
-  ConfigMaps, reading pods and their logs (failure messages, progress, pods that cannot start), whether the claims
-  of a spec exist, events, and the namespaced peering object.
+* `NAMESPACE_RULES`: what it does in each watched namespace: ModelMerges and their status, ModelMergeSweeps,
+  their status and their trials (ModelMerges it creates and deletes), Jobs, the spec ConfigMaps, reading pods and
+  their logs (failure messages, progress, pods that cannot start), whether the claims of a spec exist, events,
+  and the namespaced peering object.
   Bind them with a RoleBinding per namespace (namespaced mode) or a ClusterRoleBinding (cluster-wide mode).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelmerge.contract import API_GROUP, PLURAL
+from modelmerge.sweep import SWEEP_PLURAL
 
 CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
@@ -23,10 +25,14 @@ CLUSTER_RULES: list[dict[str, Any]] = [
 ]
 
 NAMESPACE_RULES: list[dict[str, Any]] = [
-    {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
+    # patch: cancel; create and delete: the trials of ModelMergeSweeps.
+    {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch", "create", "delete"]},
     {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     # Owner references with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
     {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
+    {"apiGroups": [API_GROUP], "resources": [SWEEP_PLURAL], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [API_GROUP], "resources": [f"{SWEEP_PLURAL}/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [API_GROUP], "resources": [f"{SWEEP_PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},

@@ -169,9 +169,10 @@ spec:
 
 {{/* What the operator does in each watched namespace. */}}
 {{- define "modelmerge.operator.rules" -}}
+# ModelMerges: patch for cancel; create and delete for the trials of ModelMergeSweeps.
 - apiGroups: [modelmerge.io]
   resources: [modelmerges]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, patch, create, delete]
 - apiGroups: [modelmerge.io]
   resources: [modelmerges/status]
   verbs: [get, patch]
@@ -179,6 +180,16 @@ spec:
 # OwnerReferencesPermissionEnforcement admission plugin is on.
 - apiGroups: [modelmerge.io]
   resources: [modelmerges/finalizers]
+  verbs: [update]
+# ModelMergeSweeps: read, their status written; their children and cleanup Jobs are owned with blockOwnerDeletion.
+- apiGroups: [modelmerge.io]
+  resources: [modelmergesweeps]
+  verbs: [get, list, watch]
+- apiGroups: [modelmerge.io]
+  resources: [modelmergesweeps/status]
+  verbs: [get, patch]
+- apiGroups: [modelmerge.io]
+  resources: [modelmergesweeps/finalizers]
   verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
@@ -207,6 +218,10 @@ spec:
 {{- define "modelmerge.api.rules" -}}
 - apiGroups: [modelmerge.io]
   resources: [modelmerges]
+  verbs: [get, list, watch, create, patch]
+# /api/sweeps: a sweep is a ModelMergeSweep (DELETE patches spec.cancel).
+- apiGroups: [modelmerge.io]
+  resources: [modelmergesweeps]
   verbs: [get, list, watch, create, patch]
 # The Secret holding a request's hf_token: created, then handed to its ModelMerge (ownerReference), or deleted
 # when the ModelMerge is rejected. Never read back: no get, list or watch.

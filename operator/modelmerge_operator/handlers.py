@@ -16,7 +16,7 @@ import kopf
 
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
 from modelmerge.kubeclient import api_client, configuration
-from modelmerge_operator import manifests
+from modelmerge_operator import manifests, sweep_handlers  # noqa: F401 - sweep_handlers registers the sweep handlers
 from modelmerge_operator.config import OperatorConfig
 from modelmerge_operator.kube import REPORTING_COMPONENT, Kube
 from modelmerge_operator.reconcile import Reconciler, owner_of

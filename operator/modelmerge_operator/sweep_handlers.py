@@ -1,0 +1,57 @@
+"""kopf wiring of ModelMergeSweeps (imported by handlers.py): every event of a sweep, of a child ModelMerge or of a
+sweep's cleanup Job kicks the sweep's controller (modelmerge_operator/sweep.py), which reconciles from what exists.
+No kopf progress storage or finalizer on sweeps: deleting one deletes its children through owner references."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import kopf
+
+from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+from modelmerge.sweep import SWEEP_PLURAL
+from modelmerge_operator.sweep import SweepController
+from modelmerge_operator.sweep_manifests import LABEL_SWEEP, sweep_owner
+
+_CREATE_LOCK = threading.Lock()
+
+
+def controller(memo: kopf.Memo) -> SweepController | None:
+    """The one SweepController of this operator, made from the ModelMerge reconciler's client and settings once
+    startup made those."""
+    if "reconciler" not in memo:
+        return None
+    with _CREATE_LOCK:
+        if "sweeps" not in memo:
+            memo.sweeps = SweepController(memo.reconciler.kube, memo.reconciler.config)
+    return memo.sweeps
+
+
+@kopf.on.event(API_GROUP, API_VERSION, SWEEP_PLURAL)
+def sweep_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    meta, status = body["metadata"], body.get("status") or {}
+    if type == "DELETED" or meta.get("deletionTimestamp"):
+        return
+    if type == "MODIFIED" and status.get("observedGeneration") == meta.get("generation"):
+        return  # a status write (ours): the spec did not change
+    sweeps = controller(memo)
+    if sweeps is not None:
+        sweeps.kick(meta["namespace"], meta["name"])
+
+
+def _kick_owner(body: kopf.Body, memo: kopf.Memo) -> None:
+    owner = sweep_owner(dict(body))
+    sweeps = controller(memo)
+    if owner is not None and sweeps is not None:
+        sweeps.kick(body["metadata"]["namespace"], owner["name"])
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL, labels={LABEL_SWEEP: kopf.PRESENT})
+def trial_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _kick_owner(body, memo)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
+def cleanup_job_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _kick_owner(body, memo)

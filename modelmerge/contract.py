@@ -268,8 +268,9 @@ class MergeRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_config(cls, data: Any) -> Any:
-        """A mergekit config sets base_model, models_to_merge, merge_method and dtype (modelmerge/mergekit_config.py)."""
+        """A mergekit config sets base_model, models_to_merge, merge_method and dtype (mergekit_config.py)."""
         return request_data(data)
+
     _split_regexes = field_validator("exclude_param_names_regex", mode="before")(_split_csv)
 
     @field_validator("weight_mask_rates", mode="before")
@@ -320,9 +321,6 @@ class MergeRequest(BaseModel):
                 f"model_parameters needs one entry per model: got {len(self.model_parameters)} entries for "
                 f"{len(self.models_to_merge)} models_to_merge"
             )
-        if self.merge_method == MergeMethod.passthrough and self.config is None and len(self.models_to_merge) != 1:
-            raise ValueError(f"models_to_merge: passthrough copies exactly one model (got {len(self.models_to_merge)}); "
-                             "stacking layers of several models takes a mergekit config with slices")
         spec = METHODS[self.merge_method]
         if self.config is None:  # a mergekit config's own checks name its keys
             for name in spec.required:
@@ -348,6 +346,9 @@ class MergeRequest(BaseModel):
         """The parameters that the chosen method actually uses (for reports and status)."""
         names = METHODS[self.merge_method].parameters
         dumped = self.model_dump(mode="json", include=set(names))
+        if dumped.get("model_parameters"):  # each model's parameters that are set (unset ones, e.g. scale, are None)
+            dumped["model_parameters"] = [{k: v for k, v in entry.items() if v is not None}
+                                          for entry in dumped["model_parameters"]]
         return {name: dumped[name] for name in names}
 
 
@@ -436,6 +437,8 @@ METHODS: dict[str, MethodSpec] = {
             "frankenmerges), layers renumbered and the output config resized.",
             ("model_parameters", *COMMON_PARAMETERS),
             origin=MERGEKIT,
+            models=(1, 1),
+            models_note=" (it copies that one; a mergekit config's slices stack layers of several)",
         ),
         MethodSpec(
             "slerp",

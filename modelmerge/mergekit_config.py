@@ -92,9 +92,12 @@ class InputModel(_Node):
     _reference = field_validator("model", mode="before")(_model_reference)
 
 
+LayerIndex = Annotated[int, Field(ge=0, le=_LAYER_RANGE_LIMIT)]
+
+
 class InputSlice(_Node):
     model: ModelRef
-    layer_range: tuple[Annotated[int, Field(ge=0, le=_LAYER_RANGE_LIMIT)], Annotated[int, Field(ge=0, le=_LAYER_RANGE_LIMIT)]]
+    layer_range: tuple[LayerIndex, LayerIndex]
     parameters: Parameters | None = None
 
     _reference = field_validator("model", mode="before")(_model_reference)

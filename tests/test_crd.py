@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from modelmerge import crd
-from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeProgress, MergeRequest, ModelMergeSpec
+from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeMethod, MergeProgress, MergeRequest, ModelMergeSpec
 from modelmerge.kubeclient import merge_patch, raw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +87,9 @@ def test_schema_is_structural():
 def test_schema_carries_the_contracts_enums_bounds_defaults_and_descriptions():
     props = _schema()["properties"]["spec"]["properties"]
     assert set(props) == set(ModelMergeSpec.model_fields)
-    assert props["merge_method"]["enum"] == ["average_merging", "task_arithmetic", "ties_merging",
-                                            "ties_merging_dare", "mask_merging", "linear"]
+    assert props["merge_method"]["enum"][:6] == ["average_merging", "task_arithmetic", "ties_merging",
+                                                "ties_merging_dare", "mask_merging", "linear"]
+    assert props["merge_method"]["enum"] == [method.value for method in MergeMethod]
     rate = props["param_value_mask_rate"]
     assert (rate["minimum"], rate["maximum"], rate["exclusiveMaximum"]) == (0.0, 1.0, True)
     assert props["weight_mask_rates"]["items"]["maximum"] == 1.0
@@ -104,8 +105,9 @@ def test_schema_carries_the_contracts_enums_bounds_defaults_and_descriptions():
     assert props["resources"]["default"] == {}
     assert props["resources"]["properties"]["gpuResourceName"]["default"] == "nvidia.com/gpu"
     assert props["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
-    assert set(_schema()["properties"]["spec"]["required"]) == {"base_model", "models_to_merge",
-                                                              "merge_method", "output"}
+    # base_model, models_to_merge and merge_method: required by a CEL rule unless spec.config (a mergekit config)
+    assert _schema()["properties"]["spec"]["required"] == ["output"]
+    assert props["config"]["x-kubernetes-preserve-unknown-fields"] is True
 
 
 def test_every_field_but_cancel_is_immutable():
@@ -115,7 +117,8 @@ def test_every_field_but_cancel_is_immutable():
         assert ("self || !oldSelf" if name == "cancel" else "self == oldSelf") in rules, name
     presence = spec["x-kubernetes-validations"][1]["rule"]
     assert "has(self.image) == has(oldSelf.image)" in presence
-    assert "cancel" not in presence and "base_model" not in presence
+    # required fields cannot go (output), base_model and its kin can be left to spec.config (but not added later)
+    assert "cancel" not in presence and "has(self.output)" not in presence and "has(self.base_model)" in presence
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,7 +144,8 @@ INVALID = [
                  ["spec.weight_mask_rates", "one rate per model"], id="too-few-mask-rates"),
     pytest.param(_valid(merge_method="mask_merging"), ["spec.weight_mask_rates", "one rate per model"],
                  id="missing-mask-rates"),
-    pytest.param(_valid(base_model=None), ["spec.base_model", "Required value"], id="missing-base-model"),
+    pytest.param(_valid(base_model=None), ["spec", "base_model, models_to_merge, merge_method are required unless "
+                                           "config"], id="missing-base-model"),
     pytest.param(_valid(output=None), ["spec.output", "Required value"], id="missing-output"),
     pytest.param(_valid(models_to_merge=[]), ["spec.models_to_merge", "at least 1"], id="no-models"),
     pytest.param(_valid(output_dir="/etc/passwd"), ["spec.output_dir", "relative path"], id="absolute-output"),

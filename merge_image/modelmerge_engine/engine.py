@@ -13,13 +13,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
 from modelmerge.contract import MergeRequest
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.kernels import CpuKernels, make_kernels
+from modelmerge_engine.layout import BASE, output_config, placements
 from modelmerge_engine.methods import method_class
+from modelmerge_engine.output import write_synced
 from modelmerge_engine.pool import OrderedPool, available_cpus
 from modelmerge_engine.progress import Progress, Step
 from modelmerge_engine.safetensors_io import (
@@ -31,6 +34,7 @@ from modelmerge_engine.safetensors_io import (
     numel,
 )
 from modelmerge_engine.select import kth_magnitude
+from modelmerge_engine.tokenizer_source import apply_tokenizer_source
 
 # Buffers that some checkpoints carry: never merged, copied from the base like merging-eval's saved model.
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "position_ids")
@@ -58,6 +62,13 @@ class TensorPlan:
     out_dtype: DType
     merged: bool
     fused_group: tuple[str, ...] = ()  # the expert tensors forming one fused parameter with it (itself too)
+    # Where a mergekit config's merge reads it (layout.py); the defaults are a flat request's: the same name in
+    # every model, the base read as the base.
+    base_source: tuple[int, str] | None = None  # (position: BASE or a fine-tune's, tensor) read as the base
+    sources: tuple[str, ...] = ()  # the tensor read from each fine-tune
+    inputs_from: tuple[int, ...] | None = None  # the fine-tunes that feed it (passthrough: one); None: all
+    slice_index: int = 0  # the config's slice it belongs to and its position in the slice's layers, for
+    t: float = 0.0  # per-tensor parameters (Method.value)
 
     @property
     def numel(self) -> int:
@@ -92,19 +103,53 @@ def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[
     # embeddings on load, stored or not), so merging-eval's saved model has none and a fine-tune's stored
     # head, untied or not, is ignored.
     tied = tied_embeddings(base.directory)
+    names = [name for name in base.tensors if not (tied and name == "lm_head.weight")]
+    if request.config is not None:
+        return _with_fused_groups(_config_plans(request, base, finetunes, names, out_dtype, excluded), request)
     plans = []
-    for name, info in base.tensors.items():
-        if tied and name == "lm_head.weight":
-            continue
-        floating = info.dtype.floating
-        names = [name, fused_parameter_name(name) or name]
-        merged = floating and not name.endswith(BUFFER_SUFFIXES) and not any(
-            p.match(n) for p in excluded for n in names)
-        plans.append(TensorPlan(name, info.shape, out_dtype if floating else info.dtype, merged))
+    for name in names:
+        info = base.tensors[name]
+        plans.append(TensorPlan(name, info.shape, out_dtype if info.dtype.floating else info.dtype,
+                                _merged(name, info.dtype, excluded)))
     merged_names = {plan.name for plan in plans if plan.merged}
     for model in finetunes:
         _check_model_matches(base, model, merged_names, ignored={"lm_head.weight"} if tied else set())
     return _with_fused_groups(plans, request)
+
+
+def _merged(name: str, dtype: DType, excluded: list[re.Pattern]) -> bool:
+    names = [name, fused_parameter_name(name) or name]
+    return dtype.floating and not name.endswith(BUFFER_SUFFIXES) and not any(
+        p.match(n) for p in excluded for n in names)
+
+
+def _config_plans(request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
+                  names: list[str], out_dtype: DType, excluded: list[re.Pattern]) -> list[TensorPlan]:
+    """A mergekit config's output tensors (layout.py), each checked in every model that feeds it."""
+    models = {BASE: base, **dict(enumerate(finetunes))}
+    plans = []
+    for placed in placements(request, base, finetunes, names):
+        position, tensor = placed.base
+        info = _source_info(models[position], tensor)
+        merged = _merged(placed.name, info.dtype, excluded)
+        if merged:
+            feeding = placed.inputs_from if placed.inputs_from is not None else range(len(finetunes))
+            for i in feeding:
+                theirs = _source_info(finetunes[i], placed.sources[i])
+                if theirs.shape != info.shape or not theirs.dtype.floating:
+                    raise MergeError(f"tensor {placed.name}: {models[position].label} has {tensor} "
+                                     f"{list(info.shape)}, {finetunes[i].label} has {placed.sources[i]} "
+                                     f"{list(theirs.shape)} {theirs.dtype.name}")
+        plans.append(TensorPlan(placed.name, info.shape, out_dtype if info.dtype.floating else info.dtype, merged,
+                                base_source=placed.base, sources=placed.sources, inputs_from=placed.inputs_from,
+                                slice_index=placed.slice_index, t=placed.t))
+    return plans
+
+
+def _source_info(model: SafetensorsModel, tensor: str):
+    if tensor not in model.tensors:
+        raise MergeError(f"tensor {tensor} is missing in {model.label}")
+    return model.tensors[tensor]
 
 
 def per_tensor_statistics(request: MergeRequest) -> list[str]:
@@ -207,6 +252,7 @@ class StreamingMerge:
         self.combining = self.method.combiner()
         on_compiled = isinstance(self.kernels, CpuKernels)
         self._combine = self.combining.combine_cpu if on_compiled else self.combining.combine_torch
+        self._tokenizer_source(None)
 
     @property
     def device(self) -> str:
@@ -245,6 +291,35 @@ class StreamingMerge:
         finally:
             self.pool.close()
 
+    # --- what a mergekit config changes in the output's other files -------------------------------------------
+
+    def finish_output(self, staging: Path) -> list[str]:
+        """A mergekit config's changes to the base's files in `staging`: the layer count and per-layer lists of
+        config.json for slices, the tokenizer of tokenizer_source. Returns the files it wrote."""
+        config = self.request.config
+        if config is None:
+            return []
+        written = []
+        path = staging / "config.json"
+        if config.slices and path.is_file():
+            text = json.dumps(output_config(self.request, self.base, self.finetunes, json.loads(path.read_text())),
+                              indent=2, sort_keys=True) + "\n"
+            write_synced(path, text)
+            written.append("config.json")
+        return written + self._tokenizer_source(staging)
+
+    def _tokenizer_source(self, staging: Path | None) -> list[str]:
+        """Checks a config's tokenizer_source (staging None: before the merge) or applies it to the output."""
+        config = self.request.config
+        if config is None or config.tokenizer_source is None:
+            return []
+        models = {ref: (model.directory, model.label)
+                  for ref, model in zip(self.request.models_to_merge, self.finetunes, strict=True)}
+        models[self.request.base_model] = (self.base.directory, self.base.label)
+        embedding = next((p for p in self.plans if "embed_tokens" in p.name), None)
+        return apply_tokenizer_source(config.tokenizer_source, models=models, base_ref=self.request.base_model,
+                                      embedding_rows=embedding.shape[0] if embedding else None, staging=staging)
+
     # --- progress: the steps of the whole merge, planned up front ----------------------------------------
 
     def histogram_passes(self, k: int) -> int:
@@ -274,26 +349,46 @@ class StreamingMerge:
         plan, start, stop, state = job
         kernels = self.kernels
         if not plan.merged:
-            values = self.base.read(plan.name, start, stop)
-            if plan.out_dtype.floating and plan.out_dtype != self.base.tensors[plan.name].dtype:
-                values = kernels.to_host(kernels.prepare(values, self.base.tensors[plan.name].dtype))
+            model, tensor = self._base_of(plan)
+            values = model.read(tensor, start, stop)
+            if plan.out_dtype.floating and plan.out_dtype != model.tensors[tensor].dtype:
+                values = kernels.to_host(kernels.prepare(values, model.tensors[tensor].dtype))
             return plan, values
         base, inputs = self.inputs(plan.name, start, stop)
         return plan, kernels.to_host(self._combine(kernels, base, inputs, state))
 
     # --- inputs of one range --------------------------------------------------------------------------
 
+    def _base_of(self, plan: TensorPlan) -> tuple[SafetensorsModel, str]:
+        """The model and tensor read as the base of `plan` (a config's layout may read it from a fine-tune)."""
+        if plan.base_source is None:
+            return self.base, plan.name
+        position, tensor = plan.base_source
+        return (self.base if position == BASE else self.finetunes[position]), tensor
+
     def _load(self, name: str, start: int, stop: int, models: list[int] | None = None):
-        """The base and the fine-tunes (all, or those at `models`) on one range, in the compute dtype."""
+        """The base and the fine-tunes (those at `models`; default: those that feed the tensor) on one range,
+        in the compute dtype."""
         prepare = self.kernels.prepare
-        base = prepare(self.base.read(name, start, stop), self.base.tensors[name].dtype)
-        chosen = [self.finetunes[i] for i in models] if models is not None else self.finetunes
-        return base, [prepare(m.read(name, start, stop), m.tensors[name].dtype) for m in chosen]
+        plan = self._plans_by_name[name]
+        model, tensor = self._base_of(plan)
+        base = prepare(model.read(tensor, start, stop), model.tensors[tensor].dtype)
+        positions = self.feeding(plan) if models is None else models
+        sources = plan.sources or (name,) * len(self.finetunes)
+        return base, [prepare(self.finetunes[i].read(sources[i], start, stop),
+                              self.finetunes[i].tensors[sources[i]].dtype) for i in positions]
+
+    def feeding(self, plan: TensorPlan) -> list[int]:
+        """The positions of the fine-tunes that feed `plan` (all but for a passthrough slice)."""
+        return list(plan.inputs_from) if plan.inputs_from is not None else list(range(len(self.finetunes)))
+
+    def plan(self, name: str) -> TensorPlan:
+        return self._plans_by_name[name]
 
     def inputs(self, name: str, start: int, stop: int, models: list[int] | None = None):
         """The base and the fine-tuned weights as the merge method sees them (mask_merging masks them first)."""
         base, raws = self._load(name, start, stop, models)
-        positions = models if models is not None else list(range(len(raws)))
+        positions = models if models is not None else self.feeding(self._plans_by_name[name])
         return base, self.method.inputs(name, start, base, raws, positions)
 
     # --- thresholds -----------------------------------------------------------------------------------

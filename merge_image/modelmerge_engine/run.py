@@ -100,6 +100,8 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
         merge.run(writer)
         files = writer.finish()
         files += copy_aux_files(base_ref.path, staging, request.dtype)
+        written = merge.finish_output(staging)  # a mergekit config's layer count, per-layer lists, tokenizer
+        files = [name for name in files if (staging / name).exists()] + [n for n in written if n not in files]
         timings["merge"] = time.monotonic() - clock
     except OSError as exc:
         writer.abort()
@@ -135,6 +137,7 @@ def _report(request, base_ref, refs, merge, files, timings) -> dict:
         "engine_version": __version__,
         "method": request.merge_method,
         "parameters": request.merge_params(),
+        **({"mergekit_config": request.config.model_dump(mode="json", exclude_none=True)} if request.config else {}),
         "inputs": {"base_model": base_ref.describe(), "models_to_merge": [r.describe() for r in refs]},
         "dtype": request.dtype,
         "device": merge.device,

@@ -34,7 +34,19 @@ class Method:
         """The value of parameter `name` for tensor `tensor` (and, for a per-model parameter of
         model_parameters, for models_to_merge[model]). Methods read parameters that mergekit lets vary by
         tensor (its conditional `filter` parameters and layer gradients) through here, never from the request
-        directly, so a mergekit config's per-tensor values reach every method."""
+        directly, so a mergekit config's per-tensor values reach every method: with a config (request.config),
+        its value for this tensor as mergekit resolves it (the model's own, its slice's, then the global
+        parameters; filters on the tensor's name, gradients over its slice's layers), else the request's."""
+        config = self.request.config
+        if config is not None:
+            plan = self.merge.plan(tensor)
+            ref = source = None
+            if model is not None:  # per-model filters match the model's own tensor name (slices renumber layers)
+                ref, source = self.request.models_to_merge[model], plan.sources[model] if plan.sources else tensor
+            found = config.resolve(name, tensor=tensor, t=plan.t, slice_index=plan.slice_index, model=ref,
+                                   model_tensor=source)
+            if found is not None:
+                return found
         if model is not None:
             entries = self.request.model_parameters
             if entries is None:

@@ -18,21 +18,24 @@ class Linear(Method):
     name = "linear"
     parameters = ("model_parameters", "normalize")
 
-    def __init__(self, merge):
-        super().__init__(merge)
-        self.weights = np.array(self.request.weights(), dtype=np.float32)
+    def tensor_state(self, plan) -> tuple[np.ndarray, np.float32, bool]:
+        """This tensor's weights (float32, as mergekit's weight tensor), their in-order float32 sum and normalize:
+        per tensor, since a mergekit config may vary them by tensor and layer (Method.value)."""
+        weights = np.array([self.value("weight", tensor=plan.name, model=i) for i in range(len(self.merge.finetunes))],
+                           dtype=np.float32)
+        normalize = bool(self.value("normalize", tensor=plan.name))
         denominator = np.float32(0.0)
-        for weight in self.weights:  # `weight.sum()` over a handful of float32 values: in order
+        for weight in weights:  # `weight.sum()` over a handful of float32 values: in order
             denominator = np.float32(denominator + weight)
-        self.denominator = denominator if self.request.normalize else np.float32(1.0)
+        return weights, denominator if normalize else np.float32(1.0), normalize
 
     def combine_cpu(self, kernels, base, inputs, state):
+        weights, denominator, normalize = state
         out = kernels.empty(base)
-        kernels.k.linear(kernels.code, tuple(inputs), self.weights, self.denominator, out,
-                         normalize=self.request.normalize)
+        kernels.k.linear(kernels.code, tuple(inputs), weights, denominator, out, normalize=normalize)
         return out
 
     def combine_torch(self, kernels, base, inputs, state):
-        merged = kernels.k.linear(inputs, [float(w) for w in self.weights], float(self.denominator),
-                                  normalize=self.request.normalize)
+        weights, denominator, normalize = state
+        merged = kernels.k.linear(inputs, [float(w) for w in weights], float(denominator), normalize=normalize)
         return merged.to(kernels.tdtype)

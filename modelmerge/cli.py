@@ -12,6 +12,7 @@ from typing import Any, get_args, get_origin
 from pydantic import ValidationError
 
 from modelmerge.contract import EvaluationRequest, MergeRequest, format_validation_error, methods_catalogue
+from modelmerge.mergekit_yaml import read_config_file
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -24,9 +25,13 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per contract field (the evaluation's as --eval-<field>); a flag left unset does not override
     `--spec`."""
     for name, field in MergeRequest.model_fields.items():
-        if name == "evaluation":
+        if name in ("evaluation", "config"):
             continue
         _add_field_flag(parser, name, field)
+    parser.add_argument("--config", metavar="MERGE.YML", default=None,
+                        help="a mergekit YAML config as mergekit users write it (models or slices, merge_method, "
+                        "base_model, parameters with filters and layer gradients, dtype, tokenizer_source): it sets "
+                        "the request's models, method and parameters; --output-dir and the other flags add to it")
     group = parser.add_argument_group("evaluation of the merged model", EvaluationRequest.__doc__)
     for name, field in EvaluationRequest.model_fields.items():
         _add_field_flag(group, f"eval_{name}", field)
@@ -62,7 +67,7 @@ def request_from_args(args: argparse.Namespace) -> MergeRequest:
     for name in MergeRequest.model_fields:
         value = getattr(args, name, None)
         if value is not None:
-            data[name] = value
+            data[name] = read_config_file(value) if name == "config" else value
     evaluation = {name: getattr(args, f"eval_{name}", None) for name in EvaluationRequest.model_fields}
     evaluation = {name: value for name, value in evaluation.items() if value is not None}
     if evaluation:

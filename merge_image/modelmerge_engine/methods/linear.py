@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from modelmerge_engine.errors import MergeError
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
 
@@ -18,7 +19,15 @@ class Linear(Method):
     name = "linear"
     parameters = ("model_parameters", "normalize")
 
+    def prepare(self) -> None:
+        """Every tensor's weights before anything is written, so weights summing to 0 under normalize (a
+        division by zero; mergekit writes NaN and inf) fail the merge naming the tensor."""
+        self._states = {plan.name: self._state(plan) for plan in self.merge.plans if plan.merged}
+
     def tensor_state(self, plan) -> tuple[np.ndarray, np.float32, bool]:
+        return self._states[plan.name]
+
+    def _state(self, plan) -> tuple[np.ndarray, np.float32, bool]:
         """This tensor's weights (float32, as mergekit's weight tensor), their in-order float32 sum and normalize:
         per tensor, since a mergekit config may vary them by tensor and layer (Method.value)."""
         weights = np.array([self.value("weight", tensor=plan.name, model=i) for i in range(len(self.merge.finetunes))],
@@ -27,6 +36,9 @@ class Linear(Method):
         denominator = np.float32(0.0)
         for weight in weights:  # `weight.sum()` over a handful of float32 values: in order
             denominator = np.float32(denominator + weight)
+        if normalize and denominator == 0:
+            raise MergeError(f"weight: the weights of tensor {plan.name} sum to 0 ({', '.join(map(str, weights))}), "
+                             "and linear with normalize divides by their sum; change a weight or set normalize false")
         return weights, denominator if normalize else np.float32(1.0), normalize
 
     def combine_cpu(self, kernels, base, inputs, state):

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelmerge import __version__
 from modelmerge.contract import MergeRequest, describe_validation_error, format_validation_error, methods_catalogue
+from modelmerge.mergekit_yaml import parse_config_text
 from modelmerge_api import outputs
 from modelmerge_api.bodies import MAX_TOKEN_LENGTH, TOKEN_HEADER, json_object, pop_token
 from modelmerge_api.errors import ApiError
@@ -176,6 +177,13 @@ async def _read(method: Callable[..., Any], *args: Any) -> Any:
 
 
 def _validate(data: dict[str, Any]) -> MergeRequest:
+    if isinstance(data.get("mergekit_config"), str):  # the YAML text of a mergekit config
+        try:
+            data["mergekit_config"] = parse_config_text(data["mergekit_config"], where="mergekit_config")
+        except ValueError as exc:
+            reason = str(exc).removeprefix("mergekit_config: ")
+            raise ApiError(400, f"invalid merge request: {exc}",
+                           [{"field": "mergekit_config", "message": reason}]) from None
     try:
         return MergeRequest.model_validate(data)
     except ValidationError as exc:

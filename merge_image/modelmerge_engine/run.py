@@ -76,16 +76,19 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
     clock = time.monotonic()
     base_ref = resolve(request.base_model, "base_model")
     refs = [resolve(ref, f"models_to_merge[{i}]") for i, ref in enumerate(request.models_to_merge)]
+    timings["resolve"] = time.monotonic() - clock
+    plan = None
+    if evaluation is not None:  # the data encoded for each model to evaluate, before anything is merged
+        clock = time.monotonic()
+        plan = after_merge.prepare(evaluation, base_ref, refs)
+        timings["evaluation_prepare"] = time.monotonic() - clock
+    clock = time.monotonic()
     base = SafetensorsModel(base_ref.path, f"base_model {request.base_model}")
     finetunes = [SafetensorsModel(r.path, f"models_to_merge[{i}] {r.ref}") for i, r in enumerate(refs)]
     merge = StreamingMerge(request, base, finetunes, progress)
-    timings["resolve"] = time.monotonic() - clock
-    plan = None
-    if evaluation is not None:
-        clock = time.monotonic()
-        plan = after_merge.prepare(evaluation, base_ref, refs)
+    timings["resolve"] += time.monotonic() - clock
+    if plan is not None:
         after_merge.plan_progress(progress, plan, parameters=sum(p.numel for p in merge.plans))
-        timings["evaluation_prepare"] = time.monotonic() - clock
     progress.message(f"merging {len(finetunes)} model(s) into {request.base_model} with "
                      f"{request.merge_method} on {merge.device} ({request.dtype}, {merge.stats['kernels']}, "
                      f"{merge.pool.workers} worker(s))")

@@ -186,6 +186,8 @@ class SweepController:
         if spec.keep == "best" and result.done and result.status["best"] and not spec.cancel:
             cleaning, cleaned = self.clean_up(sweep, spec, result, old, children)
         phase, reason, message = sweep_status.outcome(spec, result, cleaning=cleaning)
+        if old.get("phase") in ("Succeeded", "Failed"):  # a finished sweep stays so (a late cancel changes nothing)
+            phase, reason, message = old["phase"], old["reason"], old["message"]
         terminal = phase in sweep_status.SWEEP_TERMINAL
         status = {
             **result.status,

@@ -33,6 +33,7 @@ from modelmerge.contract import (
     MergeRequest,
     ModelMergeSpec,
     VolumeEvaluationRequest,
+    describe_validation_error,
     format_validation_error,
 )
 
@@ -448,25 +449,15 @@ def objective_value(objective: SweepObjective, evaluation: MergeEvaluation | Non
 
 
 def describe_sweep_error(exc: ValidationError) -> list[dict[str, str]]:
-    """pydantic's errors as [{'field': 'space.scaling_coefficient', 'message': ...}]: a located error names its
-    location; the cross-field ones start with the field they are about (`space.x: ...`)."""
-    details = []
-    for error in exc.errors(include_url=False):
-        field = ""
-        for part in error["loc"]:
-            if isinstance(part, str) and part.startswith("function-"):
-                continue
-            field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "missing":
-            message = "field required"
-        elif error["type"] == "extra_forbidden":
-            message = "unknown field"
-        if not field:
-            head, sep, rest = message.partition(": ")
-            if sep and " " not in head:
-                field, message = head, rest
-        details.append({"field": field or "spec", "message": message})
+    """pydantic's errors as [{'field': 'space.scaling_coefficient', 'message': ...}] (the contract's
+    describe_validation_error); the sweep's cross-field errors have no location and start with the field they are
+    about (`space.x: ...`)."""
+    details = describe_validation_error(exc)
+    for detail in details:
+        if detail["field"] == "request":
+            head, sep, rest = detail["message"].partition(": ")
+            located = sep and " " not in head
+            detail["field"], detail["message"] = (head, rest) if located else ("spec", detail["message"])
     return details
 
 

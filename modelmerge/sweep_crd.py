@@ -17,8 +17,17 @@ from typing import Any
 
 import yaml
 
-from modelmerge.contract import API_GROUP, API_VERSION, METHODS
-from modelmerge.crd import _DATA_REF_RULE, _RELATIVE_RULE, HEADER, _Dumper, _rule, model_schema
+from modelmerge.contract import API_GROUP, METHODS
+from modelmerge.crd import (
+    HEADER,
+    _Dumper,
+    _rule,
+    add_path_rules,
+    custom_resource,
+    immutable_except_cancel,
+    model_schema,
+    status_schema_of,
+)
 from modelmerge.sweep import (
     MAX_TRIALS,
     RANGE_TOLERANCE,
@@ -33,7 +42,6 @@ from modelmerge.sweep import (
 
 SWEEP_CRD_NAME = f"{SWEEP_PLURAL}.{API_GROUP}"
 SWEEP_CRD_FILE = f"{API_GROUP}_{SWEEP_PLURAL}.yaml"
-IMMUTABLE_MESSAGE = "is immutable once the ModelMergeSweep is created (only spec.cancel may change)"
 _RANGE = "has(self.start) || has(self.stop) || has(self.step)"
 
 
@@ -110,49 +118,22 @@ def _spec_rules(ranged: set[str]) -> list[dict[str, str]]:
     return rules
 
 
-def _immutability(spec: dict[str, Any]) -> None:
-    props = spec["properties"]
-    for name, prop in props.items():
-        rules = prop.setdefault("x-kubernetes-validations", [])
-        if name == "cancel":
-            rules.append(_rule("self || !oldSelf", "cancel cannot be undone"))
-        else:
-            rules.append(_rule("self == oldSelf", f"{name} {IMMUTABLE_MESSAGE}"))
-    optional = [name for name, prop in props.items() if "default" not in prop and name not in spec["required"]]
-    checks = " && ".join(f"has(self.{name}) == has(oldSelf.{name})" for name in optional)
-    spec["x-kubernetes-validations"].append(_rule(checks, "fields cannot be added to or removed from spec once "
-                                                  "the ModelMergeSweep is created (only spec.cancel may change)"))
-
-
 def spec_schema() -> dict[str, Any]:
     schema = model_schema(ModelMergeSweepSpec)
     schema["description"] = ModelMergeSweepSpec.__doc__.strip().replace("\n    ", " ")
-    props = schema["properties"]
-    template = props["template"]["properties"]
-    template["output_dir"]["x-kubernetes-validations"] = [_RELATIVE_RULE]
-    template["evaluation"]["properties"]["data"]["items"]["x-kubernetes-validations"] = [_DATA_REF_RULE]
-    for volume in ("output", "modelCache"):
-        template[volume]["properties"]["subPath"]["x-kubernetes-validations"] = [_RELATIVE_RULE]
-    space = props["space"]
+    add_path_rules(schema["properties"]["template"]["properties"])
+    space = schema["properties"]["space"]
     space["minProperties"] = 1
     ranged = {name for name, dim in space["properties"].items() if "step" in dim["properties"]}
     for name in ranged:
         space["properties"][name]["x-kubernetes-validations"] = _dimension_rules()
     schema["x-kubernetes-validations"] = _spec_rules(ranged)
-    _immutability(schema)
+    schema["x-kubernetes-validations"].append(immutable_except_cancel(schema, SWEEP_KIND))
     return schema
 
 
 def status_schema() -> dict[str, Any]:
-    schema = model_schema(ModelMergeSweepStatus)
-    conditions = schema["properties"]["conditions"]
-    conditions.pop("default", None)
-    conditions["x-kubernetes-list-type"] = "map"
-    conditions["x-kubernetes-list-map-keys"] = ["type"]
-    conditions["items"]["properties"]["lastTransitionTime"]["format"] = "date-time"
-    for name in ("startTime", "completionTime"):
-        schema["properties"][name]["format"] = "date-time"
-    schema["properties"]["observedGeneration"]["format"] = "int64"
+    schema = status_schema_of(ModelMergeSweepStatus)
     trials = schema["properties"]["trials"]
     trials.pop("default", None)
     trials["x-kubernetes-list-type"] = "atomic"
@@ -173,43 +154,10 @@ def printer_columns() -> list[dict[str, Any]]:
 
 
 def sweep_crd() -> dict[str, Any]:
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": SWEEP_CRD_NAME, "labels": {"app.kubernetes.io/name": "modelmerge"}},
-        "spec": {
-            "group": API_GROUP,
-            "names": {
-                "kind": SWEEP_KIND,
-                "listKind": f"{SWEEP_KIND}List",
-                "plural": SWEEP_PLURAL,
-                "singular": SWEEP_KIND.lower(),
-                "shortNames": [SWEEP_SHORT_NAME],
-                "categories": ["modelmerge"],
-            },
-            "scope": "Namespaced",
-            "versions": [{
-                "name": API_VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": printer_columns(),
-                "schema": {"openAPIV3Schema": {
-                    "description": "A search over merge parameters: its trials run as ModelMerges it owns, ranked "
-                    "by their evaluation.",
-                    "type": "object",
-                    "required": ["spec"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": spec_schema(),
-                        "status": status_schema(),
-                    },
-                }},
-            }],
-        },
-    }
+    return custom_resource(kind=SWEEP_KIND, plural=SWEEP_PLURAL, short_name=SWEEP_SHORT_NAME,
+                           description="A search over merge parameters: its trials run as ModelMerges it owns, "
+                           "ranked by their evaluation.", spec=spec_schema(), status=status_schema(),
+                           columns=printer_columns())
 
 
 def render_sweep() -> str:

@@ -1,13 +1,16 @@
-"""Evaluated merges on the real control plane (envtest kube-apiserver, the operator in-process, the test kubelet
-running merge pods as local processes, the REST API's Kubernetes backend): the CE in status.evaluation, in the
-`CE` printer column (read through the API server's Table form, as `kubectl get mm` does), in GET /api/jobs/{id}
-and /metrics; the Job in the evaluation image with the evaluation's default memory and the output volume as its
-working directory; an evaluation that fails after the merge keeps the merge Succeeded; bad evaluation input is
-refused naming the field, creating nothing.
+"""Evaluated merges on Kubernetes. Integration tests on the real control plane (envtest kube-apiserver, the
+operator in-process, the test kubelet running merge pods as local processes, the REST API's Kubernetes backend):
+the CE in status.evaluation, in the `CE` printer column (read through the API server's Table form, as `kubectl get
+mm` does), in GET /api/jobs/{id} and /metrics; the Job in the evaluation image with the evaluation's default memory
+and the output volume as its working directory; an evaluation that fails after the merge keeps the merge
+Succeeded; bad evaluation input is refused naming the field, creating nothing.
 
 The merges run the real engine on tiny chat models from a pre-filled HF cache on the cache claim, with data files
 on the output claim. The real engine checks everything it can before merging, so an evaluation failing after a
-successful merge is played by a stand-in engine (`fake/...` base models) that writes such a summary."""
+successful merge is played by a stand-in engine (`fake/...` base models) that writes such a summary.
+
+Unit tests (no control plane): the Job of an evaluated merge, the operator's evaluation flags, and the status,
+condition and events the Reconciler derives from an engine summary, against test_operator_unit's fake API."""
 
 from __future__ import annotations
 
@@ -21,20 +24,24 @@ import requests
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeEvaluation
+from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeEvaluation, ModelMergeSpec
 from modelmerge.kubeclient import raw
 from modelmerge_api.app import AppSettings, create_app
 from modelmerge_api.kube import KubernetesBackend
-from modelmerge_operator.config import DEFAULT_EVALUATION_MEMORY
-from modelmerge_operator.status import NO_EVALUATION
+from modelmerge_operator import manifests
+from modelmerge_operator.config import DEFAULT_EVALUATION_MEMORY, DEFAULT_IMAGE, OperatorConfig, config_from_args
+from modelmerge_operator.reconcile import Reconciler
+from modelmerge_operator.status import NO_EVALUATION, evaluated_condition, evaluation_sentence
 from tests.helpers.eval_data import make_chat_finetune, make_chat_model, make_records, write_records
 from tests.helpers.models import fill_hf_cache
 from tests.helpers.rest_api import job, serve_in_thread, submit, wait_status
 from tests.helpers.waiting import wait_for
 from tests.kube.fixtures import create_namespace, delete_namespace
 from tests.test_api_kube import install_crd, operator_in_process
+from tests.test_operator_unit import FakeKube
+from tests.test_operator_unit import _body as unit_body
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 OUTPUT_PVC, CACHE_PVC = "merge-output", "hf-cache"
 EVALUATION_IMAGE = "registry.local/modelmerge/merge-eval:1"
@@ -157,6 +164,7 @@ def _spec(**evaluation) -> dict:
     return {**_request(**evaluation), "output": {"pvc": OUTPUT_PVC}, "modelCache": {"pvc": CACHE_PVC}}
 
 
+@integration
 def test_an_evaluated_merge_through_the_api_shows_its_ce_in_status_column_job_and_metrics(cluster):
     job_id = submit(cluster.url, _request(baselines=True, batch_size=4), headers=AUTH)
     final = wait_status(cluster.url, job_id, timeout=240, headers=AUTH)
@@ -200,6 +208,7 @@ def test_an_evaluated_merge_through_the_api_shows_its_ce_in_status_column_job_an
     assert counts and float(counts[0].split()[-1]) >= 1, metrics
 
 
+@integration
 def test_a_modelmerge_applied_directly_runs_in_the_evaluation_image_and_shows_its_ce(cluster):
     """Data from the output volume and from a dataset repo in the cache claim (HF_HOME, offline)."""
     name = f"direct-{uuid.uuid4().hex[:6]}"
@@ -228,6 +237,7 @@ def test_a_modelmerge_applied_directly_runs_in_the_evaluation_image_and_shows_it
     assert container["image"] == MERGE_IMAGE and "workingDir" not in container
 
 
+@integration
 def test_an_evaluation_failure_keeps_the_merge_succeeded(cluster):
     name = f"evalfails-{uuid.uuid4().hex[:6]}"
     cluster.create(name, {**_spec(), "base_model": "fake/eval-fails"})
@@ -253,6 +263,7 @@ def test_an_evaluation_failure_keeps_the_merge_succeeded(cluster):
     assert status["evaluation"]["state"] == "Failed" and status["evaluation"]["message"] == NO_EVALUATION
 
 
+@integration
 @pytest.mark.parametrize("data, reason", [
     ("/etc/passwd", "relative to the output volume"),
     ("eval/../../../etc/passwd", "without '..'"),
@@ -275,6 +286,7 @@ def test_bad_evaluation_input_is_refused_naming_the_field_and_nothing_is_created
                 and s["metadata"]["name"].removesuffix("-hf-token") not in before]
 
 
+@integration
 def test_bad_evaluation_options_are_refused_naming_the_field(cluster):
     before = set(cluster.names())
     for evaluation, field in (({"data": []}, "evaluation.data"), ({"data": [DATA], "batch_size": 0},
@@ -286,3 +298,131 @@ def test_bad_evaluation_options_are_refused_naming_the_field(cluster):
         assert field in response.json()["error"], response.text
         assert field in [d["field"] for d in response.json()["details"]], response.text
     assert set(cluster.names()) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unit tests: the Job, the flags, the status and events of an evaluated merge (no control plane)
+# ---------------------------------------------------------------------------------------------------------
+
+UNIT_CONFIG = OperatorConfig(image=MERGE_IMAGE, evaluation_image=EVALUATION_IMAGE, evaluation_cpu="4",
+                             evaluation_memory="24Gi")
+EVALUATION = {"state": "Succeeded", "dtype": "float32", "device": "cpu",
+              "overall": {"ce": 1.25, "ppl": math.exp(1.25), "tokens": 420, "records": 12, "meanCe": 1.3},
+              "files": [{"name": "algebra", "ce": 1.25, "ppl": math.exp(1.25), "tokens": 420, "records": 12}],
+              "baselines": [{"model": "org/a", "role": "finetuned", "ce": 1.5}, {"model": "org/base", "role": "base",
+                                                                               "ce": 1.75}]}
+
+
+def _merge_container(**spec) -> dict:
+    body = unit_body(**spec)
+    job = manifests.job(body, ModelMergeSpec.model_validate(body["spec"]), UNIT_CONFIG)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_an_evaluated_job_runs_in_the_evaluation_image_with_the_evaluation_defaults():
+    evaluated = _merge_container(evaluation={"data": ["eval/a.json", "hf://datasets/org/evals/b.json"]})
+    assert evaluated["image"] == EVALUATION_IMAGE and evaluated["workingDir"] == "/output"
+    amounts = {"cpu": "4", "memory": "24Gi"}
+    assert evaluated["resources"] == {"requests": amounts, "limits": amounts}
+    # spec.image and spec.resources win; GPUs with use_gpu as for any merge.
+    mine = _merge_container(evaluation={"data": ["a.json"]}, image="mine:1", use_gpu=True,
+                            resources={"memory": "80Gi"})
+    assert mine["image"] == "mine:1"
+    assert mine["resources"] == {"requests": {"cpu": "4", "memory": "80Gi"},
+                                 "limits": {"cpu": "4", "memory": "80Gi", "nvidia.com/gpu": "1"}}
+    plain = _merge_container()
+    assert plain["image"] == MERGE_IMAGE and "workingDir" not in plain
+    assert plain["resources"]["limits"] == {"memory": manifests.DEFAULT_MERGE_MEMORY}
+    # The engine's request keeps the data refs relative: the working directory is the output volume.
+    body = unit_body(evaluation={"data": ["eval/a.json"]})
+    request = json.loads(manifests.config_map(body, ModelMergeSpec.model_validate(body["spec"]))["data"]["spec.json"])
+    assert request["evaluation"]["data"] == ["eval/a.json"]
+
+
+def test_the_operators_evaluation_flags(monkeypatch):
+    from modelmerge.cli import build_parser
+
+    def config(*flags: str) -> OperatorConfig:
+        return config_from_args(build_parser().parse_args(["operator", *flags]))
+
+    assert (config().evaluation_image, config().evaluation_cpu, config().evaluation_memory) == (
+        DEFAULT_IMAGE, None, DEFAULT_EVALUATION_MEMORY)
+    given = config("--evaluation-image", "e:2", "--evaluation-cpu", "3500m", "--evaluation-memory", "40Gi")
+    assert (given.evaluation_image, given.evaluation_cpu, given.evaluation_memory) == ("e:2", "3500m", "40Gi")
+    for flag in ("--evaluation-cpu", "--evaluation-memory"):
+        with pytest.raises(ValueError, match=f"{flag} 'lots': not a Kubernetes quantity"):
+            config(flag, "lots")
+    monkeypatch.setenv("MODELMERGE_EVALUATION_MEMORY", "12Gi")
+    assert config().evaluation_memory == "12Gi"
+
+
+def _finished(world, summary: dict, **spec) -> tuple[dict, list[tuple[str, str, str]]]:
+    """A merge created and completed through the Reconciler, its pod's termination message `summary`; returns the
+    last status written and the events."""
+    rec, kube, events = world
+    body = unit_body(**spec)
+    rec.create(body)
+    job = kube.objects[("Job", "llama-merge-merge")]
+    job["status"] = {"succeeded": 1, "completionTime": "2026-01-01T00:02:00Z",
+                     "conditions": [{"type": "Complete", "status": "True"}]}
+    kube.pods = [{"status": {"phase": "Succeeded", "containerStatuses": [{"name": "merge", "state": {"terminated": {
+        "exitCode": 0, "reason": "Completed", "message": json.dumps(summary),
+        "finishedAt": "2026-01-01T00:01:59Z"}}}]}}]
+    rec.job_event("MODIFIED", job, body)
+    rec.job_event("MODIFIED", job, {**body, "status": rec.current_status(body)})  # a repeated event: no change
+    return kube.statuses[-1][1], events
+
+
+@pytest.fixture
+def world():
+    kube, events = FakeKube(), []
+    return Reconciler(kube, UNIT_CONFIG, lambda obj, kind, reason, message: events.append((kind, reason, message))), \
+        kube, events
+
+
+def test_a_succeeded_evaluation_is_in_the_status_a_condition_and_an_event(world):
+    summary = {"status": "succeeded", "tensors": 27, "seconds": 3.5, "evaluation": EVALUATION}
+    status, events = _finished(world, summary, evaluation={"data": ["eval/a.json"], "baselines": True})
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Completed")
+    assert status["evaluation"] == MergeEvaluation.model_validate(EVALUATION).model_dump(mode="json",
+                                                                                           exclude_none=True)
+    assert (status["evaluation"]["bestInput"], status["evaluation"]["bestInputCe"]) == ("org/a", 1.5)
+    evaluated = {c["type"]: c for c in status["conditions"]}["Evaluated"]
+    sentence = ("cross-entropy 1.2500 (perplexity 3.49) over 420 answer tokens of 1 data file; best input org/a: "
+                "1.5000")
+    assert (evaluated["status"], evaluated["reason"], evaluated["message"]) == ("True", "Evaluated", sentence)
+    assert [e for e in events if e[1] in ("Completed", "Evaluated", "EvaluationFailed")] == [
+        ("Normal", "Completed", "Succeeded: merged 27 tensors in 3.5s"), ("Normal", "Evaluated", sentence)]
+
+
+def test_a_failed_evaluation_keeps_the_merge_succeeded_with_a_warning(world):
+    summary = {"status": "succeeded", "evaluation": {"state": "Failed", "message": "CUDA out of memory"}}
+    status, events = _finished(world, summary, evaluation={"data": ["eval/a.json"]})
+    assert status["phase"] == "Succeeded" and status["message"] == "merged"
+    assert status["evaluation"]["state"] == "Failed" and status["evaluation"]["message"] == "CUDA out of memory"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Complete"]["status"] == "True"
+    assert (conditions["Evaluated"]["status"], conditions["Evaluated"]["reason"]) == ("False", "EvaluationFailed")
+    assert events[-1] == ("Warning", "EvaluationFailed", "the evaluation failed: CUDA out of memory")
+
+
+def test_a_summary_without_the_requested_evaluation_is_a_failed_evaluation(world):
+    status, events = _finished(world, {"status": "succeeded"}, evaluation={"data": ["eval/a.json"]})
+    assert status["evaluation"] == {"state": "Failed", "message": NO_EVALUATION, "metric": "cross_entropy",
+                                    "files": [], "baselines": []}
+    assert events[-1][:2] == ("Warning", "EvaluationFailed")
+
+
+def test_a_merge_without_evaluation_has_none_in_its_status(world):
+    status, events = _finished(world, {"status": "succeeded", "evaluation": EVALUATION})
+    assert status["evaluation"] is None and "Evaluated" not in {c["type"] for c in status["conditions"]}
+    assert not [e for e in events if e[1] in ("Evaluated", "EvaluationFailed")]
+
+
+def test_the_evaluated_condition_and_sentence_for_every_outcome():
+    unscored = MergeEvaluation(state="Succeeded", overall={"ce": None, "tokens": 0}, files=[])
+    assert evaluation_sentence(unscored) == "no answer token was scored (cross-entropy undefined)"
+    assert evaluated_condition(None) == []
+    (condition,) = evaluated_condition({"state": "Failed", "message": "x" * 1900})
+    assert condition["status"] == "False" and len(condition["message"]) <= 1024

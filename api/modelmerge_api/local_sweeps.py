@@ -97,7 +97,11 @@ class LocalSweeps:
     def submit(self, sweep_id: str, spec: ModelMergeSweepSpec, hf_token: str | None) -> SweepView:
         if self._stopping.is_set():
             raise Unavailable("the server is shutting down")
-        outputs.evaluation_data(self.output_root, spec.template.evaluation.data)
+        try:
+            outputs.evaluation_data(self.output_root, spec.template.evaluation.data)
+        except ApiError as exc:  # the same check as each trial's, about the template's field
+            raise ApiError(exc.status, f"template.{exc.message}",
+                           [{**d, "field": f"template.{d['field']}"} for d in exc.details or []]) from None
         output_rel = spec.template.output_dir
         target = outputs.ensure_free(self.output_root, output_rel)
         plan = _Plan(spec, sweep_trials(spec))

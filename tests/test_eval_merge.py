@@ -302,8 +302,8 @@ def test_hf_dataset_through_a_filled_cache_offline(family, data_dir, tmp_path):
     absent = merge_cli(*inputs_flags(base, finetunes), "--output-dir", str(tmp_path / "other"),
                        "--eval-data", "hf://datasets/tiny-org/absent/code.json", env=env)
     assert absent.returncode == 1
-    assert summary_of(absent)["error"].startswith("data: dataset tiny-org/absent: cannot load it: HF_HUB_OFFLINE "
-                                                  "is set and it is not in the cache")
+    assert summary_of(absent)["error"].startswith("data: cannot load tiny-org/absent: HF_HUB_OFFLINE is set and it "
+                                                  "is not in the cache")
     assert_nothing_written(tmp_path, "other")
 
 

@@ -41,6 +41,14 @@ def resolve(ref: str, field: str) -> ResolvedModel:
 
 
 def _from_hub(ref: str, repo_id: str, revision: str | None, field: str) -> ResolvedModel:
+    folder = hub_snapshot(repo_id, revision, field=field, allow_patterns=ALLOW_PATTERNS)
+    return ResolvedModel(ref, folder, "huggingface", revision=folder.name)
+
+
+def hub_snapshot(repo_id: str, revision: str | None, *, field: str, allow_patterns: list[str],
+                 repo_type: str = "model") -> Path:
+    """The cached snapshot folder of a Hub repo (a model's, or a dataset's), fetched when missing and allowed;
+    errors name `field` and never show the token."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -50,16 +58,16 @@ def _from_hub(ref: str, repo_id: str, revision: str | None, field: str) -> Resol
         RevisionNotFoundError,
     )
 
+    kind = "Hugging Face repo" if repo_type == "model" else f"Hugging Face {repo_type}"
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                        token=os.environ.get("HF_TOKEN") or None))
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns,
+                                      token=os.environ.get("HF_TOKEN") or None))
     except RevisionNotFoundError:
         raise MergeError(f"{field}: revision {revision!r} of {repo_id} not found") from None
     except GatedRepoError:
         raise MergeError(f"{field}: {repo_id} is gated; set HF_TOKEN to a token with access") from None
     except RepositoryNotFoundError:
-        raise MergeError(f"{field}: Hugging Face repo {repo_id} not found (or private without a token)") \
-            from None
+        raise MergeError(f"{field}: {kind} {repo_id} not found (or private without a token)") from None
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else \
@@ -68,4 +76,3 @@ def _from_hub(ref: str, repo_id: str, revision: str | None, field: str) -> Resol
                          f"(cache: {os.environ.get('HF_HOME', '~/.cache/huggingface')})") from None
     except (HfHubHTTPError, OSError) as exc:
         raise MergeError(f"{field}: cannot download {repo_id}: {type(exc).__name__}") from None
-    return ResolvedModel(ref, folder, "huggingface", revision=folder.name)

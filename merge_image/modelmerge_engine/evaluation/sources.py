@@ -5,16 +5,15 @@ the token is never shown."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelmerge.contract import DATA_REPO_PREFIX
-from modelmerge_engine.errors import MergeError
 from modelmerge_engine.evaluation.data import DATA_SUFFIXES, DataFile, load_data_files
 from modelmerge_engine.evaluation.options import EvalInputError
+from modelmerge_engine.refs import hub_snapshot
 
 _DATASET_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^/@\s]+))?(?:/(?P<path>.*))?$")
 
@@ -46,37 +45,11 @@ def _from_hub(ref: str) -> DataSource:
     inside = (match["path"] or "").strip("/") if match else ""
     if match is None or ".." in inside.split("/"):
         raise EvalInputError(f"data: {ref!r} is not hf://datasets/<owner>/<name>[@revision][/<path>]")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    repo_id, revision = match["repo"], match["revision"]
+    repo_id = match["repo"]
     patterns = [f"*{suffix}" for suffix in DATA_SUFFIXES]
     if inside:
         patterns = [inside, *(f"{inside}/{pattern}" for pattern in patterns)]
-    where = f"data: dataset {repo_id}"
-    try:
-        folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns,
-                                        token=os.environ.get("HF_TOKEN") or None))
-    except RevisionNotFoundError:
-        raise MergeError(f"{where}: revision {revision!r} not found") from None
-    except GatedRepoError:
-        raise MergeError(f"{where} is gated; set HF_TOKEN to a token with access") from None
-    except RepositoryNotFoundError:
-        raise MergeError(f"{where} not found (or private without a token)") from None
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else \
-            "it is not in the cache and the Hub could not be reached"
-        raise MergeError(f"{where}: cannot load it: {why} "
-                         f"(cache: {os.environ.get('HF_HOME', '~/.cache/huggingface')})") from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise MergeError(f"{where}: cannot download it: {type(exc).__name__}") from None
+    folder = hub_snapshot(repo_id, match["revision"], field="data", allow_patterns=patterns, repo_type="dataset")
     path = folder / inside if inside else folder
     if not path.exists():
         raise EvalInputError(f"data: {ref}: the dataset (revision {folder.name}) has no JSON or JSON Lines file "

@@ -190,7 +190,8 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id (org/name[@rev])")
     parser.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE|DIR",
                         help="JSON or JSONL files of instruction+output or problem+solution records, or "
-                        "directories of them (*.json, *.jsonl)")
+                        "directories of them (*.json, *.jsonl); hf://datasets/<owner>/<name>[@revision][/<path>] "
+                        "reads one from a Hugging Face dataset repo through the cache")
     parser.add_argument("--max-length", type=int,
                         help="tokens per record at most (capped at the model's maximum positions; default 2048)")
     parser.add_argument("--batch-size", type=int, help="records per forward pass (default 10)")

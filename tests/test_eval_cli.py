@@ -116,6 +116,12 @@ def test_repo_id_through_a_filled_cache_offline(chat_model, data_dir, tmp_path):
     assert report["overall"]["ce"] == pytest.approx(local["overall"]["ce"], rel=1e-6)
     assert "hf_secret_never_shown" not in result.stdout + result.stderr + report_path.read_text()
 
+    fill_hf_cache(hf_home, "tiny-org/evals", data_dir, repo_type="dataset")
+    from_dataset = run_eval_cli("--model", "tiny-org/tiny-chat", "--data", "hf://datasets/tiny-org/evals/code.json",
+                                "--output", str(report_path), env=env)
+    assert from_dataset.returncode == 0, from_dataset.stderr
+    assert json.loads(report_path.read_text())["overall"] == report["overall"]
+
     missing = run_eval_cli("--model", "tiny-org/absent", "--data", str(data_dir / "code.json"), env=env)
     assert missing.returncode == 1
     assert summary_of(missing)["error"].startswith(

@@ -575,8 +575,9 @@ def test_service_accounts_are_denied_what_they_must_not_do(namespaced):
             *mm, unwatched, PLURAL
         ),
         "operator lists ModelMerges cluster-wide": lambda: op_custom.list_cluster_custom_object(*mm, PLURAL),
-        "operator deletes a ModelMerge": lambda: op_custom.delete_namespaced_custom_object(
-            *mm, ns, PLURAL, "tiny-mask"
+        # It creates and deletes the ModelMerges of sweeps in the namespaces it watches, nowhere else.
+        "operator deletes a ModelMerge in an unwatched namespace": lambda: op_custom.delete_namespaced_custom_object(
+            *mm, unwatched, PLURAL, "tiny-mask"
         ),
         "API reads back the token Secret it created": lambda: api_core.read_namespaced_secret(token_secret, ns),
         "API lists Secrets": lambda: api_core.list_namespaced_secret(ns),
@@ -596,8 +597,10 @@ def test_service_accounts_are_denied_what_they_must_not_do(namespaced):
     denied = [
         (OPERATOR_SA, "get", "secrets", "", ns, ""),
         (OPERATOR_SA, "watch", "secrets", "", other, ""),
-        (OPERATOR_SA, "create", "modelmerges", "modelmerge.io", ns, ""),
+        (OPERATOR_SA, "create", "modelmerges", "modelmerge.io", unwatched, ""),
         (OPERATOR_SA, "update", "modelmerges", "modelmerge.io", ns, ""),
+        (OPERATOR_SA, "create", "modelmergesweeps", "modelmerge.io", ns, ""),
+        (OPERATOR_SA, "patch", "modelmergesweeps", "modelmerge.io", ns, ""),
         (OPERATOR_SA, "patch", "jobs", "batch", ns, ""),
         (OPERATOR_SA, "create", "jobs", "batch", unwatched, ""),
         (OPERATOR_SA, "create", "configmaps", "", unwatched, ""),
@@ -613,6 +616,7 @@ def test_service_accounts_are_denied_what_they_must_not_do(namespaced):
         (API_SA, "get", "secrets", "", ns, ""),
         (API_SA, "create", "secrets", "", other, ""),
         (API_SA, "patch", "modelmerges", "modelmerge.io", ns, "status"),
+        (API_SA, "patch", "modelmergesweeps", "modelmerge.io", ns, "status"),
         (API_SA, "update", "modelmerges", "modelmerge.io", ns, ""),
         (API_SA, "create", "modelmerges", "modelmerge.io", other, ""),
         (API_SA, "get", "jobs", "batch", ns, ""),
@@ -754,8 +758,8 @@ def test_cluster_wide_rules_and_refusals(cluster_wide):
         "operator lists Secrets cluster-wide": status_code(
             lambda: client.CoreV1Api(operator).list_secret_for_all_namespaces()
         ),
-        "operator creates ModelMerges": status_code(
-            lambda: client.CustomObjectsApi(operator).create_namespaced_custom_object(*mm, workload, PLURAL, {})
+        "operator replaces a ModelMerge": status_code(
+            lambda: client.CustomObjectsApi(operator).replace_namespaced_custom_object(*mm, workload, PLURAL, "x", {})
         ),
         "API lists ModelMerges in the workload namespace": status_code(
             lambda: client.CustomObjectsApi(api).list_namespaced_custom_object(*mm, workload, PLURAL)

@@ -35,9 +35,10 @@ from modelmerge_engine.evaluation.sources import DataSource, load_data, resolve_
 from modelmerge_engine.refs import ResolvedModel
 
 MESSAGE_LIMIT = 2000  # MergeEvaluation.message's max_length
-# How many values the merge step processes in the time a forward pass takes for one token, per parameter of
-# the model: estimated from the recorded 0.5B runs (a merge of 2 fine-tunes: ~2e8 values/s on CPU and on an
-# H200; an evaluation: ~1e3 tokens/s on 16 CPU cores, a few 1e4 on the H200). Only the overall percent's weights.
+# The weight of one evaluated token in the overall percent, in the merge's work units (values), per parameter
+# of the model: only the weights of the steps, so a rough ratio of times. The merge step runs at about 2e8 values/s
+# (bench/results/gpu_check-h200.json: 0.5B, 2 fine-tunes, CPU and H200 alike); a forward pass costs about 2 FLOPs
+# per parameter and token, taken as ~1e12 FLOP/s effective on CPU cores and ~2e13 on a GPU (assumed, not measured).
 VALUES_PER_TOKEN_PARAMETER = {"cpu": 1 / 2500, "cuda": 1 / 50000}
 
 

@@ -126,11 +126,11 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
         write_synced(staging / "README.md", model_card(report))
     except OSError as exc:
         raise disk_error(exc, staging) from None
-    output.commit()
     summary = {"status": "succeeded", "output_dir": str(output.final), "tensors": len(merge.plans),
                "files": sorted(files + ["README.md", "merge_report.json"])}
     if section is not None:
         summary["evaluation"] = after_merge.merge_evaluation(section).model_dump(mode="json", exclude_none=True)
+    output.commit()
     return summary
 
 

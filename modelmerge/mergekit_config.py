@@ -24,7 +24,16 @@ import re
 from functools import cache
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # mergekit's methods that treat base_model as one more input (its contract ignores the base); every other method
 # takes base_model apart from the models it merges.
@@ -52,7 +61,51 @@ class ConditionalParameter(BaseModel):
 
 
 ParameterSetting = Union[ConditionalParameter, list[ConditionalParameter], Scalar, Gradient]  # noqa: UP007
-Parameters = dict[str, ParameterSetting]
+_SCALARS = (bool, int, float, str)
+
+
+def _setting(name: str, value: Any) -> ParameterSetting:
+    """One parameter's setting, with a message naming it when it is none of mergekit's forms."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, dict):
+        return _condition(f"{name}", value)
+    if isinstance(value, list):
+        if all(isinstance(e, _SCALARS) for e in value):
+            return value
+        if all(isinstance(e, dict) for e in value):
+            return [_condition(f"{name}[{i}]", e) for i, e in enumerate(value)]
+        if all(isinstance(e, (dict, *_SCALARS)) for e in value):
+            raise ValueError(f"{name}: a list is either values (a gradient) or conditions ({{filter, value}}), "
+                             "not both")
+    raise ValueError(f"{name}: a value, a list of values (a gradient over the layers) or a list of conditions "
+                     f"({{filter, value}}), got {value!r}")
+
+
+def _condition(name: str, value: dict) -> ConditionalParameter:
+    unknown = sorted(set(value) - {"filter", "value"})
+    if unknown:
+        raise ValueError(f"{name}: a condition is {{filter, value}}; unknown key {unknown[0]!r}")
+    if "value" not in value:
+        raise ValueError(f"{name}: a condition needs a value")
+    setting, where = value["value"], value.get("filter")
+    if not (isinstance(setting, _SCALARS) or (isinstance(setting, list) and setting
+                                              and all(isinstance(e, _SCALARS) for e in setting))):
+        raise ValueError(f"{name}.value: a value or a list of values (a gradient), got {setting!r}")
+    if where is not None and not isinstance(where, str):
+        raise ValueError(f"{name}.filter: a part of tensor names (text), got {where!r}")
+    return ConditionalParameter(value=setting, filter=where)
+
+
+def _parameters(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise ValueError("parameters are a mapping of names to settings")
+    return {name: _setting(name, setting) for name, setting in value.items()}
+
+
+Parameters = Annotated[dict[str, Any], BeforeValidator(_parameters)]
 
 
 def _model_reference(value: Any) -> Any:

@@ -53,6 +53,7 @@ class MergeMethod(StrEnum):
     # mergekit's methods, with mergekit's names and semantics
     linear = "linear"
     slerp = "slerp"
+    nearswap = "nearswap"
     passthrough = "passthrough"
 
 
@@ -211,7 +212,8 @@ class MergeRequest(BaseModel):
         allow_inf_nan=False,
         examples=[0.5],
         description="slerp: the interpolation factor from the base model (0) to the model (1) (mergekit's `t`; "
-        "required, values outside [0, 1] extrapolate).",
+        "required, values outside [0, 1] extrapolate). nearswap: the distance below which the model's value is "
+        "taken (weight t / |base - model|, clamped to [0, 1]; required).",
     )
     normalize: bool = Field(
         default=True,
@@ -449,6 +451,15 @@ METHODS: dict[str, MethodSpec] = {
             required=("t",),
             models=(1, 1),
             models_note=" (the base model is the other endpoint)",
+        ),
+        MethodSpec(
+            "nearswap",
+            "mergekit's nearswap: element by element, the model's value where it is within t of the base's, the "
+            "base's where they are far apart (weight t / |base - model|, clamped to [0, 1]).",
+            ("t", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            required=("t",),
+            models=(1, 1),
         ),
     )
 }

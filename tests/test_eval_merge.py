@@ -337,3 +337,40 @@ def test_without_torch_an_evaluated_merge_fails_before_merging(family, data_dir,
     assert "evaluation needs torch and transformers" in summary_of(result)["error"]
     assert "'eval' extra" in summary_of(result)["error"] and "Traceback" not in result.stderr
     assert_nothing_written(tmp_path, "merged")
+
+
+def test_an_error_in_the_middle_of_the_evaluation_keeps_the_merged_model(family, data_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Any error while the merged model is scored (here one as CUDA running out of memory would raise, after
+    the first batch) is the evaluation's failure: the merge is kept, the remaining steps are passed through to
+    100%."""
+    from modelmerge.contract import MergeRequest
+    from modelmerge_engine.evaluation import metric
+    from modelmerge_engine.run import run_merge
+
+    real_score_records = metric.score_records
+
+    def failing_after_one_batch(model, records, *, batch_size, on_batch):
+        def one_batch_then_fail(tokens):
+            on_batch(tokens)
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        return real_score_records(model, records, batch_size=batch_size, on_batch=one_batch_then_fail)
+
+    monkeypatch.setattr(metric, "score_records", failing_after_one_batch)
+    base, finetunes = family
+    out = tmp_path / "merged"
+    request = MergeRequest(base_model=str(base), models_to_merge=[str(p) for p in finetunes],
+                           merge_method="average_merging", output_dir=str(out),
+                           evaluation={"data": [str(data_dir)], "batch_size": 2, "baselines": True})
+    assert run_merge(request, progress="lines") == 0
+    captured = capsys.readouterr()
+    evaluation = MergeSummary.model_validate_json(captured.out.strip().splitlines()[-1]).evaluation
+    assert (evaluation.state, evaluation.message) == \
+        ("Failed", "evaluating the merged model failed: RuntimeError: CUDA out of memory (simulated)")
+    assert evaluation.overall is None and evaluation.baselines == [] and (out / "model.safetensors").is_file()
+    report = json.loads((out / "merge_report.json").read_text())["evaluation"]
+    assert (report["state"], report["merged"], report["baselines"]) == ("Failed", None, [])
+    parsed = progress_lines(captured.err)
+    assert [p.percent for p, _ in parsed] == sorted(p.percent for p, _ in parsed)
+    assert (parsed[-1][0].percent, parsed[-1][0].step, parsed[-1][0].steps) == (100.0, "eval-finetune-2", 5)

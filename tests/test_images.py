@@ -31,7 +31,7 @@ TARGETS = {
     ("operator/Dockerfile", "operator"): ["operator"],
     ("api/Dockerfile", "api"): ["api"],
     ("merge_image/Dockerfile", "merge-cpu"): ["engine"],
-    ("merge_image/Dockerfile", "merge"): ["engine", "engine,gpu"],
+    ("merge_image/Dockerfile", "merge"): ["engine", "engine,gpu,eval"],
 }
 FINAL_TARGET = {"operator/Dockerfile": "operator", "api/Dockerfile": "api", "merge_image/Dockerfile": "merge"}
 RUN_AS = "10001"

@@ -153,7 +153,8 @@ def test_merge_evaluates_the_written_model_and_its_inputs(family, data_dir, tmp_
     assert f"| `{base}` | base | {evaluation.baselines[0].ce:.4f} |" in card
     assert f"| `{finetunes[1]}` | fine-tune 2 | {evaluation.baselines[2].ce:.4f} |" in card
     assert f"Best input: `{best.model}` with CE {best.ce:.4f}" in card
-    assert f"| code | 13 | {evaluation.files[0].tokens} | {len(CODE_RECORDS)} |" in card
+    code = evaluation.files[0]
+    assert f"| code | {code.ce:.4f} | {code.ppl:.3f} | 13 | {code.tokens} | {len(CODE_RECORDS)} |" in card
 
 
 def test_a_broken_merge_is_far_worse_than_its_inputs_in_the_same_report(family, data_dir, tmp_path):

@@ -43,13 +43,15 @@ def evaluation_card(section: dict) -> list[str]:
                   f"{_number(summary.overall.ce)}.", ""]
     merged = section["merged"]
     if merged is not None:
-        lines += ["| data file | records | answer tokens | answers cut away by max_length |",
-                  "| --- | ---: | ---: | --- |"]
+        lines += ["This merge per data file:", "",
+                  "| data file | CE | PPL | records | answer tokens | answers cut away by max_length (records) |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
         for f in merged["files"]:
             cut = ", ".join(map(str, f["answer_cut_away"][:LISTED_RECORDS])) or "-"
             if len(f["answer_cut_away"]) > LISTED_RECORDS:
                 cut += f", ... ({len(f['answer_cut_away'])} records)"
-            lines.append(f"| {_cell(f['name'])} | {f['records']} | {f['tokens']} | {cut} |")
+            lines.append(f"| {_cell(f['name'])} | {_number(f['ce'])} | {_number(f['ppl'], 3)} | {f['records']} | "
+                         f"{f['tokens']} | {cut} |")
         lines.append("")
     return lines
 

@@ -26,12 +26,16 @@ from modelmerge.mergekit_config import MergekitConfig, evaluate_setting
 from modelmerge_api.app import create_app
 from modelmerge_api.local import LocalBackend
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
+from tests import test_api_kube
 from tests.helpers.mergekit import mergekit_merge, mergekit_python
 from tests.helpers.models import make_family, read_state_dict
 from tests.helpers.oracle import compare
 from tests.helpers.rest_api import serve_in_thread, wait_status
 
 SIZE = {"vocab": 256, "hidden": 64, "intermediate": 160, "layers": 4}
+# test_api_kube's control plane: the REST API on the kubernetes backend, the operator, the kubelet, the model hub
+kube_cluster = test_api_kube.cluster
+module_namespace = test_api_kube.module_namespace
 
 # mergekit's examples/gradient-slerp.yml (github.com/arcee-ai/mergekit at commit
 # bc62b546e2bbb0cf92b4a895def48c45cc1c1e44), as it is; the tests put tiny models in place of the two 13B ones
@@ -345,3 +349,86 @@ def test_rest_api_refuses_bad_configs_naming_the_key_and_starts_nothing(server, 
     detail = response.json()
     assert message in json.dumps(detail) and field in [d["field"] for d in detail.get("details", [])], detail
     assert requests.get(url + "/api/jobs", timeout=10).json()["total"] == 0
+
+
+# ---- a ModelMerge with spec.config, and the REST API, on the test control plane (the real engine) ----------
+
+
+def _kube_config(refs: list[str]) -> dict:
+    """A linear config over the hub's repo ids (2-layer Qwen2): per-model gradient, global condition."""
+    return {"merge_method": "linear", "dtype": "bfloat16",
+            "models": [{"model": refs[0], "parameters": {"weight": [0.2, 1.1]}},
+                       {"model": refs[1], "parameters": {"weight": [{"filter": "mlp", "value": 0.6}]}}],
+            "parameters": {"weight": 0.35, "normalize": True}}
+
+
+def _expected_from_local_paths(hub, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The same merge run here on the hub's folders (repo ids resolve to the same files in the cluster)."""
+    _, base, finetunes = hub
+    config = _kube_config([str(p) for p in finetunes])
+    return ours(config, tmp_path / "expected")
+
+
+@pytest.mark.integration
+def test_a_modelmerge_with_spec_config_merges_on_the_control_plane(kube_cluster, tmp_path):
+    cluster = kube_cluster
+    from kubernetes import client
+
+    from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
+    from modelmerge.kubeclient import raw
+    from tests.helpers.rest_api import FINETUNE_REPOS
+    from tests.helpers.waiting import wait_for
+    from tests.test_api_kube import CACHE_PVC, OUTPUT_PVC
+
+    custom = client.CustomObjectsApi(cluster.api)
+    name = "mergekit-config"
+    spec = {"config": _kube_config(list(FINETUNE_REPOS)), "output": {"pvc": OUTPUT_PVC},
+            "modelCache": {"pvc": CACHE_PVC, "readOnly": True}}
+    body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "ModelMerge", "metadata": {"name": name}, "spec": spec}
+    raw(custom.create_namespaced_custom_object, API_GROUP, API_VERSION, cluster.namespace, PLURAL, body)
+
+    def merge() -> dict:
+        return raw(custom.get_namespaced_custom_object, API_GROUP, API_VERSION, cluster.namespace, PLURAL, name)
+
+    wait_for(lambda: (merge().get("status") or {}).get("phase") in ("Succeeded", "Failed"), 240,
+             f"ModelMerge {name} to finish", context=lambda: json.dumps(merge().get("status")))
+    status = merge()["status"]
+    assert status["phase"] == "Succeeded", status
+    assert "base_model" not in merge()["spec"]  # the config alone says what to merge
+    output = Path(cluster.kubelet.pvc_path(OUTPUT_PVC)) / name
+    merged, expected = read_state_dict(output), _expected_from_local_paths(cluster.hub, tmp_path)
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in merged)
+    report = json.loads((output / "merge_report.json").read_text())
+    assert report["method"] == "linear" and report["mergekit_config"]["models"][0]["model"] == FINETUNE_REPOS[0]
+
+    bad = {**body, "metadata": {"name": "mergekit-config-bad"},
+           "spec": {**spec, "config": {**spec["config"], "parameters": {"wieght": 1}}}}
+    raw(custom.create_namespaced_custom_object, API_GROUP, API_VERSION, cluster.namespace, PLURAL, bad)
+
+    def refused() -> dict | None:
+        status = raw(custom.get_namespaced_custom_object, API_GROUP, API_VERSION, cluster.namespace, PLURAL,
+                     "mergekit-config-bad").get("status") or {}
+        return status if status.get("phase") == "Failed" else None
+
+    status = wait_for(refused, 60, "the operator to refuse the bad config")
+    assert status["reason"] == "InvalidSpec" and "config: parameters.wieght: no merge method has a parameter" \
+        in status["message"], status
+
+
+@pytest.mark.integration
+def test_the_rest_api_on_kubernetes_takes_a_yaml_config(kube_cluster, tmp_path):
+    cluster = kube_cluster
+    from tests.helpers.rest_api import FINETUNE_REPOS, submit
+    from tests.test_api_kube import AUTH
+
+    text = yaml.safe_dump(_kube_config(list(FINETUNE_REPOS)))
+    job_id = submit(cluster.url, {"mergekit_config": text}, headers=AUTH)
+    final = wait_status(cluster.url, job_id, timeout=240, headers=AUTH)
+    assert final["status"] == "completed", final
+    assert final["params"]["merge_method"] == "linear" and final["params"]["config"]["models"][0]["model"] == \
+        FINETUNE_REPOS[0]
+    (resource,) = [o for o in cluster.custom_objects() if o["metadata"]["name"] == job_id]
+    assert resource["spec"]["config"]["parameters"]["weight"] == 0.35
+    merged = read_state_dict(Path(cluster.kubelet.pvc_path("merge-output")) / job_id)
+    expected = _expected_from_local_paths(cluster.hub, tmp_path)
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in merged)

@@ -28,17 +28,18 @@ ACTIVE = ("pending", "running")
 # longer) and scores the trial from its parameters on two data files, a and b: scaling_coefficient >= 1.5 fails the
 # merge, 1.2 fails the evaluation.
 FAKE_ENGINE = r'''
-import argparse, hashlib, json, os, signal, sys, time
+import argparse, hashlib, json, math, os, signal, sys, time
 parser = argparse.ArgumentParser()
 parser.add_argument("command")
 parser.add_argument("--spec"); parser.add_argument("--output-dir"); parser.add_argument("--summary-file")
 parser.add_argument("--progress")
-args = parser.parse_args()
+args = parser.parse_known_args()[0]
 spec = json.load(open(args.spec))
 trial = os.path.basename(args.output_dir)
 def event(what):
-    with open(os.environ["SWEEP_EVENTS"], "a") as events:
-        events.write(f"{what} {trial}\n")
+    if "SWEEP_EVENTS" in os.environ:
+        with open(os.environ["SWEEP_EVENTS"], "a") as events:
+            events.write(f"{what} {trial}\n")
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 event("start")
 try:
@@ -55,9 +56,10 @@ if scale >= 1.5:
 rate = spec["param_value_mask_rate"] if spec["merge_method"] == "ties_merging" else 0.65
 a = 1.0 + (scale - 0.6) ** 2 + abs(rate - 0.7)
 b = 2.0 + (scale - 1.0) ** 2
-evaluation = {"state": "Succeeded", "overall": {"ce": (30 * a + 10 * b) / 40, "tokens": 40, "records": 4},
-              "files": [{"name": "a", "ce": a, "tokens": 30, "records": 2},
-                        {"name": "b", "ce": b, "tokens": 10, "records": 2}]}
+overall = (30 * a + 10 * b) / 40
+evaluation = {"state": "Succeeded", "overall": {"ce": overall, "ppl": math.exp(overall), "tokens": 40, "records": 4},
+              "files": [{"name": "a", "ce": a, "ppl": math.exp(a), "tokens": 30, "records": 2},
+                        {"name": "b", "ce": b, "ppl": math.exp(b), "tokens": 10, "records": 2}]}
 if abs(scale - 1.2) < 1e-9:
     evaluation = {"state": "Failed", "message": "evaluation: out of memory (stand-in engine)"}
 os.makedirs(args.output_dir)
@@ -451,3 +453,125 @@ def test_a_sweep_of_real_evaluated_merges(chat_models, tmp_path):
     best_ce, best_index = min(reports.values())
     assert final["best"]["index"] == best_index and final["best"]["ce"] == best_ce
     assert len({ce for ce, _ in reports.values()}) == 3  # three different merged models
+
+
+# ---- the Kubernetes backend ------------------------------------------------------------------------------------
+
+OUTPUT_PVC = "merge-output"
+
+
+class KubeServed:
+    def __init__(self, url: str, api, namespace: str) -> None:
+        self.url, self.api, self.namespace = url, api, namespace
+
+    def sweep_objects(self) -> dict[str, dict]:
+        from kubernetes import client
+
+        from modelmerge.contract import API_GROUP, API_VERSION
+        from modelmerge.sweep import SWEEP_PLURAL
+
+        listing = client.CustomObjectsApi(self.api).list_namespaced_custom_object(
+            API_GROUP, API_VERSION, self.namespace, SWEEP_PLURAL)
+        return {item["metadata"]["name"]: item for item in listing["items"]}
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane, k8s_api, kubeconfig_path, tmp_path_factory, fake_engine):
+    """The Kubernetes backend on the real control plane: both CRDs, the operator in this process (its merge pods
+    run the stand-in engine through the test kubelet) and the API on a free port."""
+    import uuid
+
+    from modelmerge import crd, sweep_crd
+    from modelmerge_api.kube import KubernetesBackend
+    from tests.kube.fixtures import create_namespace, delete_namespace
+    from tests.kube.kubelet import FakeKubelet
+    from tests.test_api_kube import operator_in_process
+
+    crd.install(k8s_api)
+    crd.install(k8s_api, manifest=sweep_crd.sweep_crd())
+    namespace = create_namespace(k8s_api, f"sweep-api-{uuid.uuid4().hex[:8]}")
+    kubelet = FakeKubelet(k8s_api, namespace=namespace, root=tmp_path_factory.mktemp("kube-sweeps") / "kubelet")
+    kubelet.start()
+    backend = KubernetesBackend(control_plane.api_client(), namespace, kubelet.pvc_path(OUTPUT_PVC),
+                                {"output": {"pvc": OUTPUT_PVC}})
+    try:
+        with operator_in_process(kubeconfig_path, namespace, fake_engine), \
+                serve_in_thread(create_app(backend)) as url:
+            yield KubeServed(url, k8s_api, namespace)
+    finally:
+        kubelet.stop()
+        delete_namespace(k8s_api, namespace)
+
+
+@pytest.mark.integration
+def test_kubernetes_a_sweep_is_a_model_merge_sweep_whose_trials_are_jobs(kube, events):
+    response = requests.post(kube.url + "/api/sweeps", timeout=30, json={
+        "template": template(), "parallelism": 2,
+        "space": {"scaling_coefficient": {"values": [0.2, 0.6, 1.0]}}})
+    assert response.status_code == 202 and response.json()["status"] == "pending", response.text
+    sweep_id = response.json()["sweep_id"]
+    obj = kube.sweep_objects()[sweep_id]
+    assert obj["spec"]["template"]["output"] == {"pvc": OUTPUT_PVC}
+    assert obj["spec"]["template"]["output_dir"] == sweep_id and obj["spec"]["parallelism"] == 2
+    assert obj["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "modelmerge-api"}
+    final = wait_sweep(kube.url, sweep_id, timeout=300)
+    assert final["status"] == "completed" and final["counts"]["succeeded"] == 3, final
+    scores = {}
+    for trial in final["trials"]:
+        assert trial["status"] == "completed" and trial["job_id"] == trial["name"], trial
+        merge = job(kube.url, trial["job_id"])
+        assert merge["status"] == "completed" and merge["sweep_id"] == sweep_id, merge
+        assert merge["params"]["scaling_coefficient"] == trial["parameters"]["scaling_coefficient"]
+        assert merge["output_path"] == f"pvc://{OUTPUT_PVC}/{sweep_id}/{trial['name']}"
+        scores[trial["index"]] = merge["evaluation"]["overall"]["ce"]
+        assert trial["ce"] == scores[trial["index"]]
+    best = min(scores, key=lambda index: (scores[index], index))
+    assert final["best"]["index"] == best and final["best"]["ce"] == scores[best]
+    assert final["best"]["job_id"] == final["trials"][best]["name"]
+    assert final["best"]["output_path"] == f"pvc://{OUTPUT_PVC}/{sweep_id}/{final['trials'][best]['name']}"
+    assert final["spec"]["template"]["base_model"] == "test/base" and "output" not in final["spec"]["template"]
+    assert max_concurrent(events) <= 2
+    listed = requests.get(kube.url + "/api/sweeps", timeout=10).json()["sweeps"]
+    assert [s["status"] for s in listed if s["sweep_id"] == sweep_id] == ["completed"]
+
+
+@pytest.mark.integration
+def test_kubernetes_cancel_a_sweep_and_its_hf_token_secret(kube):
+    from kubernetes import client
+
+    secret = "hf_KUBEsweepToken0123456789"
+    response = requests.post(kube.url + "/api/sweeps", headers={"X-HF-Token": secret}, timeout=30, json={
+        "template": template(base_model="slow/model"), "parallelism": 1,
+        "space": {"scaling_coefficient": {"values": [0.2, 0.6, 1.0]}}})
+    assert response.status_code == 202, response.text
+    sweep_id = response.json()["sweep_id"]
+    obj = kube.sweep_objects()[sweep_id]
+    assert obj["spec"]["template"]["hfTokenSecret"] == {"name": f"{sweep_id}-hf-token", "key": "token"}
+    assert secret not in json.dumps(obj)
+    stored = client.CoreV1Api(kube.api).read_namespaced_secret(f"{sweep_id}-hf-token", kube.namespace)
+    assert stored.metadata.owner_references[0].kind == "ModelMergeSweep"
+    assert stored.metadata.owner_references[0].uid == obj["metadata"]["uid"]
+    wait_for(lambda: [t["status"] for t in sweep_of(kube.url, sweep_id)["trials"]][:1] == ["running"], 120,
+             "the first trial running")
+    response = requests.delete(f"{kube.url}/api/sweeps/{sweep_id}", timeout=30)
+    assert response.status_code == 200 and response.json()["message"] == "cancellation requested", response.text
+    assert kube.sweep_objects()[sweep_id]["spec"]["cancel"] is True
+    final = wait_sweep(kube.url, sweep_id, timeout=120)
+    assert final["status"] == "cancelled", final
+    assert [t["status"] for t in final["trials"]] == ["cancelled", "skipped", "skipped"]
+    for path in (f"/api/sweeps/{sweep_id}", "/api/sweeps", "/api/jobs"):
+        assert secret not in requests.get(kube.url + path, timeout=10).text
+    again = requests.delete(f"{kube.url}/api/sweeps/{sweep_id}", timeout=30)
+    assert again.status_code == 409
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("body", "field", "message"), INVALID[:7], ids=[case[1] for case in INVALID[:7]])
+def test_kubernetes_an_invalid_sweep_creates_nothing(kube, body, field, message):
+    before = set(kube.sweep_objects())
+    response = requests.post(kube.url + "/api/sweeps", json=body, timeout=30)
+    assert response.status_code == 400 and message in response.json()["error"], response.text
+    assert field in [d["field"] for d in response.json()["details"]]
+    assert set(kube.sweep_objects()) == before
+    missing = requests.get(f"{kube.url}/api/sweeps/no-such-sweep", timeout=10)
+    assert missing.status_code == 404

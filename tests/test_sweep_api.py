@@ -414,6 +414,22 @@ def test_the_hf_token_reaches_the_trials_merges_only(make_server, events, tmp_pa
         assert secret not in requests.get(server.url + path, timeout=10).text
 
 
+def test_a_stored_sweep_that_the_contract_no_longer_takes_fails_saying_why(fake_engine, tmp_path):
+    from modelmerge_api.local_sweeps import LOCAL_TEMPLATE_DEFAULTS
+    from modelmerge_api.sweep_store import SweepRecord, SweepStore
+
+    data_dir = data_dir_with_data(tmp_path / "data")
+    store = SweepStore(data_dir / "jobs.db")
+    store.insert(SweepRecord(sweep_id="old", status="running", created_at="2026-01-01T00:00:00.000Z",
+                             output_rel="old", total=2,
+                             spec={"template": {**LOCAL_TEMPLATE_DEFAULTS, **template()}, "space": {"retired": [1]}}))
+    store.close()
+    with serve_in_thread(create_app(LocalBackend(data_dir, engine_command=fake_engine))) as url:
+        final = wait_sweep(url, "old", timeout=60)
+    assert (final["status"], final["reason"]) == ("failed", "InvalidSpec"), final
+    assert final["message"].startswith("the sweep's spec is no longer valid: space.retired: unknown field")
+
+
 # ---- the real engine ------------------------------------------------------------------------------------------
 
 

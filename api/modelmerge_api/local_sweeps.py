@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from modelmerge.sweep import (
     ModelMergeSweepSpec,
     ModelMergeSweepStatus,
@@ -27,6 +29,7 @@ from modelmerge.sweep import (
     SweepCounts,
     SweepTrialStatus,
     Trial,
+    format_sweep_error,
     objective_value,
     sweep_trials,
     trial_name,
@@ -171,8 +174,14 @@ class LocalSweeps:
         record = self.store.get(sweep_id)
         if record is None or record.status not in ACTIVE:
             return
-        plan = self._plan(record)
-        self.store.start(sweep_id)
+        try:
+            plan = self._plan(record)
+        except ValidationError as exc:  # stored by a version whose contract took it: nothing can run it now
+            self.store.finish(sweep_id, "failed", reason="InvalidSpec",
+                              message=f"the sweep's spec is no longer valid: {format_sweep_error(exc)}")
+            return
+        if record.status == "pending":
+            self.store.start(sweep_id)
         token_lost = record.has_token and sweep_id not in self._tokens
         stopping = record.cancel or token_lost
         for trial in record.trials:
@@ -271,11 +280,14 @@ class LocalSweeps:
     # ---- the view ----------------------------------------------------------------------------------------
 
     def _view(self, record: SweepRecord) -> SweepView:
-        plan = self._plan(record)
+        try:
+            planned = self._plan(record).trials
+        except ValidationError:  # see _advance: the trials that ran are all there is
+            planned = [Trial(row.index, row.params) for row in record.trials]
         rows = {trial.index: trial for trial in record.trials}
         finished = record.status not in ACTIVE
         trials = []
-        for trial in plan.trials:
+        for trial in planned:
             row = rows.get(trial.index)
             if row is None:
                 phase = "Skipped" if finished else "Waiting"

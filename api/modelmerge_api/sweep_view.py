@@ -8,7 +8,6 @@ waiting and skipped for trials that have not run or never will)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from modelmerge.contract import MergeRequest
@@ -79,7 +78,6 @@ class SweepBackend(Protocol):
     to every sweep's template (the REST request names only merge request fields)."""
 
     template_defaults: dict[str, Any]
-    output_root: Path
 
     def start(self) -> None: ...
 

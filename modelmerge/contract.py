@@ -54,6 +54,7 @@ class MergeMethod(StrEnum):
     linear = "linear"
     slerp = "slerp"
     nearswap = "nearswap"
+    model_stock = "model_stock"
     passthrough = "passthrough"
 
 
@@ -214,6 +215,11 @@ class MergeRequest(BaseModel):
         description="slerp: the interpolation factor from the base model (0) to the model (1) (mergekit's `t`; "
         "required, values outside [0, 1] extrapolate). nearswap: the distance below which the model's value is "
         "taken (weight t / |base - model|, clamped to [0, 1]; required).",
+    )
+    filter_wise: bool = Field(
+        default=False,
+        description="model_stock: one interpolation ratio per row of each tensor's last dimension instead of one "
+        "per tensor (mergekit's `filter_wise`).",
     )
     normalize: bool = Field(
         default=True,
@@ -460,6 +466,14 @@ METHODS: dict[str, MethodSpec] = {
             origin=MERGEKIT,
             required=("t",),
             models=(1, 1),
+        ),
+        MethodSpec(
+            "model_stock",
+            "mergekit's model_stock: per tensor (or per row with filter_wise), the base model interpolated toward "
+            "the fine-tunes' average by a ratio from the mean cosine between their task vectors (Model Stock).",
+            ("filter_wise", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            models=(2, None),
         ),
     )
 }

@@ -38,6 +38,7 @@ from modelmerge_engine.methods import (  # noqa: E402, F401
     average_merging,
     linear,
     mask_merging,
+    model_stock,
     nearswap,
     passthrough,
     slerp,

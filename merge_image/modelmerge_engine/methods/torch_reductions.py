@@ -2,8 +2,10 @@
 reduce, so the scalars a method derives from them (slerp's angle, ...) are mergekit's to the bit.
 
 mergekit (the oracle) computes these with torch on CPU: `torch.linalg.vector_norm(x, dim=-1)` and
-`x.sum(dim=-1)` over float32 rows. torch reduces a contiguous row with 8-lane float32 vectors (its vectorised
-kernels at the width its reductions use on x86-64), in a fixed order:
+`x.sum(dim=-1)` over rows of float32 (slerp) or of the compute dtype (model_stock). torch reduces a contiguous row
+with 8-lane float32 vectors (its vectorised kernels at the width its reductions use on x86-64; a vector of a
+bfloat16 or float16 row holds 16 values, its two halves added, or squared and accumulated, one after the other),
+in a fixed order:
 
 - the 2-norm (ReduceOpsKernel's last-dimension path): lane l accumulates x[8i + l]² (a multiply, then an add),
   the lanes are added in order, then the leftover elements' squares one by one (as the compiler built torch's
@@ -17,7 +19,8 @@ kernels at the width its reductions use on x86-64), in a fixed order:
 The kernels run on host arrays of float32 values whatever the kernel set, so the compiled and torch paths (and
 CUDA) get the same statistics. torch splits a sum of more than 32768 elements between its threads (the split
 depends on how many it has); these kernels reduce as one thread does (mergekit with OMP_NUM_THREADS=1), which
-only the last bits of a statistic of a large tensor can tell apart.
+only the last bits of a statistic of a large tensor can tell apart. torch's float16 2-norm takes its generic
+reduction, which agrees with these up to 100000 elements (checked) but not on much longer rows.
 """
 
 from __future__ import annotations
@@ -66,25 +69,53 @@ def _ceil_log2(value):
     return bits
 
 
+@njit(inline="always")
+def _vector_lane(values, v, lane, lanes, packed):
+    """Lane `lane` of vector `v` as torch loads it: 16-bit rows load 16 values per vector and add the upper 8
+    to the lower 8 in float32."""
+    if packed:
+        return values[v * 2 * LANES + lane] + values[v * 2 * LANES + LANES + lane]
+    return values[v * lanes + lane]
+
+
+# A sum in progress is (acc, state): acc the partial sums [LEVELS, ILP, lanes], state int64 [n, lanes, per_vector,
+# packed, rows, level_power, full_blocks, rows done]. Segments fed to sum_rows hold whole rows of ILP vectors (a
+# multiple of SUM_SEGMENT_MULTIPLE values) except the last; sum_finish takes what follows the last whole row.
+SUM_SEGMENT_MULTIPLE = ILP * 2 * LANES
+_N, _LANES, _PER_VECTOR, _PACKED, _ROWS, _LEVEL_POWER, _FULL_BLOCKS, _DONE = range(8)
+
+
 @njit(nogil=True, cache=True)
-def row_sum(values):
-    """`values.sum(dim=-1)` of one contiguous float32 row, in torch's cascade order."""
-    n = values.shape[0]
-    lanes = LANES if n >= LANES else 1
-    vectors = n // lanes
-    rows = vectors // ILP
-    level_power = max(4, _ceil_log2(rows) // LEVELS)
+def sum_begin(n, packed):
+    """A float32 sum of a row of `n` values (`packed`: bfloat16 or float16) in torch's cascade order."""
+    width = 2 * LANES if packed else LANES  # values per vector
+    vectorised = n >= width
+    state = np.zeros(8, np.int64)
+    state[_N] = n
+    state[_LANES] = LANES if vectorised else 1
+    state[_PER_VECTOR] = width if vectorised else 1
+    state[_PACKED] = 1 if packed and vectorised else 0
+    rows = n // state[_PER_VECTOR] // ILP
+    state[_ROWS] = rows
+    state[_LEVEL_POWER] = max(4, _ceil_log2(rows) // LEVELS)
+    state[_FULL_BLOCKS] = rows // (1 << state[_LEVEL_POWER]) * (1 << state[_LEVEL_POWER])
+    return np.zeros((LEVELS, ILP, state[_LANES]), np.float32), state
+
+
+@njit(nogil=True, cache=True)
+def sum_rows(values, acc, state):
+    """Adds the whole rows of ILP vectors that `values` (the next values of the row) holds, up to the row's last."""
+    lanes, per_vector, packed = state[_LANES], state[_PER_VECTOR], state[_PACKED] == 1
+    level_power = state[_LEVEL_POWER]
     level_step = 1 << level_power
     level_mask = level_step - 1
-    full_blocks = rows // level_step * level_step
-    acc = np.zeros((LEVELS, ILP, lanes), np.float32)
-    for i in range(rows):
+    count = min(values.shape[0] // (ILP * per_vector), state[_ROWS] - state[_DONE])
+    for i in range(count):
         for k in range(ILP):
-            base = (i * ILP + k) * lanes
             for lane in range(lanes):
-                acc[0, k, lane] += values[base + lane]
-        done = i + 1
-        if done % level_step == 0 and done <= full_blocks:
+                acc[0, k, lane] += _vector_lane(values, i * ILP + k, lane, lanes, packed)
+        done = state[_DONE] + i + 1
+        if done % level_step == 0 and done <= state[_FULL_BLOCKS]:
             for j in range(1, LEVELS):
                 for k in range(ILP):
                     for lane in range(lanes):
@@ -92,44 +123,79 @@ def row_sum(values):
                         acc[j - 1, k, lane] = 0.0
                 if done & (level_mask << (j * level_power)):
                     break
+    state[_DONE] += count
+    return count * ILP * per_vector
+
+
+@njit(nogil=True, cache=True)
+def sum_finish(tail, acc, state):
+    """The sum, given the values after the last whole row of ILP vectors (leftover vectors, then elements)."""
+    lanes, per_vector, packed = state[_LANES], state[_PER_VECTOR], state[_PACKED] == 1
     for j in range(1, LEVELS):
         for k in range(ILP):
             for lane in range(lanes):
                 acc[0, k, lane] += acc[j, k, lane]
-    for v in range(rows * ILP, vectors):
+    vectors = tail.shape[0] // per_vector
+    for v in range(vectors):
         for lane in range(lanes):
-            acc[0, 0, lane] += values[v * lanes + lane]
+            acc[0, 0, lane] += _vector_lane(tail, v, lane, lanes, packed)
     for k in range(1, ILP):
         for lane in range(lanes):
             acc[0, 0, lane] += acc[0, k, lane]
     total = np.float32(0.0)
-    for e in range(vectors * lanes, n):
-        total += values[e]
+    for e in range(vectors * per_vector, tail.shape[0]):
+        total += tail[e]
     for lane in range(lanes):
         total += acc[0, 0, lane]
     return np.float32(np.float32(0.0) + total)  # accumulated into the zero-filled output
 
 
 @njit(nogil=True, cache=True)
-def row_norm(values):
-    """`torch.linalg.vector_norm(values, dim=-1)` of one contiguous float32 row, in torch's order."""
-    n = values.shape[0]
-    acc = np.zeros(LANES, np.float32)
-    whole = n - n % LANES
-    for d in range(0, whole, LANES):
-        for lane in range(LANES):
-            square = values[d + lane] * values[d + lane]
-            acc[lane] += square
+def row_sum(values, packed):
+    """`row.sum(dim=-1)` of one contiguous row (its values widened to float32; `packed`: the row is bfloat16 or
+    float16), accumulated in float32 in torch's cascade order; the caller rounds it to the row's dtype."""
+    acc, state = sum_begin(values.shape[0], packed)
+    used = sum_rows(values, acc, state)
+    return sum_finish(values[used:], acc, state)
+
+
+@njit(nogil=True, cache=True)
+def norm_add(values, packed, acc):
+    """Adds the squares of the whole vectors of `values` (the next values of a row) to the 8 lane sums `acc`;
+    returns how many values that was (the rest, fewer than one vector, are the row's last: norm_finish)."""
+    width = 2 * LANES if packed else LANES
+    whole = values.shape[0] - values.shape[0] % width
+    for d in range(0, whole, width):
+        for half in range(width // LANES):
+            for lane in range(LANES):
+                square = values[d + half * LANES + lane] * values[d + half * LANES + lane]
+                acc[lane] += square
+    return whole
+
+
+@njit(nogil=True, cache=True)
+def norm_finish(tail, acc):
+    """The 2-norm, given the row's values after its last whole vector."""
     total = acc[0]
     for lane in range(1, LANES):
         total += acc[lane]
-    grouped = whole + (n - whole) // 4 * 4
-    for d in range(whole, grouped):
-        square = values[d] * values[d]
+    grouped = tail.shape[0] // 4 * 4
+    for d in range(grouped):
+        square = tail[d] * tail[d]
         total += square
-    for d in range(grouped, n):
-        total = _fma(values[d], values[d], total)
+    for d in range(grouped, tail.shape[0]):
+        total = _fma(tail[d], tail[d], total)
     return np.float32(np.sqrt(total))
+
+
+@njit(nogil=True, cache=True)
+def row_norm(values, packed):
+    """`torch.linalg.vector_norm(row, dim=-1)` of one contiguous row (widened to float32; `packed`: bfloat16 or
+    float16, 16 values per vector, squared and accumulated in two halves), in float32 in torch's order; the
+    caller rounds it to the row's dtype."""
+    acc = np.zeros(LANES, np.float32)
+    whole = norm_add(values, packed, acc)
+    return norm_finish(values[whole:], acc)
 
 
 @njit(nogil=True, cache=True)

@@ -293,30 +293,43 @@ def test_cancel_stops_new_trials_and_cancels_the_running_ones(make_server, event
         assert missing.status_code == 404 and missing.json()["error"] == "sweep 'no-such-sweep' not found"
 
 
+class KilledMidSweep:
+    """`modelmerge serve` as a subprocess running a six-trial sweep (parallelism 2, 1.5 s a trial), killed with
+    SIGKILL once a trial completed and two run; `restart()` serves the same data dir again."""
+
+    def __init__(self, fake_engine: list[str], tmp_path: Path, **request) -> None:
+        self.env = {**os.environ, "SWEEP_EVENTS": str(tmp_path / "events.log"), "SWEEP_TRIAL_SECONDS": "1.5"}
+        self.env.pop("MODELMERGE_API_TOKEN", None)
+        self.data_dir = data_dir_with_data(tmp_path / "data")
+        self.args = ["--data-dir", str(self.data_dir), "--workers", "2", "--engine-command", " ".join(fake_engine)]
+        self.log = tmp_path / "server.log"
+        server = ServerProcess(self.args, self.env, self.log)
+        try:
+            response = requests.post(server.url + "/api/sweeps", timeout=30, json={
+                "template": template(), "parallelism": 2,
+                "space": {"scaling_coefficient": {"values": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}}}, **request)
+            self.sweep_id = response.json()["sweep_id"]
+
+            def mid_sweep() -> bool:
+                statuses = [t["status"] for t in sweep_of(server.url, self.sweep_id)["trials"]]
+                return "completed" in statuses and statuses.count("running") == 2
+
+            wait_for(mid_sweep, 120, "a trial completed and two running")
+        finally:
+            server.kill(signal.SIGKILL)
+        self.interrupted = [t for t in sweep_of_db(self.data_dir, self.sweep_id) if t[1] is None]
+        assert self.interrupted, "the server was killed with trials running"
+
+    def restart(self) -> ServerProcess:
+        return ServerProcess(self.args, self.env, self.log)
+
+
 def test_a_restart_mid_sweep_creates_no_duplicate_and_loses_no_trial(fake_engine, tmp_path):
     """kill -9 the server while two trials run: after a restart on the same data dir the sweep goes on; the
     interrupted trials run again (as new attempts), the others exactly once."""
-    events = tmp_path / "events.log"
-    env = {**os.environ, "SWEEP_EVENTS": str(events), "SWEEP_TRIAL_SECONDS": "1.5"}
-    env.pop("MODELMERGE_API_TOKEN", None)
-    data_dir = data_dir_with_data(tmp_path / "data")
-    args = ["--data-dir", str(data_dir), "--workers", "2", "--engine-command", " ".join(fake_engine)]
-    server = ServerProcess(args, env, tmp_path / "server.log")
-    try:
-        sweep_id = requests.post(server.url + "/api/sweeps", timeout=30, json={
-            "template": template(), "parallelism": 2,
-            "space": {"scaling_coefficient": {"values": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}}}).json()["sweep_id"]
-
-        def mid_sweep() -> bool:
-            statuses = [t["status"] for t in sweep_of(server.url, sweep_id)["trials"]]
-            return "completed" in statuses and statuses.count("running") == 2
-
-        wait_for(mid_sweep, 120, "a trial completed and two running")
-    finally:
-        server.kill(signal.SIGKILL)
-    interrupted = [t for t in sweep_of_db(data_dir, sweep_id) if t[1] is None]
-    assert interrupted, "the server was killed with trials running"
-    server = ServerProcess(args, env, tmp_path / "server.log")
+    killed = KilledMidSweep(fake_engine, tmp_path)
+    sweep_id, data_dir, interrupted = killed.sweep_id, killed.data_dir, killed.interrupted
+    server = killed.restart()
     try:
         final = wait_sweep(server.url, sweep_id, timeout=180)
         merges = sweep_jobs(server.url, sweep_id)
@@ -334,6 +347,22 @@ def test_a_restart_mid_sweep_creates_no_duplicate_and_loses_no_trial(fake_engine
         t["name"] for t in final["trials"])
     best = min(final["trials"], key=lambda t: (t["ce"], t["index"]))
     assert final["best"]["index"] == best["index"] and best["parameters"]["scaling_coefficient"] == 0.6
+
+
+def test_a_sweep_with_an_hf_token_fails_after_a_restart_asking_to_resubmit_it(fake_engine, tmp_path):
+    from modelmerge_api.local_sweeps import TOKEN_LOST
+
+    killed = KilledMidSweep(fake_engine, tmp_path, headers={"X-HF-Token": "hf_RESTARTsecret0123456789"})
+    server = killed.restart()
+    try:
+        final = wait_sweep(server.url, killed.sweep_id, timeout=60)
+        merges = sweep_jobs(server.url, killed.sweep_id)
+    finally:
+        server.kill(signal.SIGTERM)
+    assert (final["status"], final["reason"], final["message"]) == ("failed", "TokenLost", TOKEN_LOST), final
+    assert final["counts"]["succeeded"] >= 1 and final["counts"]["skipped"] >= 1
+    assert len(merges) == len([t for t in final["trials"] if t["job_id"]])  # nothing ran after the restart
+    assert {m["status"] for m in merges} <= {"completed", "failed"}
 
 
 def sweep_of_db(data_dir: Path, sweep_id: str) -> list[tuple[int, str | None, str]]:

@@ -205,6 +205,8 @@ def test_missing_data_and_an_invalid_evaluation_exit_2(family, tmp_path):
     invalid = merge_cli(*inputs_flags(base, finetunes), "--output-dir", str(out), "--eval-data", "x.json",
                         "--eval-batch-size", "0")
     assert invalid.returncode == 2 and "evaluation.batch_size" in summary_of(invalid)["error"]
+    no_data = merge_cli(*inputs_flags(base, finetunes), "--output-dir", str(out), "--eval-baselines")
+    assert no_data.returncode == 2 and "evaluation.data" in summary_of(no_data)["error"]
     assert_nothing_written(tmp_path, "merged")
 
 

@@ -5,27 +5,34 @@ No kopf progress storage or finalizer on sweeps: deleting one deletes its childr
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import kopf
 
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL
 from modelmerge.sweep import SWEEP_PLURAL
+from modelmerge_operator.reconcile import Reconciler
 from modelmerge_operator.sweep import SweepController
 from modelmerge_operator.sweep_manifests import LABEL_SWEEP, sweep_owner
 
-_CREATE_LOCK = threading.Lock()
+_LOCK = threading.Lock()
+# kopf hands each object's handlers a shallow copy of the operator's memo, so a controller stored in one would be
+# one object's alone: the one controller (and its per-sweep serialisation) is kept per ModelMerge reconciler, which
+# startup put in the operator's memo and every copy shares.
+_CONTROLLERS: weakref.WeakKeyDictionary[Reconciler, SweepController] = weakref.WeakKeyDictionary()
 
 
 def controller(memo: kopf.Memo) -> SweepController | None:
     """The one SweepController of this operator, made from the ModelMerge reconciler's client and settings once
     startup made those."""
-    if "reconciler" not in memo:
+    reconciler = memo.get("reconciler")
+    if reconciler is None:
         return None
-    with _CREATE_LOCK:
-        if "sweeps" not in memo:
-            memo.sweeps = SweepController(memo.reconciler.kube, memo.reconciler.config)
-    return memo.sweeps
+    with _LOCK:
+        if reconciler not in _CONTROLLERS:
+            _CONTROLLERS[reconciler] = SweepController(reconciler.kube, reconciler.config)
+        return _CONTROLLERS[reconciler]
 
 
 @kopf.on.event(API_GROUP, API_VERSION, SWEEP_PLURAL)

@@ -257,16 +257,30 @@ def test_a_data_file_objective_keep_best_and_trials_that_fail(make_server, event
 
 
 def test_early_stopping_skips_the_rest(make_server, events):
-    """Overall CE of scaling 0.6, 0.2, 1.0, 0.7: 1.29, 1.53, 1.37, 1.28. With patience 2 the sweep stops after the
+    """Overall CE of scaling 0.6, 0.2, 1.0, 0.7: 1.3275, 1.5675, 1.4075, 1.3175. With patience 2 the sweep stops after the
     third trial, before the one that would have been best."""
     server = make_server(workers=2)
     sweep_id = server.start({"template": template(), "earlyStopping": {"patience": 2},
                              "space": {"scaling_coefficient": {"values": [0.6, 0.2, 1.0, 0.7]}}})
     final = server.wait(sweep_id)
     assert (final["status"], final["reason"]) == ("completed", "EarlyStopped"), final
+    assert final["message"] == f"best: trial 0 ({final['trials'][0]['name']}) with cross-entropy 1.3275"
     assert [t["status"] for t in final["trials"]] == ["completed"] * 3 + ["skipped"]
     assert final["trials"][3]["job_id"] is None and final["best"]["index"] == 0
     assert final["counts"]["skipped"] == 1 and len(sweep_jobs(server.url, sweep_id)) == 3
+
+
+@pytest.mark.parametrize(("scales", "reason", "message"), [
+    ([1.6, 1.7], "AllTrialsFailed", "every trial failed: trial 0: base_model: the merge failed (stand-in engine); "
+     "trial 1: base_model: the merge failed (stand-in engine)"),
+    ([1.2, 1.6], "NoTrialScored", "no succeeded trial has a cross-entropy for the objective: trial 0: evaluation "
+     "failed: evaluation: out of memory (stand-in engine); trial 1: base_model: the merge failed (stand-in engine)"),
+], ids=["all-failed", "none-scored"])
+def test_a_sweep_without_a_scored_trial_fails_saying_why(make_server, events, scales, reason, message):
+    server = make_server(workers=2)
+    sweep_id = server.start({"template": template(), "space": {"scaling_coefficient": {"values": scales}}})
+    final = server.wait(sweep_id)
+    assert (final["status"], final["reason"], final["message"], final["best"]) == ("failed", reason, message, None)
 
 
 def test_cancel_stops_new_trials_and_cancels_the_running_ones(make_server, events):

@@ -259,10 +259,15 @@ class LocalSweeps:
         elif token_lost:
             status, reason, message = "failed", "TokenLost", TOKEN_LOST
         elif best is None:
-            reasons = "; ".join(f"trial {t.index}: {t.message}" for t in trials[:3] if t.message)
-            status, reason, message = "failed", "AllTrialsFailed", f"no trial has a score: {reasons or 'none ran'}"
+            reasons = "; ".join(f"trial {t.index}: {t.message}" for t in trials if t.message)[:1000]
+            if any(t.status == "completed" for t in trials):
+                reason, message = "NoTrialScored", "no succeeded trial has a cross-entropy for the objective"
+            else:
+                reason, message = "AllTrialsFailed", "every trial failed"
+            status, message = "failed", f"{message}: {reasons or 'none ran'}"
         else:
-            status, reason, message = "completed", "EarlyStopped" if early else "Completed", None
+            status, reason = "completed", "EarlyStopped" if early else "Completed"
+            message = f"best: trial {best.index} ({best.name}) with cross-entropy {best.objective:.6g}"
         if plan.spec.keep == "best" and best is not None:
             for trial in trials:
                 if trial.index != best.index:
@@ -323,8 +328,9 @@ def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
 
 def early_stopped(trials: list[TrialRecord], spec: ModelMergeSweepSpec) -> bool:
     """Whether `earlyStopping.patience` finished trials in a row, in trial order, did not improve on the best
-    before them (a trial without a score does not improve). Only the finished trials before the first
-    unfinished one count, so the answer does not depend on which of the parallel trials ended first."""
+    before them (a trial without a score does not improve; before the first score there is nothing to improve
+    on). Only the finished trials before the first unfinished one count, so the answer does not depend on which
+    of the parallel trials ended first. The operator decides the same way."""
     if spec.earlyStopping is None:
         return False
     best, streak = None, 0
@@ -335,7 +341,7 @@ def early_stopped(trials: list[TrialRecord], spec: ModelMergeSweepSpec) -> bool:
             best, streak = trial.objective, 0
         else:
             streak += 1
-            if streak >= spec.earlyStopping.patience:
+            if best is not None and streak >= spec.earlyStopping.patience:
                 return True
     return False
 

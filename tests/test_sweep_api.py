@@ -257,8 +257,8 @@ def test_a_data_file_objective_keep_best_and_trials_that_fail(make_server, event
 
 
 def test_early_stopping_skips_the_rest(make_server, events):
-    """Overall CE of scaling 0.6, 0.2, 1.0, 0.7: 1.3275, 1.5675, 1.4075, 1.3175. With patience 2 the sweep stops after the
-    third trial, before the one that would have been best."""
+    """Overall CE of scaling 0.6, 0.2, 1.0, 0.7: 1.3275, 1.5675, 1.4075, 1.3175. With patience 2 the sweep stops
+    after the third trial, before the one that would have been best."""
     server = make_server(workers=2)
     sweep_id = server.start({"template": template(), "earlyStopping": {"patience": 2},
                              "space": {"scaling_coefficient": {"values": [0.6, 0.2, 1.0, 0.7]}}})
@@ -311,7 +311,7 @@ class KilledMidSweep:
     """`modelmerge serve` as a subprocess running a six-trial sweep (parallelism 2, 1.5 s a trial), killed with
     SIGKILL once a trial completed and two run; `restart()` serves the same data dir again."""
 
-    def __init__(self, fake_engine: list[str], tmp_path: Path, **request) -> None:
+    def __init__(self, fake_engine: list[str], tmp_path: Path, headers: dict | None = None, **changes) -> None:
         self.env = {**os.environ, "SWEEP_EVENTS": str(tmp_path / "events.log"), "SWEEP_TRIAL_SECONDS": "1.5"}
         self.env.pop("MODELMERGE_API_TOKEN", None)
         self.data_dir = data_dir_with_data(tmp_path / "data")
@@ -321,7 +321,8 @@ class KilledMidSweep:
         try:
             response = requests.post(server.url + "/api/sweeps", timeout=30, json={
                 "template": template(), "parallelism": 2,
-                "space": {"scaling_coefficient": {"values": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}}}, **request)
+                "space": {"scaling_coefficient": {"values": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}}, **changes},
+                headers=headers)
             self.sweep_id = response.json()["sweep_id"]
 
             def mid_sweep() -> bool:
@@ -366,7 +367,8 @@ def test_a_restart_mid_sweep_creates_no_duplicate_and_loses_no_trial(fake_engine
 def test_a_sweep_with_an_hf_token_fails_after_a_restart_asking_to_resubmit_it(fake_engine, tmp_path):
     from modelmerge_api.local_sweeps import TOKEN_LOST
 
-    killed = KilledMidSweep(fake_engine, tmp_path, headers={"X-HF-Token": "hf_RESTARTsecret0123456789"})
+    killed = KilledMidSweep(fake_engine, tmp_path, headers={"X-HF-Token": "hf_RESTARTsecret0123456789"},
+                            keep="best")
     server = killed.restart()
     try:
         final = wait_sweep(server.url, killed.sweep_id, timeout=60)
@@ -377,6 +379,9 @@ def test_a_sweep_with_an_hf_token_fails_after_a_restart_asking_to_resubmit_it(fa
     assert final["counts"]["succeeded"] >= 1 and final["counts"]["skipped"] >= 1
     assert len(merges) == len([t for t in final["trials"] if t["job_id"]])  # nothing ran after the restart
     assert {m["status"] for m in merges} <= {"completed", "failed"}
+    outputs = sorted(p.name for p in (killed.data_dir / "output" / killed.sweep_id).iterdir())
+    assert outputs == sorted(t["name"] for t in final["trials"] if t["status"] == "completed")  # keep=best: only
+    # once a sweep completed
 
 
 def sweep_of_db(data_dir: Path, sweep_id: str) -> list[tuple[int, str | None, str]]:

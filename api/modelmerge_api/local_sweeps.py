@@ -10,7 +10,8 @@ interrupted (the local backend fails it with its INTERRUPTED message) runs again
 after a restart: it fails with a message asking to resubmit it.
 
 The trials' outputs are `<output_dir>/<trial name>`, `output_dir` being the sweep's (default: its id). With
-`keep: best`, the other trials' output folders are deleted once the sweep ends (their jobs and scores stay)."""
+`keep: best`, the other trials' output folders are deleted once the sweep completed (their jobs and scores stay;
+a cancelled or failed sweep keeps every output)."""
 
 from __future__ import annotations
 
@@ -268,7 +269,7 @@ class LocalSweeps:
         else:
             status, reason = "completed", "EarlyStopped" if early else "Completed"
             message = f"best: trial {best.index} ({best.name}) with cross-entropy {best.objective:.6g}"
-        if plan.spec.keep == "best" and best is not None:
+        if plan.spec.keep == "best" and status == "completed":  # as the operator: not after a cancel
             for trial in trials:
                 if trial.index != best.index:
                     self._delete_output(record, trial)

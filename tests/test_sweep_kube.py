@@ -294,6 +294,22 @@ def test_grid_sweep_finds_the_best_trial_within_parallelism(sweeps):
         assert (sweeps.kubelet.pvc_path(OUTPUT_PVC) / child / "config.json").exists()
 
 
+def test_many_quick_trials_keep_parallelism_exactly(sweeps):
+    """24 merges that end at once: a burst of child events per trial; never more than 3 unfinished."""
+    sweeps.start_operator()
+    watch = ChildWatch(sweeps)
+    name = sweeps.create({"template": _template(seconds=0), "parallelism": 3,
+                          "space": {"scaling_coefficient": {"start": 0.3, "stop": 1.45, "step": 0.05}}})
+    status = sweeps.wait_phase(name, ("Succeeded", "Failed"))
+    watch.stop()
+    assert status["phase"] == "Succeeded" and status["progress"] == "24/24", sweeps.context(name)
+    assert status["counts"]["succeeded"] == 24
+    assert watch.most_unfinished == 3, watch.most_unfinished
+    assert sorted(n for n, _ in watch.added) == sorted(trial_name(name, i) for i in range(24))
+    scores = _children_scores(sweeps, name)
+    assert status["best"]["name"] == min(scores, key=scores.get)
+
+
 def test_random_sweep_ranks_by_one_data_files_cross_entropy(sweeps):
     sweeps.start_operator()
     spec = {"template": _template(output_dir="runs"), "strategy": "random", "trials": 5, "seed": 11,

@@ -132,7 +132,9 @@ def precompile(*, max_models: int, dtypes: list[str], methods: list[str], log) -
         for dtype in dtypes:
             started = time.monotonic()
             runs = [(dtype, fields) for fields in requests(max_models, methods)]
-            runs += [(stored, {"merge_method": methods[0], "count": 1}) for stored in DTYPES if stored != dtype]
+            conversion = {"merge_method": methods[0], "count": CATALOGUE[methods[0]].models[0],
+                          **required_examples(methods[0])}
+            runs += [(stored, dict(conversion)) for stored in DTYPES if stored != dtype]
             for stored, fields in runs:
                 base, *finetunes = checkpoints[stored]
                 count = fields.pop("count")

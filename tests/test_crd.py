@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelmerge import crd
+from modelmerge import crd, sweep_crd
 from modelmerge.contract import API_GROUP, API_VERSION, PLURAL, MergeMethod, MergeProgress, MergeRequest, ModelMergeSpec
 from modelmerge.kubeclient import merge_patch, raw
 
@@ -36,7 +36,8 @@ def _walk(node, path=""):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, render", [(crd.CRD_FILE, crd.render), (crd.PEERING_FILE, crd.render_peering)])
+@pytest.mark.parametrize("name, render", [(crd.CRD_FILE, crd.render), (crd.PEERING_FILE, crd.render_peering),
+                                          (sweep_crd.SWEEP_CRD_FILE, sweep_crd.render_sweep)])
 def test_committed_crds_are_what_make_crds_generates(name, render):
     committed = ROOT / "crds" / name
     assert committed.exists(), "run `make crds` and commit crds/"

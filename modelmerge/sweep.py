@@ -1,10 +1,11 @@
 """The ModelMergeSweep contract: a search over merge parameters whose trials are ModelMerges.
 
-A sweep is a `template` (a ModelMerge spec whose `evaluation` is required), a `space` (per merge field: a list of
-values, a range `{start, stop, step}`, or for random sampling `{min, max, log}`), a `strategy` (`grid` runs every
-point, `random` draws `trials` points with `seed`), `parallelism`, an `objective` (the overall cross-entropy, or
-one data file's), `keep` and optional `earlyStopping`. `merge_method` may be swept too: each trial of a method
-varies only the parameters that method takes (its grid is the product of those dimensions alone).
+A sweep is a `template` (a ModelMerge spec whose `evaluation` is required), a `space` (per merge field: a list
+`{values: [...]}`, a range `{start, stop, step}` or for random sampling `{min, max, log}`), a `strategy` (`grid`
+runs every point, `random` draws `trials` points with `seed`), `parallelism`, an `objective` (the overall
+cross-entropy, or one data file's), `keep` and optional `earlyStopping`. `merge_method` may be swept too: each
+trial of a method varies only the parameters that method takes (its grid is the product of those dimensions
+alone).
 
 `sweep_trials(spec)` expands a sweep into its trials, deterministically: grid order is the canonical order of the
 dimensions (`merge_method` first, then the parameters in the method registry's order; the last varies fastest),

@@ -44,7 +44,7 @@ def _add_field_flag(parser, name: str, field) -> None:
     if name == "eval_data":  # paths: several after one flag, or the flag repeated
         parser.add_argument(_flag(name), dest=name, metavar="FILE|DIR", nargs="+", action="extend", default=None,
                             help=help_text)
-    elif annotation is bool:
+    elif annotation is bool or set(get_args(annotation)) == {bool, type(None)}:
         parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                             help=help_text)
     elif is_list:

@@ -11,6 +11,7 @@ import json
 import re
 import signal
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -34,6 +35,7 @@ PLURAL = "modelmerges"
 SHORT_NAME = "mm"
 
 MAX_MODELS = 32
+DELLA_EPSILON = 0.15  # mergekit's default epsilon (ModelParameters.epsilon unset)
 MAX_REGEXES = 64
 MAX_REF_LENGTH = 512
 
@@ -52,6 +54,14 @@ class MergeMethod(StrEnum):
     mask_merging = "mask_merging"
     # mergekit's methods, with mergekit's names and semantics
     linear = "linear"
+    mergekit_task_arithmetic = "mergekit_task_arithmetic"
+    ties = "ties"
+    dare_ties = "dare_ties"
+    dare_linear = "dare_linear"
+    breadcrumbs = "breadcrumbs"
+    breadcrumbs_ties = "breadcrumbs_ties"
+    della = "della"
+    della_linear = "della_linear"
     slerp = "slerp"
     nearswap = "nearswap"
     model_stock = "model_stock"
@@ -76,7 +86,19 @@ class ModelParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     weight: float = Field(default=1.0, ge=-100.0, le=100.0, allow_inf_nan=False,
-                          description="linear: the model's weight (mergekit's `weight`).")
+                          description="linear and the task arithmetic family (mergekit_task_arithmetic, ties, "
+                          "dare_*, breadcrumbs*, della*): the model's weight (mergekit's `weight`).")
+    density: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                  description="ties, dare_*, breadcrumbs*, della*: the fraction of the model's task "
+                                  "vector kept in each tensor (mergekit's `density`); unset: 1.0, all of it.")
+    gamma: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                description="breadcrumbs, breadcrumbs_ties: the fraction of each tensor's largest "
+                                "magnitudes dropped as outliers before the smallest are dropped down to density "
+                                "(mergekit's `gamma`); unset: 0.01.")
+    epsilon: float | None = Field(default=None, ge=0.0, lt=1.0, allow_inf_nan=False,
+                                  description="della, della_linear: keep probabilities spread over density ± "
+                                  "epsilon by each magnitude's rank in its row (mergekit's `epsilon`; density ± "
+                                  "epsilon must lie inside (0, 1)); unset: 0.15.")
     scale: float | None = Field(default=None, ge=-100.0, le=100.0, allow_inf_nan=False,
                                 description="passthrough: multiply the model's tensors by this (mergekit's `scale`); "
                                 "unset: copied as they are.")
@@ -221,9 +243,31 @@ class MergeRequest(BaseModel):
         description="model_stock: one interpolation ratio per row of each tensor's last dimension instead of one "
         "per tensor (mergekit's `filter_wise`).",
     )
-    normalize: bool = Field(
-        default=True,
-        description="linear: divide the weighted sum by the sum of the weights (mergekit's `normalize`).",
+    normalize: bool | None = Field(
+        default=None,
+        description="linear and the task arithmetic family: divide the weighted sum by the sum of the weights "
+        "(mergekit's `normalize`); unset: the method's mergekit default (true for linear, ties and della, false "
+        "for the others).",
+    )
+    rescale: bool | None = Field(
+        default=None,
+        description="ties, dare_*, breadcrumbs*, della*: rescale each sparsified task vector to its L1 norm "
+        "before sparsification (mergekit's `rescale`); unset: the method's mergekit default (true for dare_* and "
+        "della*, false for the others).",
+    )
+    __annotations__["lambda"] = "float"  # mergekit's name is a Python keyword: getattr(request, "lambda")
+    locals()["lambda"] = Field(
+        default=1.0,
+        ge=-100.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="The task arithmetic family: factor on the merged task vector before it is added to the base "
+        "(mergekit's `lambda`).",
+    )
+    int8_mask: bool = Field(
+        default=False,
+        description="ties, dare_ties, breadcrumbs_ties, della: accepted as mergekit accepts it (it holds its sign "
+        "masks in int8 to save memory); it changes nothing in the result.",
     )
     exclude_param_names_regex: list[Annotated[str, Field(max_length=512)]] = Field(
         default_factory=list,
@@ -251,7 +295,8 @@ class MergeRequest(BaseModel):
         default=0,
         ge=0,
         le=2**63 - 1,
-        description="mask_merging with mask_strategy random: seed that makes the drop masks reproducible.",
+        description="mask_merging with mask_strategy random, dare_*, della*: seed that makes the drop masks "
+        "reproducible.",
     )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16",
@@ -316,6 +361,17 @@ class MergeRequest(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> MergeRequest:
+        for name, value in METHODS[self.merge_method].defaults.items():
+            if getattr(self, name) is None:  # unset: the method's own default (mergekit's differ by method)
+                setattr(self, name, value)
+        if self.merge_method in (MergeMethod.della, MergeMethod.della_linear):
+            for index, entry in enumerate(self.model_parameters or []):
+                density = 1.0 if entry.density is None else entry.density
+                epsilon = DELLA_EPSILON if entry.epsilon is None else entry.epsilon
+                if 0.0 < density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
+                    raise ValueError(
+                        f"model_parameters[{index}].epsilon: {self.merge_method} needs density - epsilon > 0 and "
+                        f"density + epsilon < 1, got density {density} and epsilon {epsilon}")
         if self.merge_method == MergeMethod.mask_merging:
             if self.weight_mask_rates is None:
                 raise ValueError("weight_mask_rates is required for mask_merging (one rate per model)")
@@ -385,6 +441,8 @@ class MethodSpec:
     description: str
     parameters: tuple[str, ...]
     origin: str = MERGING_EVAL  # whose names, semantics and results it has: merging-eval's or mergekit's (the oracles)
+    # Defaults of request fields that differ by method (unset in a request: this value; see MergeRequest)
+    defaults: dict[str, Any] = dataclass_field(default_factory=dict)
     required: tuple[str, ...] = ()  # parameters without a default that the method needs (fields with examples)
     models: tuple[int, int | None] = (1, None)  # how many models_to_merge it takes (None: up to MAX_MODELS)
     models_note: str = ""  # what that count means, for the error message
@@ -437,6 +495,73 @@ METHODS: dict[str, MethodSpec] = {
             "sum of the weights with normalize; the base model only supplies what is not merged.",
             ("model_parameters", "normalize", *COMMON_PARAMETERS),
             origin=MERGEKIT,
+            defaults={"normalize": True},
+        ),
+        MethodSpec(
+            "mergekit_task_arithmetic",
+            "mergekit's task_arithmetic (what a mergekit config's `merge_method: task_arithmetic` selects): base + "
+            "lambda × Σ weight × (model − base), divided by the sum of the weights with normalize.",
+            ("model_parameters", "normalize", "lambda", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            defaults={"normalize": False},
+        ),
+        MethodSpec(
+            "ties",
+            "mergekit's TIES: keep the density largest magnitudes of each task vector per tensor, weight them, "
+            "elect each element's sign by the weighted sum, add the values that agree (divided by their weights' "
+            "sum with normalize), × lambda, to the base.",
+            ("model_parameters", "normalize", "lambda", "rescale", "int8_mask", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            defaults={"normalize": True, "rescale": False},
+        ),
+        MethodSpec(
+            "dare_ties",
+            "mergekit's DARE TIES: drop each task vector value at random (keep with probability density, seeded), "
+            "rescale to the L1 norm, then TIES' sign election and merge.",
+            ("model_parameters", "normalize", "lambda", "rescale", "int8_mask", "seed", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            defaults={"normalize": False, "rescale": True},
+        ),
+        MethodSpec(
+            "dare_linear",
+            "mergekit's DARE linear: drop each task vector value at random (keep with probability density, "
+            "seeded), rescale to the L1 norm, weighted sum added to the base.",
+            ("model_parameters", "normalize", "lambda", "rescale", "seed", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            defaults={"normalize": False, "rescale": True},
+        ),
+        MethodSpec(
+            "breadcrumbs",
+            "mergekit's Model Breadcrumbs: drop the gamma largest magnitudes of each task vector per tensor as "
+            "outliers and the smallest down to density, weighted sum added to the base.",
+            ("model_parameters", "normalize", "lambda", "rescale", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            defaults={"normalize": False, "rescale": False},
+        ),
+        MethodSpec(
+            "breadcrumbs_ties",
+            "mergekit's Model Breadcrumbs with TIES: breadcrumbs' sparsification, then TIES' sign election and "
+            "merge.",
+            ("model_parameters", "normalize", "lambda", "rescale", "int8_mask", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            defaults={"normalize": False, "rescale": False},
+        ),
+        MethodSpec(
+            "della",
+            "mergekit's DELLA: drop task vector values at random with keep probabilities from density - epsilon to "
+            "density + epsilon by magnitude rank in each row (seeded), rescale to the L1 norm, then TIES' sign "
+            "election and merge.",
+            ("model_parameters", "normalize", "lambda", "rescale", "int8_mask", "seed", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            defaults={"normalize": True, "rescale": True},
+        ),
+        MethodSpec(
+            "della_linear",
+            "mergekit's DELLA linear: della's magnitude-ranked random drop and rescale, weighted sum added to the "
+            "base.",
+            ("model_parameters", "normalize", "lambda", "rescale", "seed", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            defaults={"normalize": False, "rescale": True},
         ),
         MethodSpec(
             "passthrough",
@@ -524,7 +649,9 @@ def methods_catalogue() -> list[dict[str, Any]]:
             "name": spec.name,
             "description": spec.description,
             "origin": spec.origin,
-            "parameters": {name: parameter_schema(name) for name in spec.parameters},
+            "parameters": {name: {**parameter_schema(name),
+                                  **({"default": spec.defaults[name]} if name in spec.defaults else {})}
+                           for name in spec.parameters},
         }
         for spec in METHODS.values()
     ]

@@ -40,7 +40,7 @@ from pydantic import (
 BASE_AS_INPUT = frozenset({"linear", "passthrough", "karcher"})
 # A config's merge_method names mergekit's method; where the registry's name differs (task_arithmetic is
 # merging-eval's in a flat request), it maps here.
-MERGEKIT_METHOD_NAMES: dict[str, str] = {}
+MERGEKIT_METHOD_NAMES: dict[str, str] = {"task_arithmetic": "mergekit_task_arithmetic"}
 # Parameters mergekit accepts that change nothing in the result (memory or speed options): accepted, ignored.
 NO_EFFECT_PARAMETERS = frozenset({"int8_mask"})
 DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}

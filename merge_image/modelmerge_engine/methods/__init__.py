@@ -36,6 +36,7 @@ def method_class(name: str) -> type[Method]:
 # The modules register their methods on import (after `register` exists).
 from modelmerge_engine.methods import (  # noqa: E402, F401
     average_merging,
+    generalized_task_arithmetic,
     linear,
     mask_merging,
     model_stock,

@@ -1,0 +1,367 @@
+"""Compiled CPU kernels of mergekit's generalized task arithmetic family (generalized_task_arithmetic.py).
+
+Three kinds: the per-tensor statistics (magnitude keys, the top-k selection as torch's CPU sort makes it, exact
+L1 sums), the keep masks of one range (by magnitude window, DARE's seeded draws, della's ranked probabilities),
+and the combine step of one range. Values are the compute dtype's bit patterns as in cpu_kernels.py, whose
+conversion helpers (`widen`, `rnd`, `mag`, `store`) and counter-based draws (`_uniform`) they use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba.extending import register_jitable
+
+from modelmerge_engine.cpu_kernels import _f32_as_u32, _specialised, _uniform, mag, rnd, store, widen
+
+NO_CONSENSUS, CONSENSUS_SUM = 0, 1
+SMALL_BLOCK = 16  # libstdc++'s _S_threshold: introsort leaves blocks of at most this many to insertion sort
+
+
+# --- statistics ------------------------------------------------------------------------------------------
+
+
+@register_jitable(inline="always")
+def _magnitude_keys(constants, args):
+    """keys[e] = magnitude bit pattern of the task vector `rnd(x - base)` (what mergekit ranks)."""
+    code, = constants
+    base, raw, keys = args
+    for e in range(keys.shape[0]):
+        keys[e] = mag(rnd(widen(raw[e], code) - widen(base[e], code), code), code)
+
+
+def magnitude_keys(code, base, raw, keys):
+    _specialised(_magnitude_keys, int(code))((base, raw, keys))
+
+
+@njit(inline="always")
+def _before(keys, a, b, descending):
+    """torch's KeyValueCompDesc / KeyValueCompAsc on magnitudes (never NaN here)."""
+    return keys[a] > keys[b] if descending else keys[a] < keys[b]
+
+
+@njit(inline="always")
+def _swap(keys, order, a, b):
+    keys[a], keys[b] = keys[b], keys[a]
+    order[a], order[b] = order[b], order[a]
+
+
+@njit(inline="always")
+def _move_median_to_first(keys, order, result, a, b, c, descending):
+    if _before(keys, a, b, descending):
+        if _before(keys, b, c, descending):
+            _swap(keys, order, result, b)
+        elif _before(keys, a, c, descending):
+            _swap(keys, order, result, c)
+        else:
+            _swap(keys, order, result, a)
+    elif _before(keys, a, c, descending):
+        _swap(keys, order, result, a)
+    elif _before(keys, b, c, descending):
+        _swap(keys, order, result, c)
+    else:
+        _swap(keys, order, result, b)
+
+
+@njit(inline="always")
+def _partition(keys, order, first, last, descending):
+    """libstdc++'s __unguarded_partition_pivot: median of (first+1, mid, last-1) moved to first, then a Hoare
+    partition of [first+1, last) around it; returns the cut."""
+    _move_median_to_first(keys, order, first, first + 1, first + (last - first) // 2, last - 1, descending)
+    lo, hi = first + 1, last
+    while True:
+        while _before(keys, lo, first, descending):
+            lo += 1
+        hi -= 1
+        while _before(keys, first, hi, descending):
+            hi -= 1
+        if not lo < hi:
+            return lo
+        _swap(keys, order, lo, hi)
+        lo += 1
+
+
+@njit(inline="always")
+def _adjust_heap(keys, order, first, hole, length, key, item, descending):
+    """libstdc++'s __adjust_heap (with __push_heap) on [first, first + length), placing (key, item)."""
+    top = hole
+    child = hole
+    while child < (length - 1) // 2:
+        child = 2 * (child + 1)
+        if (keys[first + child] > keys[first + child - 1]) if descending else \
+                (keys[first + child] < keys[first + child - 1]):
+            child -= 1
+        keys[first + hole] = keys[first + child]
+        order[first + hole] = order[first + child]
+        hole = child
+    if (length & 1) == 0 and child == (length - 2) // 2:
+        child = 2 * (child + 1)
+        keys[first + hole] = keys[first + child - 1]
+        order[first + hole] = order[first + child - 1]
+        hole = child - 1
+    parent = (hole - 1) // 2
+    while hole > top and ((keys[first + parent] > key) if descending else (keys[first + parent] < key)):
+        keys[first + hole] = keys[first + parent]
+        order[first + hole] = order[first + parent]
+        hole = parent
+        parent = (hole - 1) // 2
+    keys[first + hole] = key
+    order[first + hole] = item
+
+
+@njit(inline="always")
+def _heap_sort(keys, order, first, last, descending):
+    """libstdc++'s __partial_sort(first, last, last): make_heap, then sort_heap (introsort's depth-limit
+    fallback). The comparator is inverted here: a max-heap of the `before` order sorts it ascending."""
+    length = last - first
+    if length < 2:
+        return
+    parent = (length - 2) // 2
+    while True:
+        _adjust_heap(keys, order, first, parent, length, keys[first + parent], order[first + parent], descending)
+        if parent == 0:
+            break
+        parent -= 1
+    end = last
+    while end - first > 1:
+        end -= 1
+        key, item = keys[end], order[end]
+        keys[end] = keys[first]
+        order[end] = order[first]
+        _adjust_heap(keys, order, first, 0, end - first, key, item, descending)
+
+
+@njit(inline="always")
+def _insertion_sort(keys, order, first, last, descending):
+    """Stable insertion sort of a block: what libstdc++'s final insertion sort does inside each block the
+    partitions left (nothing crosses a cut: every element left of one is not after every element right)."""
+    for i in range(first + 1, last):
+        key, item = keys[i], order[i]
+        j = i
+        while j > first and ((key > keys[j - 1]) if descending else (key < keys[j - 1])):
+            keys[j] = keys[j - 1]
+            order[j] = order[j - 1]
+            j -= 1
+        keys[j] = key
+        order[j] = item
+
+
+@njit(nogil=True, cache=True)
+def sort_window(keys, order, window_start, window_stop, descending):
+    """Permutes (keys, order) as libstdc++'s std::sort (torch's CPU sort, `stable=False`) would, as far as needed
+    to decide which elements end at positions [window_start, window_stop): only blocks holding one of the two
+    boundaries are partitioned further (introsort with median-of-three Hoare partitions, a heap sort past depth
+    2*log2(n), stable insertion sort of blocks of at most 16)."""
+    n = keys.shape[0]
+    if n < 2:
+        return
+    depth = 0
+    while (1 << (depth + 1)) <= n:
+        depth += 1
+    stack = np.empty((2 * 64 + 8, 3), dtype=np.int64)
+    stack[0, 0], stack[0, 1], stack[0, 2] = 0, n, 2 * depth
+    size = 1
+    while size:
+        size -= 1
+        first, last, limit = stack[size, 0], stack[size, 1], stack[size, 2]
+        if not ((first < window_start < last) or (first < window_stop < last)):
+            continue
+        if last - first <= SMALL_BLOCK:
+            _insertion_sort(keys, order, first, last, descending)
+            continue
+        if limit == 0:
+            _heap_sort(keys, order, first, last, descending)
+            continue
+        cut = _partition(keys, order, first, last, descending)
+        stack[size, 0], stack[size, 1], stack[size, 2] = cut, last, limit - 1
+        stack[size + 1, 0], stack[size + 1, 1], stack[size + 1, 2] = first, cut, limit - 1
+        size += 2
+
+
+@njit(nogil=True, cache=True)
+def window_selection(keys, order, window_start, window_stop):
+    """After `sort_window`: the kept magnitudes [low, high] (inclusive) and, for a magnitude the window shares with
+    positions outside it, the sorted element indices of its kept elements. Returns (low, high, split_a,
+    split_b, kept_indices); split values are -1 where none."""
+    if window_start >= window_stop:
+        return np.int64(1), np.int64(0), np.int64(-1), np.int64(-1), np.empty(0, dtype=np.int64)
+    low = keys[window_start]
+    high = keys[window_start]
+    for p in range(window_start, window_stop):
+        low = min(low, keys[p])
+        high = max(high, keys[p])
+    split_low = False
+    split_high = False
+    for p in range(keys.shape[0]):
+        if p < window_start or p >= window_stop:
+            split_low |= keys[p] == low
+            split_high |= keys[p] == high
+    count = 0
+    for p in range(window_start, window_stop):
+        if (split_low and keys[p] == low) or (split_high and keys[p] == high):
+            count += 1
+    kept = np.empty(count, dtype=np.int64)
+    count = 0
+    for p in range(window_start, window_stop):
+        if (split_low and keys[p] == low) or (split_high and keys[p] == high):
+            kept[count] = order[p]
+            count += 1
+    kept.sort()
+    return (np.int64(low), np.int64(high), np.int64(low) if split_low else np.int64(-1),
+            np.int64(high) if split_high else np.int64(-1), kept)
+
+
+@njit(inline="always")
+def _add_exact(buckets, f):
+    """Adds |f| (a float32) exactly: its significand into the bucket of its exponent (see `exact_sum`)."""
+    u = np.int64(_f32_as_u32(abs(np.float32(f))))
+    exponent = u >> 23
+    significand = u & 0x7FFFFF
+    if exponent:
+        significand |= 0x800000
+    else:
+        exponent = 1
+    buckets[exponent] += significand
+
+
+@register_jitable(inline="always")
+def _l1_buckets(constants, args):
+    """Exact L1 norms of one model's task vector and of its kept part over a range, as significand sums per
+    exponent (order-free, so they do not depend on ranges, threads or the device)."""
+    code, masked = constants
+    base, raw, keep, before, after = args
+    for e in range(base.shape[0]):
+        d = rnd(widen(raw[e], code) - widen(base[e], code), code)
+        _add_exact(before, d)
+        if masked:
+            if keep[e]:
+                _add_exact(after, d)
+
+
+def l1_buckets(code, base, raw, keep, before, after):
+    _specialised(_l1_buckets, int(code), keep is not None)(
+        (base, raw, keep if keep is not None else np.empty(0, np.bool_), before, after))
+
+
+def exact_sum(buckets: np.ndarray) -> float:
+    """The sum the buckets hold (significand · 2^(exponent − 150) each), rounded once to float64; inf when a
+    value was not finite."""
+    if buckets[255]:
+        return float("inf")
+    total = sum(int(count) << (exponent - 1) for exponent, count in enumerate(buckets[:255]) if count)
+    return total / (1 << 149)
+
+
+# --- keep masks of one range ----------------------------------------------------------------------------
+
+
+@register_jitable(inline="always")
+def _magnitude_mask(constants, args):
+    """keep[e] for elements start.. of a tensor: magnitude in [low, high], and for a split magnitude listed in
+    `kept` (sorted element indices, `cursor` the first one >= start)."""
+    code, = constants
+    base, raw, start, low, high, split_a, split_b, kept, cursor, keep = args
+    c = cursor
+    for e in range(keep.shape[0]):
+        m = mag(rnd(widen(raw[e], code) - widen(base[e], code), code), code)
+        inside = (m >= low) & (m <= high)
+        if inside and (m == split_a or m == split_b):
+            inside = c < kept.shape[0] and kept[c] == start + e
+            if inside:
+                c += 1
+        keep[e] = inside
+
+
+def magnitude_mask(code, base, raw, start, selection, keep):
+    low, high, split_a, split_b, kept = selection
+    cursor = int(np.searchsorted(kept, start))
+    _specialised(_magnitude_mask, int(code))((base, raw, start, low, high, split_a, split_b, kept, cursor, keep))
+
+
+@njit(nogil=True, cache=True)
+def random_mask(key, start, density, keep):
+    """DARE: keep element start+e when its draw (cpu_kernels._uniform: seed, model, tensor, index) < density."""
+    threshold = np.float32(density)
+    for e in range(keep.shape[0]):
+        keep[e] = _uniform(key, start + e) < threshold
+
+
+@register_jitable(inline="always")
+def _ranked_mask(constants, args):
+    """della: within each row of `columns` elements (rows whole: elements row_start..), keep an element with
+    probability (density − ε) + 2ε · (rank − 1) / (columns − 1), rank 1 the smallest magnitude (ties in index
+    order; a one-column row: density)."""
+    code, = constants
+    base, raw, row_start, columns, key, low, span, keep = args
+    keys = np.empty(columns, dtype=np.int64)
+    ranks = np.empty(columns, dtype=np.int64)
+    for row in range(keep.shape[0] // columns):
+        offset = row * columns
+        for c in range(columns):
+            keys[c] = mag(rnd(widen(raw[offset + c], code) - widen(base[offset + c], code), code), code)
+        ordered = np.argsort(keys, kind="mergesort")
+        for r in range(columns):
+            ranks[ordered[r]] = r
+        for c in range(columns):
+            share = np.float32(ranks[c]) / np.float32(columns - 1) if columns > 1 else np.float32(0.5)
+            probability = np.float32(low) + share * np.float32(span)
+            keep[offset + c] = _uniform(key, row_start + offset + c) < probability
+
+
+def ranked_mask(code, base, raw, row_start, columns, key, density, epsilon, keep):
+    _specialised(_ranked_mask, int(code))(
+        (base, raw, row_start, columns, key, density - epsilon, 2.0 * epsilon, keep))
+
+
+# --- the combine step -------------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _product(inputs, masks, masked, scales, weights, i, e, b, code):
+    """Model i's contribution at element e: its task vector, masked, rescaled, times its weight."""
+    d = rnd(widen(inputs[i][e], code) - b, code)
+    if masked[i]:
+        d = d * np.float32(masks[i][e])
+    return rnd(rnd(d * scales[i], code) * weights[i], code)
+
+
+@register_jitable(inline="always")
+def _combine(constants, args):
+    """mergekit's GeneralizedTaskArithmeticMerge.merge_group on one range, rounded where its tensors in the
+    compute dtype round: task vectors, the sparsified (masked, rescaled) ones, times the weights, the sign
+    election, the float32 sums over models rounded once, the division, lambda, the base added."""
+    code, consensus = constants
+    base, inputs, masks, masked, scales, weights, divisor_all, normalize, lam, out = args
+    scaled = lam != np.float32(1.0)
+    for e in range(out.shape[0]):
+        b = widen(base[e], code)
+        total = np.float32(0.0)
+        for i in range(len(inputs)):
+            total += _product(inputs, masks, masked, scales, weights, i, e, b, code)
+        mixed = rnd(total, code)
+        divisor = divisor_all
+        if consensus == CONSENSUS_SUM:
+            positive = mixed >= 0
+            mixed = np.float32(0.0)
+            divisor = np.float32(0.0)
+            for i in range(len(inputs)):
+                p = _product(inputs, masks, masked, scales, weights, i, e, b, code)
+                if (p > 0) if positive else (p < 0):
+                    mixed += p
+                    divisor += weights[i]
+            mixed = rnd(mixed, code)
+            divisor = rnd(divisor, code)
+            if divisor == 0:
+                divisor = np.float32(1.0)
+        if normalize:
+            mixed = rnd(mixed / divisor, code)
+        if scaled:
+            mixed = rnd(mixed * lam, code)
+        store(out, e, b + mixed, code)
+
+
+def combine(code, base, inputs, masks, masked, scales, weights, divisor, lam, out, *, consensus: int,
+            normalize: bool):
+    """One range of the merge (see `_combine`), specialised for the dtype and the consensus."""
+    _specialised(_combine, int(code), int(consensus))(
+        (base, inputs, masks, masked, scales, weights, np.float32(divisor), bool(normalize), np.float32(lam), out))

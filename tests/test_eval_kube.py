@@ -423,6 +423,11 @@ def test_a_merge_without_evaluation_has_none_in_its_status(world):
 def test_the_evaluated_condition_and_sentence_for_every_outcome():
     unscored = MergeEvaluation(state="Succeeded", overall={"ce": None, "tokens": 0}, files=[])
     assert evaluation_sentence(unscored) == "no answer token was scored (cross-entropy undefined)"
+    # a broken merge's cross-entropy can be so large that exp() overflows: the contract's ppl is then null
+    overflowing = MergeEvaluation(state="Succeeded", overall={"ce": 812.5, "ppl": None, "tokens": 7},
+                                  files=[{"name": "a.json", "ce": 812.5, "tokens": 7}])
+    assert evaluation_sentence(overflowing) == ("cross-entropy 812.5000 (perplexity overflows) over 7 answer tokens "
+                                                "of 1 data file")
     assert evaluated_condition(None) == []
     (condition,) = evaluated_condition({"state": "Failed", "message": "x" * 1900})
     assert condition["status"] == "False" and len(condition["message"]) <= 1024

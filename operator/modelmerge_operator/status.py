@@ -103,7 +103,8 @@ def evaluation_sentence(evaluation: MergeEvaluation) -> str:
         text = "no answer token was scored (cross-entropy undefined)"
     else:
         files = len(evaluation.files)
-        text = (f"cross-entropy {overall.ce:.4f} (perplexity {overall.ppl:.4g}) over {overall.tokens} answer "
+        perplexity = "overflows" if overall.ppl is None else f"{overall.ppl:.4g}"  # exp(ce) past a float's range
+        text = (f"cross-entropy {overall.ce:.4f} (perplexity {perplexity}) over {overall.tokens} answer "
                 f"tokens of {files} data file{'s' if files != 1 else ''}")
     if evaluation.bestInput is not None and evaluation.bestInputCe is not None:
         text += f"; best input {evaluation.bestInput}: {evaluation.bestInputCe:.4f}"

@@ -65,6 +65,7 @@ class MergeMethod(StrEnum):
     slerp = "slerp"
     nearswap = "nearswap"
     model_stock = "model_stock"
+    nuslerp = "nuslerp"
     passthrough = "passthrough"
 
 
@@ -87,7 +88,7 @@ class ModelParameters(BaseModel):
 
     weight: float = Field(default=1.0, ge=-100.0, le=100.0, allow_inf_nan=False,
                           description="linear and the task arithmetic family (mergekit_task_arithmetic, ties, "
-                          "dare_*, breadcrumbs*, della*): the model's weight (mergekit's `weight`).")
+                          "dare_*, breadcrumbs*, della*), nuslerp: the model's weight (mergekit's `weight`).")
     density: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False,
                                   description="ties, dare_*, breadcrumbs*, della*: the fraction of the model's task "
                                   "vector kept in each tensor (mergekit's `density`); unset: 1.0, all of it.")
@@ -242,6 +243,16 @@ class MergeRequest(BaseModel):
         default=False,
         description="model_stock: one interpolation ratio per row of each tensor's last dimension instead of one "
         "per tensor (mergekit's `filter_wise`).",
+    )
+    nuslerp_flatten: bool = Field(
+        default=True,
+        description="nuslerp: interpolate each tensor as one flat vector; false: each row of its last dimension "
+        "(mergekit's `nuslerp_flatten`).",
+    )
+    nuslerp_row_wise: bool = Field(
+        default=False,
+        description="nuslerp without nuslerp_flatten: interpolate along the first dimension (mergekit's "
+        "`nuslerp_row_wise`); not supported here, refused.",
     )
     normalize: bool | None = Field(
         default=None,
@@ -398,6 +409,9 @@ class MergeRequest(BaseModel):
         if self.merge_method == MergeMethod.linear and self.normalize and sum(self.weights()) == 0.0:
             raise ValueError("model_parameters weights sum to 0, and linear with normalize divides by their "
                              "sum; set normalize to false or change a weight")
+        if self.merge_method == MergeMethod.nuslerp and self.nuslerp_row_wise and not self.nuslerp_flatten:
+            raise ValueError("nuslerp_row_wise: not supported: torch reduces the columns mergekit normalises in an "
+                             "order this engine does not reproduce; use nuslerp_flatten or rows (the default)")
         return self
 
     def weights(self) -> list[float]:
@@ -599,6 +613,14 @@ METHODS: dict[str, MethodSpec] = {
             ("filter_wise", *COMMON_PARAMETERS),
             origin=MERGEKIT,
             models=(2, None),
+        ),
+        MethodSpec(
+            "nuslerp",
+            "mergekit's nuslerp with a base model: spherical interpolation of the two fine-tunes' task vectors "
+            "(t = weight_1 / (weight_0 + weight_1) from model_parameters), per tensor or per row, added to the base.",
+            ("model_parameters", "nuslerp_flatten", "nuslerp_row_wise", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+            models=(2, 2),
         ),
     )
 }

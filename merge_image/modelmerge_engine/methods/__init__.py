@@ -41,6 +41,7 @@ from modelmerge_engine.methods import (  # noqa: E402, F401
     mask_merging,
     model_stock,
     nearswap,
+    nuslerp,
     passthrough,
     slerp,
     task_arithmetic,

@@ -10,7 +10,7 @@ compute dtype as mergekit's torch ops are (every operation rounded to it):
 
 The norms and dot products are reduced in torch's CPU order (torch_reductions.py), streamed a segment at a time
 (whole rows of the last dimension at once with filter_wise), so memory stays a few segments whatever the tensor.
-The combine step reads each element's row ratio from a per-range array the `inputs` hook appends.
+The combine step reads each element's row ratio from a per-range array the `inputs` hook appends (rows.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
 from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
+from modelmerge_engine.methods.rows import per_element, to_kernels
 from modelmerge_engine.methods.torch_reductions import (
     LANES,
     SUM_SEGMENT_MULTIPLE,
@@ -194,15 +195,7 @@ class ModelStock(Method):
     def inputs(self, name, start, base, raws, models):
         """The fine-tunes, then each element's row ratio t (float32) for the combine step."""
         width, ratios = self._ratios[name]
-        stop = start + raws[0].shape[0]
-        first, last = start // width, max(start, stop - 1) // width
-        bounds = np.arange(first, last + 2, dtype=np.int64) * width
-        counts = np.minimum(bounds[1:], stop) - np.maximum(bounds[:-1], start)
-        per_element = np.repeat(ratios[first:last + 1], np.maximum(counts, 0)).astype(np.float32)
-        kernels = self.merge.kernels
-        if hasattr(kernels, "torch"):
-            per_element = kernels.torch.from_numpy(per_element).to(kernels.device)
-        return [*raws, per_element]
+        return [*raws, to_kernels(per_element(ratios, width, start, start + raws[0].shape[0]), self.merge.kernels)]
 
     def combine_cpu(self, kernels, base, inputs, state):
         out = kernels.empty(base)

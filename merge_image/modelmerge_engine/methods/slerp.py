@@ -10,7 +10,11 @@ and a sum, no fused multiply-add), rounded once to the compute dtype.
 
 The statistics are two streaming passes over each tensor (norms, then the dot product) in torch's reduction
 order (torch_reductions.py), a chunk of each endpoint at a time; the combine step is per element. The scalar
-trigonometry is float64 rounded to float32 (torch uses SLEEF's float32 functions, within 1 ulp of it).
+acos and sin are correctly rounded to float32. torch's float32 acos and sin on x86 are within one ulp of that but
+neither correctly rounded nor SLEEF's (measured against both: they differ in the last bit for 3-5% of arguments),
+so a tensor whose angle rounds differently gets coefficients one ulp apart: in 16-bit compute that changes an
+element now and then by one ulp, in float32 compute part of the tensor's elements (by many ulps where the two
+products nearly cancel).
 """
 
 from __future__ import annotations
@@ -80,10 +84,11 @@ class Slerp(Method):
         spans = chunks(plan.numel)
         norms_a, norms_b = np.empty(len(spans), np.float32), np.empty(len(spans), np.float32)
         for i, (start, stop) in enumerate(spans):
-            norms_a[i] = row_norm(host_values(merge, base, plan.name, start, stop))
-            norms_b[i] = row_norm(host_values(merge, model, plan.name, start, stop))
+            norms_a[i] = row_norm(host_values(merge, base, plan.name, start, stop), False)
+            norms_b[i] = row_norm(host_values(merge, model, plan.name, start, stop), False)
             merge.progress.advance(2 * (stop - start))
-        norm_a, norm_b = (row_norm(norms) if len(norms) else np.float32(0.0) for norms in (norms_a, norms_b))
+        norm_a, norm_b = (row_norm(norms, False) if len(norms) else np.float32(0.0)
+                          for norms in (norms_a, norms_b))
         norm_a = norm_a if norm_a > EPS else np.float32(1.0)
         norm_b = norm_b if norm_b > EPS else np.float32(1.0)
         parts = np.empty(len(spans), np.float32)
@@ -91,9 +96,9 @@ class Slerp(Method):
             products = np.empty(stop - start, np.float32)
             scaled_products(host_values(merge, base, plan.name, start, stop),
                             host_values(merge, model, plan.name, start, stop), norm_a, norm_b, products)
-            parts[i] = row_sum(products)
+            parts[i] = row_sum(products, False)
             merge.progress.advance(2 * (stop - start))
-        dot = np.clip(row_sum(parts), np.float32(-1.0), np.float32(1.0)) if len(parts) else np.float32(1.0)
+        dot = np.clip(row_sum(parts, False), np.float32(-1.0), np.float32(1.0)) if len(parts) else np.float32(1.0)
         return coefficients(float(self.value("t", tensor=plan.name)), np.float32(dot))
 
     def combine_cpu(self, kernels, base, inputs, state):

@@ -1,0 +1,179 @@
+"""mergekit's nuslerp (mergekit/merge_methods/nuslerp.py, 0.1.5) with a base model: spherical interpolation of the
+two fine-tunes' task vectors, added to the base. t = weight_1 / (weight_0 + weight_1) (0.5 where the weights sum
+to less than 1e-6 in magnitude), from each model's model_parameters weight.
+
+Per row (nuslerp_flatten, the default: the whole tensor; otherwise each row of the last dimension), in the
+compute dtype as mergekit's torch ops are (every operation rounded to it):
+
+    v_i = model_i − base;  u_i = v_i / max(|v_i|, 1e-7);  cos = clamp(u_0 · u_1, −1, 1)
+    colinear: 1 − cos² <= 1e-16  →  (1 − t) v_0 + t v_1
+    else θ = acos(cos):  (sin((1 − t)θ) v_0 + sin(tθ) v_1) / sin θ
+    merged = base + that
+
+Norms and the dot product are reduced in torch's CPU order (torch_reductions.py), two streaming passes a segment
+at a time; the combine step gets each element's row coefficients from the `inputs` hook (rows.py). acos and sin
+are correctly rounded in float32 before the rounding to the dtype (see slerp.py on torch's own). mergekit's
+nuslerp_row_wise (the same per column, reduced along the first dimension) is refused: torch reduces strided
+columns in another order that is not reproduced here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+from numba.extending import register_jitable
+
+from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
+from modelmerge_engine.dtype_codes import F32
+from modelmerge_engine.errors import MergeError
+from modelmerge_engine.methods import register
+from modelmerge_engine.methods.base import Method
+from modelmerge_engine.methods.rows import per_element, to_kernels
+from modelmerge_engine.methods.torch_reductions import (
+    LANES,
+    host_values,
+    norm_add,
+    norm_finish,
+    sum_begin,
+    sum_finish,
+    sum_rows,
+)
+
+SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of torch_reductions' row of vectors)
+NORM_FLOOR = 1e-7  # mergekit's _normalize clamp
+COLINEAR = 1e-16  # eps ** 2
+COLINEAR_FLAG, COEF_0, COEF_1, SIN_THETA = range(4)
+
+
+@njit(nogil=True, cache=True)
+def _task_vectors(base, first, second, code, out):
+    for e in range(base.shape[0]):
+        out[0, e] = rnd(first[e] - base[e], code)
+        out[1, e] = rnd(second[e] - base[e], code)
+
+
+@njit(nogil=True, cache=True)
+def _unit_products(vectors, norm_0, norm_1, code, out):
+    for e in range(out.shape[0]):
+        out[e] = rnd(rnd(vectors[0, e] / norm_0, code) * rnd(vectors[1, e] / norm_1, code), code)
+
+
+@register_jitable(inline="always")
+def _nuslerp(constants, args):
+    code, = constants
+    base, inputs, coefficients, weights, out = args
+    one_minus_t, t = weights[0], weights[1]
+    for e in range(out.shape[0]):
+        b = widen(base[e], code)
+        v0 = rnd(widen(inputs[0][e], code) - b, code)
+        v1 = rnd(widen(inputs[1][e], code) - b, code)
+        if coefficients[e, COLINEAR_FLAG] != 0:
+            merged = rnd(rnd(one_minus_t * v0, code) + rnd(t * v1, code), code)
+        else:
+            spherical = rnd(rnd(coefficients[e, COEF_0] * v0, code) + rnd(coefficients[e, COEF_1] * v1, code), code)
+            merged = rnd(spherical / coefficients[e, SIN_THETA], code)
+        store(out, e, b + merged, code)
+
+
+nuslerp_kernel = _per_dtype(_nuslerp)
+
+
+@register
+class Nuslerp(Method):
+    name = "nuslerp"
+    parameters = ("model_parameters", "nuslerp_flatten", "nuslerp_row_wise")
+
+    def __init__(self, merge):
+        super().__init__(merge)
+        self._rows: dict[str, tuple[int, np.ndarray]] = {}  # tensor -> (row width, coefficients of each row)
+
+    def statistics_work(self, group_numel: int) -> int:
+        return 6 * group_numel  # two passes over the base and both models
+
+    def _rounded(self, value: float) -> np.float32:
+        """A float32 value rounded to the compute dtype, as torch rounds a 16-bit op's result."""
+        out = np.empty(1, np.float32)
+        _round_into(np.array([value], np.float32), self.merge.dtype.code, out)
+        return out[0]
+
+    def tensor_state(self, plan) -> np.ndarray:
+        """Each row's coefficients (kept for the inputs hook); returns (1 − t, t) in float32."""
+        name = plan.name
+        flatten = bool(self.value("nuslerp_flatten", tensor=name)) or len(plan.shape) < 2
+        if not flatten and self.value("nuslerp_row_wise", tensor=name):
+            raise MergeError(f"nuslerp_row_wise: not supported (tensor {name}): torch reduces the columns it "
+                             "normalises in an order this engine does not reproduce; use nuslerp_flatten or rows")
+        width = plan.numel if flatten else plan.shape[-1]
+        rows = plan.numel // width if width else 0
+        weights = [float(self.value("weight", tensor=name, model=i)) for i in range(2)]
+        total = weights[0] + weights[1]
+        t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+        coefficients = np.zeros((max(rows, 1), 4), np.float32)
+        for row in range(rows):
+            coefficients[row] = self._row_coefficients(name, row * width, width, t)
+        self._rows[name] = (max(width, 1), coefficients)
+        return np.array([1.0 - t, t], np.float32)
+
+    def _row_coefficients(self, name: str, start: int, width: int, t: float) -> list:
+        merge = self.merge
+        code, packed = merge.dtype.code, merge.dtype.code != F32
+        norm_acc = np.zeros((2, LANES), np.float32)
+        tails = [np.empty(0, np.float32)] * 2
+        for offset in range(0, width, SEGMENT):
+            vectors = self._task_vectors(name, start + offset, start + min(offset + SEGMENT, width))
+            for i in range(2):
+                tails[i] = vectors[i, norm_add(vectors[i], packed, norm_acc[i]):]
+        floor = self._rounded(NORM_FLOOR)
+        norms = [max(self._rounded(norm_finish(tails[i], norm_acc[i])), floor) for i in range(2)]
+        acc, state = sum_begin(width, packed)
+        tail = np.empty(0, np.float32)
+        for offset in range(0, width, SEGMENT):
+            vectors = self._task_vectors(name, start + offset, start + min(offset + SEGMENT, width))
+            products = np.empty(vectors.shape[1], np.float32)
+            _unit_products(vectors, norms[0], norms[1], code, products)
+            tail = products[sum_rows(products, acc, state):].copy()
+        cos = min(max(self._rounded(sum_finish(tail, acc, state)), np.float32(-1.0)), np.float32(1.0))
+        colinear = self._rounded(np.float32(1.0) - self._rounded(cos * cos)) <= self._rounded(COLINEAR)
+        theta = self._rounded(math.acos(0.0 if colinear else float(cos)))
+        sin_of = lambda angle: self._rounded(math.sin(float(angle)))  # noqa: E731
+        return [float(colinear), sin_of(self._rounded(np.float32(1.0 - t) * theta)),
+                sin_of(self._rounded(np.float32(t) * theta)), sin_of(theta)]
+
+    def _task_vectors(self, name: str, start: int, stop: int) -> np.ndarray:
+        merge = self.merge
+        base = host_values(merge, merge.base, name, start, stop)
+        first, second = (host_values(merge, model, name, start, stop) for model in merge.finetunes)
+        vectors = np.empty((2, stop - start), np.float32)
+        _task_vectors(base, first, second, merge.dtype.code, vectors)
+        merge.progress.advance(3 * (stop - start))
+        return vectors
+
+    def inputs(self, name, start, base, raws, models):
+        """The two fine-tunes, then each element's row coefficients [colinear, sin((1-t)θ), sin(tθ), sin θ]."""
+        width, coefficients = self._rows[name]
+        return [*raws, to_kernels(per_element(coefficients, width, start, start + raws[0].shape[0]),
+                                  self.merge.kernels)]
+
+    def combine_cpu(self, kernels, base, inputs, state):
+        out = kernels.empty(base)
+        nuslerp_kernel(kernels.code, base, tuple(inputs[:2]), inputs[2], state, out)
+        return out
+
+    def combine_torch(self, kernels, base, inputs, state):
+        first, second, coefficients = inputs
+        one_minus_t, t = (float(w) for w in state)
+        dtype = kernels.tdtype
+        v0, v1 = first - base, second - base
+        spherical = (coefficients[:, COEF_0].to(dtype) * v0 + coefficients[:, COEF_1].to(dtype) * v1) \
+            / coefficients[:, SIN_THETA].to(dtype)
+        linear = one_minus_t * v0 + t * v1
+        return base + kernels.torch.where(coefficients[:, COLINEAR_FLAG] != 0, linear, spherical)
+
+
+
+@njit(nogil=True, cache=True)
+def _round_into(values, code, out):
+    for i in range(values.shape[0]):
+        out[i] = rnd(values[i], code)

@@ -27,7 +27,7 @@ from modelmerge_api.app import create_app
 from modelmerge_api.local import LocalBackend
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
 from tests import test_api_kube
-from tests.helpers.mergekit import mergekit_merge, mergekit_python
+from tests.helpers.mergekit import memoized_merges
 from tests.helpers.models import make_family, read_state_dict
 from tests.helpers.oracle import compare
 from tests.helpers.rest_api import serve_in_thread, wait_status
@@ -75,17 +75,7 @@ def families(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
 
 @pytest.fixture(scope="module")
 def mergekit(tmp_path_factory):
-    python = mergekit_python()
-    root = tmp_path_factory.mktemp("mergekit")
-    done: dict[str, dict[str, torch.Tensor]] = {}
-
-    def merged(config: dict) -> dict[str, torch.Tensor]:
-        key = repr(config)
-        if key not in done:
-            done[key] = mergekit_merge(python, config, root / str(len(done)))
-        return done[key]
-
-    return merged
+    return memoized_merges(tmp_path_factory.mktemp("mergekit"))
 
 
 def ours(config: dict, out: Path, **fields) -> dict[str, torch.Tensor]:

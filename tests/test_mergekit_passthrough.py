@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -154,10 +155,7 @@ def test_a_flat_passthrough_request_copies_its_one_model(llama, tmp_path):
 
 def test_tokenizer_source_takes_the_named_models_tokenizer_and_refuses_other_vocabularies(llama, tmp_path):
     base, finetunes = llama
-    other = tmp_path / "other"
-    other.mkdir()
-    for file in finetunes[0].iterdir():
-        (other / file.name).write_bytes(file.read_bytes())
+    other = Path(shutil.copytree(finetunes[0], tmp_path / "other"))
     tokenizer_config = json.loads((other / "tokenizer_config.json").read_text())
     (other / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 77}))
     config = {**frankenmerge(base, [other, finetunes[1]]), "tokenizer_source": str(other)}

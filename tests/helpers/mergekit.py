@@ -82,3 +82,18 @@ def mergekit_merge(python: Path, config: dict, out: Path) -> dict:
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, f"mergekit failed on {config}:\n{done.stderr[-4000:]}"
     return read_state_dict(out)
+
+
+def memoized_merges(root: Path):
+    """`merged(config)`: mergekit's output for `config`, run once per distinct config under `root` (for a
+    module-scoped fixture); skips (or fails) as mergekit_python does where mergekit cannot be had."""
+    python = mergekit_python()
+    done: dict[str, dict] = {}
+
+    def merged(config: dict) -> dict:
+        key = repr(config)
+        if key not in done:
+            done[key] = mergekit_merge(python, config, root / str(len(done)))
+        return done[key]
+
+    return merged

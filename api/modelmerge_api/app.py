@@ -30,7 +30,7 @@ from modelmerge_api.bodies import MAX_TOKEN_LENGTH, TOKEN_HEADER, json_object, p
 from modelmerge_api.errors import ApiError
 from modelmerge_api.jobs import STATUSES, Backend, Job, Status, WouldBlock, utcnow
 from modelmerge_api.middleware import BearerAuth, BodyLimit, RequestMetrics
-from modelmerge_api.sweeps import sweep_routes
+from modelmerge_api.sweeps import document_sweep_body, sweep_routes
 
 log = logging.getLogger("modelmerge.api")
 
@@ -124,8 +124,10 @@ def api_routes(backend: Backend) -> APIRouter:
     # backend says it must block, and return their JSONResponse directly (no response-model pass).
     @router.get("/jobs", summary="Jobs, newest first", response_class=JSONResponse)
     async def list_jobs(status: Status | None = None, limit: int = Query(100, ge=1, le=1000),
-                        offset: int = Query(0, ge=0)) -> JSONResponse:
-        jobs, total = await _read(backend.list, status, limit, offset)
+                        offset: int = Query(0, ge=0),
+                        sweep_id: str | None = Query(None, min_length=1, max_length=253,
+                                                     description="Only the trials of this sweep")) -> JSONResponse:
+        jobs, total = await _read(backend.list, status, limit, offset, sweep_id=sweep_id)
         following = offset + len(jobs)
         return JSONResponse({"jobs": [job.to_json() for job in jobs], "total": total, "limit": limit,
                              "offset": offset, "next_offset": following if following < total else None})
@@ -169,11 +171,11 @@ def api_routes(backend: Backend) -> APIRouter:
     return router
 
 
-async def _read(method: Callable[..., Any], *args: Any) -> Any:
+async def _read(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
-        return method(*args, blocking=False)
+        return method(*args, **kwargs, blocking=False)
     except WouldBlock:
-        return await run_in_threadpool(method, *args)
+        return await run_in_threadpool(method, *args, **kwargs)
 
 
 def _validate(data: dict[str, Any]) -> MergeRequest:
@@ -218,6 +220,7 @@ def _document_request_body(app: FastAPI) -> None:
         components["MergeRequest"] = request
         schema["paths"]["/api/merge"]["post"]["requestBody"] = {"required": True, "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/MergeRequest"}}}}
+        document_sweep_body(schema)
         return schema
 
     app.openapi = openapi

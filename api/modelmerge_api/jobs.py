@@ -115,8 +115,10 @@ class Backend(Protocol):
         """With blocking=False (called on the event loop) answer from local state or raise WouldBlock."""
         ...
 
-    def list(self, status: str | None, limit: int, offset: int, *, blocking: bool = True) -> tuple[list[Job], int]:
-        """Newest first; returns (page, total matching). `blocking` as for get."""
+    def list(self, status: str | None, limit: int, offset: int, *, sweep_id: str | None = None,
+             blocking: bool = True) -> tuple[list[Job], int]:
+        """Newest first, of one sweep when `sweep_id` is given; returns (page, total matching). `blocking` as for
+        get."""
         ...
 
     def cancel(self, job_id: str) -> Job:

@@ -123,7 +123,7 @@ class KubernetesBackend:
 
     def submit(self, job_id: str, request: MergeRequest, output_rel: str, hf_token: str | None) -> Job:
         spec = self._spec(job_id, request, output_rel, hf_token)
-        self._check_output_free(output_location(spec, job_id))
+        self.check_output_free(output_location(spec, job_id))
         body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
                 "metadata": {"name": job_id, "labels": dict(MANAGED_BY)},
                 "spec": spec.model_dump(mode="json", exclude_none=True)}
@@ -141,10 +141,13 @@ class KubernetesBackend:
     def get(self, job_id: str, *, blocking: bool = True) -> Job:
         return self._entry(job_id, blocking=blocking).view.job
 
-    def list(self, status: str | None, limit: int, offset: int, *, blocking: bool = True) -> tuple[list[Job], int]:
+    def list(self, status: str | None, limit: int, offset: int, *, sweep_id: str | None = None,
+             blocking: bool = True) -> tuple[list[Job], int]:
         jobs = [entry.view.job for entry in self._entries(blocking=blocking)]
         if status:
             jobs = [job for job in jobs if job.status == status]
+        if sweep_id:
+            jobs = [job for job in jobs if job.sweep_id == sweep_id]
         return jobs[offset:offset + limit], len(jobs)
 
     def cancel(self, job_id: str) -> Job:
@@ -236,7 +239,9 @@ class KubernetesBackend:
             return None
         return location.claim_path
 
-    def _check_output_free(self, location: OutputLocation) -> None:
+    def check_output_free(self, location: OutputLocation) -> None:
+        """Conflict when an active job writes to `location`, or when it exists on the output claim (when the API
+        mounts it at the output root)."""
         for entry in self._entries():
             job, taken = entry.view
             if job.status in ACTIVE and taken is not None and taken.uri == location.uri:

@@ -1,8 +1,9 @@
 """Sweeps on the Kubernetes backend: a sweep is a ModelMergeSweep custom resource (named after the sweep id) in the
 backend's namespace; the operator creates its trials as ModelMerges (which the job routes show, with their
 sweep_id) and writes its status, which is what the view shows. Reads come from an informer's cache of the
-namespace's ModelMergeSweeps; cancel sets `spec.cancel`. An hf_token goes into a Secret that the sweep owns and
-its template references, as for a single merge."""
+namespace's ModelMergeSweeps; cancel sets `spec.cancel`. A sweep whose output folder exists is refused (409) as
+locally, where the API mounts the output claim at its output root (elsewhere it cannot know). An hf_token goes
+into a Secret that the sweep owns and its template references, as for a single merge."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from modelmerge import kubeclient
-from modelmerge.contract import API_GROUP, API_VERSION
+from modelmerge.contract import API_GROUP, API_VERSION, output_location
 from modelmerge.sweep import SWEEP_KIND, SWEEP_PLURAL, ModelMergeSweepSpec, ModelMergeSweepStatus
 from modelmerge_api.informer import Cached, Informer
 from modelmerge_api.kube import (
@@ -49,6 +50,8 @@ class KubeSweeps:
         self.sweeps.stop()
 
     def submit(self, sweep_id: str, spec: ModelMergeSweepSpec, hf_token: str | None) -> SweepView:
+        # The trials' folder must not exist yet, as locally (checked where the API mounts the output claim).
+        self.backend.check_output_free(output_location(spec.template, sweep_id))
         body_spec = spec.model_dump(mode="json", exclude_none=True)
         if hf_token:
             body_spec["template"]["hfTokenSecret"] = {"name": token_secret_name(sweep_id),

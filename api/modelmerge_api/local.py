@@ -141,8 +141,9 @@ class LocalBackend:
         self._fill_in(job)
         return job
 
-    def list(self, status: str | None, limit: int, offset: int, *, blocking: bool = True) -> tuple[list[Job], int]:
-        jobs, total = self.store.page(status, limit, offset)
+    def list(self, status: str | None, limit: int, offset: int, *, sweep_id: str | None = None,
+             blocking: bool = True) -> tuple[list[Job], int]:
+        jobs, total = self.store.page(status, limit, offset, sweep_id=sweep_id)
         for job in jobs:
             self._fill_in(job)
         return jobs, total

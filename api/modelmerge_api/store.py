@@ -50,6 +50,8 @@ class JobStore:
         self._db.executescript(_SCHEMA)
         if "sweep_id" not in {row["name"] for row in self._rows("PRAGMA table_info(jobs)")}:  # a data dir from
             self._db.execute("ALTER TABLE jobs ADD COLUMN sweep_id TEXT")  # before sweeps
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_sweep ON jobs(sweep_id, seq) WHERE sweep_id IS NOT "
+                         "NULL")
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -109,8 +111,12 @@ class JobStore:
         rows = self._rows(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", job_id)
         return self._job(rows[0]) if rows else None
 
-    def page(self, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
-        where, args = ("WHERE status = ?", (status,)) if status else ("", ())
+    def page(self, status: str | None, limit: int, offset: int, *, sweep_id: str | None = None
+             ) -> tuple[list[Job], int]:
+        """Newest first, in `status` and of sweep `sweep_id` when given; (page, total matching)."""
+        filters = [(column, value) for column, value in (("status", status), ("sweep_id", sweep_id)) if value]
+        where = "WHERE " + " AND ".join(f"{column} = ?" for column, _ in filters) if filters else ""
+        args = tuple(value for _, value in filters)
         rows = self._rows(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
                           *args, limit, offset)
         total = self._rows(f"SELECT count(*) FROM jobs {where}", *args)[0][0]

@@ -64,11 +64,39 @@ dtype: float16
 """
 
 
+# mergekit's examples/ties.yml (github.com/arcee-ai/mergekit at commit a9e23f0d35e861d47b99720f4771090e81839eb3), as
+# it is: a density gradient, a weight gradient, a conditional weight, normalize and int8_mask (no effect on results).
+TIES_EXAMPLE = """\
+models:
+  - model: psmathur/orca_mini_v3_13b
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: garage-bAInd/Platypus2-13B
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+  - model: WizardLM/WizardMath-13B-V1.0
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: TheBloke/Llama-2-13B-fp16
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
     root = tmp_path_factory.mktemp("families")
     return {
-        "llama-bf16": make_family(root / "llama", n=2, arch="llama", dtype=torch.bfloat16, **SIZE),
+        "llama-bf16": make_family(root / "llama", n=3, arch="llama", dtype=torch.bfloat16, **SIZE),
         "qwen2-fp32-tied": make_family(root / "qwen2", n=3, arch="qwen2", dtype=torch.float32, tie=True, **SIZE),
     }
 
@@ -110,7 +138,7 @@ def test_mergekits_gradient_slerp_example_gives_mergekits_bytes(families, mergek
     """`modelmerge merge --config` on the example as mergekit ships it (only the model names and layer count
     changed): mergekit's output within the issue's bar; and the gradient is really there: t = 0 keeps the base's
     attention and the other's MLP in the first layer, t = 1 the reverse in the last."""
-    base, (other, _) = families["llama-bf16"]
+    base, (other, *_) = families["llama-bf16"]
     text = gradient_slerp(base, other, SIZE["layers"])
     (tmp_path / "merge.yml").write_text(text)
     done = subprocess.run([sys.executable, "-m", "modelmerge.cli", "merge", "--config", str(tmp_path / "merge.yml"),
@@ -131,6 +159,21 @@ def test_mergekits_gradient_slerp_example_gives_mergekits_bytes(families, mergek
             assert torch.equal(merged[name], source[name]), name
     report = json.loads((tmp_path / "ours" / "merge_report.json").read_text())
     assert report["mergekit_config"]["parameters"]["t"][0] == {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}
+
+
+def test_mergekits_ties_example_gives_mergekits_bytes(families, mergekit, tmp_path):
+    """Per-model density and weight gradients and a conditional weight reach the generalized task arithmetic
+    family through Method.value: every element as mergekit's."""
+    base, finetunes = families["llama-bf16"]
+    text = TIES_EXAMPLE
+    for name, path in zip(("psmathur/orca_mini_v3_13b", "garage-bAInd/Platypus2-13B", "WizardLM/WizardMath-13B-V1.0",
+                           "TheBloke/Llama-2-13B-fp16"), (*finetunes, base), strict=True):
+        text = text.replace(name, str(path))
+    config = yaml.safe_load(text)
+    request = MergeRequest.model_validate({"config": config})
+    assert request.merge_method == "ties" and request.base_model == str(base)
+    assert request.models_to_merge == [str(p) for p in finetunes]
+    assert_identical(ours(config, tmp_path / "ours"), mergekit(config))
 
 
 def linear_gradients(finetunes: list[Path], dtype: str, *, normalize: bool) -> dict:
@@ -160,7 +203,7 @@ def test_slice_parameters_take_precedence_over_global_ones_as_in_mergekit(famili
     """slices syntax with the same models in two slices: each slice's gradient runs over its own layers, a
     source's parameters beat the slice's, the slice's beat the global ones."""
     base, finetunes = families["llama-bf16"]
-    first, second = (str(p) for p in finetunes)
+    first, second = (str(p) for p in finetunes[:2])
     config = {"merge_method": "linear", "dtype": "bfloat16", "parameters": {"weight": 0.5, "normalize": True},
               "slices": [
                   {"sources": [{"model": first, "layer_range": [0, 3], "parameters": {"weight": [0.1, 1.0]}},
@@ -173,6 +216,7 @@ def test_slice_parameters_take_precedence_over_global_ones_as_in_mergekit(famili
 
 def test_a_config_with_one_value_per_model_is_the_flat_request_byte_for_byte(families, tmp_path):
     base, finetunes = families["llama-bf16"]
+    finetunes = finetunes[:2]
     config = {"merge_method": "linear", "dtype": "bfloat16", "parameters": {"normalize": False},
               "models": [{"model": str(p), "parameters": {"weight": w}}
                          for p, w in zip(finetunes, [0.3, 0.9], strict=True)]}

@@ -26,7 +26,8 @@ from modelmerge import __version__
 from modelmerge.contract import MergeRequest, describe_validation_error, format_validation_error, methods_catalogue
 from modelmerge.mergekit_yaml import parse_config_text
 from modelmerge_api import outputs
-from modelmerge_api.bodies import MAX_TOKEN_LENGTH, TOKEN_HEADER, json_object, pop_token
+from modelmerge_api.bodies import TOKEN_HEADER, json_object, pop_token
+from modelmerge_api.body_docs import REF, document_body, hf_token_property
 from modelmerge_api.errors import ApiError
 from modelmerge_api.jobs import STATUSES, Backend, Job, Status, WouldBlock, utcnow
 from modelmerge_api.middleware import BearerAuth, BodyLimit, RequestMetrics
@@ -210,16 +211,9 @@ def _document_request_body(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = generate()
-        request = MergeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(request.pop("$defs", {}))
-        request["properties"]["hf_token"] = {
-            "type": "string", "writeOnly": True, "maxLength": MAX_TOKEN_LENGTH,
-            "description": "Hugging Face token for gated or private models (or the X-HF-Token header): "
-            "passed to the merge only, never stored in the job, shown, or logged."}
-        components["MergeRequest"] = request
-        schema["paths"]["/api/merge"]["post"]["requestBody"] = {"required": True, "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/MergeRequest"}}}}
+        request = MergeRequest.model_json_schema(ref_template=REF)
+        request["properties"]["hf_token"] = hf_token_property("the merge")
+        document_body(schema, "/api/merge", "MergeRequest", request)
         document_sweep_body(schema)
         return schema
 

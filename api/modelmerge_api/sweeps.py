@@ -21,12 +21,11 @@ from pydantic import ValidationError
 from modelmerge.contract import MergeRequest
 from modelmerge.sweep import ModelMergeSweepSpec, describe_sweep_error, format_sweep_error
 from modelmerge_api import outputs
-from modelmerge_api.bodies import MAX_TOKEN_LENGTH, TOKEN_HEADER, json_object, pop_token
+from modelmerge_api.bodies import TOKEN_HEADER, json_object, pop_token
+from modelmerge_api.body_docs import REF, add_schema, document_body, hf_token_property
 from modelmerge_api.errors import ApiError
 from modelmerge_api.jobs import Backend
 from modelmerge_api.sweep_view import SweepBackend
-
-REF = "#/components/schemas/{model}"
 
 
 def sweep_backend(backend: Backend) -> SweepBackend:
@@ -113,24 +112,14 @@ def _invalid(message: str, details: list[dict[str, str]]) -> ApiError:
 
 
 def document_sweep_body(schema: dict[str, Any]) -> None:
-    """/docs: POST /api/sweeps reads its body itself (as POST /api/merge does); the OpenAPI `schema` shows the
-    contract's sweep spec for it, its template being the merge request's fields with evaluation required, plus the
-    write-only hf_token."""
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    body = ModelMergeSweepSpec.model_json_schema(ref_template=REF)
+    """/docs: the OpenAPI `schema` shows the contract's sweep spec for POST /api/sweeps's body, its template being
+    the merge request's fields with evaluation required, plus the write-only hf_token."""
     template = MergeRequest.model_json_schema(ref_template=REF)
-    for name, definition in {**body.pop("$defs", {}), **template.pop("$defs", {})}.items():
-        components.setdefault(name, definition)
     template["required"] = sorted({*template.get("required", []), "evaluation"})
     template["description"] = ("The merge request fields of every trial, as POST /api/merge takes them "
                                "(evaluation required); each trial's point of the space replaces its fields, and "
                                "output_dir (default: the sweep id) is the folder of the trials' outputs.")
-    components["SweepTemplateRequest"] = template
-    body["properties"]["template"] = {"$ref": REF.format(model="SweepTemplateRequest")}
-    body["properties"]["hf_token"] = {
-        "type": "string", "writeOnly": True, "maxLength": MAX_TOKEN_LENGTH,
-        "description": "Hugging Face token for gated or private models (or the X-HF-Token header): passed to the "
-        "trials' merges only, never stored, shown, or logged."}
-    components["ModelMergeSweepRequest"] = body
-    schema["paths"]["/api/sweeps"]["post"]["requestBody"] = {"required": True, "content": {
-        "application/json": {"schema": {"$ref": REF.format(model="ModelMergeSweepRequest")}}}}
+    body = ModelMergeSweepSpec.model_json_schema(ref_template=REF)
+    body["properties"]["template"] = {"$ref": add_schema(schema, "SweepTemplateRequest", template)}
+    body["properties"]["hf_token"] = hf_token_property("the trials' merges")
+    document_body(schema, "/api/sweeps", "ModelMergeSweepRequest", body)

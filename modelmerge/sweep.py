@@ -1,16 +1,18 @@
 """The ModelMergeSweep contract: a search over merge parameters whose trials are ModelMerges.
 
 A sweep is a `template` (a ModelMerge spec whose `evaluation` is required), a `space` (per merge field: a list
-`{values: [...]}`, a range `{start, stop, step}` or for random sampling `{min, max, log}`), a `strategy` (`grid`
-runs every point, `random` draws `trials` points with `seed`), `parallelism`, an `objective` (the overall
-cross-entropy, or one data file's), `keep` and optional `earlyStopping`. `merge_method` may be swept too: each
-trial of a method varies only the parameters that method takes (its grid is the product of those dimensions
-alone).
+`{values: [...]}` (outside the CRD a bare list `[...]` too), a range `{start, stop, step}` or for random sampling
+`{min, max, log}`), a `strategy` (`grid` runs every point, `random` draws `trials` points with `seed`),
+`parallelism`, an `objective` (the overall cross-entropy, or one data file's), `keep` and optional
+`earlyStopping`. `merge_method` may be swept too: each trial of a method varies only the parameters that method
+takes (its grid is the product of those dimensions alone).
 
 `sweep_trials(spec)` expands a sweep into its trials, deterministically: grid order is the canonical order of the
 dimensions (`merge_method` first, then the parameters in the method registry's order; the last varies fastest),
 and random trial i draws from a generator keyed by (seed, i) only, so raising `trials` extends the same sequence.
-`trial_name(sweep, i)` names trial i's ModelMerge. Like the contract it imports pydantic only.
+`trial_name(sweep, i)` names trial i's ModelMerge. The rules that decide a sweep from its trials (best_trial,
+stopped_early, trial_counts, ended_sweep) are here, so the operator and the local backend decide alike. Like the
+contract it imports pydantic only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import itertools
 import math
 import random
 import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -94,6 +97,13 @@ class ValuesDimension(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     values: list[Any] = Field(min_length=1, max_length=MAX_VALUES, description="The values to try.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_list(cls, data: Any) -> Any:
+        """A bare list of values is `{values: [...]}` (a REST body; a CRD's structural schema cannot take an array
+        or an object in one field, so a ModelMergeSweep always says `{values: [...]}`)."""
+        return {"values": data} if isinstance(data, list) else data
 
     @property
     def kind(self) -> Literal["values", "range", "random"]:
@@ -196,7 +206,8 @@ def _space_model() -> type[BaseModel]:
     for name in sweepable_parameters():
         dimension = _dimension_model(name)
         takers = "" if name == "merge_method" else f" (taken by {', '.join(methods_taking(name))})"
-        forms = "a list, {start, stop, step} or {min, max, log}" if issubclass(dimension, RangeDimension) else "a list"
+        forms = ("{values: [...]}, {start, stop, step} or {min, max, log}" if issubclass(dimension, RangeDimension)
+                 else "{values: [...]}")
         fields[name] = (dimension | None, Field(default=None, description=f"Values of {name} to try{takers}: "
                                                 f"{forms}."))
     return create_model("SweepSpace", __config__=ConfigDict(extra="forbid"), **fields)
@@ -266,7 +277,10 @@ class ModelMergeSweepSpec(BaseModel):
 
     template: SweepTemplate = Field(description="The ModelMerge spec of every trial (evaluation required).")
     space: SweepSpace = Field(description="Per field of the merge request: the values to try. merge_method may "
-                              "be a list of methods; each trial varies only the parameters its method takes.")
+                              "be a list of methods; each trial varies only the parameters its method takes. A REST "
+                              "body may give a field's values as a bare list ([...] for {values: [...]}); a "
+                              "ModelMergeSweep cannot (a structural schema has no field that is an array or an "
+                              "object), so it always says {values: [...]}.")
     strategy: Literal["grid", "random"] = Field(default="grid", description="grid: every point of the space; "
                                                  "random: `trials` points drawn with `seed`.")
     trials: int | None = Field(default=None, ge=1, le=MAX_TRIALS, description="Random: number of trials.")
@@ -526,3 +540,90 @@ class ModelMergeSweepStatus(BaseModel):
     observedGeneration: int | None = None
     conditions: list[Condition] = Field(default_factory=list, description="Accepted, Running, Complete, Failed, "
                                         "Cancelled, EarlyStopped, OutputsCleaned, each with its last transition.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rules that decide a sweep: the operator's (from the child ModelMerges) and the local backend's (from its
+# sweep tables), both over the trials' rows as the status shows them
+# ---------------------------------------------------------------------------------------------------------
+
+ENDED_TRIAL_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})  # ran, and ended
+FINISHED_TRIAL_PHASES = ENDED_TRIAL_PHASES | {"Skipped"}  # nothing more will happen to it
+MESSAGE_LIMIT = 1024  # a status message's characters
+
+
+def clip_message(message: str) -> str:
+    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 3] + "..."
+
+
+def trial_score(trial: SweepTrialStatus) -> float | None:
+    """A trial's objective: its cross-entropy when it succeeded (a failed or cancelled trial has none)."""
+    return trial.ce if trial.phase == "Succeeded" else None
+
+
+def best_trial(trials: Iterable[SweepTrialStatus]) -> SweepTrialStatus | None:
+    """The scored trial with the lowest objective (the lower index on a tie), if one has a score."""
+    scored = [trial for trial in trials if trial_score(trial) is not None]
+    return min(scored, key=lambda trial: (trial.ce, trial.index)) if scored else None
+
+
+def stopped_early(spec: ModelMergeSweepSpec, trials: Iterable[SweepTrialStatus]) -> bool:
+    """Whether `earlyStopping.patience` ended trials in a row, in trial order, did not improve on the best before
+    them (a trial without a score does not improve; before the first score there is nothing to improve on). Only
+    the ended trials before the first unfinished one count, so the answer does not depend on which of the
+    parallel trials ended first."""
+    if spec.earlyStopping is None:
+        return False
+    best, streak = None, 0
+    for trial in sorted(trials, key=lambda trial: trial.index):
+        if trial.phase not in ENDED_TRIAL_PHASES:
+            return False
+        score = trial_score(trial)
+        if score is not None and (best is None or score < best):
+            best, streak = score, 0
+        else:
+            streak += 1
+            if best is not None and streak >= spec.earlyStopping.patience:
+                return True
+    return False
+
+
+def trial_counts(trials: Sequence[SweepTrialStatus], total: int | None = None) -> SweepCounts:
+    """The counts of the trials' phases; `total` defaults to the number of trials."""
+    phases = [trial.phase for trial in trials]
+    return SweepCounts(total=len(phases) if total is None else total,
+                       created=sum(1 for phase in phases if phase not in ("Waiting", "Skipped")),
+                       active=sum(1 for phase in phases if phase in ("Pending", "Running")),
+                       succeeded=phases.count("Succeeded"), failed=phases.count("Failed"),
+                       cancelled=phases.count("Cancelled"), skipped=phases.count("Skipped"))
+
+
+def counts_summary(counts: SweepCounts) -> str:
+    return (f"{counts.succeeded} succeeded, {counts.failed} failed, {counts.cancelled} cancelled, "
+            f"{counts.skipped} skipped of {counts.total}")
+
+
+def ended_sweep(spec: ModelMergeSweepSpec, trials: Sequence[SweepTrialStatus], *, early: bool,
+                total: int | None = None) -> tuple[str, str, str]:
+    """(phase, reason, message) of a sweep none of whose trials runs or will run: Cancelled when cancel was asked;
+    Failed as AllTrialsFailed (no trial succeeded) or NoTrialScored (none has a score), giving the trials'
+    messages; else Succeeded as EarlyStopped (`early`: stopped_early's answer) or Completed, naming the best
+    trial. Every message counts the trials."""
+    counts = trial_counts(trials, total)
+    summary = counts_summary(counts)
+    if spec.cancel:
+        return "Cancelled", "Cancelled", f"cancelled by request: {summary}"
+    best = best_trial(trials)
+    if best is None:
+        if counts.succeeded == 0:
+            reason, why = "AllTrialsFailed", "every trial failed"
+        else:
+            reason, why = "NoTrialScored", "no succeeded trial has a cross-entropy for the objective"
+        reasons = "; ".join(f"trial {trial.index}: {trial.message}" for trial in trials
+                            if trial.message and trial.phase in ENDED_TRIAL_PHASES)
+        return "Failed", reason, clip_message(f"{why} ({summary}): {reasons or 'none ran'}")
+    best_text = f"best: trial {best.index} ({best.name}) with cross-entropy {best.ce:.6g}"
+    if early:
+        return "Succeeded", "EarlyStopped", (f"stopped early after {spec.earlyStopping.patience} trials in a row "
+                                             f"did not improve; {best_text}; {summary}")
+    return "Succeeded", "Completed", f"{best_text}; {summary}"

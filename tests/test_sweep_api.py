@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from modelmerge.contract import MergeRequest
 from modelmerge_api.app import create_app
 from modelmerge_api.local import INTERRUPTED, LocalBackend
 from tests.helpers.rest_api import FINAL, ServerProcess, job, serve_in_thread, wait_for
@@ -137,9 +139,14 @@ def wait_sweep(url: str, sweep_id: str, statuses=FINAL, timeout: float = 180) ->
                     context=lambda: json.dumps(sweep_of(url, sweep_id), indent=1))
 
 
-def sweep_jobs(url: str, sweep_id: str) -> list[dict]:
-    jobs = requests.get(url + "/api/jobs", params={"limit": 1000}, timeout=10).json()["jobs"]
-    return [j for j in jobs if j["sweep_id"] == sweep_id]
+def sweep_jobs(url: str, sweep_id: str, **params) -> list[dict]:
+    """The jobs of one sweep, as GET /api/jobs?sweep_id= filters them (checked against the unfiltered list)."""
+    listed = requests.get(url + "/api/jobs", params={"limit": 1000, "sweep_id": sweep_id, **params}, timeout=10)
+    assert listed.status_code == 200, listed.text
+    jobs = listed.json()["jobs"]
+    everything = requests.get(url + "/api/jobs", params={"limit": 1000, **params}, timeout=10).json()["jobs"]
+    assert jobs == [j for j in everything if j["sweep_id"] == sweep_id] and listed.json()["total"] == len(jobs)
+    return jobs
 
 
 def reported_ce(output: Path) -> float:
@@ -264,17 +271,21 @@ def test_early_stopping_skips_the_rest(make_server, events):
                              "space": {"scaling_coefficient": {"values": [0.6, 0.2, 1.0, 0.7]}}})
     final = server.wait(sweep_id)
     assert (final["status"], final["reason"]) == ("completed", "EarlyStopped"), final
-    assert final["message"] == f"best: trial 0 ({final['trials'][0]['name']}) with cross-entropy 1.3275"
+    assert final["message"] == (f"stopped early after 2 trials in a row did not improve; best: trial 0 "
+                                f"({final['trials'][0]['name']}) with cross-entropy 1.3275; 3 succeeded, 0 failed, "
+                                "0 cancelled, 1 skipped of 4")
     assert [t["status"] for t in final["trials"]] == ["completed"] * 3 + ["skipped"]
     assert final["trials"][3]["job_id"] is None and final["best"]["index"] == 0
     assert final["counts"]["skipped"] == 1 and len(sweep_jobs(server.url, sweep_id)) == 3
 
 
 @pytest.mark.parametrize(("scales", "reason", "message"), [
-    ([1.6, 1.7], "AllTrialsFailed", "every trial failed: trial 0: base_model: the merge failed (stand-in engine); "
+    ([1.6, 1.7], "AllTrialsFailed", "every trial failed (0 succeeded, 2 failed, 0 cancelled, 0 skipped of 2): "
+     "trial 0: base_model: the merge failed (stand-in engine); trial 1: base_model: the merge failed (stand-in "
+     "engine)"),
+    ([1.2, 1.6], "NoTrialScored", "no succeeded trial has a cross-entropy for the objective (1 succeeded, 1 failed, "
+     "0 cancelled, 0 skipped of 2): trial 0: evaluation failed: evaluation: out of memory (stand-in engine); "
      "trial 1: base_model: the merge failed (stand-in engine)"),
-    ([1.2, 1.6], "NoTrialScored", "no succeeded trial has a cross-entropy for the objective: trial 0: evaluation "
-     "failed: evaluation: out of memory (stand-in engine); trial 1: base_model: the merge failed (stand-in engine)"),
 ], ids=["all-failed", "none-scored"])
 def test_a_sweep_without_a_scored_trial_fails_saying_why(make_server, events, scales, reason, message):
     server = make_server(workers=2)
@@ -446,6 +457,48 @@ def test_bodies_that_are_not_sweeps_and_a_taken_output_dir(make_server, events):
     assert requests.get(server.url + "/api/sweeps", timeout=10).json()["total"] == 0
 
 
+def test_jobs_of_one_sweep_and_a_space_of_bare_lists(make_server, events):
+    server = make_server(workers=2)
+    first = server.start({"template": template(), "space": {"scaling_coefficient": [0.4, 1.6]}})
+    second = server.start({"template": template(), "space": {"merge_method": ["task_arithmetic"],
+                                                              "scaling_coefficient": [0.8]}})
+    single = requests.post(server.url + "/api/merge", json=template(output_dir="alone"), timeout=30)
+    assert single.status_code == 202, single.text
+    finals = {sweep_id: server.wait(sweep_id) for sweep_id in (first, second)}
+    # A bare list is {values: [...]}: the sweep ran its values and shows the list spelled out.
+    assert finals[first]["spec"]["space"]["scaling_coefficient"]["values"] == [0.4, 1.6]
+    assert [t["parameters"]["scaling_coefficient"] for t in finals[first]["trials"]] == [0.4, 1.6]
+    assert finals[second]["spec"]["space"]["merge_method"] == {"values": ["task_arithmetic"]}
+    for sweep_id, final in finals.items():
+        jobs = sweep_jobs(server.url, sweep_id)
+        assert sorted(j["job_id"] for j in jobs) == sorted(t["job_id"] for t in final["trials"])
+        assert {j["sweep_id"] for j in jobs} == {sweep_id}
+    assert [j["job_id"] for j in sweep_jobs(server.url, first, status="failed")] == \
+        [finals[first]["trials"][1]["job_id"]]
+    assert sweep_jobs(server.url, "no-such-sweep") == []
+    assert requests.get(server.url + "/api/jobs", timeout=10).json()["total"] == 4
+    empty = requests.get(server.url + "/api/jobs", params={"sweep_id": ""}, timeout=10)
+    assert empty.status_code == 400 and "sweep_id" in empty.text, empty.text
+
+
+def test_the_docs_show_the_sweep_body(make_server):
+    server = make_server(workers=1)
+    spec = requests.get(server.url + "/openapi.json", timeout=10).json()
+    schemas = spec["components"]["schemas"]
+    body = spec["paths"]["/api/sweeps"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ModelMergeSweepRequest"}
+    sweep = schemas["ModelMergeSweepRequest"]
+    assert {"template", "space", "strategy", "parallelism", "objective", "keep", "earlyStopping"} \
+        <= set(sweep["properties"]) and sweep["properties"]["hf_token"]["writeOnly"] is True
+    template_schema = schemas[sweep["properties"]["template"]["$ref"].rsplit("/", 1)[-1]]
+    assert set(template_schema["properties"]) == set(MergeRequest.model_fields)
+    assert "evaluation" in template_schema["required"] and "base_model" in template_schema["properties"]
+    assert "bare list" in sweep["properties"]["space"]["description"]
+    refs = {ref.rsplit("/", 1)[-1] for ref in re.findall(r'"\$ref": "([^"]+)"', json.dumps(spec))}
+    assert refs <= set(schemas)
+    assert schemas["MergeRequest"]["properties"]["hf_token"]["writeOnly"] is True  # /api/merge's, unchanged
+
+
 def test_the_hf_token_reaches_the_trials_merges_only(make_server, events, tmp_path):
     secret = "hf_SWEEPsecretToken0123456789"
     server = make_server(workers=2)
@@ -525,8 +578,8 @@ OUTPUT_PVC = "merge-output"
 
 
 class KubeServed:
-    def __init__(self, url: str, api, namespace: str) -> None:
-        self.url, self.api, self.namespace = url, api, namespace
+    def __init__(self, url: str, api, namespace: str, output_root: Path) -> None:
+        self.url, self.api, self.namespace, self.output_root = url, api, namespace, output_root
 
     def sweep_objects(self) -> dict[str, dict]:
         from kubernetes import client
@@ -561,7 +614,7 @@ def kube(control_plane, k8s_api, kubeconfig_path, tmp_path_factory, fake_engine)
     try:
         with operator_in_process(kubeconfig_path, namespace, fake_engine), \
                 serve_in_thread(create_app(backend)) as url:
-            yield KubeServed(url, k8s_api, namespace)
+            yield KubeServed(url, k8s_api, namespace, backend.output_root)
     finally:
         kubelet.stop()
         delete_namespace(k8s_api, namespace)
@@ -597,6 +650,18 @@ def test_kubernetes_a_sweep_is_a_model_merge_sweep_whose_trials_are_jobs(kube, e
     assert max_concurrent(events) <= 2
     listed = requests.get(kube.url + "/api/sweeps", timeout=10).json()["sweeps"]
     assert [s["status"] for s in listed if s["sweep_id"] == sweep_id] == ["completed"]
+    assert sorted(j["job_id"] for j in sweep_jobs(kube.url, sweep_id)) == sorted(t["name"] for t in final["trials"])
+    assert sweep_jobs(kube.url, "no-such-sweep") == []
+
+
+@pytest.mark.integration
+def test_kubernetes_a_sweep_into_an_existing_folder_is_refused(kube):
+    before = set(kube.sweep_objects())
+    (kube.output_root / "taken-sweep").mkdir()
+    response = requests.post(kube.url + "/api/sweeps", timeout=30, json={
+        "template": template(output_dir="taken-sweep"), "space": ONE_POINT})
+    assert response.status_code == 409 and "'taken-sweep' already exists" in response.json()["error"], response.text
+    assert set(kube.sweep_objects()) == before
 
 
 @pytest.mark.integration

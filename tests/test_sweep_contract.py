@@ -22,14 +22,20 @@ from modelmerge.kubeclient import merge_patch
 from modelmerge.sweep import (
     MAX_NAME,
     MAX_TRIALS,
+    MESSAGE_LIMIT,
     SWEEP_PLURAL,
     ModelMergeSweepSpec,
     ModelMergeSweepStatus,
     SweepObjective,
+    SweepTrialStatus,
+    best_trial,
     describe_sweep_error,
+    ended_sweep,
     objective_value,
+    stopped_early,
     sweep_trials,
     sweepable_parameters,
+    trial_counts,
     trial_name,
     trial_spec,
 )
@@ -227,6 +233,77 @@ def test_objective_is_the_overall_or_one_files_cross_entropy():
     assert objective_value(SweepObjective(), None) == (None, "no evaluation")
 
 
+def test_a_bare_list_is_a_list_of_values():
+    bare = parse(sweep(template=template(), space={"merge_method": ["task_arithmetic", "ties_merging"],
+                                                   "scaling_coefficient": [0.5, 1.0]}))
+    spelled = parse(sweep(template=template(), space={"merge_method": {"values": ["task_arithmetic", "ties_merging"]},
+                                                      "scaling_coefficient": {"values": [0.5, 1.0]}}))
+    assert bare == spelled and sweep_trials(bare) == sweep_trials(spelled)
+    assert bare.model_dump(mode="json")["space"]["scaling_coefficient"]["values"] == [0.5, 1.0]
+    for space, field, message in [({"scaling_coefficient": []}, "space.scaling_coefficient.values", "at least 1"),
+                                  ({"scaling_coefficient": [0.5, 500]}, "space.scaling_coefficient.values[1]",
+                                   "less than or equal to 100"),
+                                  ({"scaling_coefficient": 0.5}, "space.scaling_coefficient",
+                                   "valid dictionary")]:
+        with pytest.raises(ValidationError) as info:
+            parse(sweep(space=space))
+        details = describe_sweep_error(info.value)
+        assert any(d["field"] == field and message in d["message"] for d in details), details
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rules that decide a sweep (the operator's and the local backend's)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rows(*phases_and_ces) -> list[SweepTrialStatus]:
+    return [SweepTrialStatus(index=index, name=f"s-{index}", phase=phase, ce=ce,
+                             message="boom" if phase == "Failed" else None)
+            for index, (phase, ce) in enumerate(phases_and_ces)]
+
+
+def test_best_is_the_lowest_succeeded_score_and_the_lower_index_on_a_tie():
+    trials = rows(("Succeeded", 1.2), ("Failed", 0.1), ("Succeeded", 0.9), ("Succeeded", None), ("Succeeded", 0.9))
+    assert best_trial(trials).index == 2
+    assert best_trial(rows(("Failed", None), ("Succeeded", None), ("Cancelled", 0.5))) is None
+    counts = trial_counts(rows(("Succeeded", 1.0), ("Running", None), ("Pending", None), ("Waiting", None),
+                               ("Skipped", None), ("Cancelled", None), ("Failed", None)), total=9)
+    assert counts.model_dump() == {"total": 9, "created": 5, "active": 2, "succeeded": 1, "failed": 1,
+                                   "cancelled": 1, "skipped": 1}
+
+
+def test_early_stopping_counts_ended_trials_in_index_order_once_one_has_a_score():
+    spec = parse(sweep(earlyStopping={"patience": 2}))
+    assert stopped_early(spec, rows(("Succeeded", 1.0), ("Succeeded", 1.1), ("Failed", None)))
+    assert stopped_early(spec, reversed(rows(("Succeeded", 1.0), ("Succeeded", 1.1), ("Cancelled", None))))
+    assert not stopped_early(spec, rows(("Succeeded", 1.0), ("Succeeded", 0.5), ("Succeeded", 0.7)))
+    assert not stopped_early(spec, rows(("Succeeded", 1.0), ("Running", None), ("Succeeded", 2.0),
+                                        ("Succeeded", 2.0)))
+    assert not stopped_early(spec, rows(("Failed", None), ("Failed", None), ("Failed", None)))
+    assert not stopped_early(parse(sweep()), rows(("Succeeded", 1.0), ("Failed", None), ("Failed", None)))
+
+
+def test_an_ended_sweep_is_cancelled_failed_or_succeeded_naming_its_best_trial():
+    spec = parse(sweep(earlyStopping={"patience": 1}))
+    assert ended_sweep(spec, rows(("Succeeded", 1.0), ("Failed", None)), early=False) == (
+        "Succeeded", "Completed", "best: trial 0 (s-0) with cross-entropy 1; 1 succeeded, 1 failed, 0 cancelled, "
+        "0 skipped of 2")
+    assert ended_sweep(spec, rows(("Succeeded", 1.0), ("Failed", None), ("Skipped", None)), early=True) == (
+        "Succeeded", "EarlyStopped", "stopped early after 1 trials in a row did not improve; best: trial 0 (s-0) "
+        "with cross-entropy 1; 1 succeeded, 1 failed, 0 cancelled, 1 skipped of 3")
+    assert ended_sweep(spec, rows(("Failed", None), ("Failed", None)), early=False) == (
+        "Failed", "AllTrialsFailed", "every trial failed (0 succeeded, 2 failed, 0 cancelled, 0 skipped of 2): "
+        "trial 0: boom; trial 1: boom")
+    assert ended_sweep(spec, rows(("Succeeded", None), ("Failed", None)), early=False)[:2] == (
+        "Failed", "NoTrialScored")
+    cancelled = parse(sweep(cancel=True))
+    assert ended_sweep(cancelled, rows(("Succeeded", 1.0), ("Cancelled", None), ("Skipped", None)), early=False,
+                       total=3) == ("Cancelled", "Cancelled", "cancelled by request: 1 succeeded, 0 failed, "
+                                    "1 cancelled, 1 skipped of 3")
+    clipped = ended_sweep(spec, rows(*[("Failed", None)] * 100), early=False)[2]
+    assert len(clipped) == MESSAGE_LIMIT and clipped.endswith("...")
+
+
 def test_status_round_trips():
     status = ModelMergeSweepStatus.model_validate({
         "phase": "Running", "progress": "1/2", "counts": {"total": 2, "created": 2, "active": 1, "succeeded": 1},
@@ -284,6 +361,10 @@ def test_the_api_server_refuses_what_the_contract_refuses_naming_the_field(sweep
         assert info.value.status == 422, case_id
         text = json.loads(info.value.body)["message"]
         assert f"spec.{field.split('.values[')[0]}" in text, (case_id, text)
+    # A bare list, which the contract takes as {values: [...]}, is not a ModelMergeSweep's (a structural schema).
+    with pytest.raises(ApiException) as info:
+        _create(sweep_api, namespace, sweep(space={"scaling_coefficient": [0.5, 1.0]}))
+    assert info.value.status == 422 and "spec.space.scaling_coefficient" in json.loads(info.value.body)["message"]
     listed = sweep_api.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, SWEEP_PLURAL)
     assert listed["items"] == []
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 
 from modelmerge.contract import API_GROUP
-from modelmerge.sweep import MAX_NAME, ModelMergeSweepSpec, sweep_trials, trial_name
+from modelmerge.sweep import MAX_NAME, ModelMergeSweepSpec, stopped_early, sweep_trials, trial_name
 from modelmerge_operator import manifests, sweep_manifests
 from modelmerge_operator.config import OperatorConfig
 from modelmerge_operator.sweep import replacing
-from modelmerge_operator.sweep_status import Child, outcome, plan, stopped_early
+from modelmerge_operator.sweep_status import Child, outcome, plan, statuses
 
 SWEEP = "s"
 TEMPLATE = {"base_model": "org/base", "models_to_merge": ["org/a"], "merge_method": "task_arithmetic",
@@ -99,7 +99,7 @@ def test_cancel_cancels_unfinished_children_and_skips_the_rest():
 
 def test_early_stopping_counts_finished_trials_in_index_order():
     sweep = spec(earlyStopping={"patience": 2})
-    rows = lambda *cs: run(sweep, list(cs)).status["trials"]  # noqa: E731
+    rows = lambda *cs: statuses(run(sweep, list(cs)).status["trials"])  # noqa: E731
     # 1 and 2 do not improve on 0 (a failed trial does not improve): stop.
     assert stopped_early(sweep, rows(child(0, "Succeeded", 1.0), child(1, "Succeeded", 1.1), child(2, "Failed")))
     # An improvement resets the count.

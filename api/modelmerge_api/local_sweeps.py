@@ -27,12 +27,15 @@ from modelmerge.sweep import (
     ModelMergeSweepSpec,
     ModelMergeSweepStatus,
     SweepBest,
-    SweepCounts,
     SweepTrialStatus,
     Trial,
+    best_trial,
+    ended_sweep,
     format_sweep_error,
     objective_value,
+    stopped_early,
     sweep_trials,
+    trial_counts,
     trial_name,
     trial_spec,
 )
@@ -43,6 +46,7 @@ from modelmerge_api.local import INTERRUPTED, LocalBackend
 from modelmerge_api.sweep_store import SweepRecord, SweepStore, TrialRecord
 from modelmerge_api.sweep_view import (
     PHASE_OF_STATUS,
+    STATUS_OF_PHASE,
     SweepView,
     check_sweep_cancellable,
     sweep_not_found,
@@ -190,7 +194,8 @@ class LocalSweeps:
                 self._follow(record, plan, trial, stopping=stopping)
         trials = self.store.trials(sweep_id)
         unfinished = sum(1 for trial in trials if trial.status is None)
-        early = early_stopped(trials, plan.spec)
+        early = stopped_early(plan.spec, [SweepTrialStatus(index=row.index, name=row.name, phase=_phase(row),
+                                                            ce=row.objective) for row in trials])
         started = len(trials)  # trials start in index order
         while not (stopping or early) and unfinished < plan.spec.parallelism and started < record.total:
             self._start_trial(record, plan, plan.trials[started])
@@ -254,22 +259,16 @@ class LocalSweeps:
 
     def _finish(self, record: SweepRecord, plan: _Plan, trials: list[TrialRecord], *, token_lost: bool,
                 early: bool) -> None:
-        best = best_trial(trials)
-        if record.cancel:
-            status, reason, message = "cancelled", "Cancelled", "cancelled by request"
-        elif token_lost:
+        record.trials = trials
+        rows = self._trial_rows(record, plan.trials, finished=True)
+        if token_lost and not record.cancel:
             status, reason, message = "failed", "TokenLost", TOKEN_LOST
-        elif best is None:
-            reasons = "; ".join(f"trial {t.index}: {t.message}" for t in trials if t.message)[:1000]
-            if any(t.status == "completed" for t in trials):
-                reason, message = "NoTrialScored", "no succeeded trial has a cross-entropy for the objective"
-            else:
-                reason, message = "AllTrialsFailed", "every trial failed"
-            status, message = "failed", f"{message}: {reasons or 'none ran'}"
         else:
-            status, reason = "completed", "EarlyStopped" if early else "Completed"
-            message = f"best: trial {best.index} ({best.name}) with cross-entropy {best.objective:.6g}"
+            spec = plan.spec.model_copy(update={"cancel": record.cancel})  # a cancel is stored beside the spec
+            phase, reason, message = ended_sweep(spec, rows, early=early, total=record.total)
+            status = STATUS_OF_PHASE[phase]
         if plan.spec.keep == "best" and status == "completed":  # as the operator: not after a cancel
+            best = best_trial(rows)
             for trial in trials:
                 if trial.index != best.index:
                     self._delete_output(record, trial)
@@ -290,15 +289,31 @@ class LocalSweeps:
             planned = self._plan(record).trials
         except ValidationError:  # see _advance: the trials that ran are all there is
             planned = [Trial(row.index, row.params) for row in record.trials]
+        trials = self._trial_rows(record, planned, finished=record.status not in ACTIVE)
+        best = best_trial(trials)
+        status = ModelMergeSweepStatus(
+            phase=PHASE_OF_STATUS[record.status],
+            reason=record.reason or ("Running" if record.status == "running" else None), message=record.message,
+            progress=f"{sum(1 for t in record.trials if t.status is not None)}/{record.total}",
+            counts=trial_counts(trials, record.total),
+            best=None if best is None else SweepBest(
+                index=best.index, name=best.name, parameters=best.parameters, ce=best.ce,
+                outputPath=str(self.output_root / record.output_rel / best.name)),
+            trials=trials, startTime=record.started_at, completionTime=record.completed_at)
+        return SweepView(sweep_id=record.sweep_id, created_at=record.created_at,
+                         spec=record.spec, status=status, job_ids={row.index: row.job_id for row in record.trials})
+
+    def _trial_rows(self, record: SweepRecord, planned: list[Trial], *, finished: bool) -> list[SweepTrialStatus]:
+        """Every planned trial as the status shows it: a started one from its row (an unfinished one in its job's
+        phase), one never started Waiting, or Skipped once the sweep is `finished`."""
         rows = {trial.index: trial for trial in record.trials}
-        finished = record.status not in ACTIVE
         trials = []
         for trial in planned:
             row = rows.get(trial.index)
             if row is None:
-                phase = "Skipped" if finished else "Waiting"
                 trials.append(SweepTrialStatus(index=trial.index, name=trial_name(record.sweep_id, trial.index),
-                                               parameters=trial.parameters, phase=phase))
+                                               parameters=trial.parameters,
+                                               phase="Skipped" if finished else "Waiting"))
                 continue
             if row.status is None:
                 job = self._job(row.job_id)
@@ -307,49 +322,9 @@ class LocalSweeps:
                 phase = _TRIAL_PHASE[row.status]
             trials.append(SweepTrialStatus(index=row.index, name=row.name, parameters=row.params, phase=phase,
                                            ce=row.objective, message=row.message))
-        best = best_trial(record.trials)
-        status = ModelMergeSweepStatus(
-            phase=PHASE_OF_STATUS[record.status],
-            reason=record.reason or ("Running" if record.status == "running" else None), message=record.message,
-            progress=f"{sum(1 for t in record.trials if t.status is not None)}/{record.total}",
-            counts=_counts(trials, record.total),
-            best=None if best is None else SweepBest(
-                index=best.index, name=best.name, parameters=best.params, ce=best.objective,
-                outputPath=str(self.output_root / record.output_rel / best.name)),
-            trials=trials, startTime=record.started_at, completionTime=record.completed_at)
-        return SweepView(sweep_id=record.sweep_id, created_at=record.created_at,
-                         spec=record.spec, status=status, job_ids={row.index: row.job_id for row in record.trials})
+        return trials
 
 
-def best_trial(trials: list[TrialRecord]) -> TrialRecord | None:
-    """The finished trial with the lowest objective (the lowest index among equals), if one has a score."""
-    scored = [t for t in trials if t.status == "completed" and t.objective is not None]
-    return min(scored, key=lambda t: (t.objective, t.index)) if scored else None
-
-
-def early_stopped(trials: list[TrialRecord], spec: ModelMergeSweepSpec) -> bool:
-    """Whether `earlyStopping.patience` finished trials in a row, in trial order, did not improve on the best
-    before them (a trial without a score does not improve; before the first score there is nothing to improve
-    on). Only the finished trials before the first unfinished one count, so the answer does not depend on which
-    of the parallel trials ended first. The operator decides the same way."""
-    if spec.earlyStopping is None:
-        return False
-    best, streak = None, 0
-    for trial in sorted(trials, key=lambda t: t.index):
-        if trial.status is None:
-            return False
-        if trial.objective is not None and (best is None or trial.objective < best):
-            best, streak = trial.objective, 0
-        else:
-            streak += 1
-            if best is not None and streak >= spec.earlyStopping.patience:
-                return True
-    return False
-
-
-def _counts(trials: list[SweepTrialStatus], total: int) -> SweepCounts:
-    phases = [trial.phase for trial in trials]
-    return SweepCounts(total=total, created=sum(1 for p in phases if p not in ("Waiting", "Skipped")),
-                       active=sum(1 for p in phases if p in ("Pending", "Running")),
-                       succeeded=phases.count("Succeeded"), failed=phases.count("Failed"),
-                       cancelled=phases.count("Cancelled"), skipped=phases.count("Skipped"))
+def _phase(row: TrialRecord) -> str:
+    """A trial's phase for the sweep's rules, which only tell unfinished trials from ended ones."""
+    return "Running" if row.status is None else _TRIAL_PHASE[row.status]

@@ -33,12 +33,24 @@ from typing import Any
 from pydantic import ValidationError
 
 from modelmerge.contract import TERMINAL_PHASES, MergeEvaluation, Phase
-from modelmerge.sweep import ModelMergeSweepSpec, Trial, objective_value, trial_name
+from modelmerge.sweep import (
+    FINISHED_TRIAL_PHASES,
+    ModelMergeSweepSpec,
+    SweepCounts,
+    SweepTrialStatus,
+    Trial,
+    best_trial,
+    clip_message,
+    counts_summary,
+    ended_sweep,
+    objective_value,
+    stopped_early,
+    trial_counts,
+    trial_name,
+)
 from modelmerge_operator.status import merge_conditions
 
-FINISHED = frozenset({*TERMINAL_PHASES, "Skipped"})
 SWEEP_TERMINAL = frozenset({"Succeeded", "Failed", "Cancelled"})
-MESSAGE_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,7 @@ class Plan:
 
 def _row(trial: Trial, name: str, phase: str, ce: float | None = None, message: str | None = None) -> dict:
     return {"index": trial.index, "name": name, "parameters": trial.parameters, "phase": phase, "ce": ce,
-            "message": _clip(message) if message else None}
+            "message": clip_message(message) if message else None}
 
 
 def _score(spec: ModelMergeSweepSpec, child: Child) -> tuple[float | None, str | None]:
@@ -103,34 +115,16 @@ def trial_rows(spec: ModelMergeSweepSpec, sweep_name: str, trials: list[Trial], 
         if child is not None:
             ce, message = _score(spec, child)
             rows.append(_row(trial, child.name, child.phase or "Pending", ce, message))
-        elif (recorded.get(trial.index) or {}).get("phase") in FINISHED - {"Skipped"}:
+        elif (recorded.get(trial.index) or {}).get("phase") in FINISHED_TRIAL_PHASES - {"Skipped"}:
             rows.append({**recorded[trial.index], "parameters": trial.parameters})
         else:
             rows.append(_row(trial, name, "Waiting"))
     return rows
 
 
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The scored trial with the lowest objective (the lower index on a tie)."""
-    scored = [row for row in rows if row["phase"] == "Succeeded" and row.get("ce") is not None]
-    return min(scored, key=lambda row: (row["ce"], row["index"])) if scored else None
-
-
-def stopped_early(spec: ModelMergeSweepSpec, rows: list[dict[str, Any]]) -> bool:
-    if spec.earlyStopping is None:
-        return False
-    best, since = None, 0
-    for row in rows:
-        if row["phase"] not in TERMINAL_PHASES:
-            return False
-        ce = row.get("ce") if row["phase"] == "Succeeded" else None
-        if ce is not None and (best is None or ce < best):
-            best, since = ce, 0
-        else:
-            since += 1
-            if best is not None and since >= spec.earlyStopping.patience:
-                return True
-    return False
+def statuses(rows: list[dict[str, Any]]) -> list[SweepTrialStatus]:
+    """The rows as the contract's trial statuses, which the sweep's rules (modelmerge.sweep) read."""
+    return [SweepTrialStatus.model_validate(row) for row in rows]
 
 
 def plan(spec: ModelMergeSweepSpec, sweep_name: str, trials: list[Trial], children: dict[int, Child],
@@ -138,8 +132,8 @@ def plan(spec: ModelMergeSweepSpec, sweep_name: str, trials: list[Trial], childr
     """The next actions and the trial table, counts and best (phase, conditions and times are `finish`'s)."""
     recorded = {row["index"]: row for row in old_status.get("trials") or [] if isinstance(row, dict)}
     rows = trial_rows(spec, sweep_name, trials, children, recorded)
-    out = Plan(stopped_early=stopped_early(spec, rows))
-    active = [row for row in rows if row["phase"] not in FINISHED and row["phase"] != "Waiting"]
+    out = Plan(stopped_early=stopped_early(spec, statuses(rows)))
+    active = [row for row in rows if row["phase"] not in FINISHED_TRIAL_PHASES and row["phase"] != "Waiting"]
     if spec.cancel:
         out.cancel = [child.name for child in children.values() if not child.finished and not child.cancel]
     elif not out.stopped_early:
@@ -153,19 +147,14 @@ def plan(spec: ModelMergeSweepSpec, sweep_name: str, trials: list[Trial], childr
             if row["phase"] == "Waiting":
                 row["phase"] = "Skipped"
                 row["message"] = "cancelled before it started" if spec.cancel else "not run: early stopping"
-    out.done = all(row["phase"] in FINISHED for row in rows)
-    counts = {"total": len(rows), "created": sum(row["phase"] not in ("Waiting", "Skipped") for row in rows),
-              "active": sum(row["phase"] in ("Pending", "Running") for row in rows),
-              "succeeded": sum(row["phase"] == "Succeeded" for row in rows),
-              "failed": sum(row["phase"] == "Failed" for row in rows),
-              "cancelled": sum(row["phase"] == "Cancelled" for row in rows),
-              "skipped": sum(row["phase"] == "Skipped" for row in rows)}
-    best = best_row(rows)
-    finished = sum(row["phase"] in FINISHED for row in rows)
+    out.done = all(row["phase"] in FINISHED_TRIAL_PHASES for row in rows)
+    final = statuses(rows)
+    best = best_trial(final)
+    finished = sum(row["phase"] in FINISHED_TRIAL_PHASES for row in rows)
     out.status = {
         "progress": f"{finished}/{len(rows)}",
-        "counts": counts,
-        "best": _best(best, children, old_status),
+        "counts": trial_counts(final).model_dump(),
+        "best": _best(None if best is None else rows[best.index], children, old_status),
         "trials": rows,
     }
     return out
@@ -183,30 +172,18 @@ def _best(row: dict[str, Any] | None, children: dict[int, Child], old_status: di
 
 
 def outcome(spec: ModelMergeSweepSpec, result: Plan, *, cleaning: bool) -> tuple[str, str, str]:
-    """(phase, reason, message) of the sweep."""
+    """(phase, reason, message) of the sweep: while trials run or outputs are being deleted, the operator's own;
+    once every trial finished, the contract's ended_sweep (the local backend decides the same way)."""
     counts = result.status["counts"]
-    best = result.status["best"]
-    summary = (f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['cancelled']} cancelled, "
-               f"{counts['skipped']} skipped of {counts['total']}")
-    if spec.cancel:
-        if counts["active"]:
-            return "Running", "Cancelling", f"cancelled by spec.cancel; waiting for {counts['active']} trials to stop"
-        return "Cancelled", "Cancelled", f"cancelled by spec.cancel: {summary}"
-    if not result.done:
+    if spec.cancel and counts["active"]:
+        return "Running", "Cancelling", f"cancelled by request; waiting for {counts['active']} trials to stop"
+    if not spec.cancel and not result.done:
         if not counts["created"]:
             return "Pending", "Creating", "creating the first trials"
-        return "Running", "Running", f"{counts['active']} trials running: {summary}"
-    if counts["succeeded"] == 0:
-        return "Failed", "AllTrialsFailed", f"every trial failed: {summary}"
-    if best is None:
-        return "Failed", "NoTrialScored", f"no succeeded trial has a cross-entropy for the objective: {summary}"
-    if cleaning:
+        return "Running", "Running", f"{counts['active']} trials running: {counts_summary(SweepCounts(**counts))}"
+    if cleaning and not spec.cancel:
         return "Running", "CleaningUp", "keep=best: deleting the other trials' outputs"
-    best_text = f"best: trial {best['index']} ({best['name']}) with cross-entropy {best['ce']:.6g}"
-    if result.stopped_early:
-        return "Succeeded", "EarlyStopped", (f"stopped early after {spec.earlyStopping.patience} trials in a row "
-                                             f"did not improve; {best_text}; {summary}")
-    return "Succeeded", "Completed", f"{best_text}; {summary}"
+    return ended_sweep(spec, statuses(result.status["trials"]), early=result.stopped_early)
 
 
 def conditions(old: dict[str, Any], phase: str, reason: str, message: str, *, accepted: bool,
@@ -226,7 +203,3 @@ def conditions(old: dict[str, Any], phase: str, reason: str, message: str, *, ac
         wanted.append({"type": "OutputsCleaned", "status": "True" if cleaned[0] else "False",
                        "reason": "Deleted" if cleaned[0] else "CleanupFailed", "message": cleaned[1]})
     return merge_conditions(old.get("conditions"), wanted, now)
-
-
-def _clip(message: str) -> str:
-    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 3] + "..."

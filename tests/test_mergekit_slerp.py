@@ -1,0 +1,295 @@
+"""mergekit's slerp family and the other methods of brief M2 against mergekit 0.1.5 (the oracle,
+tests/helpers/mergekit.py) on the tiny random Qwen2- and Llama-shaped families of tests/helpers/oracle.py: bf16 and
+fp32 checkpoints, tied embeddings, sharded inputs; both kernel sets with every tensor split into several ranges;
+compute in bfloat16, float16 and float32.
+
+Whole-tensor statistics are reduced in torch's CPU order (methods/torch_reductions.py, checked here against torch
+itself), so they are mergekit's to the bit on tensors of up to 32768 elements (all of these models'). slerp's acos
+and sin are correctly rounded; torch's float32 ones are within one ulp of that but not always equal, so the
+coefficients of a tensor may differ from mergekit's by one float32 ulp. In 16-bit compute the tests assert the
+issue's tolerance (>= 99.99% of elements bit-identical, none more than one ulp off); in float32 compute, where
+such a tensor differs in many elements, that every element is within what a one-ulp coefficient can move it.
+Where no trigonometry is involved (parallel endpoints) every element is identical.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from modelmerge.contract import MergeRequest
+from modelmerge_engine.engine import RANGE_ELEMENTS_ENV
+from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
+from modelmerge_engine.methods.torch_reductions import row_norm, row_sum
+from tests import test_mergekit_oracle
+from tests.helpers.models import read_state_dict
+from tests.helpers.oracle import FAMILIES, compare, engine_merge
+
+DTYPES = ("bfloat16", "float16", "float32")
+# the oracle tests' fixtures: the tiny families, and mergekit's output per config (once per module)
+families, mergekit = test_mergekit_oracle.families, test_mergekit_oracle.mergekit
+
+
+def agreement(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *, tied: bool,
+              identical: bool = False) -> dict:
+    """The issue's tolerance; with `identical`, every element of every tensor bit-identical (+0 == -0). A tied head
+    is not stored by the engine; mergekit stores one equal to the embeddings."""
+    if tied and "lm_head.weight" in theirs:
+        assert torch.equal(theirs.pop("lm_head.weight"), theirs["model.embed_tokens.weight"])
+    result = compare(ours, theirs)
+    assert result["elements"] > 0
+    assert result["equal_fraction"] >= 0.9999 and result["max_ulps"] <= 1, result
+    if identical:
+        assert result["equal_fraction"] == 1.0 and not result["differing_tensors"], result
+    return result
+
+
+def within_one_coefficient_ulp(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
+                               endpoints: list[dict[str, torch.Tensor]]) -> None:
+    """float32 compute: |ours - theirs| <= 2^-22 · Σ|endpoint| element by element (a coefficient one ulp apart
+    moves coef · x by at most 2^-23 · |x|, plus the rounding of the result), and most elements identical."""
+    equal = total = 0
+    for name, expected in theirs.items():
+        actual = ours[name].to(torch.float64)
+        bound = sum(e[name].to(torch.float64).abs() for e in endpoints) * 2.0 ** -22 + \
+            expected.to(torch.float64).abs() * 2.0 ** -23
+        assert ((actual - expected.to(torch.float64)).abs() <= bound).all(), name
+        equal += int((ours[name] == expected).sum())
+        total += expected.numel()
+    assert equal / total >= 0.5, (equal, total)
+
+
+def slerp_config(base: Path, model: Path, *, t: float, dtype: str) -> dict:
+    return {"merge_method": "slerp", "base_model": str(base), "dtype": dtype, "parameters": {"t": t},
+            "models": [{"model": str(base)}, {"model": str(model)}]}
+
+
+@pytest.mark.parametrize("t", [0.3, 1.5], ids=["t0.3", "extrapolated"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_slerp_matches_mergekit(families, mergekit, tmp_path, family, t):
+    base, finetunes = families[family]
+    ours = engine_merge(base, finetunes[:1], tmp_path / "ours", merge_method="slerp", t=t)
+    theirs = mergekit(slerp_config(base, finetunes[0], t=t, dtype="bfloat16"))
+    agreement(ours, theirs, tied=FAMILIES[family].get("tie", False))
+
+
+@pytest.mark.parametrize("range_elements", [1000, 37])
+@pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
+def test_slerp_split_ranges_and_both_kernel_sets_match_mergekit(families, mergekit, tmp_path, monkeypatch, kernels,
+                                                                 range_elements):
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, str(range_elements))
+    base, finetunes = families["llama-bf16-4-sharded"]
+    ours = engine_merge(base, finetunes[1:2], tmp_path / "ours", max_shard_size="40KB", merge_method="slerp", t=0.6)
+    agreement(ours, mergekit(slerp_config(base, finetunes[1], t=0.6, dtype="bfloat16")), tied=False)
+
+
+@pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slerp_in_every_compute_dtype_matches_mergekit(families, mergekit, tmp_path, monkeypatch, dtype, kernels):
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    base, finetunes = families["qwen2-fp32-4-tied"]
+    ours = engine_merge(base, finetunes[:1], tmp_path / "ours", dtype=dtype, merge_method="slerp", t=0.3)
+    theirs = mergekit(slerp_config(base, finetunes[0], t=0.3, dtype=dtype))
+    if dtype != "float32":
+        agreement(ours, theirs, tied=True)
+        return
+    theirs.pop("lm_head.weight", None)
+    within_one_coefficient_ulp(ours, theirs, [read_state_dict(base), read_state_dict(finetunes[0])])
+
+
+def test_slerp_of_parallel_endpoints_is_lerp_as_in_mergekit(families, mergekit, tmp_path):
+    """A model equal to the base: |dot| = 1 > 0.9995, so mergekit falls back to (1 - t) · base + t · model."""
+    base, _ = families["qwen2-bf16-2"]
+    same = tmp_path / "same"
+    shutil.copytree(base, same)
+    ours = engine_merge(base, [same], tmp_path / "ours", merge_method="slerp", t=0.25)
+    agreement(ours, mergekit(slerp_config(base, same, t=0.25, dtype="bfloat16")), tied=False, identical=True)
+
+
+def test_both_kernel_sets_give_the_same_bytes(families, tmp_path, monkeypatch):
+    base, finetunes = families["llama-fp32-2"]
+    results = []
+    for kernels in KERNEL_SET_NAMES:
+        monkeypatch.setenv(KERNELS_ENV, kernels)
+        results.append(engine_merge(base, finetunes[:1], tmp_path / kernels, merge_method="slerp", t=0.7,
+                                    dtype="float32"))
+    assert compare(*results)["equal_fraction"] == 1.0
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"models_to_merge": ["a", "b"], "t": 0.5},
+     "models_to_merge: slerp takes exactly 1 model(s) besides base_model (the base model is the other endpoint): "
+     "got 2"),
+    ({"models_to_merge": ["a"]}, "t is required for slerp"),
+    ({"models_to_merge": ["a"], "t": float("nan")}, "t"),
+])
+def test_slerp_requests_are_validated_naming_the_field(fields, message):
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        MergeRequest(base_model="base", merge_method="slerp", **fields)
+
+
+SIZES = [*range(1, 140), 255, 256, 257, 1000, 4095, 4096, 16384, 16385, 30000, 32768, 100_000, 1 << 20, 3 << 20]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_statistics_are_reduced_in_torchs_order(dtype):
+    """row_sum and row_norm equal torch's sum and 2-norm of a row bit for bit (16-bit rows: once rounded to their
+    dtype, as torch stores them), for every size up to a few vector rows, around the cascade's blocks and beyond
+    (torch on one thread: with more it splits sums of over 32768 elements between them). torch's float16 2-norm
+    takes its generic reduction, which agrees up to 100000 elements and not on the largest rows here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for size in SIZES if dtype != torch.float16 else [size for size in SIZES if size <= 100_000]:
+            values = (torch.randn(1, size, generator=generator) * 0.05).to(dtype)
+            flat = values.to(torch.float32).numpy().reshape(-1)
+            packed = dtype != torch.float32
+            ours = torch.tensor([row_sum(flat, packed), row_norm(flat, packed)]).to(dtype)
+            theirs = torch.cat([values.sum(dim=1), torch.linalg.vector_norm(values, dim=1)])
+            assert torch.equal(ours, theirs), (size, ours, theirs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- model_stock ------------------------------------------------------------------------------------------------
+
+
+def model_stock_config(base: Path, finetunes: list[Path], *, filter_wise: bool, dtype: str) -> dict:
+    return {"merge_method": "model_stock", "base_model": str(base), "dtype": dtype,
+            "parameters": {"filter_wise": filter_wise},
+            "models": [{"model": str(base)}, *({"model": str(path)} for path in finetunes)]}
+
+
+@pytest.mark.parametrize("filter_wise", [False, True], ids=["whole", "filter_wise"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_stock_matches_mergekit(families, mergekit, tmp_path, family, filter_wise):
+    base, finetunes = families[family]
+    ours = engine_merge(base, finetunes, tmp_path / "ours", merge_method="model_stock", filter_wise=filter_wise)
+    theirs = mergekit(model_stock_config(base, finetunes, filter_wise=filter_wise, dtype="bfloat16"))
+    agreement(ours, theirs, tied=FAMILIES[family].get("tie", False), identical=True)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True], ids=["whole", "filter_wise"])
+@pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_stock_in_every_compute_dtype_split_ranges_and_both_kernel_sets_match_mergekit(
+        families, mergekit, tmp_path, monkeypatch, dtype, kernels, filter_wise):
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
+    base, finetunes = families["qwen2-fp32-4-tied"]
+    ours = engine_merge(base, finetunes[:3], tmp_path / "ours", dtype=dtype, merge_method="model_stock",
+                        filter_wise=filter_wise)
+    theirs = mergekit(model_stock_config(base, finetunes[:3], filter_wise=filter_wise, dtype=dtype))
+    agreement(ours, theirs, tied=True, identical=True)
+
+
+def test_model_stock_streams_rows_longer_than_a_segment(families, tmp_path, monkeypatch):
+    """A row longer than a statistics segment is reduced segment by segment with the same result."""
+    from modelmerge_engine.methods import model_stock
+
+    base, finetunes = families["llama-bf16-4-sharded"]
+    whole = engine_merge(base, finetunes, tmp_path / "whole", merge_method="model_stock")
+    monkeypatch.setattr(model_stock, "SEGMENT", 64)
+    streamed = engine_merge(base, finetunes, tmp_path / "streamed", merge_method="model_stock")
+    assert compare(whole, streamed)["equal_fraction"] == 1.0
+
+
+def test_model_stock_needs_two_models():
+    with pytest.raises(ValidationError, match="models_to_merge: model_stock takes at least 2 model"):
+        MergeRequest(base_model="base", merge_method="model_stock", models_to_merge=["a"])
+
+
+# --- nearswap ---------------------------------------------------------------------------------------------------
+
+
+def nearswap_config(base: Path, model: Path, *, t: float, dtype: str) -> dict:
+    return {"merge_method": "nearswap", "base_model": str(base), "dtype": dtype, "parameters": {"t": t},
+            "models": [{"model": str(base)}, {"model": str(model)}]}
+
+
+@pytest.mark.parametrize("t", [0.001, 0.01])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_nearswap_matches_mergekit(families, mergekit, tmp_path, family, t):
+    base, finetunes = families[family]
+    ours = engine_merge(base, finetunes[:1], tmp_path / "ours", merge_method="nearswap", t=t)
+    theirs = mergekit(nearswap_config(base, finetunes[0], t=t, dtype="bfloat16"))
+    agreement(ours, theirs, tied=FAMILIES[family].get("tie", False), identical=True)
+
+
+@pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nearswap_in_every_compute_dtype_split_ranges_and_both_kernel_sets_match_mergekit(
+        families, mergekit, tmp_path, monkeypatch, dtype, kernels):
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
+    base, finetunes = families["qwen2-fp32-4-tied"]
+    ours = engine_merge(base, finetunes[2:3], tmp_path / "ours", dtype=dtype, merge_method="nearswap", t=0.004)
+    agreement(ours, mergekit(nearswap_config(base, finetunes[2], t=0.004, dtype=dtype)), tied=True, identical=True)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"models_to_merge": ["a", "b"], "t": 0.5}, "models_to_merge: nearswap takes exactly 1 model"),
+    ({"models_to_merge": ["a"]}, "t is required for nearswap"),
+])
+def test_nearswap_requests_are_validated_naming_the_field(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        MergeRequest(base_model="base", merge_method="nearswap", **fields)
+
+
+# --- nuslerp ----------------------------------------------------------------------------------------------------
+
+NUSLERP_WEIGHTS = [0.3, 0.9]
+
+
+def nuslerp_config(base: Path, finetunes: list[Path], *, flatten: bool, dtype: str) -> dict:
+    return {"merge_method": "nuslerp", "base_model": str(base), "dtype": dtype,
+            "parameters": {"nuslerp_flatten": flatten},
+            "models": [{"model": str(path), "parameters": {"weight": weight}}
+                       for path, weight in zip(finetunes, NUSLERP_WEIGHTS, strict=True)]}
+
+
+def nuslerp_fields(*, flatten: bool) -> dict:
+    return {"merge_method": "nuslerp", "nuslerp_flatten": flatten,
+            "model_parameters": [{"weight": weight} for weight in NUSLERP_WEIGHTS]}
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flatten", "rows"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_nuslerp_matches_mergekit(families, mergekit, tmp_path, family, flatten):
+    base, finetunes = families[family]
+    ours = engine_merge(base, finetunes[:2], tmp_path / "ours", **nuslerp_fields(flatten=flatten))
+    theirs = mergekit(nuslerp_config(base, finetunes[:2], flatten=flatten, dtype="bfloat16"))
+    agreement(ours, theirs, tied=FAMILIES[family].get("tie", False))
+
+
+@pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_nuslerp_in_16_bit_compute_split_ranges_and_both_kernel_sets_match_mergekit(
+        families, mergekit, tmp_path, monkeypatch, dtype, kernels):
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
+    base, finetunes = families["qwen2-fp32-4-tied"]
+    ours = engine_merge(base, finetunes[1:3], tmp_path / "ours", dtype=dtype, **nuslerp_fields(flatten=False))
+    agreement(ours, mergekit(nuslerp_config(base, finetunes[1:3], flatten=False, dtype=dtype)), tied=True)
+
+
+def test_nuslerp_in_float32_is_within_one_coefficient_ulp_of_mergekit(families, mergekit, tmp_path):
+    base, finetunes = families["llama-fp32-2"]
+    ours = engine_merge(base, finetunes, tmp_path / "ours", dtype="float32", **nuslerp_fields(flatten=True))
+    theirs = mergekit(nuslerp_config(base, finetunes, flatten=True, dtype="float32"))
+    within_one_coefficient_ulp(ours, theirs, [read_state_dict(path) for path in (base, *finetunes)])
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"models_to_merge": ["a", "b", "c"]}, "models_to_merge: nuslerp takes exactly 2 model"),
+    ({"models_to_merge": ["a", "b"], "nuslerp_flatten": False, "nuslerp_row_wise": True}, "nuslerp_row_wise"),
+])
+def test_nuslerp_requests_are_validated_naming_the_field(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        MergeRequest(base_model="base", merge_method="nuslerp", **fields)

@@ -31,8 +31,11 @@ class DataSource:
 
 def resolve_data(refs: Sequence[str]) -> list[DataSource]:
     """Each data reference as a local path (hf:// ones through the cache), in the order given."""
-    return [_from_hub(ref) if ref.startswith("hf://") else DataSource(ref, Path(ref).expanduser(), "local")
-            for ref in refs]
+    return [_from_hub(ref) if ref.startswith("hf://") else _local(ref) for ref in refs]
+
+
+def _local(ref: str) -> DataSource:
+    return DataSource(ref, Path(ref).expanduser().absolute(), "local")
 
 
 def load_data(sources: Sequence[DataSource], *, limit: int | None = None) -> list[DataFile]:

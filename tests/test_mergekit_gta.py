@@ -10,6 +10,11 @@ rank-dependent keep probability) otherwise; seeded and identical on both kernel 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +27,7 @@ from modelmerge_engine.methods import gta_kernels
 from tests import test_mergekit_oracle
 from tests.helpers.models import read_state_dict
 from tests.helpers.oracle import FAMILIES, compare, engine_merge
+from tests.test_engine_progress import assert_progress_of_one_merge, progress_lines
 from tests.test_mergekit_oracle import assert_agrees
 
 # The mergekit oracle's fixtures (its output per config, computed once per module; the tiny families)
@@ -226,6 +232,24 @@ def test_dare_drops_about_as_often_as_mergekit(families, mergekit, tmp_path):
         counts[label] = kept / total
     sigma = (0.4 * 0.6 / total) ** 0.5
     assert abs(counts["ours"] - 0.4) < 6 * sigma and abs(counts["theirs"] - 0.4) < 6 * sigma, counts
+
+
+@pytest.mark.parametrize("method", ["ties", "della_linear"])
+def test_progress_counts_the_statistics_passes(families, tmp_path, method):
+    """The merge step's planned work includes each sparsified model's selection and L1 passes (the CLI's flags:
+    --model-parameters as JSON, --rescale a boolean flag)."""
+    base, finetunes = families["qwen2-bf16-2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "modelmerge.cli", "merge", "--progress", "lines", "--base-model", str(base),
+         "--models-to-merge", ",".join(map(str, finetunes)), "--output-dir", str(tmp_path / "out"),
+         "--merge-method", method, "--model-parameters", json.dumps(per_model(2, epsilon=0.1)), "--rescale"],
+        capture_output=True, text=True, env={**os.environ, RANGE_ELEMENTS_ENV: "1000"})
+    assert result.returncode == 0, result.stderr
+    parsed = progress_lines(result.stderr)
+    assert_progress_of_one_merge(parsed, ["merge"])
+    numel = sum(t.numel() for name, t in read_state_dict(base).items() if "lm_head" not in name)
+    planned = int(parsed[-1][1].split(" values")[0].rsplit("/", 1)[1])
+    assert planned > numel * 2 * 2, "the statistics passes are planned on top of reading each input once"
 
 
 # --- the request ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from modelmerge_engine.kernels import CpuKernels
 from modelmerge_engine.methods import gta_kernels as gk
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
+from modelmerge_engine.progress import Step
 
 MAGNITUDE, RANDOM, OUTLIERS, DELLA = "magnitude", "random", "magnitude_outliers", "della_magprune"
 RESCALE_EPSILON = 1e-7  # mergekit's rescaled_masked_tensor: norms below this leave the masked tensor unscaled
@@ -111,10 +112,17 @@ class GeneralizedTaskArithmetic(Method):
 
     # --- planning -----------------------------------------------------------------------------------------
 
-    def statistics_work(self, group_numel: int) -> int:
-        rescale = bool(self.sparsification and self.request.rescale)  # a config may vary it: an estimate
-        passes = int(self.sparsification in (MAGNITUDE, OUTLIERS)) + int(rescale)
-        return group_numel * passes * len(self.merge.finetunes)
+    def planned_steps(self, merge_work: int, statistics_work: int) -> list[Step]:
+        """The merge step holds the per-tensor statistics: each pass reads one model's tensor once."""
+        statistics = sum(plan.numel * self._statistics_passes(plan.name, i) for plan in self.merge.plans
+                         if plan.merged for i in range(len(self.merge.finetunes)))
+        return [Step("merge", merge_work + statistics_work + statistics)]
+
+    def _statistics_passes(self, name: str, index: int) -> int:
+        """Passes over model `index`'s tensor `name` before it is merged: the selection's, the L1 norms'."""
+        if not self.sparsification or not 0.0 < self._model_value("density", name, index) < 1.0:
+            return 0
+        return int(self.sparsification in (MAGNITUDE, OUTLIERS)) + int(bool(self.value("rescale", tensor=name)))
 
     # --- per-tensor statistics ------------------------------------------------------------------------------
 

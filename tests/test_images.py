@@ -19,6 +19,7 @@ import yaml
 
 from modelmerge.cli import build_parser
 from modelmerge.contract import METHODS
+from modelmerge_engine.precompile import required_examples
 from tests.helpers.helm_chart import CHART, ROOT
 
 IMAGES = {  # Dockerfile → (extra, the chart Deployment that runs it or None)
@@ -267,7 +268,11 @@ def test_cpu_engine_merges_without_torch(tiny_family, tmp_path, method):
     """What the CPU merge image (the `engine` extra, no torch) runs, here with torch unimportable: every method
     merges, and the output is byte-identical to the same merge in this environment (where torch exists)."""
     base, finetunes = tiny_family
+    fewest, most = METHODS[method].models  # passthrough and slerp take one model, the others two here
+    finetunes = finetunes[:max(fewest, min(len(finetunes), most or len(finetunes)))]
     flags = ["--base-model", str(base), "--models-to-merge", ",".join(map(str, finetunes)), "--merge-method", method]
+    for name, value in required_examples(method).items():  # slerp's t
+        flags += [f"--{name.replace('_', '-')}", str(value)]
     if method == "mask_merging":
         flags += ["--weight-mask-rates", "0.5,0.5", "--mask-strategy", "magnitude"]
     result = merge_without_torch(*flags, "--output-dir", str(tmp_path / "no-torch"))

@@ -85,9 +85,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         return _fail_early(args, str(exc))
     from modelmerge_engine.run import run_merge  # torch is imported only here
+    from modelmerge_engine.work_cache import work_cache_directory
 
     return run_merge(request, overwrite=args.overwrite, summary_file=args.summary_file,
-                     progress=args.progress)
+                     progress=args.progress, work_cache=work_cache_directory(args.work_cache))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_request_flags(merge)
     merge.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
     merge.add_argument("--summary-file", help="also write the final JSON summary line here")
+    merge.add_argument("--work-cache", metavar="DIR", default=None,
+                       help="reuse and store work that merges of the same inputs share (ties_merging_dare's "
+                            "global thresholds, the baselines' evaluations) in DIR (default: "
+                            "$MODELMERGE_WORK_CACHE; none when unset)")
     merge.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                        help="progress on stderr: a bar on a terminal, else one line per step")
     merge.set_defaults(handler=_cmd_merge)

@@ -35,6 +35,7 @@ from modelmerge_engine.safetensors_io import (
 )
 from modelmerge_engine.select import kth_magnitude
 from modelmerge_engine.tokenizer_source import apply_tokenizer_source
+from modelmerge_engine.work_cache import WorkCache
 
 # Buffers that some checkpoints carry: never merged, copied from the base like merging-eval's saved model.
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "position_ids")
@@ -226,12 +227,14 @@ class StreamingMerge:
 
     def __init__(self, request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
                  progress: Progress, *, workers: int | None = None, kernels: str | None = None,
-                 range_elements: int | None = None):
+                 range_elements: int | None = None, work_cache: WorkCache | None = None):
         """`kernels`: the kernel set on CPU, compiled or torch (default: MODELMERGE_ENGINE_KERNELS, else
         compiled; use_gpu always runs torch on CUDA). `range_elements` (default: MODELMERGE_ENGINE_RANGE_ELEMENTS,
         else sized to the cache and the number of inputs) is how many elements of each tensor a range holds;
-        tests set it small to split every tensor."""
+        tests set it small to split every tensor. `work_cache`: where whole-input statistics are reused from
+        and stored (work_cache.py)."""
         self.request = request
+        self.work_cache = work_cache
         self.dtype = COMPUTE_DTYPES[request.dtype]
         self.kernels = make_kernels(self.dtype, use_gpu=request.use_gpu, name=kernels)
         on_cpu = self.kernels.device == "cpu"

@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from datetime import UTC, datetime
+from pathlib import Path
 
 from modelmerge import __version__
 from modelmerge.contract import MAX_SUMMARY_BYTES, MergeRequest, shard_size_bytes
@@ -24,6 +25,7 @@ from modelmerge_engine.evaluation.options import EvalInputError
 from modelmerge_engine.evaluation.scoring import EvalProgress
 from modelmerge_engine.output import OutputDir, copy_aux_files, disk_error, model_card, write_synced
 from modelmerge_engine.progress import Progress
+from modelmerge_engine.work_cache import WorkCache
 
 
 class Interrupted(BaseException):
@@ -37,14 +39,17 @@ def _raise_interrupted(signum, _frame):
 
 
 def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: str | None = None,
-              progress: str = "auto") -> int:
+              progress: str = "auto", work_cache: Path | None = None) -> int:
+    """`work_cache`: the directory of the work cache shared with other merges (work_cache.py), if any."""
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
     started = time.monotonic()
     output = None
     try:
         evaluation = after_merge.check(request) if request.evaluation else None
         output = OutputDir(request.output_dir, overwrite=overwrite)
-        summary = _merge(request, output, EvalProgress(progress) if evaluation else Progress(progress), evaluation)
+        reporter = EvalProgress(progress) if evaluation else Progress(progress)
+        cache = WorkCache(work_cache, reporter.message) if work_cache is not None else None
+        summary = _merge(request, output, reporter, evaluation, cache)
         code = 0
     except EvalInputError as exc:
         summary, code = {"status": "failed", "error": str(exc)}, 2
@@ -67,7 +72,7 @@ def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: s
 
 
 def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
-           evaluation: after_merge.CheckedData | None) -> dict:
+           evaluation: after_merge.CheckedData | None, cache: WorkCache | None) -> dict:
     from modelmerge_engine.engine import StreamingMerge
     from modelmerge_engine.refs import resolve
     from modelmerge_engine.safetensors_io import SafetensorsModel, ShardedWriter
@@ -85,7 +90,7 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
     clock = time.monotonic()
     base = SafetensorsModel(base_ref.path, f"base_model {request.base_model}")
     finetunes = [SafetensorsModel(r.path, f"models_to_merge[{i}] {r.ref}") for i, r in enumerate(refs)]
-    merge = StreamingMerge(request, base, finetunes, progress)
+    merge = StreamingMerge(request, base, finetunes, progress, work_cache=cache)
     timings["resolve"] += time.monotonic() - clock
     if plan is not None:
         after_merge.plan_progress(progress, plan, parameters=sum(p.numel for p in merge.plans))
@@ -116,9 +121,11 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
     section = None
     if plan is not None:
         clock = time.monotonic()
-        section = after_merge.evaluate_merge(plan, staging, output.final, progress)
+        section = after_merge.evaluate_merge(plan, staging, output.final, progress, work_cache=cache)
         timings["evaluation"] = time.monotonic() - clock
     report = _report(request, base_ref, refs, merge, files, timings)
+    if cache is not None:
+        report["work_cache"] = {"directory": str(cache.directory), "reused": cache.reused_work}
     if section is not None:
         report["evaluation"] = section
     try:

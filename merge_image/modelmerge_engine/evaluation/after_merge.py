@@ -33,7 +33,9 @@ from modelmerge_engine.evaluation.options import EvalOptions
 from modelmerge_engine.evaluation.scoring import STEP, EvalProgress, PreparedModel, prepare_model, score
 from modelmerge_engine.evaluation.sources import DataSource, load_data, resolve_data
 from modelmerge_engine.refs import ResolvedModel
+from modelmerge_engine.work_cache import WorkCache, evaluation_key
 
+EVALUATION_ENTRY = "evaluation"  # a baseline's report in the work cache
 MESSAGE_LIMIT = 2000  # MergeEvaluation.message's max_length
 # The weight of one evaluated token in the overall percent, in the merge's work units (values), per parameter
 # of the model: only the weights of the steps, so a rough ratio of times. The merge step runs at about 2e8 values/s
@@ -107,10 +109,12 @@ def plan_progress(progress: EvalProgress, plan: EvaluationPlan, *, parameters: i
     progress.follow_with(steps, token_weight=weight)
 
 
-def evaluate_merge(plan: EvaluationPlan, staging: Path, output_dir: Path, progress: EvalProgress) -> dict:
+def evaluate_merge(plan: EvaluationPlan, staging: Path, output_dir: Path, progress: EvalProgress, *,
+                   work_cache: WorkCache | None = None) -> dict:
     """The `evaluation` section of merge_report.json: the merged model in `staging` (reported as `output_dir`)
-    and the baselines, each model's full report. Failures are reported in the section, never raised (but an
-    interrupt is)."""
+    and the baselines, each model's full report (taken from `work_cache` when an earlier merge evaluated the
+    same model on the same data with the same options). Failures are reported in the section, never raised
+    (but an interrupt is)."""
     checked = plan.checked
     section = {
         "state": "Succeeded",
@@ -133,8 +137,7 @@ def evaluate_merge(plan: EvaluationPlan, staging: Path, output_dir: Path, progre
                                         checked.options, field="output_dir")
         for subject in plan.subjects:
             current = subject
-            report = score(subject.prepared, checked.files, checked.options, device=checked.device,
-                           progress=progress, step=subject.step)
+            report = _score(subject, checked, progress, None if subject is merged else work_cache)
             if subject is merged:
                 report["model"]["path"] = str(output_dir)
                 section["merged"] = report
@@ -151,6 +154,31 @@ def evaluate_merge(plan: EvaluationPlan, staging: Path, output_dir: Path, progre
         progress.finish_remaining()
     section["seconds"] = round(time.monotonic() - started, 3)
     return section
+
+
+def _score(subject: Subject, checked: CheckedData, progress: EvalProgress, work_cache: WorkCache | None) -> dict:
+    """One subject's report, reused from `work_cache` or scored (and then stored in it)."""
+    if work_cache is None:
+        return score(subject.prepared, checked.files, checked.options, device=checked.device, progress=progress,
+                     step=subject.step)
+    key = evaluation_key(subject.prepared, checked.files, checked.options, device=checked.device,
+                         role=subject.role)
+    report = work_cache.load(EVALUATION_ENTRY, key, _parse_report)
+    if report is not None:
+        progress.begin_step(subject.step)
+        progress.end_step()
+        work_cache.reused(f"the evaluation of {subject.field} {subject.ref}")
+        return report
+    report = score(subject.prepared, checked.files, checked.options, device=checked.device, progress=progress,
+                   step=subject.step)
+    work_cache.store(EVALUATION_ENTRY, key, report)
+    return report
+
+
+def _parse_report(value: dict) -> dict:
+    if not isinstance(value["overall"], dict) or not isinstance(value["files"], list):
+        raise ValueError("not an evaluation report")
+    return value
 
 
 def merge_evaluation(section: dict) -> MergeEvaluation:

@@ -9,11 +9,16 @@ the values that agree with it, scale and add to the base. Two variants, by where
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
 from modelmerge_engine.progress import Step
+from modelmerge_engine.work_cache import statistics_key
+
+STATISTICS_ENTRY = "ties_merging_dare-statistics"
 
 
 @register
@@ -67,32 +72,49 @@ class GlobalTies(Method):
 
     def prepare(self) -> None:
         """The two global statistics, each in one streaming pass: the k-th smallest |task vector| of each model
-        over all merged parameters, then the majority sign of the elected signs."""
+        over all merged parameters, then the majority sign of the elected signs. With a work cache, both are
+        reused from a merge of the same inputs that differed at most in scaling_coefficient."""
         merge = self.merge
         merged = [p for p in merge.plans if p.merged]
-        merge.progress.begin_step("thresholds")
-        for plan in merged:
-            merge.method.prepare_tensor(plan)  # mask_merging's thresholds, counted in this step
         total = sum(p.numel for p in merged)
         k = int(total * self.request.param_value_mask_rate)
         models = len(merge.finetunes)
-        self.thresholds = merge.thresholds(merged, [k] * models, masked=True, task_vectors=True)
+        cache = merge.work_cache
+        key = statistics_key(merge, independent_of=("scaling_coefficient",)) if cache is not None else None
+        stored = cache.load(STATISTICS_ENTRY, key, partial(_parse_statistics, models=models)) if key else None
+        merge.progress.begin_step("thresholds")
+        for plan in merged:
+            merge.method.prepare_tensor(plan)  # mask_merging's thresholds, counted in this step
+        self.thresholds = stored[0] if stored else merge.thresholds(merged, [k] * models, masked=True,
+                                                                     task_vectors=True)
         merge.progress.end_step()
+        merge.progress.begin_step("signs")
+        if stored:
+            self.majority_sign = stored[1]
+            cache.reused("ties_merging_dare thresholds and majority sign")
+        else:
+            self.majority_sign = self._majority_sign(merged)
+            if cache is not None:
+                cache.store(STATISTICS_ENTRY, key, {"thresholds": [int(t) for t in self.thresholds],
+                                                    "majority_sign": int(self.majority_sign)})
+        merge.progress.end_step()
+        merge.stats.update({"global_threshold_k": k, "majority_sign": int(self.majority_sign)})
+
+    def _majority_sign(self, merged) -> float:
+        merge = self.merge
+        models = len(merge.finetunes)
 
         def balance(job: tuple[str, int, int]) -> tuple[int, int]:
             name, start, stop = job
             base, inputs = merge.inputs(name, start, stop)
             return stop - start, merge.kernels.global_ties_sign_balance(base, inputs, self.thresholds)
 
-        merge.progress.begin_step("signs")
         overall = 0
         jobs = ((p.name, a, b) for p in merged for a, b in merge.ranges(p.numel))
         for size, part in merge.pool.map(balance, jobs):
             overall += part
             merge.progress.advance(size * models)
-        merge.progress.end_step()
-        self.majority_sign = float((overall > 0) - (overall < 0))
-        merge.stats.update({"global_threshold_k": k, "majority_sign": int(self.majority_sign)})
+        return float((overall > 0) - (overall < 0))
 
     def combine_cpu(self, kernels, base, inputs, state):
         out = kernels.empty(base)
@@ -106,3 +128,11 @@ class GlobalTies(Method):
         signs = k.elected_signs(trimmed)
         return k.global_ties(base, trimmed, signs, self.majority_sign,
                              float(self.request.scaling_coefficient)).to(kernels.tdtype)
+
+
+def _parse_statistics(value: dict, *, models: int) -> tuple[np.ndarray, float]:
+    """A stored (thresholds, majority sign); ValueError when it is not one for `models` models."""
+    thresholds, sign = value["thresholds"], value["majority_sign"]
+    if len(thresholds) != models or not all(type(t) is int and t >= 0 for t in thresholds) or sign not in (-1, 0, 1):
+        raise ValueError(f"not {models} thresholds and a majority sign")
+    return np.array(thresholds, dtype=np.int64), float(sign)

@@ -48,6 +48,7 @@ SWEEP_SHORT_NAME = "mms"
 MAX_TRIALS = 1000  # trials of one sweep (a grid's size, or random's `trials`)
 MAX_VALUES = 256  # values of one dimension
 MAX_PARALLELISM = 256
+WORK_CACHE_FOLDER = ".work-cache"  # see work_cache_folder
 MAX_NAME = 63  # a trial's ModelMerge name ends up in label values
 RANGE_TOLERANCE = 1e-9  # (stop - start) / step within this of an integer counts stop in
 RANGE_DIGITS = 12  # range points are rounded to this many decimals (0.1 + 2 * 0.1 is 0.3, not 0.30000000000000004)
@@ -446,6 +447,14 @@ def trial_spec(spec: ModelMergeSweepSpec, trial: Trial, name: str) -> ModelMerge
     base = (spec.template.output_dir or "").strip("/")
     fields["output_dir"] = f"{base}/{name}" if base else name
     return ModelMergeSpec.model_validate(fields)
+
+
+def work_cache_folder(spec: ModelMergeSweepSpec, sweep_name: str) -> str:
+    """Where the trials of sweep `sweep_name` share the engine's work cache (`modelmerge merge --work-cache`),
+    relative to the output root (volume): beside the trials' folders in the template's output_dir, else (trials
+    at the root) in .work-cache/<sweep name>."""
+    base = (spec.template.output_dir or "").strip("/")
+    return f"{base}/{WORK_CACHE_FOLDER}" if base else f"{WORK_CACHE_FOLDER}/{sweep_name}"
 
 
 def objective_value(objective: SweepObjective, evaluation: MergeEvaluation | None) -> tuple[float | None, str]:

@@ -9,7 +9,10 @@ message asking to resubmit.
 
 Evaluation: a request's local data files are relative to the output root (as a ModelMerge's are to its output
 volume), checked at submit and resolved to absolute paths for the engine; a completed job's evaluation is the one
-in its summary.json (read once, then cached)."""
+in its summary.json (read once, then cached).
+
+A sweep's trials (jobs with a sweep_id, in `<sweep output folder>/<trial>`) run with the work cache
+`<sweep output folder>/.work-cache`, so work that does not depend on the trial's parameters is done once."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from modelmerge.contract import MergeEvaluation, MergeProgress, MergeRequest, engine_outcome, parse_progress
+from modelmerge.sweep import WORK_CACHE_FOLDER
 from modelmerge_api import outputs
 from modelmerge_api.errors import ApiError, Unavailable, job_not_found
 from modelmerge_api.jobs import ACTIVE, Job, advanced, check_cancellable, request_params, seconds_between, utcnow
@@ -221,6 +225,8 @@ class LocalBackend:
         command = [sys.executable, "-m", "modelmerge_api.child", str(os.getpid()), *self.engine_command,
                    "merge", "--spec", str(spec), "--output-dir", str(target),
                    "--summary-file", str(summary), "--progress", "lines"]
+        if job.sweep_id is not None:  # a sweep's trials share one work cache in the sweep's output folder
+            command += ["--work-cache", str(target.parent / WORK_CACHE_FOLDER)]  # sweep.work_cache_folder
         with open(self._log_path(job.job_id), "ab") as log:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env=_child_env(token), cwd=work,

@@ -11,7 +11,8 @@ after a restart: it fails with a message asking to resubmit it.
 
 The trials' outputs are `<output_dir>/<trial name>`, `output_dir` being the sweep's (default: its id). With
 `keep: best`, the other trials' output folders are deleted once the sweep completed (their jobs and scores stay;
-a cancelled or failed sweep keeps every output)."""
+a cancelled or failed sweep keeps every output). Early stopping, the best trial and the ended sweep's phase are
+decided by the contract's rules (modelmerge.sweep), as the operator decides them."""
 
 from __future__ import annotations
 

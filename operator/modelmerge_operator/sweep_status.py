@@ -9,7 +9,9 @@ or by hand after they finished, keep their row). Trials are created in index ord
 
 Early stopping walks the finished trials in index order up to the first unfinished one: once `patience` of them in a
 row did not improve on the best before them, no more trials are created (running ones finish) and the rest are
-Skipped. A failed or unscored trial does not improve.
+Skipped. A failed or unscored trial does not improve. That rule, the best trial, the counts and the phase of an
+ended sweep are the contract's (modelmerge.sweep: stopped_early, best_trial, trial_counts, ended_sweep), which the
+local backend's sweeps use too; this module adds the phases only the operator has (Creating, Cancelling, CleaningUp).
 
 | observed                                                 | phase     | reason          |
 | -------------------------------------------------------- | --------- | --------------- |

@@ -27,9 +27,8 @@ from modelmerge_api.app import create_app
 from modelmerge_api.local import LocalBackend
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
 from tests import test_api_kube
-from tests.helpers.mergekit import memoized_merges
+from tests.helpers.mergekit import assert_agrees_with_mergekit, memoized_merges
 from tests.helpers.models import make_family, read_state_dict
-from tests.helpers.oracle import compare
 from tests.helpers.rest_api import serve_in_thread, wait_status
 
 SIZE = {"vocab": 256, "hidden": 64, "intermediate": 160, "layers": 4}
@@ -114,18 +113,6 @@ def ours(config: dict, out: Path, **fields) -> dict[str, torch.Tensor]:
     return read_state_dict(out)
 
 
-def assert_identical(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *, exact: bool = True) -> None:
-    """The issue's bar (>= 99.99% of elements identical, none more than 1 ulp off), then, where `exact`, every
-    element identical."""
-    if "lm_head.weight" in theirs and "lm_head.weight" not in ours:  # a tied head: mergekit stores the embeddings
-        assert torch.equal(theirs.pop("lm_head.weight"), theirs["model.embed_tokens.weight"])
-    result = compare(ours, theirs)
-    assert result["elements"] > 0
-    assert result["equal_fraction"] >= 0.9999 and result["max_ulps"] <= 1, result
-    if exact:
-        assert result["equal_fraction"] == 1.0 and not result["differing_tensors"], result
-
-
 # ---- against mergekit ------------------------------------------------------------------------------------
 
 
@@ -149,7 +136,7 @@ def test_mergekits_gradient_slerp_example_gives_mergekits_bytes(families, mergek
     merged = read_state_dict(tmp_path / "ours")
     # slerp's angle comes from float32 acos and sin, which torch does not round correctly and the engine does
     # (methods/slerp.py): a coefficient one ulp apart moves an element of a 16-bit tensor by one ulp now and then
-    assert_identical(dict(merged), mergekit(yaml.safe_load(text)), exact=False)
+    assert_agrees_with_mergekit(merged, mergekit(yaml.safe_load(text)), identical=False)
     to_f16 = {name: t.to(torch.float16) for name, t in read_state_dict(base).items()}
     theirs = {name: t.to(torch.float16) for name, t in read_state_dict(other).items()}
     last = SIZE["layers"] - 1
@@ -173,7 +160,7 @@ def test_mergekits_ties_example_gives_mergekits_bytes(families, mergekit, tmp_pa
     request = MergeRequest.model_validate({"config": config})
     assert request.merge_method == "ties" and request.base_model == str(base)
     assert request.models_to_merge == [str(p) for p in finetunes]
-    assert_identical(ours(config, tmp_path / "ours"), mergekit(config))
+    assert_agrees_with_mergekit(ours(config, tmp_path / "ours"), mergekit(config))
 
 
 def linear_gradients(finetunes: list[Path], dtype: str, *, normalize: bool) -> dict:
@@ -196,7 +183,7 @@ def test_linear_gradients_and_conditions_match_mergekit(families, mergekit, tmp_
     monkeypatch.setenv(KERNELS_ENV, kernels)
     _, finetunes = families[family]
     config = linear_gradients(finetunes, dtype, normalize=normalize)
-    assert_identical(ours(config, tmp_path / "ours"), mergekit(config))
+    assert_agrees_with_mergekit(ours(config, tmp_path / "ours"), mergekit(config))
 
 
 def test_slice_parameters_take_precedence_over_global_ones_as_in_mergekit(families, mergekit, tmp_path):
@@ -211,7 +198,7 @@ def test_slice_parameters_take_precedence_over_global_ones_as_in_mergekit(famili
                   {"sources": [{"model": first, "layer_range": [3, 4]},
                                {"model": second, "layer_range": [3, 4], "parameters": {"weight": 3.0}}],
                    "parameters": {"weight": [{"filter": "self_attn", "value": 0.2}]}}]}
-    assert_identical(ours(config, tmp_path / "ours"), mergekit(config))
+    assert_agrees_with_mergekit(ours(config, tmp_path / "ours"), mergekit(config))
 
 
 def test_a_config_with_one_value_per_model_is_the_flat_request_byte_for_byte(families, tmp_path):

@@ -47,7 +47,10 @@ def mixtral(tmp_path_factory):
 
 def merge_with_progress(base, finetunes, out, case: str, dtype: str) -> subprocess.CompletedProcess:
     method = case.split("-")[0]
-    fields = {"merge_method": method, "dtype": dtype, **CASES[case]}
+    spec = METHODS[method]  # the parameters it requires (their examples) and the models it takes
+    required = {name: MergeRequest.model_fields[name].examples[0] for name in spec.required}
+    fields = {"merge_method": method, "dtype": dtype, **required, **CASES[case]}
+    finetunes = finetunes[:spec.models[1] or len(finetunes)]
     if method == "mask_merging":
         fields["weight_mask_rates"] = MASK_RATES
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in fields.items()]

@@ -104,6 +104,8 @@ def requests(max_models: int, methods: list[str]) -> Iterator[dict]:
             fewest, most = CATALOGUE[method].models
             if not fewest <= count <= (most or count):
                 continue
+            if method == "passthrough":  # copied as it is, and scaled (a kernel of its own)
+                yield {"merge_method": method, "count": count, "model_parameters": [{"scale": 0.5}] * count}
             if method != "mask_merging":
                 yield {"merge_method": method, "count": count, **required_examples(method)}
                 continue

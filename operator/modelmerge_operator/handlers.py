@@ -84,10 +84,14 @@ def probe(**_: Any) -> float:
 
 
 def _plain(body: Any) -> dict[str, Any]:
-    """A detached copy of a kopf body, without the bulky bookkeeping the operator never reads."""
+    """A detached copy of a kopf body, without the bulky bookkeeping the operator never reads (of the
+    annotations, only the work cache folder of a sweep's trial stays)."""
     plain = copy.deepcopy(dict(body))
     plain.get("metadata", {}).pop("managedFields", None)
-    plain.get("metadata", {}).pop("annotations", None)
+    annotations = plain.get("metadata", {}).pop("annotations", None) or {}
+    work_cache = annotations.get(manifests.ANNOTATION_WORK_CACHE)
+    if work_cache is not None:
+        plain["metadata"]["annotations"] = {manifests.ANNOTATION_WORK_CACHE: work_cache}
     return plain
 
 

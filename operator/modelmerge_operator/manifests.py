@@ -6,9 +6,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from pathlib import PurePosixPath
 from typing import Any
 
 from modelmerge.contract import API_GROUP, API_VERSION, EXIT_INVALID_REQUEST, KIND, ModelMergeSpec, output_location
+from modelmerge.sweep import SWEEP_KIND
 from modelmerge_operator.config import OperatorConfig
 
 CONTAINER = "merge"
@@ -28,6 +30,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = f"{API_GROUP}/name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MAX_NAME = 63  # a Job's name ends up in its pods' job-name label
+# On a sweep's trial: the folder of the output volume where the trials share the engine's work cache
+# (modelmerge.sweep.work_cache_folder), passed to the engine as --work-cache.
+ANNOTATION_WORK_CACHE = f"{API_GROUP}/work-cache"
 
 # Restricted pod security for every merge pod: the user and group of the merge image (merge_image/Dockerfile),
 # fsGroup so fresh volumes are writable, no privilege escalation, no capabilities, read-only root filesystem.
@@ -158,9 +163,25 @@ def container(body: dict[str, Any], spec: ModelMergeSpec, config: OperatorConfig
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
+    work_cache = work_cache_folder(body)
+    if work_cache is not None:
+        out["args"] += ["--work-cache", f"{OUTPUT_MOUNT}/{work_cache}"]
     if spec.evaluation is not None:
         out["workingDir"] = OUTPUT_MOUNT  # spec.evaluation.data's local files are relative to the output volume
     return out
+
+
+def work_cache_folder(body: dict[str, Any]) -> str | None:
+    """The work cache folder (relative to the output volume) of a sweep's trial: its ANNOTATION_WORK_CACHE when
+    a ModelMergeSweep controls it and the value stays inside the volume; None otherwise (no cache)."""
+    meta = body.get("metadata") or {}
+    folder = str((meta.get("annotations") or {}).get(ANNOTATION_WORK_CACHE) or "").strip("/")
+    by_sweep = any(ref.get("kind") == SWEEP_KIND and ref.get("controller")
+                   for ref in meta.get("ownerReferences") or [])
+    parts = PurePosixPath(folder).parts
+    if not by_sweep or not parts or any(part in ("..", ".") for part in parts) or "\x00" in folder:
+        return None
+    return "/".join(parts)
 
 
 def env(spec: ModelMergeSpec, config: OperatorConfig) -> list[dict[str, Any]]:

@@ -7,7 +7,15 @@ import copy
 from typing import Any
 
 from modelmerge.contract import API_GROUP, API_VERSION, KIND, output_location
-from modelmerge.sweep import SWEEP_KIND, ModelMergeSweepSpec, Trial, bounded_name, trial_name, trial_spec
+from modelmerge.sweep import (
+    SWEEP_KIND,
+    ModelMergeSweepSpec,
+    Trial,
+    bounded_name,
+    trial_name,
+    trial_spec,
+    work_cache_folder,
+)
 from modelmerge_operator import manifests
 from modelmerge_operator.config import OperatorConfig
 
@@ -36,7 +44,8 @@ def sweep_label(sweep_name: str) -> str:
 
 
 def child(sweep: dict[str, Any], spec: ModelMergeSweepSpec, trial: Trial) -> dict[str, Any]:
-    """Trial `trial`'s ModelMerge: the template with the trial's values, owned by the sweep."""
+    """Trial `trial`'s ModelMerge: the template with the trial's values, owned by the sweep, annotated with the
+    work cache folder the trials share."""
     meta = sweep["metadata"]
     name = trial_name(meta["name"], trial.index)
     return {
@@ -47,6 +56,7 @@ def child(sweep: dict[str, Any], spec: ModelMergeSweepSpec, trial: Trial) -> dic
             "namespace": meta["namespace"],
             "labels": {"app.kubernetes.io/name": "modelmerge", manifests.LABEL_MANAGED_BY: manifests.MANAGED_BY,
                        LABEL_SWEEP: sweep_label(meta["name"]), LABEL_TRIAL: str(trial.index)},
+            "annotations": {manifests.ANNOTATION_WORK_CACHE: work_cache_folder(spec, meta["name"])},
             "ownerReferences": [owner_reference(sweep)],
         },
         "spec": trial_spec(spec, trial, name).model_dump(mode="json", exclude_unset=True),

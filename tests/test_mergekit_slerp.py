@@ -26,26 +26,13 @@ from modelmerge_engine.engine import RANGE_ELEMENTS_ENV
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
 from modelmerge_engine.methods.torch_reductions import row_norm, row_sum
 from tests import test_mergekit_oracle
+from tests.helpers.mergekit import assert_agrees_with_mergekit
 from tests.helpers.models import read_state_dict
 from tests.helpers.oracle import FAMILIES, compare, engine_merge
 
 DTYPES = ("bfloat16", "float16", "float32")
 # the oracle tests' fixtures: the tiny families, and mergekit's output per config (once per module)
 families, mergekit = test_mergekit_oracle.families, test_mergekit_oracle.mergekit
-
-
-def agreement(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *, tied: bool,
-              identical: bool = False) -> dict:
-    """The issue's tolerance; with `identical`, every element of every tensor bit-identical (+0 == -0). A tied head
-    is not stored by the engine; mergekit stores one equal to the embeddings."""
-    if tied and "lm_head.weight" in theirs:
-        assert torch.equal(theirs.pop("lm_head.weight"), theirs["model.embed_tokens.weight"])
-    result = compare(ours, theirs)
-    assert result["elements"] > 0
-    assert result["equal_fraction"] >= 0.9999 and result["max_ulps"] <= 1, result
-    if identical:
-        assert result["equal_fraction"] == 1.0 and not result["differing_tensors"], result
-    return result
 
 
 def within_one_coefficient_ulp(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
@@ -74,7 +61,7 @@ def test_slerp_matches_mergekit(families, mergekit, tmp_path, family, t):
     base, finetunes = families[family]
     ours = engine_merge(base, finetunes[:1], tmp_path / "ours", merge_method="slerp", t=t)
     theirs = mergekit(slerp_config(base, finetunes[0], t=t, dtype="bfloat16"))
-    agreement(ours, theirs, tied=FAMILIES[family].get("tie", False))
+    assert_agrees_with_mergekit(ours, theirs, identical=False)
 
 
 @pytest.mark.parametrize("range_elements", [1000, 37])
@@ -85,7 +72,8 @@ def test_slerp_split_ranges_and_both_kernel_sets_match_mergekit(families, mergek
     monkeypatch.setenv(RANGE_ELEMENTS_ENV, str(range_elements))
     base, finetunes = families["llama-bf16-4-sharded"]
     ours = engine_merge(base, finetunes[1:2], tmp_path / "ours", max_shard_size="40KB", merge_method="slerp", t=0.6)
-    agreement(ours, mergekit(slerp_config(base, finetunes[1], t=0.6, dtype="bfloat16")), tied=False)
+    theirs = mergekit(slerp_config(base, finetunes[1], t=0.6, dtype="bfloat16"))
+    assert_agrees_with_mergekit(ours, theirs, identical=False)
 
 
 @pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
@@ -96,9 +84,9 @@ def test_slerp_in_every_compute_dtype_matches_mergekit(families, mergekit, tmp_p
     ours = engine_merge(base, finetunes[:1], tmp_path / "ours", dtype=dtype, merge_method="slerp", t=0.3)
     theirs = mergekit(slerp_config(base, finetunes[0], t=0.3, dtype=dtype))
     if dtype != "float32":
-        agreement(ours, theirs, tied=True)
+        assert_agrees_with_mergekit(ours, theirs, identical=False)
         return
-    theirs.pop("lm_head.weight", None)
+    theirs = {name: values for name, values in theirs.items() if name != "lm_head.weight"}  # tied: not stored
     within_one_coefficient_ulp(ours, theirs, [read_state_dict(base), read_state_dict(finetunes[0])])
 
 
@@ -108,7 +96,7 @@ def test_slerp_of_parallel_endpoints_is_lerp_as_in_mergekit(families, mergekit, 
     same = tmp_path / "same"
     shutil.copytree(base, same)
     ours = engine_merge(base, [same], tmp_path / "ours", merge_method="slerp", t=0.25)
-    agreement(ours, mergekit(slerp_config(base, same, t=0.25, dtype="bfloat16")), tied=False, identical=True)
+    assert_agrees_with_mergekit(ours, mergekit(slerp_config(base, same, t=0.25, dtype="bfloat16")))
 
 
 def test_both_kernel_sets_give_the_same_bytes(families, tmp_path, monkeypatch):
@@ -172,7 +160,7 @@ def test_model_stock_matches_mergekit(families, mergekit, tmp_path, family, filt
     base, finetunes = families[family]
     ours = engine_merge(base, finetunes, tmp_path / "ours", merge_method="model_stock", filter_wise=filter_wise)
     theirs = mergekit(model_stock_config(base, finetunes, filter_wise=filter_wise, dtype="bfloat16"))
-    agreement(ours, theirs, tied=FAMILIES[family].get("tie", False), identical=True)
+    assert_agrees_with_mergekit(ours, theirs)
 
 
 @pytest.mark.parametrize("filter_wise", [False, True], ids=["whole", "filter_wise"])
@@ -186,7 +174,7 @@ def test_model_stock_in_every_compute_dtype_split_ranges_and_both_kernel_sets_ma
     ours = engine_merge(base, finetunes[:3], tmp_path / "ours", dtype=dtype, merge_method="model_stock",
                         filter_wise=filter_wise)
     theirs = mergekit(model_stock_config(base, finetunes[:3], filter_wise=filter_wise, dtype=dtype))
-    agreement(ours, theirs, tied=True, identical=True)
+    assert_agrees_with_mergekit(ours, theirs)
 
 
 def test_model_stock_streams_rows_longer_than_a_segment(families, tmp_path, monkeypatch):
@@ -219,7 +207,7 @@ def test_nearswap_matches_mergekit(families, mergekit, tmp_path, family, t):
     base, finetunes = families[family]
     ours = engine_merge(base, finetunes[:1], tmp_path / "ours", merge_method="nearswap", t=t)
     theirs = mergekit(nearswap_config(base, finetunes[0], t=t, dtype="bfloat16"))
-    agreement(ours, theirs, tied=FAMILIES[family].get("tie", False), identical=True)
+    assert_agrees_with_mergekit(ours, theirs)
 
 
 @pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
@@ -230,7 +218,7 @@ def test_nearswap_in_every_compute_dtype_split_ranges_and_both_kernel_sets_match
     monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
     base, finetunes = families["qwen2-fp32-4-tied"]
     ours = engine_merge(base, finetunes[2:3], tmp_path / "ours", dtype=dtype, merge_method="nearswap", t=0.004)
-    agreement(ours, mergekit(nearswap_config(base, finetunes[2], t=0.004, dtype=dtype)), tied=True, identical=True)
+    assert_agrees_with_mergekit(ours, mergekit(nearswap_config(base, finetunes[2], t=0.004, dtype=dtype)))
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -265,7 +253,7 @@ def test_nuslerp_matches_mergekit(families, mergekit, tmp_path, family, flatten)
     base, finetunes = families[family]
     ours = engine_merge(base, finetunes[:2], tmp_path / "ours", **nuslerp_fields(flatten=flatten))
     theirs = mergekit(nuslerp_config(base, finetunes[:2], flatten=flatten, dtype="bfloat16"))
-    agreement(ours, theirs, tied=FAMILIES[family].get("tie", False))
+    assert_agrees_with_mergekit(ours, theirs, identical=False)
 
 
 @pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
@@ -276,7 +264,8 @@ def test_nuslerp_in_16_bit_compute_split_ranges_and_both_kernel_sets_match_merge
     monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
     base, finetunes = families["qwen2-fp32-4-tied"]
     ours = engine_merge(base, finetunes[1:3], tmp_path / "ours", dtype=dtype, **nuslerp_fields(flatten=False))
-    agreement(ours, mergekit(nuslerp_config(base, finetunes[1:3], flatten=False, dtype=dtype)), tied=True)
+    theirs = mergekit(nuslerp_config(base, finetunes[1:3], flatten=False, dtype=dtype))
+    assert_agrees_with_mergekit(ours, theirs, identical=False)
 
 
 def test_nuslerp_in_float32_is_within_one_coefficient_ulp_of_mergekit(families, mergekit, tmp_path):

@@ -182,7 +182,8 @@ def test_missing_tensor_in_a_finetune(family, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--merge-method", "slerp"], "merge_method: Input should be 'average_merging', 'task_arithmetic'"),
+        (["--merge-method", "frankenmerge"], "merge_method: Input should be 'average_merging', 'task_arithmetic'"),
+        (["--merge-method", "slerp"], "t is required for slerp"),
         (["--merge-method", "mask_merging", "--weight-mask-rates", "0.5"],
          "weight_mask_rates needs one rate per model: got 1 rates for 2 models_to_merge"),
         (["--merge-method", "mask_merging", "--weight-mask-rates", "0.5,1.0"],

@@ -283,13 +283,12 @@ class GeneralizedTaskArithmetic(Method):
     # --- the combine step -----------------------------------------------------------------------------------
 
     def combine_cpu(self, kernels, base, inputs, state: TensorState):
+        contributions = np.empty((len(inputs), base.shape[0]), dtype=np.float32)
+        for row, ((raw, keep), model, weight) in enumerate(zip(inputs, state.models, state.weights, strict=True)):
+            gk.products(kernels.code, base, raw, keep, model.scale, weight, contributions[row])
         out = kernels.empty(base)
-        empty = np.empty(0, dtype=np.bool_)
-        masks = tuple(keep if keep is not None else empty for _, keep in inputs)
-        masked = np.array([keep is not None for _, keep in inputs], dtype=np.bool_)
-        scales = np.array([m.scale for m in state.models], dtype=np.float32)
-        gk.combine(kernels.code, base, tuple(raw for raw, _ in inputs), masks, masked, scales, state.weights,
-                   state.divisor, state.lam, out, consensus=self.consensus, normalize=state.normalize)
+        gk.combine(kernels.code, base, contributions, state.weights, state.divisor, state.lam, out,
+                   consensus=self.consensus, normalize=state.normalize)
         return out
 
     def combine_torch(self, kernels, base, inputs, state: TensorState):

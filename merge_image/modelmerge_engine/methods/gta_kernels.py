@@ -316,36 +316,46 @@ def ranked_mask(code, base, raw, row_start, columns, key, density, epsilon, keep
 # --- the combine step -------------------------------------------------------------------------------------
 
 
-@njit(inline="always")
-def _product(inputs, masks, masked, scales, weights, i, e, b, code):
-    """Model i's contribution at element e: its task vector, masked, rescaled, times its weight."""
-    d = rnd(widen(inputs[i][e], code) - b, code)
-    if masked[i]:
-        d = d * np.float32(masks[i][e])
-    return rnd(rnd(d * scales[i], code) * weights[i], code)
+@register_jitable(inline="always")
+def _products(constants, args):
+    """One model's contributions on a range: its task vector, masked (keep), rescaled, times its weight, each
+    step rounded to the compute dtype; written as float32 (the values are the compute dtype's)."""
+    code, masked = constants
+    base, raw, keep, scale, weight, out = args
+    for e in range(out.shape[0]):
+        d = rnd(widen(raw[e], code) - widen(base[e], code), code)
+        if masked:
+            d = d * np.float32(keep[e])
+        out[e] = rnd(rnd(d * scale, code) * weight, code)
+
+
+def products(code, base, raw, keep, scale, weight, out):
+    """`_products` for one model (keep None: nothing dropped), specialised for the dtype and the mask only, so the
+    compiled kernels do not multiply with the number of models."""
+    _specialised(_products, int(code), keep is not None)(
+        (base, raw, keep if keep is not None else np.empty(0, np.bool_), np.float32(scale), np.float32(weight), out))
 
 
 @register_jitable(inline="always")
 def _combine(constants, args):
-    """mergekit's GeneralizedTaskArithmeticMerge.merge_group on one range, rounded where its tensors in the
-    compute dtype round: task vectors, the sparsified (masked, rescaled) ones, times the weights, the sign
-    election, the float32 sums over models rounded once, the division, lambda, the base added."""
+    """mergekit's GeneralizedTaskArithmeticMerge.merge_group on one range, given each model's contributions
+    (`products`, one row per model): the sign election on their float32 sum rounded once (sum consensus), the sums
+    of the agreeing values and of their weights, each rounded once, the division, lambda, the base added."""
     code, consensus = constants
-    base, inputs, masks, masked, scales, weights, divisor_all, normalize, lam, out = args
+    base, contributions, weights, divisor_all, normalize, lam, out = args
     scaled = lam != np.float32(1.0)
     for e in range(out.shape[0]):
-        b = widen(base[e], code)
         total = np.float32(0.0)
-        for i in range(len(inputs)):
-            total += _product(inputs, masks, masked, scales, weights, i, e, b, code)
+        for i in range(contributions.shape[0]):
+            total += contributions[i, e]
         mixed = rnd(total, code)
         divisor = divisor_all
         if consensus == CONSENSUS_SUM:
             positive = mixed >= 0
             mixed = np.float32(0.0)
             divisor = np.float32(0.0)
-            for i in range(len(inputs)):
-                p = _product(inputs, masks, masked, scales, weights, i, e, b, code)
+            for i in range(contributions.shape[0]):
+                p = contributions[i, e]
                 if (p > 0) if positive else (p < 0):
                     mixed += p
                     divisor += weights[i]
@@ -357,11 +367,10 @@ def _combine(constants, args):
             mixed = rnd(mixed / divisor, code)
         if scaled:
             mixed = rnd(mixed * lam, code)
-        store(out, e, b + mixed, code)
+        store(out, e, widen(base[e], code) + mixed, code)
 
 
-def combine(code, base, inputs, masks, masked, scales, weights, divisor, lam, out, *, consensus: int,
-            normalize: bool):
+def combine(code, base, contributions, weights, divisor, lam, out, *, consensus: int, normalize: bool):
     """One range of the merge (see `_combine`), specialised for the dtype and the consensus."""
     _specialised(_combine, int(code), int(consensus))(
-        (base, inputs, masks, masked, scales, weights, np.float32(divisor), bool(normalize), np.float32(lam), out))
+        (base, contributions, weights, np.float32(divisor), bool(normalize), np.float32(lam), out))

@@ -108,6 +108,8 @@ def requests(max_models: int, methods: list[str]) -> Iterator[dict]:
                 yield {"merge_method": method, "count": count, "model_parameters": [{"scale": 0.5}] * count}
             if method != "mask_merging":
                 yield {"merge_method": method, "count": count, **required_examples(method)}
+                if count == 1 and "rescale" in CATALOGUE[method].parameters:  # sparsified (selections, masks, norms)
+                    yield {"merge_method": method, "count": 1, "model_parameters": [{"density": 0.5}], "rescale": True}
                 continue
             flags = itertools.product(("random", "magnitude"), ("delta_weight", "finetuned_weight"), (True, False),
                                       (0.0, 0.5))

@@ -66,6 +66,7 @@ class MergeMethod(StrEnum):
     nearswap = "nearswap"
     model_stock = "model_stock"
     nuslerp = "nuslerp"
+    sce = "sce"
     passthrough = "passthrough"
 
 
@@ -275,9 +276,17 @@ class MergeRequest(BaseModel):
         description="The task arithmetic family: factor on the merged task vector before it is added to the base "
         "(mergekit's `lambda`).",
     )
+    select_topk: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="sce: the fraction of each tensor's elements (of those whose task vectors vary between the "
+        "models) kept, those of largest variance; 1: every element (mergekit's `select_topk`).",
+    )
     int8_mask: bool = Field(
         default=False,
-        description="ties, dare_ties, breadcrumbs_ties, della: accepted as mergekit accepts it (it holds its sign "
+        description="ties, dare_ties, breadcrumbs_ties, della, sce: accepted as mergekit accepts it (it holds its sign "
         "masks in int8 to save memory); it changes nothing in the result.",
     )
     exclude_param_names_regex: list[Annotated[str, Field(max_length=512)]] = Field(
@@ -621,6 +630,14 @@ METHODS: dict[str, MethodSpec] = {
             ("model_parameters", "nuslerp_flatten", "nuslerp_row_wise", *COMMON_PARAMETERS),
             origin=MERGEKIT,
             models=(2, 2),
+        ),
+        MethodSpec(
+            "sce",
+            "mergekit's SCE: per tensor, keep the select_topk elements whose task vectors vary most between the "
+            "models, weight each model by its mean squared task vector, elect each element's sign by the sum and "
+            "add the agreeing values' weighted mean to the base.",
+            ("select_topk", "int8_mask", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
         ),
     )
 }

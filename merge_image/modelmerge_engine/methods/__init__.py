@@ -43,6 +43,7 @@ from modelmerge_engine.methods import (  # noqa: E402, F401
     nearswap,
     nuslerp,
     passthrough,
+    sce,
     slerp,
     task_arithmetic,
     ties_merging,

@@ -1,0 +1,176 @@
+"""mergekit's sce (mergekit/merge_methods/sce.py, 0.1.5; SCE, arXiv:2408.07990) with a base model: Select the
+elements whose task vectors vary most between the fine-tunes, Calculate each model's weight from its squared
+magnitudes, Erase the values whose sign disagrees with the elected one. Per tensor, in the compute dtype as
+mergekit's torch ops are (every operation rounded to it):
+
+    v_i = model_i − base
+    select_topk < 1: keep the int(nonzero · select_topk) elements of largest var_i(v_i) (population variance over
+        the models; none at select_topk <= 0 or when no element varies), zero the others in every v_i
+    w_i = mean(v_i²) / Σ_j mean(v_j²)   (1 / N each where that sum is below 1e-6)
+    sign = +1 where Σ_i v_i >= 0, else −1;  agree_i = sign(v_i) == sign
+    merged = base + Σ_i [agree_i] w_i v_i / max(Σ_i [agree_i] w_i, 1e-6)
+
+Per-tensor statistics, one tensor at a time: with select_topk < 1, one pass computes every element's variance
+(float64, rounded to the dtype, as torch's var) and torch's CPU top-k picks the kept elements as its libstdc++
+selection does, ties at the boundary included (sce_kernels.top_k); memory: one tensor's variances, element order
+and keep flags, 9 bytes an element, the flags kept until the tensor is merged. A second pass sums each model's
+squared (selected) task vector in torch's CPU order (torch_reductions; mergekit's mean is that float32 sum over
+the element count, rounded once). `int8_mask` is accepted and changes nothing in the result (mergekit holds its
+masks in int8 instead of the compute dtype to save memory).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelmerge_engine.dtype_codes import F32
+from modelmerge_engine.methods import register
+from modelmerge_engine.methods import sce_kernels as sk
+from modelmerge_engine.methods.base import Method
+from modelmerge_engine.methods.nuslerp import _round_into
+from modelmerge_engine.methods.rows import to_kernels
+from modelmerge_engine.methods.torch_reductions import (
+    host_values,
+    row_sum,
+    sum_begin,
+    sum_finish,
+    sum_rows,
+)
+from modelmerge_engine.progress import Step
+
+SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of torch_reductions' row of vectors)
+WEIGHT_FLOOR = 1e-6  # mergekit: weights of task vectors whose squares sum to less are equal; divisor clamp
+
+
+@dataclass
+class TensorState:
+    keep: np.ndarray | None  # the selected elements (select_topk < 1), else None: every element
+    weights: np.ndarray  # float32 values of each model's weight, rounded to the compute dtype
+    floor: np.float32  # 1e-6 rounded to the compute dtype
+
+
+@register
+class Sce(Method):
+    name = "sce"
+    parameters = ("select_topk", "int8_mask")
+
+    def __init__(self, merge):
+        super().__init__(merge)
+        self._states: OrderedDict[str, TensorState] = OrderedDict()
+        self._keep_states = merge.pool.workers + 4  # tensors whose ranges can still be in flight
+
+    def _selects(self, name: str) -> bool:
+        return 0.0 < float(self.value("select_topk", tensor=name)) < 1.0
+
+    def planned_steps(self, merge_work: int, statistics_work: int) -> list[Step]:
+        """The merge step holds the per-tensor statistics: each pass reads the base and every model once."""
+        inputs = len(self.merge.finetunes) + 1
+        statistics = sum(plan.numel * inputs * (1 + int(self._selects(plan.name)))
+                         for plan in self.merge.plans if plan.merged)
+        return [Step("merge", merge_work + statistics_work + statistics)]
+
+    def _task_vectors(self, name: str, start: int, stop: int) -> np.ndarray:
+        merge = self.merge
+        base = host_values(merge, merge.base, name, start, stop)
+        models = tuple(host_values(merge, model, name, start, stop) for model in merge.finetunes)
+        vectors = np.empty((len(models), stop - start), np.float32)
+        sk.task_vectors(base, models, merge.dtype.code, vectors)
+        merge.progress.advance((len(models) + 1) * (stop - start))
+        return vectors
+
+    def prepare_tensor(self, plan) -> None:
+        name = plan.name
+        if name in self._states:
+            return
+        code, numel, count = self.merge.dtype.code, plan.numel, len(self.merge.finetunes)
+        select_topk = float(self.value("select_topk", tensor=name))
+        keep = None
+        if select_topk <= 0.0:
+            keep = np.zeros(max(numel, 1), np.bool_)
+        elif select_topk < 1.0:
+            keep = self._select(name, numel, select_topk)
+        packed = code != F32
+        accumulators = [sum_begin(numel, packed) for _ in range(count)]
+        tails = [np.empty(0, np.float32)] * count
+        squares = np.empty(0, np.float32)
+        for offset in range(0, numel, SEGMENT):
+            stop = min(offset + SEGMENT, numel)
+            vectors = self._task_vectors(name, offset, stop)
+            if squares.shape[0] != stop - offset:
+                squares = np.empty(stop - offset, np.float32)
+            segment_keep = keep[offset:stop] if keep is not None else np.empty(0, np.bool_)
+            for i, (acc, state) in enumerate(accumulators):
+                sk.masked_squares(vectors, i, segment_keep, keep is not None, code, squares)
+                tails[i] = squares[sum_rows(squares, acc, state):].copy()
+        means = [np.float32(sum_finish(tails[i], *accumulators[i])) / np.float32(max(numel, 1))
+                 for i in range(count)]
+        means = _round(np.array(means, np.float32), code)
+        total = _round(np.array([row_sum(means, packed)], np.float32), code)[0]
+        if abs(float(total)) < WEIGHT_FLOOR:
+            weights = _round(np.full(count, np.float32(1.0) / np.float32(count), np.float32), code)
+        else:
+            weights = _round(means / total, code)
+        self._states[name] = TensorState(keep, weights, _round(np.array([WEIGHT_FLOOR], np.float32), code)[0])
+        while len(self._states) > self._keep_states:
+            self._states.popitem(last=False)
+
+    def _select(self, name: str, numel: int, select_topk: float) -> np.ndarray:
+        """The elements of the int(nonzero · select_topk) largest variances, as torch.topk picks them."""
+        code = self.merge.dtype.code
+        variances = np.empty(numel, np.float32)
+        for offset in range(0, numel, SEGMENT):
+            stop = min(offset + SEGMENT, numel)
+            sk.variances(self._task_vectors(name, offset, stop), code, variances[offset:stop])
+        nonzero = int(np.count_nonzero(variances))
+        k = int(np.float32(nonzero) * np.float32(select_topk))  # torch: an int64 count times a float is float32
+        keep = np.zeros(max(numel, 1), np.bool_)
+        if k > 0:
+            sk.top_k(variances, k, keep)
+        return keep
+
+    def tensor_state(self, plan) -> TensorState:
+        return self._states[plan.name]
+
+    def inputs(self, name, start, base, raws, models):
+        """The fine-tunes, then the range's keep flags (empty: every element)."""
+        keep = self._states[name].keep
+        flags = keep[start:start + raws[0].shape[0]] if keep is not None else np.empty(0, np.bool_)
+        return [*raws, to_kernels(np.ascontiguousarray(flags), self.merge.kernels)]
+
+    def combine_cpu(self, kernels, base, inputs, state: TensorState):
+        out = kernels.empty(base)
+        sk.sce(kernels.code, base, tuple(inputs[:-1]), inputs[-1], state.weights, state.floor, out)
+        return out
+
+    def combine_torch(self, kernels, base, inputs, state: TensorState):
+        torch = kernels.torch
+        from modelmerge_engine.torch_kernels import rounder
+
+        rnd = rounder(base.dtype)
+        b = base.to(torch.float32)
+        *raws, keep = inputs
+        vectors = [rnd(raw.to(torch.float32) - b) for raw in raws]
+        if keep.numel():
+            vectors = [torch.where(keep, v, 0.0) for v in vectors]
+        total = torch.zeros_like(b)
+        for v in vectors:
+            total += v
+        positive = rnd(total) >= 0
+        merged = torch.zeros_like(b)
+        divisor = torch.zeros_like(b)
+        for v, weight in zip(vectors, state.weights, strict=True):
+            agree = torch.where(positive, v > 0, v < 0)
+            merged += torch.where(agree, rnd(v * float(weight)), 0.0)
+            divisor += torch.where(agree, float(weight), 0.0)
+        divisor = rnd(divisor).clamp(min=float(state.floor))
+        return (b + rnd(rnd(merged) / divisor)).to(kernels.tdtype)
+
+
+def _round(values: np.ndarray, code) -> np.ndarray:
+    """float32 values rounded to the compute dtype (as float32)."""
+    out = np.empty_like(values)
+    _round_into(values, code, out)
+    return out

@@ -1,0 +1,85 @@
+"""mergekit's sce (brief M4) against mergekit 0.1.5 (the oracle, tests/helpers/mergekit.py) on the tiny random
+Qwen2- and Llama-shaped families of tests/helpers/oracle.py: bf16 and fp32 checkpoints, tied embeddings, sharded
+inputs, 2 and 4 fine-tunes; both kernel sets with every tensor split into several ranges; compute in bfloat16,
+float16 and float32. The variances, torch's top-k selection (ties at the boundary included) and the weights'
+sums are reproduced, so every element is mergekit's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from modelmerge.contract import MergeRequest
+from modelmerge_engine.engine import RANGE_ELEMENTS_ENV
+from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
+from modelmerge_engine.methods.sce_kernels import top_k
+from tests import test_mergekit_oracle
+from tests.helpers.mergekit import assert_agrees_with_mergekit
+from tests.helpers.oracle import FAMILIES, compare, engine_merge
+
+DTYPES = ("bfloat16", "float16", "float32")
+families, mergekit = test_mergekit_oracle.families, test_mergekit_oracle.mergekit
+
+
+def sce_config(base: Path, finetunes: list[Path], *, select_topk: float, dtype: str) -> dict:
+    return {"merge_method": "sce", "base_model": str(base), "dtype": dtype,
+            "parameters": {"select_topk": select_topk},
+            "models": [{"model": str(base)}, *({"model": str(path)} for path in finetunes)]}
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.01, 0.0])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sce_matches_mergekit(families, mergekit, tmp_path, family, select_topk):
+    base, finetunes = families[family]
+    ours = engine_merge(base, finetunes, tmp_path / "ours", merge_method="sce", select_topk=select_topk)
+    theirs = mergekit(sce_config(base, finetunes, select_topk=select_topk, dtype="bfloat16"))
+    assert_agrees_with_mergekit(ours, theirs)
+
+
+@pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sce_in_every_compute_dtype_split_ranges_and_both_kernel_sets_match_mergekit(
+        families, mergekit, tmp_path, monkeypatch, dtype, kernels):
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
+    base, finetunes = families["qwen2-fp32-4-tied"]
+    ours = engine_merge(base, finetunes[:3], tmp_path / "ours", dtype=dtype, merge_method="sce", select_topk=0.3)
+    theirs = mergekit(sce_config(base, finetunes[:3], select_topk=0.3, dtype=dtype))
+    assert_agrees_with_mergekit(ours, theirs)
+
+
+def test_sce_streams_tensors_longer_than_a_segment(families, tmp_path, monkeypatch):
+    """Statistics reduced segment by segment give the same merge."""
+    from modelmerge_engine.methods import sce
+
+    base, finetunes = families["llama-bf16-4-sharded"]
+    whole = engine_merge(base, finetunes, tmp_path / "whole", merge_method="sce", select_topk=0.4)
+    monkeypatch.setattr(sce, "SEGMENT", 64)
+    streamed = engine_merge(base, finetunes, tmp_path / "streamed", merge_method="sce", select_topk=0.4)
+    assert compare(whole, streamed)["equal_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("size", [5, 17, 100, 1000, 5000])
+@pytest.mark.parametrize("fraction", [0.01, 0.3, 0.9])
+def test_top_k_picks_torchs_indices_among_ties(size, fraction):
+    """Many equal keys (bfloat16 variances): the kept indices are torch.topk's, ties at the boundary included,
+    through both of its algorithms (partial_sort for small k, nth_element otherwise)."""
+    generator = torch.Generator().manual_seed(size)
+    keys = torch.randint(0, 7, (size,), generator=generator).to(torch.float32)
+    k = max(1, int(size * fraction))
+    keep = np.zeros(size, np.bool_)
+    top_k(keys.numpy().copy(), k, keep)
+    expected = np.zeros(size, np.bool_)
+    expected[torch.topk(keys, k, largest=True).indices.numpy()] = True
+    assert (keep == expected).all()
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_sce_select_topk_is_validated_naming_the_field(value):
+    with pytest.raises(ValidationError, match="select_topk"):
+        MergeRequest(base_model="base", models_to_merge=["a", "b"], merge_method="sce", select_topk=value)

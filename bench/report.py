@@ -4,8 +4,9 @@
     .venv/bin/python bench/report.py --write    # replace them in README.md, between the bench-report markers
     .venv/bin/python bench/report.py --check    # exit 1 if README.md differs from what the results give
 
-Each table sits between `<!-- bench-report:NAME -->` and `<!-- /bench-report:NAME -->` (NAME: engine, limits,
-operator, api); nothing else in the README is touched. A missing results file gives a line saying how to record it.
+Each table sits between `<!-- bench-report:NAME -->` and `<!-- /bench-report:NAME -->` (NAME: engine, memory,
+limits, operator, api, sweep); nothing else in the README is touched. A missing results file gives a line saying
+how to record it.
 """
 
 from __future__ import annotations
@@ -148,10 +149,48 @@ def api_table(result: dict | None) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(result: dict | None) -> str:
+    if result is None:
+        return _missing("sweep", "make bench-sweep")
+    s, settings = result["summary"], result["settings"]
+    lines = [_provenance(result) + f" Load average (1, 5, 15 min) at the start {settings['load_average']['start']}, "
+             f"at the end {settings['load_average']['end']} (per run in `bench/results/sweep.json`); niceness "
+             f"{settings['nice']}."]
+    control = s.get("control")
+    if control:
+        lines += ["", f"A ModelMergeSweep of {settings['trials']} trials (parallelism {settings['parallelism']}) "
+                  "on the test control plane, the merge pods a stand-in engine run by the test kubelet; "
+                  f"{control['runs']} run(s), median (min–max). Status lag: from a child ModelMerge seen finished to "
+                  "the sweep's status showing that trial finished.", "",
+                  "| measure | value |", "| --- | --- |",
+                  f"| sweeps Succeeded | {control['succeeded']}/{control['runs']} |",
+                  f"| most children unfinished at once | {control['most_unfinished']} (parallelism "
+                  f"{settings['parallelism']}: {'kept' if control['parallelism_kept'] else 'EXCEEDED'}) |"]
+        if "sweep_s" in control:
+            lines.append(f"| whole sweep, s | {_spread({'x': control['sweep_s']}, 'x')} |")
+        for q in ("median", "p99", "max"):
+            if f"status_lag_{q}_s" in control:
+                lines.append(f"| status lag {q}, s | {_spread({'x': control[f'status_lag_{q}_s']}, 'x')} |")
+    if s.get("local"):
+        models = settings["models"]
+        lines += ["", f"A 9-point grid (ties_merging_dare, scaling_coefficient {settings['grid'][0]}–"
+                  f"{settings['grid'][-1]}, evaluation with baselines, {settings['records']} records) on chat models "
+                  f"of hidden size {models['hidden']} and {models['layers']} layers with {models['finetunes']} "
+                  "fine-tunes, through the local backend (one worker, parallelism 1) with and without the work "
+                  "cache, against the same points run by hand (9 `modelmerge merge` + 9 `modelmerge eval`, and the "
+                  "base and fine-tunes evaluated once each); median (min–max) seconds.", "",
+                  "| case | total s | per trial s | speed-up vs by hand |", "| --- | --- | --- | --- |"]
+        for cell in s["local"]:
+            lines.append(f"| {cell['case']} | {_spread(cell, 'seconds', 1, 1)} | {_spread(cell, 'per_trial_s')} | "
+                         f"{cell.get('vs_separate', '-')}× |")
+    return "\n".join(lines)
+
+
 def sections(results: Path) -> dict[str, str]:
     engine = _load("engine", results)
     return {"engine": engine_table(engine), "memory": memory_table(engine), "limits": limits_table(engine),
-            "operator": operator_table(_load("operator", results)), "api": api_table(_load("api", results))}
+            "operator": operator_table(_load("operator", results)), "api": api_table(_load("api", results)),
+            "sweep": sweep_table(_load("sweep", results))}
 
 
 def render(readme: str, tables: dict[str, str]) -> str:

@@ -83,3 +83,16 @@ def test_top_k_picks_torchs_indices_among_ties(size, fraction):
 def test_sce_select_topk_is_validated_naming_the_field(value):
     with pytest.raises(ValidationError, match="select_topk"):
         MergeRequest(base_model="base", models_to_merge=["a", "b"], merge_method="sce", select_topk=value)
+
+
+def test_sce_progress_counts_the_selection_pass(monkeypatch, tmp_path):
+    """With select_topk < 1 the variance pass is planned and reported too: the CLI's last progress line counts
+    exactly the planned work."""
+    from tests import test_engine_progress as progress
+    from tests.helpers.models import make_family
+
+    base, finetunes = make_family(tmp_path / "family", n=3, dtype=torch.bfloat16, **progress.SIZE)
+    monkeypatch.setitem(progress.CASES, "sce-selecting", {"select_topk": 0.5})
+    result = progress.merge_with_progress(base, finetunes, tmp_path / "out", "sce-selecting", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    progress.assert_progress_of_one_merge(progress.progress_lines(result.stderr), ["merge"])

@@ -11,9 +11,13 @@ rows, of which the tokenizer uses the first 384, so the output head costs what a
   qwen0.5b   Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 heads (2 KV), intermediate 4864 (for a GPU)
   smoke      hidden 64, 2 layers, vocab 4096: a quick check that everything runs (not a result)
 
-    .venv/bin/python bench/bench_eval.py                          # CPU, realistic shape (the recorded run)
+    .venv/bin/python bench/bench_eval.py                          # CPU, realistic shape, 5 runs (the recorded run)
     .venv/bin/python bench/bench_eval.py --smoke                  # quick check, 1 run
-    .venv/bin/python bench/bench_eval.py --shape qwen0.5b --use-gpu --save bench/results/bench_eval-gpu.json
+    .venv/bin/python bench/bench_eval.py --shape qwen0.5b --use-gpu   # a lent GPU
+
+Raw rows, the medians with their spread (min-max) and the provenance go to bench/results/eval.json for the
+recorded settings (realistic shape, CPU, >= 5 runs), bench/results/eval-gpu.json for the qwen0.5b shape on a
+GPU, .bench/results/eval-smoke.json otherwise (bench/provenance.py).
 
 Models and data are made once under .bench/eval/.
 """
@@ -24,7 +28,6 @@ import argparse
 import json
 import math
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "merge_image")]
+
+from bench.provenance import median_spread, provenance, results_path, write_results  # noqa: E402
 
 BENCH = ROOT / ".bench" / "eval"
 SHAPES = {
@@ -148,10 +153,10 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=60)
     parser.add_argument("--max-length", type=int, default=2048, help="merging-eval's default")
     parser.add_argument("--batch-size", type=int, default=10, help="ours (merging-eval's loop always uses 10)")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="smoke shape, 12 records, max_length 1024, 1 run")
-    parser.add_argument("--save", help="write the raw rows and the summary to this JSON file")
+    parser.add_argument("--out", type=Path, help="results JSON (default: by the settings, see above)")
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -173,32 +178,43 @@ def main() -> None:
             rows.append(row)
     summary = summarize(rows)
     print(f"shape {args.shape}, {args.records} records, max_length {args.max_length}, "
-          f"{'cuda' if args.use_gpu else 'cpu'}, {args.runs} run(s)")
-    print(f"{'tool':14s}{'tokens/s':>12s}{'eval s':>10s}{'peak GiB':>10s}{'ce':>12s}")
+          f"{'cuda' if args.use_gpu else 'cpu'}, {args.runs} run(s); median (min-max)")
+    print(f"{'tool':14s}{'tokens/s':>28s}{'eval s':>22s}{'peak GiB':>10s}{'ce':>12s}")
     for tool in TOOLS:
         s = summary[tool]
-        print(f"{tool:14s}{s['tokens_per_second']:12.1f}{s['eval_seconds']:10.2f}{s['peak_rss_bytes'] / 2**30:10.3f}"
-              f"{s['ce']:12.6f}")
-    print(f"speed-up {summary['speedup']:.2f}x, peak memory ratio (merging-eval / ours) "
+        print(f"{tool:14s}{_spread(s['tokens_per_second'], '.1f'):>28s}{_spread(s['eval_seconds'], '.2f'):>22s}"
+              f"{s['peak_rss_bytes']['median'] / 2**30:10.3f}{s['ce']['median']:12.6f}")
+    print(f"speed-up {_spread(summary['speedup'], '.2f')}x (run by run), peak memory ratio (merging-eval / ours) "
           f"{summary['memory_ratio']:.2f}x, ce agree to {summary['ce_relative_difference']:.1e}")
-    if args.save:
-        Path(args.save).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()
-                                                            if k not in ("child", "model", "data", "save")},
-                                               "summary": summary, "rows": rows}, indent=2) + "\n")
+    recorded = not args.smoke and args.runs >= 5 and args.records >= 60 and args.max_length == 2048 and (
+        (args.shape, args.use_gpu) in (("realistic", False), ("qwen0.5b", True)))
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "model", "data", "out")}
+    result = {"benchmark": "eval", "provenance": provenance(["torch", "transformers", "tokenizers"]),
+              "settings": settings, "summary": summary, "rows": rows}
+    write_results(result, args.out or results_path("eval-gpu" if args.use_gpu else "eval", recorded=recorded))
+
+
+def _spread(cell: dict, spec: str) -> str:
+    return f"{cell['median']:{spec}} ({cell['min']:{spec}}-{cell['max']:{spec}})"
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Per tool the median and spread of each measure; the speed-up of each run (ours against the
+    merging-eval run beside it) with its median and spread."""
     summary: dict = {}
     for tool in TOOLS:
         mine = [row for row in rows if row["tool"] == tool]
-        summary[tool] = {key: statistics.median(row[key] for row in mine)
+        summary[tool] = {key: median_spread([row[key] for row in mine])
                          for key in ("tokens_per_second", "eval_seconds", "peak_rss_bytes", "ce", "tokens")}
     ours, peer = summary["ours"], summary["merging-eval"]
-    if ours["tokens"] != peer["tokens"]:
+    if ours["tokens"]["min"] != ours["tokens"]["max"] or ours["tokens"] != peer["tokens"]:
         raise SystemExit(f"the tools scored different token counts: {ours['tokens']} and {peer['tokens']}")
-    summary["speedup"] = ours["tokens_per_second"] / peer["tokens_per_second"]
-    summary["memory_ratio"] = peer["peak_rss_bytes"] / ours["peak_rss_bytes"]
-    summary["ce_relative_difference"] = abs(ours["ce"] - peer["ce"]) / max(abs(peer["ce"]), math.ulp(1.0))
+    pairs = zip((r for r in rows if r["tool"] == "ours"), (r for r in rows if r["tool"] == "merging-eval"),
+                strict=True)
+    summary["speedup"] = median_spread([a["tokens_per_second"] / b["tokens_per_second"] for a, b in pairs])
+    summary["memory_ratio"] = peer["peak_rss_bytes"]["median"] / ours["peak_rss_bytes"]["median"]
+    summary["ce_relative_difference"] = abs(ours["ce"]["median"] - peer["ce"]["median"]) / max(
+        abs(peer["ce"]["median"]), math.ulp(1.0))
     return summary
 
 

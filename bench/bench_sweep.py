@@ -102,6 +102,8 @@ class SweepWatch:
         self.unfinished: set[str] = set()
         self.most_unfinished = 0
         self.final: tuple[str, float] | None = None
+        self.stopping = False
+        self.errors: list[str] = []  # watches that broke before stop(): the counts would be incomplete
         self.lock = threading.Lock()
         self._watches = []
         for plural, record in ((PLURAL, self._child), (SWEEP_PLURAL, self._sweep)):
@@ -114,9 +116,13 @@ class SweepWatch:
 
         stream = self.watch_class()
         self._watches.append(stream)
-        for event in stream.stream(self.custom.list_namespaced_custom_object, API_GROUP, API_VERSION, self.ns, plural,
-                                   resource_version=version, timeout_seconds=3600):
-            record(event["type"], event["raw_object"], time.monotonic())
+        try:
+            for event in stream.stream(self.custom.list_namespaced_custom_object, API_GROUP, API_VERSION, self.ns,
+                                       plural, resource_version=version, timeout_seconds=3600):
+                record(event["type"], event["raw_object"], time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - stop() closes the stream; a break before that is recorded
+            if not self.stopping:
+                self.errors.append(f"{plural}: {exc!r}")
 
     def _child(self, kind: str, obj: dict, now: float) -> None:
         name, phase = obj["metadata"]["name"], (obj.get("status") or {}).get("phase")
@@ -139,6 +145,7 @@ class SweepWatch:
                 self.final = (status["phase"], now)
 
     def stop(self) -> None:
+        self.stopping = True
         for stream in self._watches:
             stream.stop()
 
@@ -194,7 +201,7 @@ def run_control(api, kubeconfig: Path, workdir: Path, args, run: int) -> dict:
                "children_finished": len(watch.child_done), "trials_finished_in_status": len(watch.status_done),
                "most_unfinished": watch.most_unfinished,
                "parallelism_kept": watch.most_unfinished <= args.parallelism,
-               "status_lag_s": quantiles(lags) if lags else None}
+               "status_lag_s": quantiles(lags) if lags else None, "watch_errors": watch.errors}
     return row
 
 

@@ -67,6 +67,7 @@ class MergeMethod(StrEnum):
     model_stock = "model_stock"
     nuslerp = "nuslerp"
     sce = "sce"
+    multislerp = "multislerp"
     passthrough = "passthrough"
 
 
@@ -89,7 +90,8 @@ class ModelParameters(BaseModel):
 
     weight: float = Field(default=1.0, ge=-100.0, le=100.0, allow_inf_nan=False,
                           description="linear and the task arithmetic family (mergekit_task_arithmetic, ties, "
-                          "dare_*, breadcrumbs*, della*), nuslerp: the model's weight (mergekit's `weight`).")
+                          "dare_*, breadcrumbs*, della*), nuslerp, multislerp: the model's weight (mergekit's "
+                          "`weight`).")
     density: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False,
                                   description="ties, dare_*, breadcrumbs*, della*: the fraction of the model's task "
                                   "vector kept in each tensor (mergekit's `density`); unset: 1.0, all of it.")
@@ -283,6 +285,18 @@ class MergeRequest(BaseModel):
         allow_inf_nan=False,
         description="sce: the fraction of each tensor's elements (of those whose task vectors vary between the "
         "models) kept, those of largest variance; 1: every element (mergekit's `select_topk`).",
+    )
+    normalize_weights: bool = Field(
+        default=True,
+        description="multislerp: divide the model_parameters weights by their sum (mergekit's "
+        "`normalize_weights`).",
+    )
+    eps: float = Field(
+        default=1e-8,
+        gt=0.0,
+        le=1e-2,
+        allow_inf_nan=False,
+        description="multislerp: the small constant added to the norms (mergekit's `eps`).",
     )
     int8_mask: bool = Field(
         default=False,
@@ -637,6 +651,14 @@ METHODS: dict[str, MethodSpec] = {
             "models, weight each model by its mean squared task vector, elect each element's sign by the sum and "
             "add the agreeing values' weighted mean to the base.",
             ("select_topk", "int8_mask", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+        ),
+        MethodSpec(
+            "multislerp",
+            "mergekit's multislerp with a base model: barycentric spherical interpolation of the fine-tunes' task "
+            "vectors (weights from model_parameters) on the unit sphere, scaled by their weighted mean norm, added "
+            "to the base.",
+            ("model_parameters", "normalize_weights", "eps", *COMMON_PARAMETERS),
             origin=MERGEKIT,
         ),
     )

@@ -96,3 +96,69 @@ def test_sce_progress_counts_the_selection_pass(monkeypatch, tmp_path):
     result = progress.merge_with_progress(base, finetunes, tmp_path / "out", "sce-selecting", "bfloat16")
     assert result.returncode == 0, result.stderr
     progress.assert_progress_of_one_merge(progress.progress_lines(result.stderr), ["merge"])
+
+
+# --- multislerp -------------------------------------------------------------------------------------------------
+
+
+def multislerp_config(base: Path, finetunes: list[Path], weights: list[float], *, dtype: str,
+                      normalize_weights: bool = True) -> dict:
+    return {"merge_method": "multislerp", "base_model": str(base), "dtype": dtype,
+            "parameters": {"normalize_weights": normalize_weights},
+            "models": [{"model": str(base)},
+                       *({"model": str(path), "parameters": {"weight": weight}}
+                         for path, weight in zip(finetunes, weights, strict=True))]}
+
+
+def multislerp_merge(base, finetunes, out, weights, **fields):
+    return engine_merge(base, finetunes, out, merge_method="multislerp",
+                        model_parameters=[{"weight": weight} for weight in weights], **fields)
+
+
+@pytest.mark.parametrize("normalize_weights", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_multislerp_matches_mergekit(families, mergekit, tmp_path, family, normalize_weights):
+    base, finetunes = families[family]
+    weights = [0.7, 0.2, 0.5, 0.4][:len(finetunes)]
+    ours = multislerp_merge(base, finetunes, tmp_path / "ours", weights, normalize_weights=normalize_weights)
+    theirs = mergekit(multislerp_config(base, finetunes, weights, dtype="bfloat16",
+                                        normalize_weights=normalize_weights))
+    assert_agrees_with_mergekit(ours, theirs, identical=False)
+
+
+@pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_multislerp_in_16_bit_compute_split_ranges_and_both_kernel_sets_match_mergekit(
+        families, mergekit, tmp_path, monkeypatch, dtype, kernels):
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
+    base, finetunes = families["qwen2-fp32-4-tied"]
+    ours = multislerp_merge(base, finetunes[:3], tmp_path / "ours", [1.0, 2.0, 3.0], dtype=dtype)
+    theirs = mergekit(multislerp_config(base, finetunes[:3], [1.0, 2.0, 3.0], dtype=dtype))
+    assert_agrees_with_mergekit(ours, theirs, identical=False)
+
+
+def test_multislerp_streams_and_both_kernel_sets_give_the_same_bytes(families, tmp_path, monkeypatch):
+    from modelmerge_engine.methods import multislerp
+
+    base, finetunes = families["llama-fp32-2"]
+    results = []
+    for kernels in KERNEL_SET_NAMES:
+        monkeypatch.setenv(KERNELS_ENV, kernels)
+        results.append(multislerp_merge(base, finetunes, tmp_path / kernels, [0.3, 0.6], dtype="float32"))
+    monkeypatch.setattr(multislerp, "SEGMENT", 64)
+    results.append(multislerp_merge(base, finetunes, tmp_path / "streamed", [0.3, 0.6], dtype="float32"))
+    assert compare(results[0], results[1])["equal_fraction"] == 1.0
+    assert compare(results[0], results[2])["equal_fraction"] == 1.0
+
+
+def test_multislerp_of_one_model_is_that_model_as_in_mergekit(families, mergekit, tmp_path):
+    base, finetunes = families["qwen2-bf16-2"]
+    ours = multislerp_merge(base, finetunes[:1], tmp_path / "ours", [0.5])
+    assert_agrees_with_mergekit(ours, mergekit(multislerp_config(base, finetunes[:1], [0.5], dtype="bfloat16")))
+
+
+@pytest.mark.parametrize("value", [0.0, -1e-8, 1.0])
+def test_multislerp_eps_is_validated_naming_the_field(value):
+    with pytest.raises(ValidationError, match="eps"):
+        MergeRequest(base_model="base", models_to_merge=["a", "b"], merge_method="multislerp", eps=value)

@@ -40,6 +40,7 @@ from modelmerge_engine.methods import (  # noqa: E402, F401
     linear,
     mask_merging,
     model_stock,
+    multislerp,
     nearswap,
     nuslerp,
     passthrough,

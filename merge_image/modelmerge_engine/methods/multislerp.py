@@ -1,0 +1,235 @@
+"""mergekit's multislerp (mergekit/merge_methods/multislerp.py, 0.1.5) with a base model: barycentric spherical
+interpolation of the fine-tunes' task vectors. Per tensor, in the compute dtype as mergekit's torch ops are (every
+operation rounded to it), with w the model_parameters weights (divided by their sum with normalize_weights):
+
+    v_i = model_i − base;  n_i = |v_i|;  u_i = v_i / (n_i + eps)
+    m = Σ w_i u_i;  |m| < eps: with two models (w_0 v_0 + w_1 v_1) + base, else an error naming the tensor
+    m̂ = m / |m|;  d_i = u_i · m̂;  r = Σ w_i (u_i − d_i m̂);  ρ = |r| + eps
+    merged = base + (m̂ cos ρ + r (sin ρ / ρ)) · Σ w_i n_i
+    one fine-tune: the fine-tune itself (mergekit interpolates nothing)
+
+Four streaming statistics passes over the base and every fine-tune (the norms n_i, |m|, the dots d_i, |r|), each
+a segment at a time, reduced in torch's CPU order (torch_reductions.py), so memory stays a few segments whatever
+the tensor. cos and sin are correctly rounded in float32 before the rounding to the dtype; torch's float32 ones
+are within one ulp of that (see slerp.py), so in float32 compute a tensor's coefficients may differ from
+mergekit's by one ulp. The base model is required here (mergekit's is optional: without one it interpolates the
+weights themselves).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+from numba.extending import register_jitable
+
+from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
+from modelmerge_engine.dtype_codes import F32
+from modelmerge_engine.errors import MergeError
+from modelmerge_engine.methods import register
+from modelmerge_engine.methods.base import Method
+from modelmerge_engine.methods.nuslerp import _round_into
+from modelmerge_engine.methods.sce_kernels import task_vectors
+from modelmerge_engine.methods.torch_reductions import (
+    LANES,
+    host_values,
+    norm_add,
+    norm_finish,
+    row_sum,
+    sum_begin,
+    sum_finish,
+    sum_rows,
+)
+from modelmerge_engine.progress import Step
+
+SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of torch_reductions' row of vectors)
+PASSES = 4
+
+
+@register_jitable(inline="always")
+def _mean_at(v, denominators, weights, code):
+    """m at one element: Σ_i w_i (v_i / (n_i + eps)), products rounded, the sum rounded once."""
+    total = np.float32(0.0)
+    for i in range(v.shape[0]):
+        total += rnd(rnd(v[i] / denominators[i], code) * weights[i], code)
+    return rnd(total, code)
+
+
+@register_jitable(inline="always")
+def _tangent_at(v, denominators, weights, mean_hat, dots, code):
+    """r at one element: Σ_i w_i (u_i − d_i m̂)."""
+    total = np.float32(0.0)
+    for i in range(v.shape[0]):
+        unit = rnd(v[i] / denominators[i], code)
+        total += rnd(rnd(unit - rnd(dots[i] * mean_hat, code), code) * weights[i], code)
+    return rnd(total, code)
+
+
+@njit(nogil=True, cache=True)
+def means(vectors, denominators, weights, code, out):
+    for e in range(out.shape[0]):
+        out[e] = _mean_at(vectors[:, e], denominators, weights, code)
+
+
+@njit(nogil=True, cache=True)
+def unit_products(vectors, denominators, weights, mean_norm, code, out):
+    """out[i, e] = u_i · m̂ at element e (rounded), for the dots."""
+    for e in range(out.shape[1]):
+        mean_hat = rnd(_mean_at(vectors[:, e], denominators, weights, code) / mean_norm, code)
+        for i in range(out.shape[0]):
+            out[i, e] = rnd(rnd(vectors[i, e] / denominators[i], code) * mean_hat, code)
+
+
+@njit(nogil=True, cache=True)
+def tangents(vectors, denominators, weights, mean_norm, dots, code, out):
+    for e in range(out.shape[0]):
+        mean_hat = rnd(_mean_at(vectors[:, e], denominators, weights, code) / mean_norm, code)
+        out[e] = _tangent_at(vectors[:, e], denominators, weights, mean_hat, dots, code)
+
+
+@register_jitable(inline="always")
+def _multislerp(constants, args):
+    code, = constants
+    base, inputs, denominators, weights, scalars, out = args
+    mean_norm, cos_rho, ratio, scale, linear = scalars[0], scalars[1], scalars[2], scalars[3], scalars[4] != 0
+    dots = scalars[5:]
+    v = np.empty(len(inputs), np.float32)
+    for e in range(out.shape[0]):
+        b = widen(base[e], code)
+        for i in range(len(inputs)):
+            v[i] = rnd(widen(inputs[i][e], code) - b, code)
+        if linear:
+            merged = rnd(rnd(v[0] * weights[0], code) + rnd(v[1] * weights[1], code), code)
+        else:
+            mean_hat = rnd(_mean_at(v, denominators, weights, code) / mean_norm, code)
+            tangent = _tangent_at(v, denominators, weights, mean_hat, dots, code)
+            sphere = rnd(rnd(mean_hat * cos_rho, code) + rnd(tangent * ratio, code), code)
+            merged = rnd(sphere * scale, code)
+        store(out, e, b + merged, code)
+
+
+multislerp_kernel = _per_dtype(_multislerp)
+
+
+@register
+class Multislerp(Method):
+    name = "multislerp"
+    parameters = ("model_parameters", "normalize_weights", "eps")
+
+    def planned_steps(self, merge_work: int, statistics_work: int) -> list[Step]:
+        """The merge step holds the four statistics passes over the base and every fine-tune (none with one)."""
+        count = len(self.merge.finetunes)
+        passes = PASSES if count > 1 else 0
+        statistics = sum(plan.numel * (count + 1) * passes for plan in self.merge.plans if plan.merged)
+        return [Step("merge", merge_work + statistics_work + statistics)]
+
+    def _round(self, values) -> np.ndarray:
+        values = np.atleast_1d(np.asarray(values, np.float32))
+        out = np.empty_like(values)
+        _round_into(values, self.merge.dtype.code, out)
+        return out
+
+    def _segments(self, name: str, numel: int):
+        merge = self.merge
+        for start in range(0, numel, SEGMENT):
+            stop = min(start + SEGMENT, numel)
+            base = host_values(merge, merge.base, name, start, stop)
+            models = tuple(host_values(merge, model, name, start, stop) for model in merge.finetunes)
+            vectors = np.empty((len(models), stop - start), np.float32)
+            task_vectors(base, models, merge.dtype.code, vectors)
+            merge.progress.advance((len(models) + 1) * (stop - start))
+            yield vectors
+
+    def _norm(self, name: str, numel: int, rows, values_of) -> np.ndarray:
+        """The 2-norms (torch's order, rounded to the dtype) of `rows` rows that values_of(vectors) gives per
+        segment."""
+        packed = self.merge.dtype.code != F32
+        acc = np.zeros((rows, LANES), np.float32)
+        tails = [np.empty(0, np.float32)] * rows
+        for vectors in self._segments(name, numel):
+            values = values_of(vectors).reshape(rows, -1)
+            for i in range(rows):
+                tails[i] = values[i, norm_add(values[i], packed, acc[i]):].copy()
+        return self._round([norm_finish(tails[i], acc[i]) for i in range(rows)])
+
+    def tensor_state(self, plan) -> np.ndarray | None:
+        """The tensor's scalars [|m|, cos ρ, sin ρ / ρ, Σ w_i n_i, linear?, d_0, ...], the denominators n_i + eps
+        and the weights; None with one fine-tune."""
+        name, numel, code = plan.name, plan.numel, self.merge.dtype.code
+        count = len(self.merge.finetunes)
+        if count == 1:
+            return None
+        packed = code != F32
+        eps = np.float32(float(self.value("eps", tensor=name)))
+        weights = self._round([float(self.value("weight", tensor=name, model=i)) for i in range(count)])
+        if self.value("normalize_weights", tensor=name):
+            weights = self._round(weights / self._round(row_sum(weights, packed))[0])
+        norms = self._norm(name, numel, count, lambda vectors: vectors)
+        denominators = self._round(norms + eps)
+
+        def mean_of(vectors):
+            out = np.empty(vectors.shape[1], np.float32)
+            means(vectors, denominators, weights, code, out)
+            return out
+
+        mean_norm = self._norm(name, numel, 1, mean_of)[0]
+        scalars = np.zeros(5 + count, np.float32)
+        if float(mean_norm) < float(self.value("eps", tensor=name)):
+            if count != 2:
+                raise MergeError(f"multislerp: tensor {name}: the weighted sum of the unit task vectors is zero "
+                                 "(antipodal models whose weights balance out); change model_parameters weights")
+            scalars[4] = 1.0
+            return denominators, weights, scalars
+        accumulators = [sum_begin(numel, packed) for _ in range(count)]
+        tails = [np.empty(0, np.float32)] * count
+        for vectors in self._segments(name, numel):
+            products = np.empty_like(vectors)
+            unit_products(vectors, denominators, weights, mean_norm, code, products)
+            for i, (acc, state) in enumerate(accumulators):
+                tails[i] = products[i, sum_rows(products[i], acc, state):].copy()
+        dots = self._round([sum_finish(tails[i], *accumulators[i]) for i in range(count)])
+
+        def tangent_of(vectors):
+            out = np.empty(vectors.shape[1], np.float32)
+            tangents(vectors, denominators, weights, mean_norm, dots, code, out)
+            return out
+
+        rho = self._round(self._norm(name, numel, 1, tangent_of)[0] + eps)[0]
+        cos_rho, sin_rho = self._round([math.cos(float(rho)), math.sin(float(rho))])
+        ratio = self._round(sin_rho / rho)[0]
+        scale = self._round(row_sum(self._round(norms * weights), packed))[0]
+        scalars[:5] = mean_norm, cos_rho, ratio, scale, 0.0
+        scalars[5:] = dots
+        return denominators, weights, scalars
+
+    def combine_cpu(self, kernels, base, inputs, state):
+        if state is None:
+            return inputs[0].copy()
+        out = kernels.empty(base)
+        multislerp_kernel(kernels.code, base, tuple(inputs), *state, out)
+        return out
+
+    def combine_torch(self, kernels, base, inputs, state):
+        if state is None:
+            return inputs[0].clone()
+        torch = kernels.torch
+        from modelmerge_engine.torch_kernels import rounder
+
+        rnd = rounder(base.dtype)
+        denominators, weights, scalars = state
+        b = base.to(torch.float32)
+        vectors = [rnd(raw.to(torch.float32) - b) for raw in inputs]
+        if scalars[4]:
+            merged = rnd(rnd(vectors[0] * float(weights[0])) + rnd(vectors[1] * float(weights[1])))
+            return (b + merged).to(kernels.tdtype)
+        units = [rnd(v / float(d)) for v, d in zip(vectors, denominators, strict=True)]
+        total = torch.zeros_like(b)
+        for unit, weight in zip(units, weights, strict=True):
+            total += rnd(unit * float(weight))
+        mean_hat = rnd(rnd(total) / float(scalars[0]))
+        tangent = torch.zeros_like(b)
+        for unit, weight, dot in zip(units, weights, scalars[5:], strict=True):
+            tangent += rnd(rnd(unit - rnd(float(dot) * mean_hat)) * float(weight))
+        sphere = rnd(rnd(mean_hat * float(scalars[1])) + rnd(rnd(tangent) * float(scalars[2])))
+        return (b + rnd(sphere * float(scalars[3]))).to(kernels.tdtype)

@@ -5,10 +5,15 @@ wheel), timing the loops only (tokenizing comes before either clock), on the sam
 device, each run in its own process, alternated --runs times; medians, peak RSS (VmHWM) of each process, and
 the two cross-entropies (they must agree).
 
-Shapes (random weights, the tiny chat tokenizer of tests/helpers/tokenizers.py; a Qwen2 vocabulary of 151936
-rows, of which the tokenizer uses the first 384, so the output head costs what a real one does):
-  realistic  hidden 512, 8 layers, 8 heads (2 KV), intermediate 1408, vocab 151936, tied embeddings (~100M)
-  qwen0.5b   Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 heads (2 KV), intermediate 4864 (for a GPU)
+Shapes (random weights; the tiny chat tokenizer of tests/helpers/tokenizers.py trained to 1024 tokens, so every
+word of its corpus is one token as English words mostly are in a real 32k-152k BPE vocabulary, and the records'
+token counts are realistic: prompts of 10-150 words, answers of 10-400; the model's vocabulary is a real one's
+size, of which the tokenizer uses the first 1024, so the output head costs what a real one does):
+  realistic  hidden 512, 8 layers, 8 heads (2 KV), intermediate 1408, vocab 32000 (Llama-2's), tied embeddings
+             (merging-eval's loop at its defaults, 10 x 2048 positions, over Qwen's 151936-row vocabulary needs
+             about 25 GB for the float32 logits and their log-softmax and was OOM-killed on this 24 GiB machine)
+  qwen0.5b   Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 heads (2 KV), intermediate 4864, vocab 151936 (for a
+             GPU)
   smoke      hidden 64, 2 layers, vocab 4096: a quick check that everything runs (not a result)
 
     .venv/bin/python bench/bench_eval.py                          # CPU, realistic shape, 5 runs (the recorded run)
@@ -41,13 +46,14 @@ from bench.provenance import median_spread, provenance, results_path, write_resu
 BENCH = ROOT / ".bench" / "eval"
 SHAPES = {
     "realistic": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
-                  "intermediate_size": 1408, "vocab_size": 151936},
+                  "intermediate_size": 1408, "vocab_size": 32000},
     "qwen0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
                  "intermediate_size": 4864, "vocab_size": 151936},
     "smoke": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "intermediate_size": 128, "vocab_size": 4096},
 }
 TOOLS = ("ours", "merging-eval")
+TOKENIZER_VOCAB = 1024  # whole words of the corpus as single tokens
 
 
 # --- inputs ----------------------------------------------------------------------------------------------
@@ -59,7 +65,7 @@ def make_model(shape: str) -> Path:
 
     from tests.helpers.tokenizers import save_chat_tokenizer
 
-    path = BENCH / shape
+    path = BENCH / f"{shape}-vocab{SHAPES[shape]['vocab_size']}-tokenizer{TOKENIZER_VOCAB}"
     if (path / "model.safetensors").exists():
         return path
     print(f"making {shape} model in {path} ...", file=sys.stderr, flush=True)
@@ -71,7 +77,8 @@ def make_model(shape: str) -> Path:
         for param in model.parameters():
             param.normal_(0.0, 0.02)
     model.save_pretrained(path, safe_serialization=True)
-    save_chat_tokenizer(path)
+    if save_chat_tokenizer(path, vocab_size=TOKENIZER_VOCAB) > SHAPES[shape]["vocab_size"]:
+        raise SystemExit(f"the tokenizer outgrew the {shape} model's vocabulary")
     return path
 
 

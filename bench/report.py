@@ -5,7 +5,7 @@
     .venv/bin/python bench/report.py --check    # exit 1 if README.md differs from what the results give
 
 Each table sits between `<!-- bench-report:NAME -->` and `<!-- /bench-report:NAME -->` (NAME: engine, memory,
-limits, operator, api, sweep); nothing else in the README is touched. A missing results file gives a line saying
+limits, operator, api, sweep, eval); nothing else in the README is touched. A missing results file gives a line saying
 how to record it.
 """
 
@@ -186,11 +186,38 @@ def sweep_table(result: dict | None) -> str:
     return "\n".join(lines)
 
 
+def eval_table(result: dict | None, gpu: dict | None) -> str:
+    if result is None:
+        return _missing("eval", ".venv/bin/python bench/bench_eval.py")
+    lines = []
+    for recorded in (result, gpu):
+        if recorded is None:
+            continue
+        s, settings = recorded["summary"], recorded["settings"]
+        device = "a GPU (bfloat16)" if settings["use_gpu"] else "the CPU (float32)"
+        lines += [_provenance(recorded), "",
+                  f"Shape `{settings['shape']}`, {settings['records']} records, max_length {settings['max_length']}, "
+                  f"on {device}; merging-eval's loop pads every record to max_length in batches of 10, ours sorts by "
+                  f"length in batches of up to {settings['batch_size']}; {settings['runs']} runs alternating who "
+                  "goes first, each in a fresh process, median (min–max).", "",
+                  "| tool | answer tokens/s | loop s | peak RSS GiB | cross-entropy |",
+                  "| --- | --- | --- | --- | --- |"]
+        for tool in ("ours", "merging-eval"):
+            cell = s[tool]
+            lines.append(f"| {tool} | {_spread(cell, 'tokens_per_second', 1, 1)} | {_spread(cell, 'eval_seconds')} | "
+                         f"{_spread(cell, 'peak_rss_bytes', 2**30)} | {cell['ce']['median']:.6f} |")
+        lines += ["", f"Speed-up (run by run) {_spread({'x': s['speedup']}, 'x')}×, peak memory "
+                  f"{s['memory_ratio']:.2f}× lower; the cross-entropies agree to {s['ce_relative_difference']:.1e} "
+                  f"(relative) over {s['ours']['tokens']['median']} answer tokens.", ""]
+    return "\n".join(lines).rstrip("\n")
+
+
 def sections(results: Path) -> dict[str, str]:
     engine = _load("engine", results)
     return {"engine": engine_table(engine), "memory": memory_table(engine), "limits": limits_table(engine),
             "operator": operator_table(_load("operator", results)), "api": api_table(_load("api", results)),
-            "sweep": sweep_table(_load("sweep", results))}
+            "sweep": sweep_table(_load("sweep", results)),
+            "eval": eval_table(_load("eval", results), _load("eval-gpu", results))}
 
 
 def render(readme: str, tables: dict[str, str]) -> str:

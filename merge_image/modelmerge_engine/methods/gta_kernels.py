@@ -110,10 +110,9 @@ def _adjust_heap(keys, order, first, hole, length, key, item, descending):
 
 
 @njit(inline="always")
-def _heap_sort(keys, order, first, last, descending):
-    """libstdc++'s __partial_sort(first, last, last): make_heap, then sort_heap (introsort's depth-limit
-    fallback). The comparator is inverted here: a max-heap of the `before` order sorts it ascending."""
-    length = last - first
+def _make_heap(keys, order, first, length, descending):
+    """libstdc++'s __make_heap on [first, first + length): sifts every parent down, the last one first (nothing
+    to do for fewer than two elements). Shared by the heap sort here and sce_kernels' heap select."""
     if length < 2:
         return
     parent = (length - 2) // 2
@@ -122,6 +121,16 @@ def _heap_sort(keys, order, first, last, descending):
         if parent == 0:
             break
         parent -= 1
+
+
+@njit(inline="always")
+def _heap_sort(keys, order, first, last, descending):
+    """libstdc++'s __partial_sort(first, last, last): make_heap, then sort_heap (introsort's depth-limit
+    fallback). The comparator is inverted here: a max-heap of the `before` order sorts it ascending."""
+    length = last - first
+    if length < 2:
+        return
+    _make_heap(keys, order, first, length, descending)
     end = last
     while end - first > 1:
         end -= 1

@@ -11,7 +11,7 @@ from numba import njit
 from numba.extending import register_jitable
 
 from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
-from modelmerge_engine.methods.gta_kernels import _adjust_heap, _insertion_sort, _partition
+from modelmerge_engine.methods.gta_kernels import _adjust_heap, _insertion_sort, _make_heap, _partition
 
 
 @njit(nogil=True, cache=True)
@@ -52,13 +52,7 @@ def masked_squares(vectors, row, keep, selected, code, out):
 def _heap_select(keys, order, first, middle, last):
     """libstdc++'s __heap_select with torch's `largest` comparator (a > b)."""
     length = middle - first
-    if length >= 2:
-        parent = (length - 2) // 2
-        while True:
-            _adjust_heap(keys, order, first, parent, length, keys[first + parent], order[first + parent], True)
-            if parent == 0:
-                break
-            parent -= 1
+    _make_heap(keys, order, first, length, True)
     for i in range(middle, last):
         if keys[i] > keys[first]:
             key, item = keys[i], order[i]

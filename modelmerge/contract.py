@@ -68,6 +68,7 @@ class MergeMethod(StrEnum):
     nuslerp = "nuslerp"
     sce = "sce"
     multislerp = "multislerp"
+    karcher = "karcher"
     passthrough = "passthrough"
 
 
@@ -297,6 +298,20 @@ class MergeRequest(BaseModel):
         le=1e-2,
         allow_inf_nan=False,
         description="multislerp: the small constant added to the norms (mergekit's `eps`).",
+    )
+    max_iter: int = Field(
+        default=10,
+        ge=0,
+        le=10_000,
+        description="karcher: the most iterations of the Karcher mean's fixed-point update (mergekit's `max_iter`).",
+    )
+    tol: float = Field(
+        default=1e-5,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="karcher: norms and angles below this count as zero, and the iteration stops once the update's "
+        "norm is below it (mergekit's `tol`).",
     )
     int8_mask: bool = Field(
         default=False,
@@ -659,6 +674,14 @@ METHODS: dict[str, MethodSpec] = {
             "vectors (weights from model_parameters) on the unit sphere, scaled by their weighted mean norm, added "
             "to the base.",
             ("model_parameters", "normalize_weights", "eps", *COMMON_PARAMETERS),
+            origin=MERGEKIT,
+        ),
+        MethodSpec(
+            "karcher",
+            "mergekit's karcher: the Karcher (Riemannian) mean of the models' tensors on the unit sphere, each "
+            "model weighted equally, iterated up to max_iter times, scaled by their mean norm; a mergekit config's "
+            "base_model is one more input.",
+            ("max_iter", "tol", *COMMON_PARAMETERS),
             origin=MERGEKIT,
         ),
     )

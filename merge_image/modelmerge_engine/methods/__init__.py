@@ -37,6 +37,7 @@ def method_class(name: str) -> type[Method]:
 from modelmerge_engine.methods import (  # noqa: E402, F401
     average_merging,
     generalized_task_arithmetic,
+    karcher,
     linear,
     mask_merging,
     model_stock,

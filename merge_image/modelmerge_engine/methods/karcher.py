@@ -1,0 +1,178 @@
+"""mergekit's karcher (mergekit/merge_methods/karcher.py, 0.1.5): the weighted Karcher (Riemannian) mean of the
+models' tensors on the unit sphere, scaled by their mean norm. Every model of models_to_merge is an input with
+weight 1/N (a mergekit config's base_model is one more input, mergekit_config.BASE_AS_INPUT); per tensor, in the
+compute dtype as mergekit's torch ops are (every elementwise operation rounded to it):
+
+    n_i = |x_i| (float32);  u_i = x_i / n_i (0 where n_i = 0);  the inputs with n_i > tol take part (V)
+    a_j = (1/N) / Σ_V (1/N);  m = Σ_V a_j u_j;  m = m / |m|  (|m| < tol: the first of V's unit vector)
+    max_iter times:  d_j = clamp(m · u_j, −1, 1);  θ_j = acos d_j;  those with θ_j >= tol:
+                     t = Σ_j a_j (θ_j / sin θ_j) (u_j − d_j m);  |t| < tol: stop
+                     m = cos|t| m + sin|t| (t / |t|);  m = m / |m| where |m| > tol
+    merged = (Σ_i n_i / N) · m;  one model: itself;  every norm <= tol: zeros
+
+Each output element depends only on the inputs' values at that element and on the tensor's scalars (the norms,
+the dots, the coefficients, cos|t|, sin|t|, the norms of m and t): `tensor_state` computes the scalars as mergekit
+does, with torch's own CPU reductions and functions (torch.dot, vector_norm, acos, sin, cos) over the whole
+tensor, so they are mergekit's to the bit; the combine step of a range replays the elementwise arithmetic from
+the inputs with them, in the compiled kernel or in torch (CUDA for use_gpu), each operation rounded where torch
+rounds. The statistics hold the tensor's inputs in the compute dtype (as mergekit does), not a segment at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba.extending import register_jitable
+
+from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
+from modelmerge_engine.methods import register
+from modelmerge_engine.methods.base import Method
+from modelmerge_engine.methods.torch_reductions import host_values
+from modelmerge_engine.progress import Step
+
+ZERO = "zero"  # a tensor whose inputs all have norms <= tol: mergekit writes zeros
+
+
+@register_jitable(inline="always")
+def _karcher(constants, args):
+    """One range: the units, the first mean and each recorded iteration replayed element by element, then the
+    scale; every operation rounded to the compute dtype where mergekit's torch ops round."""
+    code, = constants
+    inputs, norms, valid, alphas, start, dots, coefs, moves, scale, out = args
+    count = len(inputs)
+    u = np.empty(count, np.float32)
+    for e in range(out.shape[0]):
+        for i in range(count):
+            u[i] = np.float32(0.0) if norms[i] == 0 else rnd(widen(inputs[i][e], code) / norms[i], code)
+        m = np.float32(0.0)
+        for j in range(valid.shape[0]):
+            m = rnd(m + rnd(u[valid[j]] * alphas[j], code), code)
+        m = u[valid[0]] if start[1] != 0 else rnd(m / start[0], code)
+        for k in range(moves.shape[0]):
+            t = np.float32(0.0)
+            for j in range(valid.shape[0]):
+                if coefs[k, j] == coefs[k, j]:  # NaN: θ_j < tol, left out of this iteration
+                    step = rnd(u[valid[j]] - rnd(dots[k, j] * m, code), code)
+                    t = rnd(t + rnd(coefs[k, j] * step, code), code)
+            m = rnd(rnd(moves[k, 0] * m, code) + rnd(moves[k, 1] * rnd(t / moves[k, 2], code), code), code)
+            if moves[k, 4] != 0:
+                m = rnd(m / moves[k, 3], code)
+        store(out, e, rnd(scale * m, code), code)
+
+
+karcher_kernel = _per_dtype(_karcher)
+
+
+@register
+class Karcher(Method):
+    name = "karcher"
+    parameters = ("max_iter", "tol")
+
+    def planned_steps(self, merge_work: int, statistics_work: int) -> list[Step]:
+        """The merge step holds one read of every input for the statistics (none with one model)."""
+        count = len(self.merge.finetunes)
+        statistics = sum(plan.numel * count for plan in self.merge.plans if plan.merged) if count > 1 else 0
+        return [Step("merge", merge_work + statistics_work + statistics)]
+
+    def tensor_state(self, plan):
+        """None with one model; ZERO where no input's norm exceeds tol; else the replay's scalars: (norms, valid,
+        alphas, start = [|m|, first unit?], dots [K, V], coefs [K, V] (NaN: left out), moves [K, 5] = [cos|t|,
+        sin|t| (both in the dtype), |t|, |m|, renormalised?], scale (in the dtype))."""
+        import torch
+
+        merge = self.merge
+        count = len(merge.finetunes)
+        if count == 1:
+            return None
+        name, numel = plan.name, plan.numel
+        max_iter = int(self.value("max_iter", tensor=name))
+        tol = float(self.value("tol", tensor=name))
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[merge.dtype.name]
+        xs = []
+        for model in merge.finetunes:
+            xs.append(torch.from_numpy(host_values(merge, model, name, 0, numel)).to(dtype))
+            merge.progress.advance(numel)
+        norms = [torch.linalg.vector_norm(x.float()) for x in xs]
+        units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(dtype) for x, n in zip(xs, norms, strict=True)]
+        del xs
+        valid = [i for i, n in enumerate(norms) if n.item() > tol]
+        if not valid:
+            return ZERO
+        alphas = [1.0 / count] * count
+        total = sum(alphas[i] for i in valid)
+        shares = [alphas[i] / total for i in valid]
+        mean = torch.zeros_like(units[valid[0]])
+        for share, i in zip(shares, valid, strict=True):
+            mean += share * units[i]
+        mean_norm = torch.linalg.vector_norm(mean.float())
+        first = mean_norm.item() < tol
+        mean = units[valid[0]].clone() if first else (mean / mean_norm).to(dtype)
+        dots, coefs, moves = [], [], []
+        for _ in range(max_iter):
+            tangent = torch.zeros_like(mean)
+            dot_row, coef_row = [], []
+            for share, i in zip(shares, valid, strict=True):
+                dot = torch.clamp(torch.dot(mean.flatten(), units[i].flatten()), -1.0, 1.0)
+                theta = torch.arccos(dot)
+                dot_row.append(dot.item())
+                if theta.item() < tol:
+                    coef_row.append(float("nan"))
+                    continue
+                coef = share * (theta / torch.sin(theta))
+                coef_row.append(coef.item())
+                tangent += coef * (units[i] - dot * mean)
+            tangent_norm = torch.linalg.vector_norm(tangent.float())
+            if tangent_norm.item() < tol:
+                break
+            cos, sin = torch.cos(tangent_norm), torch.sin(tangent_norm)
+            mean = (cos * mean + sin * (tangent / tangent_norm)).to(dtype)
+            mean_norm_k = torch.linalg.vector_norm(mean.float())
+            renormalised = mean_norm_k.item() > tol
+            if renormalised:
+                mean = (mean / mean_norm_k).to(dtype)
+            dots.append(dot_row)
+            coefs.append(coef_row)
+            moves.append([cos.to(dtype).item(), sin.to(dtype).item(), tangent_norm.item(), mean_norm_k.item(),
+                          float(renormalised)])
+        scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
+        width = len(valid)
+        return (np.array([n.item() for n in norms], np.float32), np.array(valid, np.int64),
+                np.array(shares, np.float32), np.array([mean_norm.item(), float(first)], np.float32),
+                np.array(dots, np.float32).reshape(-1, width), np.array(coefs, np.float32).reshape(-1, width),
+                np.array(moves, np.float32).reshape(-1, 5), np.float32(scale.to(dtype).item()))
+
+    def combine_cpu(self, kernels, base, inputs, state):
+        if state is None:
+            return inputs[0].copy()
+        out = kernels.empty(base)
+        if state is ZERO:
+            out.fill(0)
+            return out
+        karcher_kernel(kernels.code, tuple(inputs), *state, out)
+        return out
+
+    def combine_torch(self, kernels, base, inputs, state):
+        if state is None:
+            return inputs[0].clone()
+        torch = kernels.torch
+        if state is ZERO:
+            return torch.zeros_like(base, dtype=kernels.tdtype)
+        from modelmerge_engine.torch_kernels import rounder
+
+        rnd = rounder(base.dtype)
+        norms, valid, alphas, start, dots, coefs, moves, scale = state
+        units = [rnd(x.to(torch.float32) / float(norms[i])) if norms[i] else torch.zeros_like(x, dtype=torch.float32)
+                 for i, x in enumerate(inputs)]
+        m = torch.zeros_like(units[0])
+        for j, i in enumerate(valid):
+            m = rnd(m + rnd(units[i] * float(alphas[j])))
+        m = units[valid[0]] if start[1] else rnd(m / float(start[0]))
+        for k in range(moves.shape[0]):
+            t = torch.zeros_like(m)
+            for j, i in enumerate(valid):
+                if not np.isnan(coefs[k, j]):
+                    t = rnd(t + rnd(float(coefs[k, j]) * rnd(units[i] - rnd(float(dots[k, j]) * m))))
+            cos, sin, tangent_norm, mean_norm, renormalised = (float(v) for v in moves[k])
+            m = rnd(rnd(cos * m) + rnd(sin * rnd(t / tangent_norm)))
+            if renormalised:
+                m = rnd(m / mean_norm)
+        return rnd(float(scale) * m).to(kernels.tdtype)

@@ -139,8 +139,8 @@ def test_health_methods_example(fake_server):
     assert methods == methods_catalogue()
     merging_eval = {"average_merging", "task_arithmetic", "ties_merging", "ties_merging_dare", "mask_merging"}
     mergekit = {"linear", "mergekit_task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "multislerp", "nearswap",
-                "model_stock", "sce", "passthrough"}
+                "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher",
+                "nearswap", "model_stock", "sce", "passthrough"}
     assert {m["name"] for m in methods} == merging_eval | mergekit
     assert {m["name"] for m in methods if m["origin"] == "mergekit"} == mergekit
     for method in methods:

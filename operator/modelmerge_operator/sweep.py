@@ -1,11 +1,13 @@
 """The ModelMergeSweep controller: runs a sweep's trials as child ModelMerges and keeps its status.
 
 Level-triggered: every event of a sweep, of one of its children or of its cleanup Job calls `kick`, which reconciles
-the sweep from what the API server holds now (a fresh read of the sweep and a fresh list of its children, never a
-cache), so a restarted operator carries on where the last one stopped, creating no duplicate (trial names are
-deterministic and creation is create-or-get) and losing no trial (sweep_status). Reconciles of one sweep never
-overlap: kicks that arrive during one are folded into one more run after it, so a burst of child events costs one
-or two reconciles and the count of unfinished children read before creating is never stale.
+the sweep from what exists: a fresh read of the sweep, and its children as the operator's watch of ModelMerges
+holds them (kopf's index `sweep_children`, filled from the first listing before any handler runs and updated before
+each child event's handlers), plus the children this controller created that the watch has not shown yet. So a
+reconcile lists nothing, a restarted operator carries on where the last one stopped, creating no duplicate (trial
+names are deterministic and creation is create-or-get) and losing no trial (sweep_status), and the count of
+unfinished children read before creating is never short. Reconciles of one sweep never overlap: kicks that arrive
+during one are folded into one more run after it, so a burst of child events costs one or two reconciles.
 
 keep=best: once every trial finished, a Job (the operator's merge image, as the merge pods' user, on the
 template's output claim) deletes the output folders of the succeeded trials other than the best; when it
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -35,6 +39,30 @@ from modelmerge_operator.status import failure_detail, last_terminated, status_c
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 5.0  # after an error, or while a child of the same name from a deleted sweep is being collected
+# How long a child this controller created counts as existing before the watch shows it: far longer than a watch
+# event takes, and bounded so that a child deleted before the watch ever showed it cannot hold a slot for good.
+UNSEEN_CHILD_SECONDS = 60.0
+# The sweep_children index: (namespace, sweep name) -> the sweep's children as child_view() keeps them.
+ChildIndex = Mapping[tuple[str, str], Iterable[dict[str, Any]]]
+
+
+def child_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the controller reads of a child ModelMerge (sweep_status.Child and the ownership checks), small enough
+    to keep for every child in memory."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    return {"metadata": {key: meta.get(key) for key in ("name", "uid", "labels", "ownerReferences")},
+            "spec": {"cancel": (body.get("spec") or {}).get("cancel")},
+            "status": {key: status.get(key) for key in ("phase", "message", "evaluation", "outputPath")}}
+
+
+def snapshot(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A list of an index store that kopf's event loop may update while a handler thread reads it."""
+    for _ in range(100):
+        try:
+            return list(items)
+        except RuntimeError:  # changed size during iteration: read again
+            continue
+    return list(items)
 
 
 def replacing(old: Any, new: Any) -> Any:
@@ -47,12 +75,15 @@ def replacing(old: Any, new: Any) -> Any:
 
 
 class SweepController:
-    def __init__(self, kube: Kube, config: OperatorConfig):
+    def __init__(self, kube: Kube, config: OperatorConfig, index: ChildIndex):
         self.kube = kube
         self.config = config
+        self.index = index
         self._lock = threading.Lock()
         self._running: set[tuple[str, str]] = set()
         self._again: set[tuple[str, str]] = set()
+        # (namespace, sweep) -> child name -> (its view, when created): created here, not yet shown by the watch
+        self._unseen: dict[tuple[str, str], dict[str, tuple[dict[str, Any], float]]] = {}
 
     # -- scheduling: one reconcile of a sweep at a time, kicks during it folded into one more --------------------
     def kick(self, namespace: str, name: str) -> None:
@@ -96,11 +127,20 @@ class SweepController:
             raise
 
     def children(self, sweep: dict[str, Any]) -> dict[int, sweep_status.Child]:
-        """The sweep's child ModelMerges by trial index (owned by this sweep: not a deleted namesake's)."""
+        """The sweep's child ModelMerges by trial index (owned by this sweep: not a deleted namesake's): those the
+        watch holds, and those created here that it does not show yet."""
         meta = sweep["metadata"]
-        selector = f"{sweep_manifests.LABEL_SWEEP}={sweep_manifests.sweep_label(meta['name'])}"
-        items = raw(self.kube.custom.list_namespaced_custom_object, API_GROUP, API_VERSION, meta["namespace"],
-                    PLURAL, label_selector=selector)["items"]
+        key = (meta["namespace"], meta["name"])
+        items = snapshot(self.index.get(key, ()))
+        seen = {item["metadata"]["uid"] for item in items}
+        with self._lock:
+            unseen = self._unseen.get(key, {})
+            for name, (view, created) in list(unseen.items()):
+                if view["metadata"]["uid"] in seen or time.monotonic() - created > UNSEEN_CHILD_SECONDS:
+                    del unseen[name]
+            items += [view for view, _ in unseen.values()]
+            if not unseen:
+                self._unseen.pop(key, None)
         out = {}
         for item in items:
             owner = sweep_manifests.sweep_owner(item) or {}
@@ -117,11 +157,16 @@ class SweepController:
         in the way (a deleted sweep's child the garbage collector has not removed yet)."""
         namespace = sweep["metadata"]["namespace"]
         try:
-            raw(self.kube.custom.create_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, manifest)
-            return True
+            created = raw(self.kube.custom.create_namespaced_custom_object, API_GROUP, API_VERSION, namespace,
+                          PLURAL, manifest)
         except ApiException as exc:
             if exc.status != 409:
                 raise
+        else:
+            with self._lock:
+                self._unseen.setdefault((namespace, sweep["metadata"]["name"]), {})[created["metadata"]["name"]] = (
+                    child_view(created), time.monotonic())
+            return True
         existing = raw(self.kube.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL,
                        manifest["metadata"]["name"])
         return (sweep_manifests.sweep_owner(existing) or {}).get("uid") == sweep["metadata"]["uid"]

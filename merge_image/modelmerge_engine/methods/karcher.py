@@ -159,20 +159,25 @@ class Karcher(Method):
         from modelmerge_engine.torch_kernels import rounder
 
         rnd = rounder(base.dtype)
+
+        def divide(x, value):
+            """x / value, correctly rounded: CUDA divides by a Python number as a product with its reciprocal."""
+            return x / torch.full((), float(value), dtype=torch.float32, device=x.device)
+
         norms, valid, alphas, start, dots, coefs, moves, scale = state
-        units = [rnd(x.to(torch.float32) / float(norms[i])) if norms[i] else torch.zeros_like(x, dtype=torch.float32)
+        units = [rnd(divide(x.to(torch.float32), norms[i])) if norms[i] else torch.zeros_like(x, dtype=torch.float32)
                  for i, x in enumerate(inputs)]
         m = torch.zeros_like(units[0])
         for j, i in enumerate(valid):
             m = rnd(m + rnd(units[i] * float(alphas[j])))
-        m = units[valid[0]] if start[1] else rnd(m / float(start[0]))
+        m = units[valid[0]] if start[1] else rnd(divide(m, start[0]))
         for k in range(moves.shape[0]):
             t = torch.zeros_like(m)
             for j, i in enumerate(valid):
                 if not np.isnan(coefs[k, j]):
                     t = rnd(t + rnd(float(coefs[k, j]) * rnd(units[i] - rnd(float(dots[k, j]) * m))))
             cos, sin, tangent_norm, mean_norm, renormalised = (float(v) for v in moves[k])
-            m = rnd(rnd(cos * m) + rnd(sin * rnd(t / tangent_norm)))
+            m = rnd(rnd(cos * m) + rnd(sin * rnd(divide(t, tangent_norm))))
             if renormalised:
-                m = rnd(m / mean_norm)
+                m = rnd(divide(m, mean_norm))
         return rnd(float(scale) * m).to(kernels.tdtype)

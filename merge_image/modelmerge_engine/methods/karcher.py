@@ -15,8 +15,9 @@ the dots, the coefficients, cos|t|, sin|t|, the norms of m and t): `tensor_state
 does, with torch's own CPU reductions and functions (torch.dot, vector_norm, acos, sin, cos) over the whole
 tensor, so they are mergekit's to the bit; the combine step of a range replays the elementwise arithmetic from
 the inputs with them, in the compiled kernel or in torch (CUDA for use_gpu), each operation rounded where torch
-rounds. The statistics hold the tensor's inputs in the compute dtype (as mergekit does), not a segment at a time.
-"""
+rounds. The statistics hold the tensor's unit vectors in the compute dtype (mergekit holds its inputs as well), not
+a segment at a time; torch splits its reductions of more than 32768 elements between its threads, so a large
+tensor's scalars are mergekit's where both run with the same number of threads (torch's default, the cores)."""
 
 from __future__ import annotations
 
@@ -87,13 +88,12 @@ class Karcher(Method):
         max_iter = int(self.value("max_iter", tensor=name))
         tol = float(self.value("tol", tensor=name))
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[merge.dtype.name]
-        xs = []
-        for model in merge.finetunes:
-            xs.append(torch.from_numpy(host_values(merge, model, name, 0, numel)).to(dtype))
+        norms, units = [], []
+        for model in merge.finetunes:  # one input at a time: the iteration needs only its unit vector
+            x = torch.from_numpy(host_values(merge, model, name, 0, numel)).to(dtype)
+            norms.append(torch.linalg.vector_norm(x.float()))
+            units.append(torch.zeros_like(x) if norms[-1].item() == 0.0 else (x / norms[-1]).to(dtype))
             merge.progress.advance(numel)
-        norms = [torch.linalg.vector_norm(x.float()) for x in xs]
-        units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(dtype) for x, n in zip(xs, norms, strict=True)]
-        del xs
         valid = [i for i, n in enumerate(norms) if n.item() > tol]
         if not valid:
             return ZERO

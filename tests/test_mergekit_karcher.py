@@ -7,6 +7,7 @@ and functions, and the elementwise replay rounds where torch does, so every elem
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from modelmerge.contract import MergeRequest
 from modelmerge_engine.engine import RANGE_ELEMENTS_ENV
 from modelmerge_engine.kernels import KERNELS_ENV
 from tests.helpers.mergekit import assert_agrees_with_mergekit, memoized_merges
-from tests.helpers.models import make_family, read_state_dict
+from tests.helpers.models import make_family, read_state_dict, save_model
 from tests.helpers.oracle import SIZE, compare, engine_merge
 
 FAMILIES = {"llama": torch.bfloat16, "qwen2": torch.float32}  # architecture: checkpoint dtype
@@ -82,6 +83,32 @@ def test_modelmerge_merge_config_takes_a_mergekit_karcher_yaml(families, mergeki
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["method"] == "karcher"
     assert_agrees_with_mergekit(read_state_dict(tmp_path / "ours"), mergekit(config))
+
+
+def derived_model(source: Path, path: Path, change) -> Path:
+    """A copy of `source` with each parameter i replaced by change(i, parameter)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    with torch.no_grad():
+        for index, parameter in enumerate(model.parameters()):
+            parameter.copy_(change(index, parameter))
+    save_model(model, path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, path / name)
+    return path
+
+
+def test_karcher_of_antipodal_and_of_zero_tensors_matches_mergekit(families, mergekit, tmp_path):
+    """Tensors that are opposite in the two models (the weighted mean is zero: mergekit starts from the first
+    model's unit vector, every angle is π) and tensors that are zero in both (mergekit writes zeros)."""
+    _, (finetune, _) = families["llama"]
+    first = derived_model(finetune, tmp_path / "first", lambda i, p: p * 0 if i % 2 else p)
+    opposite = derived_model(first, tmp_path / "opposite", lambda i, p: -p)
+    ours = engine_merge(first, [first, opposite], tmp_path / "ours", merge_method="karcher")
+    config = {"merge_method": "karcher", "dtype": "bfloat16", "models": [{"model": str(first)},
+                                                                          {"model": str(opposite)}]}
+    assert_agrees_with_mergekit(ours, mergekit(config))
 
 
 def test_karcher_of_one_model_is_that_model(families, tmp_path):

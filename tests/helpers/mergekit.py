@@ -7,6 +7,7 @@ REQUIRE_MERGEKIT=1 (CI), which makes that a failure."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -73,15 +74,103 @@ def mergekit_python() -> Path:
         pytest.skip(str(exc))
 
 
-def mergekit_merge(python: Path, config: dict, out: Path) -> dict:
-    """Runs mergekit-yaml on `config` (written as JSON, which is YAML) into `out` and reads back what it saved."""
+# The oracle's driver: one mergekit process per interpreter for the whole test session, running mergekit-yaml's
+# own entry point once per job, as `mergekit-yaml CONFIG OUT` would. Importing torch and mergekit is most of what a
+# process per merge costs, so the tests pay it once. Each job's stdout and stderr go to its own log file; mergekit's
+# caches of loaded models are emptied after each, so no job sees another's inputs. The protocol is one JSON line
+# each way over pipes of the driver's own (fd 1 is pointed at the job's log, so mergekit cannot write into it).
+_DRIVER = r"""
+import json, os, sys, traceback
+protocol = os.fdopen(os.dup(1), "w", buffering=1)
+from mergekit.scripts.run_yaml import main
+from mergekit.io.tasks import LoaderCache
+from mergekit.architecture import auto
+protocol.write("ready\n")
+for line in sys.stdin:
+    job = json.loads(line)
+    sys.stdout.flush(); sys.stderr.flush()
+    with open(job["log"], "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            main([job["config"], job["out"]], standalone_mode=False)
+            ok = True
+        except BaseException:
+            traceback.print_exc()
+            ok = False
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            LoaderCache().flush_all()
+            LoaderCache.loaders.clear()
+            auto.infer_architecture_info.cache_clear()
+    protocol.write(json.dumps({"ok": ok}) + "\n")
+"""
+
+
+class _Driver:
+    """One mergekit process (see _DRIVER) for `python`."""
+
+    def __init__(self, python: Path):
+        self.process = subprocess.Popen([str(python), "-c", _DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        ready = self.process.stdout.readline()
+        if ready != "ready\n":
+            self.close()
+            raise RuntimeError(f"mergekit's driver did not start (read {ready!r})")
+
+    def run(self, config_path: Path, out: Path, log: Path) -> bool | None:
+        """Whether mergekit-yaml succeeded on the job; None where the process ended (it is then closed)."""
+        try:
+            self.process.stdin.write(json.dumps({"config": str(config_path), "out": str(out), "log": str(log)}) + "\n")
+            self.process.stdin.flush()
+            reply = self.process.stdout.readline()
+        except BrokenPipeError:
+            reply = ""
+        if not reply:
+            self.close()
+            return None
+        return json.loads(reply)["ok"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()
+                self.process.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+
+
+_drivers: dict[Path, _Driver] = {}
+
+
+@atexit.register
+def _close_drivers() -> None:
+    while _drivers:
+        _drivers.popitem()[1].close()
+
+
+def mergekit_run(python: Path, config: dict, out: Path) -> tuple[bool, str]:
+    """Runs mergekit-yaml on `config` (written as JSON, which is YAML) into `out` in the session's mergekit process
+    for `python` (started on first use): whether it succeeded, and what it wrote to stdout and stderr."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    config_path = out.with_suffix(".yml")
+    config_path, log = out.with_suffix(".yml"), out.with_suffix(".log")
     config_path.write_text(json.dumps(config))
-    script = "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())"
-    done = subprocess.run([str(python), "-c", script, str(config_path), str(out)],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, f"mergekit failed on {config}:\n{done.stderr[-4000:]}"
+    driver = _drivers.get(python)
+    if driver is None or driver.process.poll() is not None:
+        driver = _drivers[python] = _Driver(python)
+    ok = driver.run(config_path, out, log)
+    text = log.read_text() if log.exists() else ""
+    if ok is None:
+        _drivers.pop(python, None)
+        return False, text + f"\nmergekit's process ended (exit status {driver.process.returncode})"
+    return ok, text
+
+
+def mergekit_merge(python: Path, config: dict, out: Path) -> dict:
+    """Runs mergekit-yaml on `config` into `out` (mergekit_run) and reads back what it saved."""
+    ok, log = mergekit_run(python, config, out)
+    assert ok, f"mergekit failed on {config}:\n{log[-4000:]}"
     return read_state_dict(out)
 
 

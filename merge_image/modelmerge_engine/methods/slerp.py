@@ -10,24 +10,23 @@ and a sum, no fused multiply-add), rounded once to the compute dtype.
 
 The statistics are two streaming passes over each tensor (norms, then the dot product) in torch's reduction
 order (torch_reductions.py), a chunk of each endpoint at a time; the combine step is per element. The scalar
-acos and sin are correctly rounded to float32. torch's float32 acos and sin on x86 are within one ulp of that but
-neither correctly rounded nor SLEEF's (measured against both: they differ in the last bit for 3-5% of arguments),
-so a tensor whose angle rounds differently gets coefficients one ulp apart: in 16-bit compute that changes an
-element now and then by one ulp, in float32 compute part of the tensor's elements (by many ulps where the two
-products nearly cancel).
+acos and sin are torch's own CPU functions on the float32 values (torch_reductions.scalar_function), so the
+coefficients are mergekit's to the bit. Without torch (the CPU merge image) they are the correctly rounded float32
+values, which torch's (SLEEF's) differ from in the last bit for 3-8% of arguments: a tensor whose angle rounds
+differently then gets coefficients one ulp apart (in 16-bit compute an element now and then one ulp off, in
+float32 compute part of the tensor's elements).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba.extending import register_jitable
 
 from modelmerge_engine.cpu_kernels import _per_dtype, store, widen
+from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
-from modelmerge_engine.methods.torch_reductions import host_values, row_norm, row_sum, scaled_products
+from modelmerge_engine.methods.torch_reductions import host_values, row_norm, row_sum, scalar_function, scaled_products
 
 CHUNK_ELEMENTS = 1 << 20  # mergekit's _CHUNK_ELEMENTS: its norms and dot products go chunk by chunk
 DOT_THRESHOLD = np.float32(0.9995)
@@ -44,10 +43,10 @@ def coefficients(t: float, dot: np.float32) -> tuple[np.float32, np.float32]:
     one_minus_t = _f32(np.float32(1.0) - t32)
     if abs(dot) > DOT_THRESHOLD:
         return one_minus_t, t32
-    theta = _f32(math.acos(float(dot)))
-    sin_theta = _f32(math.sin(float(theta)))
-    coef_a = _f32(_f32(math.sin(float(_f32(one_minus_t * theta)))) / sin_theta)
-    coef_b = _f32(_f32(math.sin(float(_f32(t32 * theta)))) / sin_theta)
+    theta = scalar_function("acos", dot, F32)
+    sin_theta = scalar_function("sin", theta, F32)
+    coef_a = _f32(scalar_function("sin", _f32(one_minus_t * theta), F32) / sin_theta)
+    coef_b = _f32(scalar_function("sin", _f32(t32 * theta), F32) / sin_theta)
     return coef_a, coef_b
 
 
@@ -87,7 +86,8 @@ class Slerp(Method):
             norms_a[i] = row_norm(host_values(merge, base, plan.name, start, stop), False)
             norms_b[i] = row_norm(host_values(merge, model, plan.name, start, stop), False)
             merge.progress.advance(2 * (stop - start))
-        norm_a, norm_b = (row_norm(norms, False) if len(norms) else np.float32(0.0)
+        # float32 scalars (a compiled function returns a Python float): the products divide in float32
+        norm_a, norm_b = (np.float32(row_norm(norms, False)) if len(norms) else np.float32(0.0)
                           for norms in (norms_a, norms_b))
         norm_a = norm_a if norm_a > EPS else np.float32(1.0)
         norm_b = norm_b if norm_b > EPS else np.float32(1.0)

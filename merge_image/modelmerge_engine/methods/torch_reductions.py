@@ -25,11 +25,13 @@ reduction, which agrees with these up to 100000 elements (checked) but not on mu
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
-from modelmerge_engine.cpu_kernels import _fma, convert
-from modelmerge_engine.dtype_codes import F32
+from modelmerge_engine.cpu_kernels import _fma, convert, rnd
+from modelmerge_engine.dtype_codes import BF16, F16, F32
 
 LANES = 8  # float32 lanes of torch's reduction vectors
 ILP = 4  # vectors per row of the cascade sum
@@ -204,3 +206,48 @@ def scaled_products(a, b, scale_a, scale_b, out):
     multiplies)."""
     for e in range(out.shape[0]):
         out[e] = (a[e] / scale_a) * (b[e] / scale_b)
+
+
+@njit(nogil=True, cache=True)
+def _round_into(values, code, out):
+    for i in range(values.shape[0]):
+        out[i] = rnd(values[i], code)
+
+
+def rounded(values, code: int) -> np.ndarray:
+    """float32 values rounded to the compute dtype `code` (as float32), as torch rounds a 16-bit op's result."""
+    values = np.atleast_1d(np.asarray(values, np.float32))
+    out = np.empty_like(values)
+    _round_into(values, code, out)
+    return out
+
+
+_torch_module: list = []  # [torch] or [None] once looked up
+
+
+def _torch():
+    if not _torch_module:
+        try:
+            import torch
+        except ImportError:  # the CPU merge image has no torch
+            torch = None
+        _torch_module.append(torch)
+    return _torch_module[0]
+
+
+SCALAR_FUNCTIONS = {"acos": math.acos, "sin": math.sin, "cos": math.cos}
+
+
+def scalar_function(name: str, value, code: int) -> np.float32:
+    """`torch.<name>` (acos, sin, cos) of one value of the compute dtype `code`, as mergekit's op on a CPU tensor
+    of that dtype gives it, as float32: the scalars mergekit derives from a tensor's statistics (slerp's angle,
+    ...). torch's CPU functions are SLEEF's vectorised ones (a 0-dim tensor too; a 16-bit value is widened,
+    taken in float32 and rounded back), within one ulp of the correctly rounded value but not always it (3-8% of
+    float32 arguments differ in the last bit), so with torch installed they are taken from torch itself. Without
+    torch (the CPU merge image) the value is the correctly rounded float32 one rounded to the dtype: equal to
+    torch's except where torch's is that one ulp off."""
+    torch = _torch()
+    if torch is None:
+        return rounded(SCALAR_FUNCTIONS[name](float(value)), code)[0]
+    dtype = {BF16: torch.bfloat16, F16: torch.float16, F32: torch.float32}[code]
+    return np.float32(getattr(torch, name)(torch.tensor(float(value), dtype=dtype)).item())

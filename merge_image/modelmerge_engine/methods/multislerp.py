@@ -10,15 +10,14 @@ operation rounded to it), with w the model_parameters weights (divided by their 
 
 Four streaming statistics passes over the base and every fine-tune (the norms n_i, |m|, the dots d_i, |r|), each
 a segment at a time, reduced in torch's CPU order (torch_reductions.py), so memory stays a few segments whatever
-the tensor. cos and sin are correctly rounded in float32 before the rounding to the dtype; torch's float32 ones
-are within one ulp of that (see slerp.py), so in float32 compute a tensor's coefficients may differ from
-mergekit's by one ulp. The base model is required here (mergekit's is optional: without one it interpolates the
+the tensor. cos and sin are torch's own CPU functions on values of the compute dtype
+(torch_reductions.scalar_function), so the scalars are mergekit's to the bit; where torch is not installed they are
+correctly rounded in float32, then rounded to the dtype, and may differ from mergekit's by one ulp (see slerp.py).
+The base model is required here (mergekit's is optional: without one it interpolates the
 weights themselves).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit
@@ -29,14 +28,15 @@ from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
-from modelmerge_engine.methods.nuslerp import _round_into
 from modelmerge_engine.methods.sce_kernels import task_vectors
 from modelmerge_engine.methods.torch_reductions import (
     LANES,
     host_values,
     norm_add,
     norm_finish,
+    rounded,
     row_sum,
+    scalar_function,
     sum_begin,
     sum_finish,
     sum_rows,
@@ -125,10 +125,7 @@ class Multislerp(Method):
         return [Step("merge", merge_work + statistics_work + statistics)]
 
     def _round(self, values) -> np.ndarray:
-        values = np.atleast_1d(np.asarray(values, np.float32))
-        out = np.empty_like(values)
-        _round_into(values, self.merge.dtype.code, out)
-        return out
+        return rounded(values, self.merge.dtype.code)
 
     def _segments(self, name: str, numel: int):
         merge = self.merge
@@ -196,7 +193,7 @@ class Multislerp(Method):
             return out
 
         rho = self._round(self._norm(name, numel, 1, tangent_of)[0] + eps)[0]
-        cos_rho, sin_rho = self._round([math.cos(float(rho)), math.sin(float(rho))])
+        cos_rho, sin_rho = (scalar_function(name, rho, code) for name in ("cos", "sin"))
         ratio = self._round(sin_rho / rho)[0]
         scale = self._round(row_sum(self._round(norms * weights), packed))[0]
         scalars[:5] = mean_norm, cos_rho, ratio, scale, 0.0

@@ -12,14 +12,13 @@ compute dtype as mergekit's torch ops are (every operation rounded to it):
 
 Norms and the dot product are reduced in torch's CPU order (torch_reductions.py), two streaming passes a segment
 at a time; the combine step gets each element's row coefficients from the `inputs` hook (rows.py). acos and sin
-are correctly rounded in float32 before the rounding to the dtype (see slerp.py on torch's own). mergekit's
+are torch's own CPU functions on values of the compute dtype (torch_reductions.scalar_function; correctly rounded
+in float32, then rounded to the dtype, where torch is not installed: see slerp.py). mergekit's
 nuslerp_row_wise (the same per column, reduced along the first dimension) is refused: torch reduces strided
 columns in another order that is not reproduced here.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit
@@ -31,11 +30,14 @@ from modelmerge_engine.errors import MergeError
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
 from modelmerge_engine.methods.rows import per_element, to_kernels
-from modelmerge_engine.methods.torch_reductions import (
+from modelmerge_engine.methods.torch_reductions import (  # _round_into: sce.py imports it from here
     LANES,
+    _round_into,  # noqa: F401
     host_values,
     norm_add,
     norm_finish,
+    rounded,
+    scalar_function,
     sum_begin,
     sum_finish,
     sum_rows,
@@ -94,9 +96,7 @@ class Nuslerp(Method):
 
     def _rounded(self, value: float) -> np.float32:
         """A float32 value rounded to the compute dtype, as torch rounds a 16-bit op's result."""
-        out = np.empty(1, np.float32)
-        _round_into(np.array([value], np.float32), self.merge.dtype.code, out)
-        return out[0]
+        return rounded(value, self.merge.dtype.code)[0]
 
     def tensor_state(self, plan) -> np.ndarray:
         """Each row's coefficients (kept for the inputs hook); returns (1 − t, t) in float32."""
@@ -136,8 +136,9 @@ class Nuslerp(Method):
             tail = products[sum_rows(products, acc, state):].copy()
         cos = min(max(self._rounded(sum_finish(tail, acc, state)), np.float32(-1.0)), np.float32(1.0))
         colinear = self._rounded(np.float32(1.0) - self._rounded(cos * cos)) <= self._rounded(COLINEAR)
-        theta = self._rounded(math.acos(0.0 if colinear else float(cos)))
-        sin_of = lambda angle: self._rounded(math.sin(float(angle)))  # noqa: E731
+        code = self.merge.dtype.code
+        theta = scalar_function("acos", 0.0 if colinear else cos, code)
+        sin_of = lambda angle: scalar_function("sin", angle, code)  # noqa: E731
         return [float(colinear), sin_of(self._rounded(np.float32(1.0 - t) * theta)),
                 sin_of(self._rounded(np.float32(t) * theta)), sin_of(theta)]
 
@@ -170,10 +171,3 @@ class Nuslerp(Method):
             / coefficients[:, SIN_THETA].to(dtype)
         linear = one_minus_t * v0 + t * v1
         return base + kernels.torch.where(coefficients[:, COLINEAR_FLAG] != 0, linear, spherical)
-
-
-
-@njit(nogil=True, cache=True)
-def _round_into(values, code, out):
-    for i in range(values.shape[0]):
-        out[i] = rnd(values[i], code)

@@ -18,7 +18,7 @@ import torch
 
 from modelmerge_engine.engine import RANGE_ELEMENTS_ENV
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
-from tests.helpers.mergekit import mergekit_merge, mergekit_python
+from tests.helpers.mergekit import memoized_merges
 from tests.helpers.models import read_state_dict
 from tests.helpers.oracle import FAMILIES, compare, engine_merge, make_families
 
@@ -28,18 +28,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 @pytest.fixture(scope="module")
 def mergekit(tmp_path_factory):
-    """mergekit's output for a config, computed once per module."""
-    python = mergekit_python()
-    root = tmp_path_factory.mktemp("mergekit")
-    done: dict[str, dict[str, torch.Tensor]] = {}
-
-    def merged(config: dict) -> dict[str, torch.Tensor]:
-        key = repr(config)
-        if key not in done:
-            done[key] = mergekit_merge(python, config, root / str(len(done)))
-        return done[key]
-
-    return merged
+    """mergekit's output for a config, computed once per module (in the session's one mergekit process)."""
+    return memoized_merges(tmp_path_factory.mktemp("mergekit"))
 
 
 @pytest.fixture(scope="module")

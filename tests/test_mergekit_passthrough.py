@@ -11,9 +11,7 @@ ours checked against the source tensors and by loading it with transformers. Als
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from pydantic import ValidationError
 from modelmerge.contract import MergeRequest, format_validation_error
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
 from modelmerge_engine.run import run_merge
-from tests.helpers.mergekit import assert_agrees_with_mergekit, mergekit_merge, mergekit_python
+from tests.helpers.mergekit import assert_agrees_with_mergekit, memoized_merges, mergekit_python, mergekit_run
 from tests.helpers.models import make_family, read_state_dict
 
 SIZE = {"vocab": 256, "hidden": 64, "intermediate": 160, "layers": 4}
@@ -62,13 +60,18 @@ def frankenmerge(base: Path, finetunes: list[Path]) -> dict:
         {"sources": [{"model": str(finetunes[1]), "layer_range": [2, 4]}]}]}
 
 
+@pytest.fixture(scope="module")
+def mergekit(tmp_path_factory):
+    return memoized_merges(tmp_path_factory.mktemp("mergekit"))
+
+
 @pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
-def test_slices_of_three_models_match_mergekit(llama, tmp_path, monkeypatch, kernels):
+def test_slices_of_three_models_match_mergekit(llama, mergekit, tmp_path, monkeypatch, kernels):
     monkeypatch.setenv(KERNELS_ENV, kernels)
     base, finetunes = llama
     config = frankenmerge(base, finetunes)
     merged = ours(config, tmp_path / "ours")
-    assert_agrees_with_mergekit(merged, mergekit_merge(mergekit_python(), config, tmp_path / "theirs"))
+    assert_agrees_with_mergekit(merged, mergekit(config))
     sources = {model: read_state_dict(model) for model in (base, *finetunes)}
     # output layer 4 is the first fine-tune's layer 2; the norm comes from the last slice's model, the embeddings
     # from the first's
@@ -80,14 +83,14 @@ def test_slices_of_three_models_match_mergekit(llama, tmp_path, monkeypatch, ker
     assert written["num_hidden_layers"] == 8 == 1 + max(int(n.split(".")[2]) for n in merged if ".layers." in n)
 
 
-def test_a_scale_by_filter_and_by_layer_gradient_matches_mergekit(llama, tmp_path):
+def test_a_scale_by_filter_and_by_layer_gradient_matches_mergekit(llama, mergekit, tmp_path):
     base, finetunes = llama
     config = {"merge_method": "passthrough", "dtype": "float16", "slices": [
         {"sources": [{"model": str(finetunes[0]), "layer_range": [0, 2],
                       "parameters": {"scale": [{"filter": "o_proj", "value": 0.3}]}}]},
         {"sources": [{"model": str(base), "layer_range": [1, 4]}], "parameters": {"scale": [1.7, -0.5]}}]}
     merged = ours(config, tmp_path / "ours")
-    assert_agrees_with_mergekit(merged, mergekit_merge(mergekit_python(), config, tmp_path / "theirs"))
+    assert_agrees_with_mergekit(merged, mergekit(config))
     source = read_state_dict(finetunes[0])
     assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"],  # no condition holds: copied as it is
                        source["model.layers.0.mlp.up_proj.weight"].to(torch.float16))
@@ -98,13 +101,9 @@ def test_a_qwen2_slices_merge_resizes_layer_types_where_mergekit_fails(qwen2, tm
     config = {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
         {"sources": [{"model": str(base), "layer_range": [0, 3]}]},
         {"sources": [{"model": str(finetune), "layer_range": [1, 4]}]}]}
-    (tmp_path / "merge.yml").write_text(json.dumps(config))
-    python = mergekit_python()
-    script = "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())"
-    theirs = subprocess.run([str(python), "-c", script, str(tmp_path / "merge.yml"), str(tmp_path / "theirs")],
-                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert theirs.returncode != 0 and "must be equal to the number of `layer_types`" in theirs.stderr, \
-        theirs.stderr[-2000:]  # mergekit 0.1.5's bug: if this starts passing, mergekit fixed it
+    succeeded, log = mergekit_run(mergekit_python(), config, tmp_path / "theirs")
+    assert not succeeded and "must be equal to the number of `layer_types`" in log, \
+        log[-2000:]  # mergekit 0.1.5's bug: if this starts passing, mergekit fixed it
 
     merged = ours(config, tmp_path / "ours")
     written = json.loads((tmp_path / "ours" / "config.json").read_text())

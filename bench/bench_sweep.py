@@ -278,6 +278,12 @@ def sweep_case(root: Path, base, finetunes, *, cached: bool, args) -> float:
     return seconds
 
 
+def run_cli(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[2:5])} exited {result.returncode}: {result.stderr[-2000:]}")
+
+
 def separate_case(root: Path, base, finetunes, data: Path, args) -> float:
     """The 9 points by hand: merge, evaluate the merged model; the base and fine-tunes evaluated once each."""
     out = root / "separate"
@@ -285,14 +291,13 @@ def separate_case(root: Path, base, finetunes, data: Path, args) -> float:
     evaluate = ["--data", str(data), "--max-length", str(args.max_length), "--progress", "none"]
     started = time.monotonic()
     for model in [base, *finetunes]:
-        subprocess.run([*cli, "eval", "--model", str(model), *evaluate], check=True, capture_output=True)
+        run_cli([*cli, "eval", "--model", str(model), *evaluate])
     for coefficient in GRID:
         merged = out / f"sc{coefficient}"
-        subprocess.run([*cli, "merge", "--base-model", str(base), "--models-to-merge",
-                        ",".join(map(str, finetunes)), "--merge-method", "ties_merging_dare", "--dtype", "float32",
-                        "--scaling-coefficient", str(coefficient), "--param-value-mask-rate", "0.3",
-                        "--output-dir", str(merged), "--progress", "none"], check=True, capture_output=True)
-        subprocess.run([*cli, "eval", "--model", str(merged), *evaluate], check=True, capture_output=True)
+        run_cli([*cli, "merge", "--base-model", str(base), "--models-to-merge", ",".join(map(str, finetunes)),
+                 "--merge-method", "ties_merging_dare", "--dtype", "float32", "--scaling-coefficient", str(coefficient),
+                 "--param-value-mask-rate", "0.3", "--output-dir", str(merged), "--progress", "none"])
+        run_cli([*cli, "eval", "--model", str(merged), *evaluate])
     return time.monotonic() - started
 
 

@@ -17,20 +17,59 @@ tensor, so they are mergekit's to the bit; the combine step of a range replays t
 the inputs with them, in the compiled kernel or in torch (CUDA for use_gpu), each operation rounded where torch
 rounds. The statistics hold the tensor's unit vectors in the compute dtype (mergekit holds its inputs as well), not
 a segment at a time; torch splits its reductions of more than 32768 elements between its threads, so a large
-tensor's scalars are mergekit's where both run with the same number of threads (torch's default, the cores)."""
+tensor's scalars are mergekit's where both run with the same number of threads (torch's default, the cores).
+
+Where torch is not installed (the CPU merge image) `_state_without_torch` takes the same steps over the whole
+tensor without it: the elementwise steps with the combine step's own rounded arithmetic, the float32 2-norms and
+the 16-bit dots reduced in torch's CPU order (torch_reductions.row_norm, row_dot: torch's to the bit for rows of
+up to 4096 values; torch reduces longer 16-bit dots another way, which only rarely shows after the dot is rounded
+to the dtype), acos, sin and cos correctly rounded (torch_reductions.scalar_function). So 16-bit merges are
+torch's, and mergekit's, wherever those agree (every element of the tiny test families in bfloat16 and float16).
+A float32 dot torch hands to MKL's sdot, whose order cannot be reproduced, and SLEEF's float32 functions differ
+from the correctly rounded ones in the last bit for a few percent of arguments: without torch a float32 merge
+can differ from the one with torch in the last bits, more where several iterations run (3 inputs of the tiny
+families: a third of the elements, each within 2e-7 of its tensor's largest magnitude, which is a few thousand
+ulps only for the elements nearest zero)."""
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from numba.extending import register_jitable
 
 from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
+from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
-from modelmerge_engine.methods.torch_reductions import host_values
+from modelmerge_engine.methods.torch_reductions import (
+    _torch,
+    host_values,
+    rounded,
+    row_dot,
+    row_norm,
+    scalar_function,
+)
 from modelmerge_engine.progress import Step
 
 ZERO = "zero"  # a tensor whose inputs all have norms <= tol: mergekit writes zeros
+
+
+@register_jitable(inline="always")
+def _unit(x, norm, code):
+    """u = x / |x| (0 where |x| = 0), rounded to the compute dtype."""
+    return np.float32(0.0) if norm == 0 else rnd(x / norm, code)
+
+
+@register_jitable(inline="always")
+def _tangent_term(t, u, dot, m, coef, code):
+    """t + coef (u - dot m), each operation rounded."""
+    return rnd(t + rnd(coef * rnd(u - rnd(dot * m, code), code), code), code)
+
+
+@register_jitable(inline="always")
+def _moved(m, t, cos, sin, tangent_norm, code):
+    """cos|t| m + sin|t| (t / |t|), each operation rounded."""
+    return rnd(rnd(cos * m, code) + rnd(sin * rnd(t / tangent_norm, code), code), code)
 
 
 @register_jitable(inline="always")
@@ -43,7 +82,7 @@ def _karcher(constants, args):
     u = np.empty(count, np.float32)
     for e in range(out.shape[0]):
         for i in range(count):
-            u[i] = np.float32(0.0) if norms[i] == 0 else rnd(widen(inputs[i][e], code) / norms[i], code)
+            u[i] = _unit(widen(inputs[i][e], code), norms[i], code)
         m = np.float32(0.0)
         for j in range(valid.shape[0]):
             m = rnd(m + rnd(u[valid[j]] * alphas[j], code), code)
@@ -52,15 +91,54 @@ def _karcher(constants, args):
             t = np.float32(0.0)
             for j in range(valid.shape[0]):
                 if coefs[k, j] == coefs[k, j]:  # NaN: θ_j < tol, left out of this iteration
-                    step = rnd(u[valid[j]] - rnd(dots[k, j] * m, code), code)
-                    t = rnd(t + rnd(coefs[k, j] * step, code), code)
-            m = rnd(rnd(moves[k, 0] * m, code) + rnd(moves[k, 1] * rnd(t / moves[k, 2], code), code), code)
+                    t = _tangent_term(t, u[valid[j]], dots[k, j], m, coefs[k, j], code)
+            m = _moved(m, t, moves[k, 0], moves[k, 1], moves[k, 2], code)
             if moves[k, 4] != 0:
                 m = rnd(m / moves[k, 3], code)
         store(out, e, rnd(scale * m, code), code)
 
 
 karcher_kernel = _per_dtype(_karcher)
+
+
+# The torch-free statistics (the CPU merge image has no torch): the same arithmetic over whole tensors of float32
+# values of the compute dtype.
+@njit(nogil=True, cache=True)
+def _units_of(values, norm, code, out):
+    for e in range(out.shape[0]):
+        out[e] = _unit(values[e], norm, code)
+
+
+@njit(nogil=True, cache=True)
+def _first_mean(units, valid, alphas, code, out):
+    """Σ_V a_j u_j, accumulated in the order torch's `mean += share * unit` does, each operation rounded."""
+    for e in range(out.shape[0]):
+        m = np.float32(0.0)
+        for j in range(valid.shape[0]):
+            m = rnd(m + rnd(units[valid[j], e] * alphas[j], code), code)
+        out[e] = m
+
+
+@njit(nogil=True, cache=True)
+def _divided(values, divisor, code, out):
+    for e in range(out.shape[0]):
+        out[e] = rnd(values[e] / divisor, code)
+
+
+@njit(nogil=True, cache=True)
+def _tangent(units, valid, dots, coefs, m, code, out):
+    for e in range(out.shape[0]):
+        t = np.float32(0.0)
+        for j in range(valid.shape[0]):
+            if coefs[j] == coefs[j]:
+                t = _tangent_term(t, units[valid[j], e], dots[j], m[e], coefs[j], code)
+        out[e] = t
+
+
+@njit(nogil=True, cache=True)
+def _move(m, t, cos, sin, tangent_norm, code, out):
+    for e in range(out.shape[0]):
+        out[e] = _moved(m[e], t[e], cos, sin, tangent_norm, code)
 
 
 @register
@@ -77,16 +155,19 @@ class Karcher(Method):
     def tensor_state(self, plan):
         """None with one model; ZERO where no input's norm exceeds tol; else the replay's scalars: (norms, valid,
         alphas, start = [|m|, first unit?], dots [K, V], coefs [K, V] (NaN: left out), moves [K, 5] = [cos|t|,
-        sin|t| (both in the dtype), |t|, |m|, renormalised?], scale (in the dtype))."""
-        import torch
-
+        sin|t| (both in the dtype), |t|, |m|, renormalised?], scale (in the dtype)). With torch installed the
+        scalars are torch's own; without it (the CPU merge image) `_state_without_torch` computes them."""
         merge = self.merge
         count = len(merge.finetunes)
         if count == 1:
             return None
-        name, numel = plan.name, plan.numel
+        name = plan.name
         max_iter = int(self.value("max_iter", tensor=name))
         tol = float(self.value("tol", tensor=name))
+        torch = _torch()
+        if torch is None:
+            return self._state_without_torch(plan, max_iter, tol)
+        numel = plan.numel
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[merge.dtype.name]
         norms, units = [], []
         for model in merge.finetunes:  # one input at a time: the iteration needs only its unit vector
@@ -139,6 +220,75 @@ class Karcher(Method):
                 np.array(shares, np.float32), np.array([mean_norm.item(), float(first)], np.float32),
                 np.array(dots, np.float32).reshape(-1, width), np.array(coefs, np.float32).reshape(-1, width),
                 np.array(moves, np.float32).reshape(-1, 5), np.float32(scale.to(dtype).item()))
+
+    def _state_without_torch(self, plan, max_iter: int, tol: float):
+        """tensor_state's scalars where torch is not installed: the same steps over float32 arrays of the compute
+        dtype's values, each elementwise operation rounded as the combine step rounds it; the norms and dots are
+        torch_reductions' (torch's CPU order: float32 2-norms, 16-bit dots of up to 4096 values to the bit; a
+        float32 dot, which torch hands to MKL, within a few float32 ulps) and acos, sin, cos the correctly rounded
+        values (torch's SLEEF ones differ in the last bit for a few percent of arguments). So on 16-bit compute
+        the result is torch's wherever those functions agree, and a float32 merge may differ from the one with
+        torch installed in the last bits of a few elements."""
+        merge = self.merge
+        code = merge.dtype.code
+        count = len(merge.finetunes)
+        name, numel = plan.name, plan.numel
+        norms = np.empty(count, np.float32)
+        units = np.empty((count, numel), np.float32)
+        for i, model in enumerate(merge.finetunes):
+            values = host_values(merge, model, name, 0, numel)
+            norms[i] = row_norm(values, False)
+            _units_of(values, norms[i], code, units[i])
+            merge.progress.advance(numel)
+        valid = np.array([i for i in range(count) if float(norms[i]) > tol], np.int64)
+        if not len(valid):
+            return ZERO
+        total = sum(1.0 / count for _ in valid)
+        shares = [(1.0 / count) / total for _ in valid]
+        alphas = np.array(shares, np.float32)
+        mean = np.empty(numel, np.float32)
+        _first_mean(units, valid, alphas, code, mean)
+        mean_norm = row_norm(mean, False)
+        first = float(mean_norm) < tol
+        if first:
+            mean = units[valid[0]].copy()
+        else:
+            _divided(mean.copy(), mean_norm, code, mean)
+        tangent, moved = np.empty(numel, np.float32), np.empty(numel, np.float32)
+        dots, coefs, moves = [], [], []
+        for _ in range(max_iter):
+            dot_row = np.empty(len(valid), np.float32)
+            coef_row = np.empty(len(valid), np.float32)
+            for j, (share, i) in enumerate(zip(alphas, valid, strict=True)):
+                dot_row[j] = np.clip(rounded(row_dot(mean, units[i]), code)[0], np.float32(-1.0), np.float32(1.0))
+                theta = scalar_function("acos", dot_row[j], code)
+                if float(theta) < tol:
+                    coef_row[j] = np.nan
+                    continue
+                ratio = rounded(theta / scalar_function("sin", theta, code), code)[0]
+                coef_row[j] = rounded(share * ratio, code)[0]
+            _tangent(units, valid, dot_row, coef_row, mean, code, tangent)
+            tangent_norm = row_norm(tangent, False)
+            if float(tangent_norm) < tol:
+                break
+            cos, sin = (rounded(scalar_function(f, tangent_norm, F32), code)[0] for f in ("cos", "sin"))
+            _move(mean, tangent, cos, sin, tangent_norm, code, moved)
+            mean_norm_k = row_norm(moved, False)
+            renormalised = float(mean_norm_k) > tol
+            if renormalised:
+                _divided(moved, mean_norm_k, code, mean)
+            else:
+                mean[:] = moved
+            dots.append(dot_row)
+            coefs.append(coef_row)
+            moves.append([cos, sin, tangent_norm, mean_norm_k, float(renormalised)])
+        scale = np.float32(0.0)
+        for norm in norms:  # Σ alpha_i n_i: float32 products added one by one, as Python's sum of 0-dim tensors
+            scale = np.float32(scale + np.float32(np.float32(1.0 / count) * norm))
+        width = len(valid)
+        return (norms, valid, alphas, np.array([mean_norm, float(first)], np.float32),
+                np.array(dots, np.float32).reshape(-1, width), np.array(coefs, np.float32).reshape(-1, width),
+                np.array(moves, np.float32).reshape(-1, 5), rounded(scale, code)[0])
 
     def combine_cpu(self, kernels, base, inputs, state):
         if state is None:

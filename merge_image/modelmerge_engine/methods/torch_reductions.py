@@ -251,3 +251,55 @@ def scalar_function(name: str, value, code: int) -> np.float32:
         return rounded(SCALAR_FUNCTIONS[name](float(value)), code)[0]
     dtype = {BF16: torch.bfloat16, F16: torch.float16, F32: torch.float32}[code]
     return np.float32(getattr(torch, name)(torch.tensor(float(value), dtype=dtype)).item())
+
+
+DOT_REGISTERS = 8  # float32 vectors of lanes a 16-bit torch.dot accumulates into (4 pairs of one 16-value load)
+
+
+@njit(nogil=True, cache=True)
+def _lane_tree(acc, lanes):
+    """The lanes added as a vector reduction adds them: halves added lane by lane until one is left."""
+    width = lanes
+    while width > 1:
+        width //= 2
+        for lane in range(width):
+            acc[lane] += acc[lane + width]
+    return acc[0]
+
+
+@njit(nogil=True, cache=True)
+def row_dot(a, b):
+    """`torch.dot(a, b)` of two contiguous bfloat16 or float16 rows (values widened to float32) as torch's CPU
+    kernel computes it (dot_with_fp32_arith), in float32: blocks of 64 values go to 8 registers of 8 lanes (a
+    16-value load's halves to two registers), the registers are added as a tree (0+4, 1+5, ...; 0+2, 1+3; 0+1)
+    and then their lanes likewise; then the leftover 16-value vectors into one register of 8 lanes (low half,
+    then high half), its lanes added as a tree; then the last products one by one. Products of 16-bit values are
+    exact in float32, so fused or not they add the same. The caller rounds the result to the dtype. Checked
+    against torch 2.15 on rows of up to 4096 values (every one equal); longer rows torch reduces another way
+    (not reproduced: results within a few float32 ulps). float32 rows (torch.dot calls MKL's sdot, whose order
+    cannot be reproduced) take the same order, each product rounded: within a few float32 ulps of torch's."""
+    n = a.shape[0]
+    lanes = LANES
+    block = DOT_REGISTERS * lanes
+    acc = np.zeros((DOT_REGISTERS, lanes), np.float32)
+    whole = n - n % block
+    for start in range(0, whole, block):
+        for r in range(DOT_REGISTERS):
+            for lane in range(lanes):
+                acc[r, lane] += a[start + r * lanes + lane] * b[start + r * lanes + lane]
+    half = DOT_REGISTERS
+    while half > 1:
+        half //= 2
+        for r in range(half):
+            for lane in range(lanes):
+                acc[r, lane] += acc[r + half, lane]
+    total = _lane_tree(acc[0], lanes)
+    tail = np.zeros(lanes, np.float32)
+    vectors = n - n % (2 * lanes)
+    for start in range(whole, vectors, 2 * lanes):
+        for lane in range(2 * lanes):
+            tail[lane % lanes] += a[start + lane] * b[start + lane]
+    total += _lane_tree(tail, lanes)
+    for e in range(vectors, n):
+        total += a[e] * b[e]
+    return np.float32(total)

@@ -123,19 +123,19 @@ def test_multislerp_matches_mergekit(families, mergekit, tmp_path, family, norma
     ours = multislerp_merge(base, finetunes, tmp_path / "ours", weights, normalize_weights=normalize_weights)
     theirs = mergekit(multislerp_config(base, finetunes, weights, dtype="bfloat16",
                                         normalize_weights=normalize_weights))
-    assert_agrees_with_mergekit(ours, theirs, identical=False)
+    assert_agrees_with_mergekit(ours, theirs)
 
 
 @pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_multislerp_in_16_bit_compute_split_ranges_and_both_kernel_sets_match_mergekit(
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multislerp_in_every_compute_dtype_split_ranges_and_both_kernel_sets_match_mergekit(
         families, mergekit, tmp_path, monkeypatch, dtype, kernels):
     monkeypatch.setenv(KERNELS_ENV, kernels)
     monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
     base, finetunes = families["qwen2-fp32-4-tied"]
     ours = multislerp_merge(base, finetunes[:3], tmp_path / "ours", [1.0, 2.0, 3.0], dtype=dtype)
     theirs = mergekit(multislerp_config(base, finetunes[:3], [1.0, 2.0, 3.0], dtype=dtype))
-    assert_agrees_with_mergekit(ours, theirs, identical=False)
+    assert_agrees_with_mergekit(ours, theirs)
 
 
 def test_multislerp_streams_and_both_kernel_sets_give_the_same_bytes(families, tmp_path, monkeypatch):

@@ -255,8 +255,8 @@ class MergeRequest(BaseModel):
     )
     nuslerp_row_wise: bool = Field(
         default=False,
-        description="nuslerp without nuslerp_flatten: interpolate along the first dimension (mergekit's "
-        "`nuslerp_row_wise`); not supported here, refused.",
+        description="nuslerp without nuslerp_flatten: interpolate each column instead of each row, along the "
+        "first dimension (mergekit's `nuslerp_row_wise`).",
     )
     normalize: bool | None = Field(
         default=None,
@@ -447,9 +447,6 @@ class MergeRequest(BaseModel):
         if self.merge_method == MergeMethod.linear and self.normalize and sum(self.weights()) == 0.0:
             raise ValueError("model_parameters weights sum to 0, and linear with normalize divides by their "
                              "sum; set normalize to false or change a weight")
-        if self.merge_method == MergeMethod.nuslerp and self.nuslerp_row_wise and not self.nuslerp_flatten:
-            raise ValueError("nuslerp_row_wise: not supported: torch reduces the columns mergekit normalises in an "
-                             "order this engine does not reproduce; use nuslerp_flatten or rows (the default)")
         return self
 
     def weights(self) -> list[float]:

@@ -13,9 +13,13 @@ compute dtype as mergekit's torch ops are (every operation rounded to it):
 Norms and the dot product are reduced in torch's CPU order (torch_reductions.py), two streaming passes a segment
 at a time; the combine step gets each element's row coefficients from the `inputs` hook (rows.py). acos and sin
 are torch's own CPU functions on values of the compute dtype (torch_reductions.scalar_function; correctly rounded
-in float32, then rounded to the dtype, where torch is not installed: see slerp.py). mergekit's
-nuslerp_row_wise (the same per column, reduced along the first dimension) is refused: torch reduces strided
-columns in another order that is not reproduced here.
+in float32, then rounded to the dtype, where torch is not installed: see slerp.py).
+
+nuslerp_row_wise (with nuslerp_flatten false) is the same per column: mergekit transposes the first dimension to
+the last, so each column of the tensor viewed as [first dimension, rest] is one vector, its norms and dot reduced
+along a strided dimension (torch_reductions' column reductions, in the order torch reduces such a dimension). The
+two passes read blocks of whole rows (a segment, or one row where a row is longer) and keep each column's partial
+sums; the combine step gets each element's column coefficients.
 """
 
 from __future__ import annotations
@@ -26,13 +30,17 @@ from numba.extending import register_jitable
 
 from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
 from modelmerge_engine.dtype_codes import F32
-from modelmerge_engine.errors import MergeError
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
 from modelmerge_engine.methods.rows import per_element, to_kernels
 from modelmerge_engine.methods.torch_reductions import (  # _round_into: sce.py imports it from here
     LANES,
     _round_into,  # noqa: F401
+    column_norm_add,
+    column_norm_finish,
+    column_sum_begin,
+    column_sum_finish,
+    column_sum_rows,
     host_values,
     norm_add,
     norm_finish,
@@ -57,9 +65,12 @@ def _task_vectors(base, first, second, code, out):
 
 
 @njit(nogil=True, cache=True)
-def _unit_products(vectors, norm_0, norm_1, code, out):
+def _unit_products(vectors, norms_0, norms_1, code, out):
+    """u_0 · u_1 elementwise; element e's norms are norms_i[e % len(norms_i)] (one per row, or one per column)."""
+    width = norms_0.shape[0]
     for e in range(out.shape[0]):
-        out[e] = rnd(rnd(vectors[0, e] / norm_0, code) * rnd(vectors[1, e] / norm_1, code), code)
+        c = e % width
+        out[e] = rnd(rnd(vectors[0, e] / norms_0[c], code) * rnd(vectors[1, e] / norms_1[c], code), code)
 
 
 @register_jitable(inline="always")
@@ -89,7 +100,8 @@ class Nuslerp(Method):
 
     def __init__(self, merge):
         super().__init__(merge)
-        self._rows: dict[str, tuple[int, np.ndarray]] = {}  # tensor -> (row width, coefficients of each row)
+        # tensor -> (row width, coefficients of each row or column, whether by column)
+        self._rows: dict[str, tuple[int, np.ndarray, bool]] = {}
 
     def statistics_work(self, group_numel: int) -> int:
         return 6 * group_numel  # two passes over the base and both models
@@ -99,21 +111,24 @@ class Nuslerp(Method):
         return rounded(value, self.merge.dtype.code)[0]
 
     def tensor_state(self, plan) -> np.ndarray:
-        """Each row's coefficients (kept for the inputs hook); returns (1 − t, t) in float32."""
+        """Each row's (or column's) coefficients, kept for the inputs hook; returns (1 − t, t) in float32."""
         name = plan.name
         flatten = bool(self.value("nuslerp_flatten", tensor=name)) or len(plan.shape) < 2
-        if not flatten and self.value("nuslerp_row_wise", tensor=name):
-            raise MergeError(f"nuslerp_row_wise: not supported (tensor {name}): torch reduces the columns it "
-                             "normalises in an order this engine does not reproduce; use nuslerp_flatten or rows")
-        width = plan.numel if flatten else plan.shape[-1]
-        rows = plan.numel // width if width else 0
+        by_column = not flatten and bool(self.value("nuslerp_row_wise", tensor=name))
         weights = [float(self.value("weight", tensor=name, model=i)) for i in range(2)]
         total = weights[0] + weights[1]
         t = 0.5 if abs(total) < 1e-6 else weights[1] / total
-        coefficients = np.zeros((max(rows, 1), 4), np.float32)
-        for row in range(rows):
-            coefficients[row] = self._row_coefficients(name, row * width, width, t)
-        self._rows[name] = (max(width, 1), coefficients)
+        if by_column:
+            rows = plan.shape[0]
+            width = plan.numel // rows if rows else 0
+            coefficients = self._column_coefficients(name, rows, width, t)
+        else:
+            width = plan.numel if flatten else plan.shape[-1]
+            rows = plan.numel // width if width else 0
+            coefficients = np.zeros((max(rows, 1), 4), np.float32)
+            for row in range(rows):
+                coefficients[row] = self._row_coefficients(name, row * width, width, t)
+        self._rows[name] = (max(width, 1), coefficients, by_column)
         return np.array([1.0 - t, t], np.float32)
 
     def _row_coefficients(self, name: str, start: int, width: int, t: float) -> list:
@@ -125,8 +140,7 @@ class Nuslerp(Method):
             vectors = self._task_vectors(name, start + offset, start + min(offset + SEGMENT, width))
             for i in range(2):
                 tails[i] = vectors[i, norm_add(vectors[i], packed, norm_acc[i]):]
-        floor = self._rounded(NORM_FLOOR)
-        norms = [max(self._rounded(norm_finish(tails[i], norm_acc[i])), floor) for i in range(2)]
+        norms = [self._norm(norm_finish(tails[i], norm_acc[i])) for i in range(2)]
         acc, state = sum_begin(width, packed)
         tail = np.empty(0, np.float32)
         for offset in range(0, width, SEGMENT):
@@ -134,7 +148,36 @@ class Nuslerp(Method):
             products = np.empty(vectors.shape[1], np.float32)
             _unit_products(vectors, norms[0], norms[1], code, products)
             tail = products[sum_rows(products, acc, state):].copy()
-        cos = min(max(self._rounded(sum_finish(tail, acc, state)), np.float32(-1.0)), np.float32(1.0))
+        return self._coefficients(sum_finish(tail, acc, state), t)
+
+    def _column_coefficients(self, name: str, rows: int, width: int, t: float) -> np.ndarray:
+        """nuslerp_row_wise: the coefficients of each column of the tensor viewed as [rows, width]."""
+        merge = self.merge
+        code, packed = merge.dtype.code, merge.dtype.code != F32
+        numel = rows * width
+        step = max(1, SEGMENT // max(width, 1)) * width  # whole rows per pass step
+        norm_acc = np.zeros((2, width), np.float32)
+        for offset in range(0, numel, step):
+            vectors = self._task_vectors(name, offset, min(offset + step, numel))
+            for i in range(2):
+                column_norm_add(vectors[i].reshape(-1, width), norm_acc[i])
+        norms = [self._norm(column_norm_finish(norm_acc[i])) for i in range(2)]
+        acc, tail, state = column_sum_begin(rows, width, packed)
+        for offset in range(0, numel, step):
+            vectors = self._task_vectors(name, offset, min(offset + step, numel))
+            products = np.empty(vectors.shape[1], np.float32)
+            _unit_products(vectors, norms[0], norms[1], code, products)
+            column_sum_rows(products.reshape(-1, width), acc, tail, state)
+        sums = column_sum_finish(acc, tail, state)
+        return np.array([self._coefficients(total, t) for total in sums], np.float32).reshape(-1, 4)
+
+    def _norm(self, norms) -> np.ndarray:
+        """float32 2-norms rounded to the compute dtype and clamped as mergekit's _normalize clamps them."""
+        return np.maximum(rounded(norms, self.merge.dtype.code), self._rounded(NORM_FLOOR))
+
+    def _coefficients(self, total, t: float) -> list:
+        """[colinear, sin((1 − t)θ), sin(tθ), sin θ] of a vector pair whose unit vectors' dot is `total`."""
+        cos = min(max(self._rounded(total), np.float32(-1.0)), np.float32(1.0))
         colinear = self._rounded(np.float32(1.0) - self._rounded(cos * cos)) <= self._rounded(COLINEAR)
         code = self.merge.dtype.code
         theta = scalar_function("acos", 0.0 if colinear else cos, code)
@@ -152,10 +195,15 @@ class Nuslerp(Method):
         return vectors
 
     def inputs(self, name, start, base, raws, models):
-        """The two fine-tunes, then each element's row coefficients [colinear, sin((1-t)θ), sin(tθ), sin θ]."""
-        width, coefficients = self._rows[name]
-        return [*raws, to_kernels(per_element(coefficients, width, start, start + raws[0].shape[0]),
-                                  self.merge.kernels)]
+        """The two fine-tunes, then each element's row (or column) coefficients
+        [colinear, sin((1-t)θ), sin(tθ), sin θ]."""
+        width, coefficients, by_column = self._rows[name]
+        stop = start + raws[0].shape[0]
+        if by_column:
+            spread = np.ascontiguousarray(coefficients[np.arange(start, stop, dtype=np.int64) % width])
+        else:
+            spread = per_element(coefficients, width, start, stop)
+        return [*raws, to_kernels(spread, self.merge.kernels)]
 
     def combine_cpu(self, kernels, base, inputs, state):
         out = kernels.empty(base)

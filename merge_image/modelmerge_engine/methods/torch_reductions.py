@@ -303,3 +303,101 @@ def row_dot(a, b):
     for e in range(vectors, n):
         total += a[e] * b[e]
     return np.float32(total)
+
+
+# Reductions along a tensor's first dimension (mergekit's nuslerp_row_wise transposes it to the last and reduces
+# there, a strided dimension): the tensor is viewed as [rows, columns] and each column is reduced, its rows fed in
+# order a block of whole rows at a time.
+#
+# - The 2-norm of a column is torch's generic reduction: one float32 sum of the squares (a multiply, then an add),
+#   row after row, then one square root (every dtype).
+# - The sum of a column is SumKernel's outer reduction: where there are at least one vector of columns (8 float32,
+#   16 bfloat16 or float16 values) the columns in whole groups of 4 vectors (32 columns) are each one cascade over
+#   all the rows and the others are split 4 ways (row r into partial r % 4, each a cascade over rows // 4; the
+#   last rows % 4 rows added to partial 0 after, then partials 1, 2, 3); with fewer columns, whole groups of 4
+#   columns are one cascade each and the rest split 4 ways. Checked against torch 2.15 (every column equal, on
+#   one and on two threads, up to 896 x 4864 values; torch may split the columns of a reduction of over 32768
+#   elements between its threads, which could move these groups with other thread counts: not checked).
+# A column sum in progress is (acc [LEVELS, ILP, columns], tail [ILP - 1, columns], state int64 [rows, columns
+# taken as one cascade, rows done]).
+_C_ROWS, _C_PLAIN, _C_DONE = range(3)
+
+
+@njit(nogil=True, cache=True)
+def column_norm_add(block, acc):
+    """Adds the squares of `block` (the next whole rows, [rows, columns]) to the columns' float32 sums `acc`."""
+    for r in range(block.shape[0]):
+        for c in range(block.shape[1]):
+            square = block[r, c] * block[r, c]
+            acc[c] += square
+
+
+def column_norm_finish(acc) -> np.ndarray:
+    """Each column's 2-norm in float32 (the caller rounds them to the dtype)."""
+    return np.sqrt(acc.astype(np.float32))
+
+
+def column_sum_begin(rows: int, columns: int, packed: bool):
+    """The sums of the `columns` columns of `rows` rows (`packed`: bfloat16 or float16) in torch's order."""
+    vector = 2 * LANES if packed else LANES
+    plain = columns // (ILP * LANES) * (ILP * LANES) if columns >= vector else columns // ILP * ILP
+    state = np.array([rows, plain, 0], np.int64)
+    return np.zeros((LEVELS, ILP, columns), np.float32), np.zeros((ILP - 1, columns), np.float32), state
+
+
+@njit(nogil=True, cache=True)
+def _fold(acc, k, first, last, done, size):
+    """The cascade's fold after `done` of its `size` rows (partial k of columns first..last-1)."""
+    level_power = max(4, _ceil_log2(size) // LEVELS)
+    level_step = 1 << level_power
+    if done % level_step != 0 or done > size // level_step * level_step:
+        return
+    level_mask = level_step - 1
+    for j in range(1, LEVELS):
+        for c in range(first, last):
+            acc[j, k, c] += acc[j - 1, k, c]
+            acc[j - 1, k, c] = 0.0
+        if done & (level_mask << (j * level_power)):
+            break
+
+
+@njit(nogil=True, cache=True)
+def column_sum_rows(block, acc, tail, state):
+    """Adds the next whole rows `block` [rows, columns] to the column sums in progress."""
+    rows, plain, columns = state[_C_ROWS], state[_C_PLAIN], block.shape[1]
+    split = rows // ILP
+    for i in range(block.shape[0]):
+        r = state[_C_DONE] + i
+        for c in range(plain):
+            acc[0, 0, c] += block[i, c]
+        _fold(acc, 0, 0, plain, r + 1, rows)
+        if r < split * ILP:
+            k = r % ILP
+            for c in range(plain, columns):
+                acc[0, k, c] += block[i, c]
+            if k == ILP - 1:
+                for kk in range(ILP):
+                    _fold(acc, kk, plain, columns, r // ILP + 1, split)
+        else:
+            for c in range(plain, columns):
+                tail[r - split * ILP, c] = block[i, c]
+    state[_C_DONE] += block.shape[0]
+
+
+@njit(nogil=True, cache=True)
+def column_sum_finish(acc, tail, state):
+    """Each column's float32 sum once every row was added (the caller rounds them to the dtype)."""
+    rows, plain, columns = state[_C_ROWS], state[_C_PLAIN], acc.shape[2]
+    out = np.empty(columns, np.float32)
+    for c in range(columns):
+        for j in range(1, LEVELS):
+            for k in range(ILP):
+                acc[0, k, c] += acc[j, k, c]
+        total = acc[0, 0, c]
+        if c >= plain:
+            for r in range(rows - rows // ILP * ILP):
+                total += tail[r, c]
+            for k in range(1, ILP):
+                total += acc[0, k, c]
+        out[c] = np.float32(0.0) + total
+    return out

@@ -33,9 +33,8 @@ from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
 from modelmerge_engine.methods.rows import per_element, to_kernels
-from modelmerge_engine.methods.torch_reductions import (  # _round_into: sce.py imports it from here
+from modelmerge_engine.methods.torch_reductions import (
     LANES,
-    _round_into,  # noqa: F401
     column_norm_add,
     column_norm_finish,
     column_sum_begin,

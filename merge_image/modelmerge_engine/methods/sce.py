@@ -30,10 +30,10 @@ from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods import sce_kernels as sk
 from modelmerge_engine.methods.base import Method
-from modelmerge_engine.methods.nuslerp import _round_into
 from modelmerge_engine.methods.rows import to_kernels
 from modelmerge_engine.methods.torch_reductions import (
     host_values,
+    rounded,
     row_sum,
     sum_begin,
     sum_finish,
@@ -107,13 +107,13 @@ class Sce(Method):
                 tails[i] = squares[sum_rows(squares, acc, state):].copy()
         means = [np.float32(sum_finish(tails[i], *accumulators[i])) / np.float32(max(numel, 1))
                  for i in range(count)]
-        means = _round(np.array(means, np.float32), code)
-        total = _round(np.array([row_sum(means, packed)], np.float32), code)[0]
+        means = rounded(np.array(means, np.float32), code)
+        total = rounded(np.array([row_sum(means, packed)], np.float32), code)[0]
         if abs(float(total)) < WEIGHT_FLOOR:
-            weights = _round(np.full(count, np.float32(1.0) / np.float32(count), np.float32), code)
+            weights = rounded(np.full(count, np.float32(1.0) / np.float32(count), np.float32), code)
         else:
-            weights = _round(means / total, code)
-        self._states[name] = TensorState(keep, weights, _round(np.array([WEIGHT_FLOOR], np.float32), code)[0])
+            weights = rounded(means / total, code)
+        self._states[name] = TensorState(keep, weights, rounded(np.array([WEIGHT_FLOOR], np.float32), code)[0])
         while len(self._states) > self._keep_states:
             self._states.popitem(last=False)
 
@@ -167,10 +167,3 @@ class Sce(Method):
             divisor += torch.where(agree, float(weight), 0.0)
         divisor = rnd(divisor).clamp(min=float(state.floor))
         return (b + rnd(rnd(merged) / divisor)).to(kernels.tdtype)
-
-
-def _round(values: np.ndarray, code) -> np.ndarray:
-    """float32 values rounded to the compute dtype (as float32)."""
-    out = np.empty_like(values)
-    _round_into(values, code, out)
-    return out

@@ -80,6 +80,30 @@ def _vector_lane(values, v, lane, lanes, packed):
     return values[v * lanes + lane]
 
 
+@njit(nogil=True, cache=True)
+def _cascade_levels(rows):
+    """(level_power, full_blocks) of torch's cascade sum over `rows` rows: a level folds into the next every
+    2^level_power rows, up to the last whole block."""
+    level_power = max(4, _ceil_log2(rows) // LEVELS)
+    return level_power, rows // (1 << level_power) * (1 << level_power)
+
+
+@njit(nogil=True, cache=True)
+def _fold(acc, k, first, last, done, level_power, full_blocks):
+    """The cascade's fold after `done` rows, for partial k of lanes (or columns) first..last-1 of acc
+    [LEVELS, ILP, ...]."""
+    level_step = 1 << level_power
+    if done % level_step != 0 or done > full_blocks:
+        return
+    level_mask = level_step - 1
+    for j in range(1, LEVELS):
+        for c in range(first, last):
+            acc[j, k, c] += acc[j - 1, k, c]
+            acc[j - 1, k, c] = 0.0
+        if done & (level_mask << (j * level_power)):
+            break
+
+
 # A sum in progress is (acc, state): acc the partial sums [LEVELS, ILP, lanes], state int64 [n, lanes, per_vector,
 # packed, rows, level_power, full_blocks, rows done]. Segments fed to sum_rows hold whole rows of ILP vectors (a
 # multiple of SUM_SEGMENT_MULTIPLE values) except the last; sum_finish takes what follows the last whole row.
@@ -99,8 +123,7 @@ def sum_begin(n, packed):
     state[_PACKED] = 1 if packed and vectorised else 0
     rows = n // state[_PER_VECTOR] // ILP
     state[_ROWS] = rows
-    state[_LEVEL_POWER] = max(4, _ceil_log2(rows) // LEVELS)
-    state[_FULL_BLOCKS] = rows // (1 << state[_LEVEL_POWER]) * (1 << state[_LEVEL_POWER])
+    state[_LEVEL_POWER], state[_FULL_BLOCKS] = _cascade_levels(rows)
     return np.zeros((LEVELS, ILP, state[_LANES]), np.float32), state
 
 
@@ -108,23 +131,13 @@ def sum_begin(n, packed):
 def sum_rows(values, acc, state):
     """Adds the whole rows of ILP vectors that `values` (the next values of the row) holds, up to the row's last."""
     lanes, per_vector, packed = state[_LANES], state[_PER_VECTOR], state[_PACKED] == 1
-    level_power = state[_LEVEL_POWER]
-    level_step = 1 << level_power
-    level_mask = level_step - 1
     count = min(values.shape[0] // (ILP * per_vector), state[_ROWS] - state[_DONE])
     for i in range(count):
         for k in range(ILP):
             for lane in range(lanes):
                 acc[0, k, lane] += _vector_lane(values, i * ILP + k, lane, lanes, packed)
-        done = state[_DONE] + i + 1
-        if done % level_step == 0 and done <= state[_FULL_BLOCKS]:
-            for j in range(1, LEVELS):
-                for k in range(ILP):
-                    for lane in range(lanes):
-                        acc[j, k, lane] += acc[j - 1, k, lane]
-                        acc[j - 1, k, lane] = 0.0
-                if done & (level_mask << (j * level_power)):
-                    break
+        for k in range(ILP):
+            _fold(acc, k, 0, lanes, state[_DONE] + i + 1, state[_LEVEL_POWER], state[_FULL_BLOCKS])
     state[_DONE] += count
     return count * ILP * per_vector
 
@@ -346,38 +359,24 @@ def column_sum_begin(rows: int, columns: int, packed: bool):
 
 
 @njit(nogil=True, cache=True)
-def _fold(acc, k, first, last, done, size):
-    """The cascade's fold after `done` of its `size` rows (partial k of columns first..last-1)."""
-    level_power = max(4, _ceil_log2(size) // LEVELS)
-    level_step = 1 << level_power
-    if done % level_step != 0 or done > size // level_step * level_step:
-        return
-    level_mask = level_step - 1
-    for j in range(1, LEVELS):
-        for c in range(first, last):
-            acc[j, k, c] += acc[j - 1, k, c]
-            acc[j - 1, k, c] = 0.0
-        if done & (level_mask << (j * level_power)):
-            break
-
-
-@njit(nogil=True, cache=True)
 def column_sum_rows(block, acc, tail, state):
     """Adds the next whole rows `block` [rows, columns] to the column sums in progress."""
     rows, plain, columns = state[_C_ROWS], state[_C_PLAIN], block.shape[1]
     split = rows // ILP
+    whole_power, whole_blocks = _cascade_levels(rows)
+    split_power, split_blocks = _cascade_levels(split)
     for i in range(block.shape[0]):
         r = state[_C_DONE] + i
         for c in range(plain):
             acc[0, 0, c] += block[i, c]
-        _fold(acc, 0, 0, plain, r + 1, rows)
+        _fold(acc, 0, 0, plain, r + 1, whole_power, whole_blocks)
         if r < split * ILP:
             k = r % ILP
             for c in range(plain, columns):
                 acc[0, k, c] += block[i, c]
             if k == ILP - 1:
                 for kk in range(ILP):
-                    _fold(acc, kk, plain, columns, r // ILP + 1, split)
+                    _fold(acc, kk, plain, columns, r // ILP + 1, split_power, split_blocks)
         else:
             for c in range(plain, columns):
                 tail[r - split * ILP, c] = block[i, c]

@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
+CHECKPOINTS = Path(os.environ.get("MODELMERGE_BENCH_CHECKPOINTS", Path.home() / ".cache" / "modelmerge-bench"))
 sys.path.insert(0, str(ROOT))
 
 from bench.provenance import median_spread, memory_total_bytes, package_version, provenance, results_path, write_results  # noqa: E402
@@ -138,7 +139,7 @@ def merging_eval(method: str, base: Path, fts: list[Path], out: Path) -> list[st
     return [sys.executable, str(ROOT / "bench" / "merging_eval_runner.py"), json.dumps(spec)]
 
 
-def mergekit(method: str, base: Path, fts: list[Path], out: Path, binary: str) -> list[str]:
+def mergekit(method: str, base: Path, fts: list[Path], out: Path, kit: list[str]) -> list[str]:
     kind = MERGEKIT[method]
     params = METHODS[method]
     models = []
@@ -156,18 +157,21 @@ def mergekit(method: str, base: Path, fts: list[Path], out: Path, binary: str) -
         config["parameters"] = {"normalize": True}
     config_path = out.parent / f"mergekit-{method}-{len(fts)}.yml"
     config_path.write_text(json.dumps(config))
-    return [binary, str(config_path), str(out), "--copy-tokenizer", "--allow-crimes"]
+    return [*kit, str(config_path), str(out), "--copy-tokenizer", "--allow-crimes"]
 
 
-def find_mergekit(explicit: str | None) -> str | None:
-    """`--mergekit`, else the mergekit virtualenv the oracle tests use (made on first use), else one on PATH."""
+def find_mergekit(explicit: str | None) -> list[str] | None:
+    """The command that runs mergekit-yaml: `--mergekit`, else mergekit-yaml's module in the virtualenv the oracle
+    tests use (made on first use; run with `python -m`, since its console scripts name the folder it was built
+    in), else one on PATH."""
     if explicit:
-        return explicit if Path(explicit).exists() else None
+        return [explicit] if Path(explicit).exists() else None
     try:
-        return str(mergekit_venv() / "bin" / "mergekit-yaml")
+        return [str(mergekit_venv() / "bin" / "python"), "-m", "mergekit.scripts.run_yaml"]
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
-        return shutil.which("mergekit-yaml")
+        found = shutil.which("mergekit-yaml")
+        return [found] if found else None
 
 
 # --- page cache, numba cache ------------------------------------------------------------------------------
@@ -294,13 +298,13 @@ def plan(args) -> list[dict]:
     random.Random(args.seed).shuffle(trials)
     limit_trials = [{"tool": tool, "method": method, "finetunes": count, "state": "warm", "run": 0,
                      "limit": limit}
-                    for tool in args.tools for method in args.limit_methods for count in args.finetunes
+                    for tool in args.tools for method in args.limit_methods for count in args.limit_finetunes
                     for limit in args.limits]
     random.Random(args.seed + 1).shuffle(limit_trials)
     return trials + limit_trials
 
 
-def command_for(trial: dict, base: Path, fts: list[Path], out: Path, kit: str | None) -> list[str]:
+def command_for(trial: dict, base: Path, fts: list[Path], out: Path, kit: list[str] | None) -> list[str]:
     inputs = fts[: trial["finetunes"]]
     if trial["tool"] == "ours":
         return ours(trial["method"], base, inputs, out)
@@ -309,7 +313,28 @@ def command_for(trial: dict, base: Path, fts: list[Path], out: Path, kit: str | 
     return mergekit(trial["method"], base, inputs, out, kit)
 
 
-def run(args) -> dict:
+def resumed(checkpoint: Path, fresh: dict, trials: list[dict]) -> dict:
+    """The rows of an interrupted run of the same plan (settings, seed and commit), to go on after them."""
+    earlier = json.loads(checkpoint.read_text())
+    for field in ("commit", "uncommitted_changes"):
+        if earlier["provenance"][field] != fresh["provenance"][field]:
+            raise SystemExit(f"--resume {checkpoint}: recorded at {field} {earlier['provenance'][field]!r}, this "
+                             f"checkout has {fresh['provenance'][field]!r}; resume from the same commit")
+    ignored = {"command"}
+    changed = [k for k in fresh["settings"] if k not in ignored and earlier["settings"].get(k) != fresh["settings"][k]]
+    if changed:
+        raise SystemExit(f"--resume {checkpoint}: settings differ ({', '.join(changed)}); pass the same flags and "
+                         f"--seed {earlier['settings']['seed']}")
+    for row, trial in zip(earlier["rows"], trials[: len(earlier["rows"])], strict=True):
+        if any(row.get(k) != v for k, v in trial.items() if k != "limit") or row.get("limit_bytes") != trial.get(
+                "limit", row.get("limit_bytes")):
+            raise SystemExit(f"--resume {checkpoint}: its rows do not follow this plan's order")
+    earlier["settings"]["command"] = fresh["settings"]["command"]
+    earlier.setdefault("sessions", []).append(fresh["provenance"]["date"])
+    return earlier
+
+
+def run(args, checkpoint: Path) -> dict:
     kit = find_mergekit(args.mergekit) if "mergekit" in args.tools else None
     if "mergekit" in args.tools and kit is None:
         raise SystemExit("mergekit-yaml not found: its virtualenv could not be made (see above); pass --mergekit, "
@@ -320,23 +345,32 @@ def run(args) -> dict:
     if {"cold", "cold-compile"} & set(args.states) and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
         raise SystemExit("cold runs drop the page cache: /proc/sys/vm/drop_caches is not writable (run as root, "
                          "or --states warm)")
-    base, fts = make_models(args.shape, max(args.finetunes))
-    precompiled = precompiled_cache(max(args.finetunes)) if "ours" in args.tools else Path()
+    most = max(args.finetunes + args.limit_finetunes)
+    base, fts = make_models(args.shape, most)
+    precompiled = precompiled_cache(most) if "ours" in args.tools else Path()
     trials = plan(args)
     packages = ["numba", "llvmlite", "numpy", "torch", "transformers", "safetensors", "merging-eval"]
-    mergekit_version = package_version("mergekit", str(Path(kit).parent / "python")) if kit else None
+    mergekit_version = package_version("mergekit", kit[0] if len(kit) > 1 else str(Path(kit[0]).parent / "python")) \
+        if kit else None
     result = {"benchmark": "engine", "provenance": provenance(packages, mergekit=mergekit_version), "settings": {
         "command": " ".join(sys.argv), "shape": args.shape, "runs": args.runs, "seed": args.seed,
         "methods": args.methods, "finetunes": args.finetunes, "states": args.states, "tools": args.tools,
-        "limits": args.limits, "limit_methods": args.limit_methods, "safety_limit_bytes": args.safety_limit,
+        "limits": args.limits, "limit_methods": args.limit_methods, "limit_finetunes": args.limit_finetunes,
+        "safety_limit_bytes": args.safety_limit,
         "input_bytes": {str(n): sum((p / "model.safetensors").stat().st_size for p in [base, *fts[:n]])
-                        for n in args.finetunes}}, "rows": []}
-    print(f"{len(trials)} runs in shuffled order (seed {args.seed})", file=sys.stderr, flush=True)
+                        for n in sorted(set(args.finetunes + args.limit_finetunes))}}, "rows": []}
+    if args.resume:
+        result = resumed(args.resume, result, trials)
+    print(f"{len(trials)} runs in shuffled order (seed {args.seed}), {len(result['rows'])} done before",
+          file=sys.stderr, flush=True)
     BENCH.mkdir(exist_ok=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BENCH, prefix="run-") as tmp:
         scratch = Path(tmp)
         out = scratch / "out"
         for index, trial in enumerate(trials, 1):
+            if index <= len(result["rows"]):
+                continue
             shutil.rmtree(out, ignore_errors=True)
             env = ours_env(trial["state"], precompiled, scratch) if trial["tool"] == "ours" else \
                 {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -351,6 +385,7 @@ def run(args) -> dict:
             row.pop("limit", None)
             row["kind"] = "limit" if "limit" in trial else "timing"
             result["rows"].append(row)
+            checkpoint.write_text(json.dumps(result) + "\n")
             print(f"[{index}/{len(trials)}] {row['kind']:6} {row['tool']:12} {row['method']:18} "
                   f"{row['finetunes']} fts {row['state']:12} {row['outcome']:7} {row['seconds']:8.2f}s "
                   f"anon {row['rss_anon_peak_bytes'] / MIB:7.0f} MiB rss {row['rss_peak_bytes'] / MIB:7.0f} MiB "
@@ -436,11 +471,16 @@ def main() -> int:
     parser.add_argument("--states", default=",".join(STATES))
     parser.add_argument("--limits", default="256MiB,1GiB,4GiB", help="memory limits of the limit table ('' skips)")
     parser.add_argument("--limit-methods", default="task_arithmetic,ties_merging_dare")
+    parser.add_argument("--limit-finetunes", default="2,8", help="fine-tune counts of the limit table")
     parser.add_argument("--safety-limit", default=None,
                         help="memory cgroup limit of the timing runs (default: 85%% of MemTotal)")
     parser.add_argument("--run-timeout", type=float, default=3600)
     parser.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random, recorded)")
     parser.add_argument("--mergekit")
+    parser.add_argument("--resume", type=Path,
+                        help="go on with an interrupted run from its checkpoint (~/.cache/modelmerge-bench/"
+                             "<results name>.partial.json, rewritten after every run); the same flags, seed and "
+                             "commit")
     parser.add_argument("--smoke", action="store_true",
                         help="small shape, 1 run, 2 fine-tunes, two methods, 256MiB limit only; written to .bench/")
     parser.add_argument("--out", type=Path, help="results JSON (default: bench/results/engine.json for a full "
@@ -449,27 +489,30 @@ def main() -> int:
     if args.smoke:
         args.shape, args.runs, args.finetunes = "small", 1, "2"
         args.methods, args.limits, args.limit_methods = "task_arithmetic,ties_merging_dare", "256MiB", "task_arithmetic"
+        args.limit_finetunes = "2"
     args.methods = [m for m in args.methods.split(",") if m]
     args.tools = [t for t in args.tools.split(",") if t]
     args.states = [s for s in args.states.split(",") if s]
     args.finetunes = [int(n) for n in args.finetunes.split(",") if n]
     args.limits = [parse_size(s) for s in args.limits.split(",") if s]
     args.limit_methods = [m for m in args.limit_methods.split(",") if m]
+    args.limit_finetunes = [int(n) for n in args.limit_finetunes.split(",") if n]
     for field, values, allowed in (("--methods", args.methods, METHODS), ("--tools", args.tools, TOOLS),
                                    ("--states", args.states, STATES), ("--limit-methods", args.limit_methods, METHODS)):
         unknown = [v for v in values if v not in allowed]
         if unknown or (not values and field != "--limit-methods"):
             parser.error(f"{field}: unknown or missing {', '.join(unknown) or 'values'}; choose from "
                          f"{', '.join(allowed)}")
-    if args.runs < 1 or not args.finetunes or min(args.finetunes) < 1:
-        parser.error("--runs and every --finetunes count must be at least 1")
+    if args.runs < 1 or not args.finetunes or min(args.finetunes + args.limit_finetunes) < 1:
+        parser.error("--runs and every --finetunes and --limit-finetunes count must be at least 1")
     args.safety_limit = parse_size(args.safety_limit) if args.safety_limit else int(memory_total_bytes() * 0.85)
     args.seed = random.randrange(2**31) if args.seed is None else args.seed
     full = (args.runs >= 5 and args.shape == "qwen2.5-0.5b" and set(args.tools) == set(TOOLS)
             and not args.smoke)
     out = args.out or results_path("engine", recorded=full)
+    checkpoint = CHECKPOINTS / f"{out.stem}.partial.json"
 
-    result = run(args)
+    result = run(args, checkpoint)
     result["summary"] = summarize(result)
     print_summary(result["summary"], result["rows"])
     write_results(result, out)

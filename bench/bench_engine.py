@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,8 +67,72 @@ METHODS = {
 MERGEKIT = {"average_merging": "linear", "task_arithmetic": "task_arithmetic", "ties_merging": "ties",
             "ties_merging_dare": "ties", "mask_merging": "dare_linear"}
 TOOLS = ("ours", "merging-eval", "mergekit")
-PEERS = ("merging-eval", "mergekit")
 STATES = ("warm", "cold", "cold-compile")
+
+
+def _each(fts: list[Path], **parameters) -> list[dict]:
+    return [{"model": str(ft), "parameters": dict(parameters)} for ft in fts]
+
+
+# mergekit's methods as its users write them, for the `mergekit` suite: both tools are given the same YAML. Each
+# builds the config from the base and the fine-tunes it reads; TWO_MODEL methods read a fixed number of fine-tunes.
+def _gta(method: str, **parameters):
+    return lambda base, fts: {"merge_method": method, "base_model": str(base), "models": _each(fts, **parameters)}
+
+
+MERGEKIT_METHODS = {
+    "linear": lambda base, fts: {"merge_method": "linear", "models": _each(fts, weight=1.0),
+                                 "parameters": {"normalize": True}},
+    "slerp": lambda base, fts: {"merge_method": "slerp", "base_model": str(base),
+                                "models": [{"model": str(base)}, {"model": str(fts[0])}], "parameters": {"t": 0.5}},
+    "nuslerp": lambda base, fts: {"merge_method": "nuslerp", "models": _each(fts[:2], weight=0.5)},
+    "multislerp": lambda base, fts: {"merge_method": "multislerp", "base_model": str(base),
+                                     "models": _each(fts, weight=1.0)},
+    "karcher": lambda base, fts: {"merge_method": "karcher", "models": [{"model": str(ft)} for ft in fts]},
+    "task_arithmetic": _gta("task_arithmetic", weight=0.3),
+    "ties": _gta("ties", weight=1.0, density=0.2),
+    "dare_ties": _gta("dare_ties", weight=1.0, density=0.2),
+    "dare_linear": _gta("dare_linear", weight=1.0, density=0.5),
+    "breadcrumbs": _gta("breadcrumbs", weight=1.0, density=0.8, gamma=0.01),
+    "breadcrumbs_ties": _gta("breadcrumbs_ties", weight=1.0, density=0.8, gamma=0.01),
+    "della": _gta("della", weight=1.0, density=0.5, epsilon=0.1),
+    "della_linear": _gta("della_linear", weight=1.0, density=0.5, epsilon=0.1),
+    "model_stock": lambda base, fts: {"merge_method": "model_stock", "base_model": str(base),
+                                      "models": [{"model": str(ft)} for ft in fts]},
+    "sce": _gta("sce", weight=1.0, select_topk=0.5),
+    "nearswap": lambda base, fts: {"merge_method": "nearswap", "base_model": str(base),
+                                   "models": [{"model": str(base)}, {"model": str(fts[0])}],
+                                   "parameters": {"t": 0.001}},
+    "passthrough": lambda base, fts: {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(base), "layer_range": [0, 16]}]},
+        {"sources": [{"model": str(fts[0]), "layer_range": [8, 24]}]}]},
+}
+TWO_MODEL = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "passthrough": 1}  # the fine-tunes these read
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One comparison: its methods, tools and states, its results file and its speed-up targets (cold)."""
+    results: str
+    methods: tuple[str, ...]
+    tools: tuple[str, ...]
+    states: tuple[str, ...]
+    limits: str
+    limit_methods: tuple[str, ...]
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        return tuple(t for t in self.tools if t != "ours")
+
+
+SUITES = {
+    # merging-eval's five methods against merging-eval and mergekit's nearest equivalents (issue 12)
+    "merging-eval": Suite("engine", tuple(METHODS), TOOLS, STATES, "256MiB,1GiB,4GiB",
+                          ("task_arithmetic", "ties_merging_dare")),
+    # mergekit's methods, both tools given the same mergekit YAML (issue 11)
+    "mergekit": Suite("methods", tuple(MERGEKIT_METHODS), ("ours", "mergekit"), ("warm", "cold"), "256MiB,700MiB",
+                      tuple(MERGEKIT_METHODS)),
+}
 MIB = 1 << 20
 
 
@@ -139,7 +204,18 @@ def merging_eval(method: str, base: Path, fts: list[Path], out: Path) -> list[st
     return [sys.executable, str(ROOT / "bench" / "merging_eval_runner.py"), json.dumps(spec)]
 
 
-def mergekit(method: str, base: Path, fts: list[Path], out: Path, kit: list[str]) -> list[str]:
+def merge_with_config(config: dict, out: Path, *, tool: str, kit: list[str] | None) -> list[str]:
+    """The command that merges mergekit YAML `config` (written beside `out`) with this engine or with mergekit."""
+    config_path = out.parent / f"config-{tool}.yml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    if tool == "ours":
+        return [str(ROOT / ".venv/bin/modelmerge"), "merge", "--progress", "none", "--config", str(config_path),
+                "--output-dir", str(out), "--overwrite"]
+    return [*kit, str(config_path), str(out), "--copy-tokenizer", "--allow-crimes"]
+
+
+def mergekit_equivalent(method: str, base: Path, fts: list[Path]) -> dict:
+    """mergekit's config nearest to merging-eval's `method` (the same family of arithmetic)."""
     kind = MERGEKIT[method]
     params = METHODS[method]
     models = []
@@ -155,9 +231,7 @@ def mergekit(method: str, base: Path, fts: list[Path], out: Path, kit: list[str]
         config["base_model"] = str(base)
     if kind == "ties":
         config["parameters"] = {"normalize": True}
-    config_path = out.parent / f"mergekit-{method}-{len(fts)}.yml"
-    config_path.write_text(json.dumps(config))
-    return [*kit, str(config_path), str(out), "--copy-tokenizer", "--allow-crimes"]
+    return config
 
 
 def find_mergekit(explicit: str | None) -> list[str] | None:
@@ -192,14 +266,15 @@ def warm_page_cache(paths: list[Path]) -> None:
                         pass
 
 
-def precompiled_cache(max_models: int) -> Path:
-    """numba's cache with every bfloat16 kernel signature compiled (as `make install` and the image build do
-    for every dtype; the benchmark merges in bfloat16)."""
+def precompiled_cache(max_models: int, *, methods: list[str] | None) -> Path:
+    """numba's cache with every bfloat16 kernel signature of `methods` (None: every method) compiled, as `make
+    install` does (the benchmark merges in bfloat16)."""
     cache = BENCH / "numba-cache"
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
     print("precompiling the engine's kernels into .bench/numba-cache ...", file=sys.stderr, flush=True)
+    only = ["--methods", ",".join(methods)] if methods else []
     subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "modelmerge_engine.precompile", "--max-models",
-                    str(max_models), "--dtypes", "bfloat16"], check=True, env=env, stdout=subprocess.DEVNULL)
+                    str(max_models), "--dtypes", "bfloat16", *only], check=True, env=env, stdout=subprocess.DEVNULL)
     return cache
 
 
@@ -285,11 +360,16 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
+def finetune_counts(method: str, counts: list[int]) -> list[int]:
+    """The fine-tune counts `method` runs with: its fixed one for a two-model method, else `counts`."""
+    return [TWO_MODEL[method]] if method in TWO_MODEL else counts
+
+
 def plan(args) -> list[dict]:
     trials = []
     for tool in args.tools:
         for method in args.methods:
-            for count in args.finetunes:
+            for count in finetune_counts(method, args.finetunes):
                 for state in args.states:
                     if state == "cold-compile" and tool != "ours":
                         continue
@@ -298,19 +378,22 @@ def plan(args) -> list[dict]:
     random.Random(args.seed).shuffle(trials)
     limit_trials = [{"tool": tool, "method": method, "finetunes": count, "state": "warm", "run": 0,
                      "limit": limit}
-                    for tool in args.tools for method in args.limit_methods for count in args.limit_finetunes
-                    for limit in args.limits]
+                    for tool in args.tools for method in args.limit_methods
+                    for count in finetune_counts(method, args.limit_finetunes) for limit in args.limits]
     random.Random(args.seed + 1).shuffle(limit_trials)
     return trials + limit_trials
 
 
-def command_for(trial: dict, base: Path, fts: list[Path], out: Path, kit: list[str] | None) -> list[str]:
-    inputs = fts[: trial["finetunes"]]
-    if trial["tool"] == "ours":
-        return ours(trial["method"], base, inputs, out)
-    if trial["tool"] == "merging-eval":
-        return merging_eval(trial["method"], base, inputs, out)
-    return mergekit(trial["method"], base, inputs, out, kit)
+def command_for(trial: dict, suite: str, base: Path, fts: list[Path], out: Path,
+                kit: list[str] | None) -> list[str]:
+    inputs, method, tool = fts[: trial["finetunes"]], trial["method"], trial["tool"]
+    if suite == "mergekit":
+        return merge_with_config(MERGEKIT_METHODS[method](base, inputs), out, tool=tool, kit=kit)
+    if tool == "ours":
+        return ours(method, base, inputs, out)
+    if tool == "merging-eval":
+        return merging_eval(method, base, inputs, out)
+    return merge_with_config(mergekit_equivalent(method, base, inputs), out, tool=tool, kit=kit)
 
 
 def resumed(checkpoint: Path, fresh: dict, trials: list[dict]) -> dict:
@@ -347,13 +430,15 @@ def run(args, checkpoint: Path) -> dict:
                          "or --states warm)")
     most = max(args.finetunes + args.limit_finetunes)
     base, fts = make_models(args.shape, most)
-    precompiled = precompiled_cache(most) if "ours" in args.tools else Path()
+    engine_methods = list(METHODS) if args.suite == "merging-eval" else None  # the mergekit suite: all of them
+    precompiled = precompiled_cache(most, methods=engine_methods) if "ours" in args.tools else Path()
     trials = plan(args)
     packages = ["numba", "llvmlite", "numpy", "torch", "transformers", "safetensors", "merging-eval"]
     mergekit_version = package_version("mergekit", kit[0] if len(kit) > 1 else str(Path(kit[0]).parent / "python")) \
         if kit else None
-    result = {"benchmark": "engine", "provenance": provenance(packages, mergekit=mergekit_version), "settings": {
-        "command": " ".join(sys.argv), "shape": args.shape, "runs": args.runs, "seed": args.seed,
+    result = {"benchmark": SUITES[args.suite].results, "provenance": provenance(packages, mergekit=mergekit_version),
+              "settings": {
+        "command": " ".join(sys.argv), "suite": args.suite, "shape": args.shape, "runs": args.runs, "seed": args.seed,
         "methods": args.methods, "finetunes": args.finetunes, "states": args.states, "tools": args.tools,
         "limits": args.limits, "limit_methods": args.limit_methods, "limit_finetunes": args.limit_finetunes,
         "safety_limit_bytes": args.safety_limit,
@@ -375,7 +460,7 @@ def run(args, checkpoint: Path) -> dict:
             env = ours_env(trial["state"], precompiled, scratch) if trial["tool"] == "ours" else \
                 {**os.environ, "HF_HUB_OFFLINE": "1"}
             env["HF_HUB_OFFLINE"] = "1"
-            command = command_for(trial, base, fts, out, kit)
+            command = command_for(trial, args.suite, base, fts, out, kit)
             if trial["state"] == "warm":
                 warm_page_cache([base, *fts[: trial["finetunes"]]])
             else:
@@ -397,7 +482,7 @@ def run(args, checkpoint: Path) -> dict:
 # --- summary ----------------------------------------------------------------------------------------------
 
 
-def summarize(result: dict) -> dict:
+def summarize(result: dict, peers: tuple[str, ...]) -> dict:
     """Per (method, fine-tunes, state, tool): median and spread of each measure over the successful runs, and
     ours' ratios against the fastest / leanest peer."""
     groups: dict[tuple, list[dict]] = {}
@@ -418,14 +503,15 @@ def summarize(result: dict) -> dict:
             continue
         mine = cells[(method, count, state, tool)]
         peer_state = "cold" if state == "cold-compile" else state
-        peers = {p: cells[(method, count, peer_state, p)] for p in PEERS
-                 if "seconds" in cells.get((method, count, peer_state, p), {})}
+        measured = {p: cells[(method, count, peer_state, p)] for p in peers
+                    if "seconds" in cells.get((method, count, peer_state, p), {})}
         entry = {"method": method, "finetunes": count, "state": state}
-        if peers:
-            fastest = min(peers, key=lambda p: peers[p]["seconds"]["median"])
-            entry.update(fastest_peer=fastest, speedup=peers[fastest]["seconds"]["median"] / mine["seconds"]["median"])
+        if measured:
+            fastest = min(measured, key=lambda p: measured[p]["seconds"]["median"])
+            entry.update(fastest_peer=fastest,
+                         speedup=measured[fastest]["seconds"]["median"] / mine["seconds"]["median"])
             for measure_name in ("rss_anon_peak_bytes", "rss_peak_bytes", "cgroup_peak_bytes"):
-                leanest = min(peers[p][measure_name]["median"] for p in peers)
+                leanest = min(measured[p][measure_name]["median"] for p in measured)
                 entry[f"{measure_name}_ratio"] = leanest / max(1, mine[measure_name]["median"])
         ratios.append(entry)
     return {"cells": [{"method": k[0], "finetunes": k[1], "state": k[2], "tool": k[3], **v}
@@ -463,14 +549,18 @@ def print_summary(summary: dict, rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="merging-eval",
+                        help="merging-eval's five methods against merging-eval and mergekit (bench/results/"
+                             "engine.json), or mergekit's methods against mergekit from one YAML (methods.json)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--runs", type=int, default=5, help="runs per tool, method, fine-tune count and state")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--finetunes", default="2,8", help="fine-tune counts (comma-separated)")
-    parser.add_argument("--tools", default=",".join(TOOLS))
-    parser.add_argument("--states", default=",".join(STATES))
-    parser.add_argument("--limits", default="256MiB,1GiB,4GiB", help="memory limits of the limit table ('' skips)")
-    parser.add_argument("--limit-methods", default="task_arithmetic,ties_merging_dare")
+    parser.add_argument("--methods", help="default: the suite's")
+    parser.add_argument("--finetunes", default="2,8",
+                        help="fine-tune counts (comma-separated; two-model methods read their fixed count)")
+    parser.add_argument("--tools", help="default: the suite's")
+    parser.add_argument("--states", help="default: the suite's")
+    parser.add_argument("--limits", help="memory limits of the limit table ('' skips; default: the suite's)")
+    parser.add_argument("--limit-methods", help="default: the suite's")
     parser.add_argument("--limit-finetunes", default="2,8", help="fine-tune counts of the limit table")
     parser.add_argument("--safety-limit", default=None,
                         help="memory cgroup limit of the timing runs (default: 85%% of MemTotal)")
@@ -483,13 +573,20 @@ def main() -> int:
                              "commit")
     parser.add_argument("--smoke", action="store_true",
                         help="small shape, 1 run, 2 fine-tunes, two methods, 256MiB limit only; written to .bench/")
-    parser.add_argument("--out", type=Path, help="results JSON (default: bench/results/engine.json for a full "
-                                                 "run, .bench/results/engine-smoke.json otherwise)")
+    parser.add_argument("--out", type=Path, help="results JSON (default: bench/results/<suite's name>.json for a "
+                                                 "full run, .bench/results/<name>-smoke.json otherwise)")
     args = parser.parse_args()
+    suite = SUITES[args.suite]
+    defaults = {"methods": ",".join(suite.methods), "tools": ",".join(suite.tools),
+                "states": ",".join(suite.states), "limits": suite.limits,
+                "limit_methods": ",".join(suite.limit_methods)}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.smoke:
-        args.shape, args.runs, args.finetunes = "small", 1, "2"
-        args.methods, args.limits, args.limit_methods = "task_arithmetic,ties_merging_dare", "256MiB", "task_arithmetic"
-        args.limit_finetunes = "2"
+        args.shape, args.runs, args.finetunes, args.limits, args.limit_finetunes = "small", 1, "2", "256MiB", "2"
+        if args.suite == "merging-eval":
+            args.methods, args.limit_methods = "task_arithmetic,ties_merging_dare", "task_arithmetic"
     args.methods = [m for m in args.methods.split(",") if m]
     args.tools = [t for t in args.tools.split(",") if t]
     args.states = [s for s in args.states.split(",") if s]
@@ -497,23 +594,24 @@ def main() -> int:
     args.limits = [parse_size(s) for s in args.limits.split(",") if s]
     args.limit_methods = [m for m in args.limit_methods.split(",") if m]
     args.limit_finetunes = [int(n) for n in args.limit_finetunes.split(",") if n]
-    for field, values, allowed in (("--methods", args.methods, METHODS), ("--tools", args.tools, TOOLS),
-                                   ("--states", args.states, STATES), ("--limit-methods", args.limit_methods, METHODS)):
+    for field, values, allowed in (("--methods", args.methods, suite.methods), ("--tools", args.tools, suite.tools),
+                                   ("--states", args.states, suite.states),
+                                   ("--limit-methods", args.limit_methods, suite.methods)):
         unknown = [v for v in values if v not in allowed]
         if unknown or (not values and field != "--limit-methods"):
-            parser.error(f"{field}: unknown or missing {', '.join(unknown) or 'values'}; choose from "
-                         f"{', '.join(allowed)}")
+            parser.error(f"{field}: unknown or missing {', '.join(unknown) or 'values'} for --suite {args.suite}; "
+                         f"choose from {', '.join(allowed)}")
     if args.runs < 1 or not args.finetunes or min(args.finetunes + args.limit_finetunes) < 1:
         parser.error("--runs and every --finetunes and --limit-finetunes count must be at least 1")
     args.safety_limit = parse_size(args.safety_limit) if args.safety_limit else int(memory_total_bytes() * 0.85)
     args.seed = random.randrange(2**31) if args.seed is None else args.seed
-    full = (args.runs >= 5 and args.shape == "qwen2.5-0.5b" and set(args.tools) == set(TOOLS)
+    full = (args.runs >= 5 and args.shape == "qwen2.5-0.5b" and set(args.tools) == set(suite.tools)
             and not args.smoke)
-    out = args.out or results_path("engine", recorded=full)
+    out = args.out or results_path(suite.results, recorded=full)
     checkpoint = CHECKPOINTS / f"{out.stem}.partial.json"
 
     result = run(args, checkpoint)
-    result["summary"] = summarize(result)
+    result["summary"] = summarize(result, suite.peers)
     print_summary(result["summary"], result["rows"])
     write_results(result, out)
     return 0

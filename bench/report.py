@@ -5,8 +5,8 @@
     .venv/bin/python bench/report.py --check    # exit 1 if README.md differs from what the results give
 
 Each table sits between `<!-- bench-report:NAME -->` and `<!-- /bench-report:NAME -->` (NAME: engine, memory,
-limits, operator, api, sweep, eval); nothing else in the README is touched. A missing results file gives a line saying
-how to record it.
+limits, operator, api, sweep, eval, methods, methods-limits); nothing else in the README is touched. A missing
+results file gives a line saying how to record it.
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def memory_table(result: dict | None) -> str:
     return "\n".join(lines)
 
 
-def limits_table(result: dict | None) -> str:
+def limits_table(result: dict | None, *, name: str = "engine") -> str:
     if result is None:
-        return _missing("engine", "make bench-engine")
+        return _missing(name, f"make bench-{name}")
     rows = [r for r in result["rows"] if r["kind"] == "limit"]
     limits = sorted({r["limit_bytes"] for r in rows})
     by_key = {(r["tool"], r["method"], r["finetunes"], r["limit_bytes"]): r for r in rows}
@@ -111,6 +111,42 @@ def limits_table(result: dict | None) -> str:
             outcomes.append("-" if r is None else f"ok {r['seconds']:.1f} s" if r["outcome"] == "ok"
                             else f"{r['outcome']} after {r['seconds']:.1f} s")
         lines.append(f"| {tool} | {method} | {count} | " + " | ".join(outcomes) + " |")
+    return "\n".join(lines)
+
+
+METHODS_TARGETS = {"speedup": 5.0, "anon_ratio": 4.0}  # issue 11: >= 5x faster cold, <= 1/4 of the anonymous memory
+
+
+def methods_table(result: dict | None) -> str:
+    if result is None:
+        return _missing("methods", "make bench-methods")
+    settings = result["settings"]
+    cells = {(c["method"], c["finetunes"], c["state"], c["tool"]): c for c in result["summary"]["cells"]}
+    ratios = {(r["method"], r["finetunes"], r["state"]): r for r in result["summary"]["ratios"]}
+    lines = [_provenance(result),
+             f"mergekit's methods, this engine (`modelmerge merge --config`) and mergekit (`mergekit-yaml`) given the "
+             f"same YAML; {settings['runs']} runs per cell in one shuffled order (seed {settings['seed']}); median "
+             "(min–max) seconds and peak RssAnon MiB; speed-up = mergekit's median / ours (target ≥ "
+             f"{METHODS_TARGETS['speedup']:g}× cold), anon = mergekit's RssAnon / ours (target ≥ "
+             f"{METHODS_TARGETS['anon_ratio']:g}×). Two-model methods read their fixed fine-tunes (slerp, nearswap, "
+             "passthrough: base + 1; nuslerp: 2). Total RSS and cgroup peaks in `bench/results/methods.json`.", "",
+             "| method | fine-tunes | state | ours s | mergekit s | speed-up | ours RssAnon | mergekit RssAnon "
+             "| anon |",
+             "|" + " --- |" * 9]
+    for method in settings["methods"]:
+        for count in sorted({c[1] for c in cells if c[0] == method}):
+            for state in settings["states"]:
+                ours, theirs = cells.get((method, count, state, "ours"), {}), cells.get((method, count, state,
+                                                                                         "mergekit"), {})
+                if not (ours or theirs):
+                    continue
+                ratio = ratios.get((method, count, state), {})
+                speedup = f"{ratio['speedup']:.1f}×" if "speedup" in ratio else "-"
+                anon = f"{ratio['rss_anon_peak_bytes_ratio']:.1f}×" if "speedup" in ratio else "-"
+                lines.append(f"| {method} | {count} | {state} | {_spread(ours, 'seconds')} | "
+                             f"{_spread(theirs, 'seconds')} | {speedup} | "
+                             f"{_spread(ours, 'rss_anon_peak_bytes', MIB, 0)} | "
+                             f"{_spread(theirs, 'rss_anon_peak_bytes', MIB, 0)} | {anon} |")
     return "\n".join(lines)
 
 
@@ -213,11 +249,12 @@ def eval_table(result: dict | None, gpu: dict | None) -> str:
 
 
 def sections(results: Path) -> dict[str, str]:
-    engine = _load("engine", results)
+    engine, methods = _load("engine", results), _load("methods", results)
     return {"engine": engine_table(engine), "memory": memory_table(engine), "limits": limits_table(engine),
             "operator": operator_table(_load("operator", results)), "api": api_table(_load("api", results)),
             "sweep": sweep_table(_load("sweep", results)),
-            "eval": eval_table(_load("eval", results), _load("eval-gpu", results))}
+            "eval": eval_table(_load("eval", results), _load("eval-gpu", results)),
+            "methods": methods_table(methods), "methods-limits": limits_table(methods, name="methods")}
 
 
 def render(readme: str, tables: dict[str, str]) -> str:

@@ -307,6 +307,16 @@ def test_progress_is_reported_while_running_and_never_goes_down(fake_server):
     assert STALE_REPORT in logs  # the stale report was there, and was not shown
 
 
+def test_comma_separated_regexes_keep_their_commas(fake_server):
+    """The predecessor's comma-separated string splits only at commas outside {}, [] and (): the job's params
+    and the request the engine is given hold the regexes whole."""
+    regexes = [r"model\.layers\.[0-9]{1,3}\.mlp\..*", r"(q,k|v)_proj", r".*embed_tokens.*"]
+    job_id = submit(fake_server.url, {**PAYLOAD, "exclude_param_names_regex": ",".join(regexes)})
+    assert wait_status(fake_server.url, job_id)["params"]["exclude_param_names_regex"] == regexes
+    spec = json.loads((fake_server.backend.data_dir / "work" / job_id / "spec.json").read_text())
+    assert spec["exclude_param_names_regex"] == regexes
+
+
 def test_list_filter_and_pagination(fake_server):
     ids = [submit(fake_server.url, PAYLOAD) for _ in range(3)]
     failing = submit(fake_server.url, {**PAYLOAD, "base_model": "fail/model"})

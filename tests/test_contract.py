@@ -9,6 +9,7 @@ import pytest
 
 from modelmerge.contract import (
     MergeProgress,
+    MergeRequest,
     ModelMergeSpec,
     ModelMergeStatus,
     OutputLocation,
@@ -74,3 +75,23 @@ def test_status_progress_is_structured():
     progress = MergeProgress(percent=80.7, step="merge", stepIndex=3, steps=3, stepPercent=42.0)
     status = ModelMergeStatus.model_validate({"phase": "Running", "progress": progress.model_dump()})
     assert status.progress == progress and status.progress.text == "merge 3/3 81%"
+
+
+# Regexes whose commas are inside {}, [] or () or escaped: a comma-separated string (the predecessor's CLI and API
+# form) splits only at the other commas, and a list (the canonical form, the CRD's) is never split.
+COMMA_REGEXES = [r"model\.layers\.[0-9]{1,3}\.mlp\..*", r"(q,k|v)_proj", r"[,;]x", r"a\,b", r".*embed_tokens.*"]
+
+
+def test_regexes_with_commas_survive_every_path_to_the_engine():
+    joined = ",".join(COMMA_REGEXES)
+    request = MergeRequest(base_model="org/base", models_to_merge="org/a,org/b", merge_method="task_arithmetic",
+                           exclude_param_names_regex=joined)
+    assert request.exclude_param_names_regex == COMMA_REGEXES
+    assert request.models_to_merge == ["org/a", "org/b"]
+    assert _spec(exclude_param_names_regex=joined).exclude_param_names_regex == COMMA_REGEXES
+    # The REST API's request -> the ModelMerge spec the kube backend creates (JSON) -> the engine's request.
+    spec = ModelMergeSpec.model_validate(json.loads(json.dumps(
+        {"output": {"pvc": "models"}, **request.model_dump(mode="json", exclude_none=True)})))
+    assert spec.merge_request().exclude_param_names_regex == COMMA_REGEXES
+    # A list is taken as it is, whatever commas its items hold.
+    assert _spec(exclude_param_names_regex=["a{1,3},b"]).merge_request().exclude_param_names_regex == ["a{1,3},b"]

@@ -152,6 +152,19 @@ def test_config_map_holds_only_the_engine_request():
     assert "output_dir" not in request and "queueName" not in request and "output" not in request
 
 
+def test_regexes_with_commas_reach_the_engine_whole(tmp_path):
+    """A ModelMerge's exclude regexes (a list in the CRD) go through the ConfigMap's spec.json to the engine's
+    `--spec` unsplit, commas inside {}, () and [] included."""
+    from modelmerge.cli import request_from_args
+
+    regexes = [r"model\.layers\.[0-9]{1,3}\.mlp\..*", r"(q,k|v)_proj", r"[,;]x"]
+    body = _body(exclude_param_names_regex=regexes)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(manifests.config_map(body, _spec(body))["data"]["spec.json"])
+    args = build_parser().parse_args(["merge", "--spec", str(spec_file), "--output-dir", str(tmp_path / "out")])
+    assert request_from_args(args).exclude_param_names_regex == regexes
+
+
 def test_operator_flags_and_environment(monkeypatch):
     monkeypatch.setenv("MODELMERGE_IMAGE", "env-image:3")
     monkeypatch.setenv("MODELMERGE_JOB_ENV", "A=1,B=2")

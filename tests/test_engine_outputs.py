@@ -46,8 +46,13 @@ def run_cli(family, out: Path, *extra: str) -> subprocess.CompletedProcess:
 def start_and_wait_for_progress(family, out: Path, *extra: str) -> subprocess.Popen:
     """A merge running in the background, returned once its first progress line (`[step ...`) is out: its
     staging directory exists and most of the work is still ahead."""
-    process = subprocess.Popen(merge_args(family, out, "--merge-method", "ties_merging_dare", "--dtype", "float32",
-                                          *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return started_until_progress(merge_args(family, out, "--merge-method", "ties_merging_dare", "--dtype",
+                                             "float32", *extra))
+
+
+def started_until_progress(command: list[str]) -> subprocess.Popen:
+    """`command` (a merge with --progress lines) started, returned once its first progress line is out."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         if line.startswith("["):
             return process
@@ -84,6 +89,56 @@ def test_sigkill_during_overwrite_leaves_the_old_output_whole(small, big, tmp_pa
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
     assert json.loads((out / "merge_report.json").read_text())["method"] == "average_merging"
     assert set(read_state_dict(out)) == set(read_state_dict(small[0]))
+
+
+def operator_pod_command(family, volumes: Path) -> list[str]:
+    """The merge container's command line in the operator's Job for a ModelMerge of `family` (every retry of
+    the Job is a new pod running it), with the pod's mounts (the spec ConfigMap, the output claim, the
+    termination log) mapped to folders under `volumes`."""
+    from modelmerge.contract import ModelMergeSpec
+    from modelmerge_operator import manifests
+    from modelmerge_operator.config import OperatorConfig
+
+    base, fts = family
+    body = {"apiVersion": "modelmerge.io/v1alpha1", "kind": "ModelMerge",
+            "metadata": {"name": "big-merge", "namespace": "team-a", "uid": "uid-1", "generation": 1},
+            "spec": {"base_model": str(base), "models_to_merge": [str(p) for p in fts],
+                     "merge_method": "ties_merging_dare", "dtype": "float32", "output": {"pvc": "models"},
+                     "output_dir": "runs/merged"}}
+    spec = ModelMergeSpec.model_validate(body["spec"])
+    container = manifests.container(body, spec, OperatorConfig(merge_command=(sys.executable, "-m", "modelmerge.cli")))
+    (volumes / "spec").mkdir(parents=True)
+    (volumes / "spec" / manifests.SPEC_FILE).write_text(manifests.config_map(body, spec)["data"][manifests.SPEC_FILE])
+    mounts = {manifests.SPEC_DIR: volumes / "spec", manifests.OUTPUT_MOUNT: volumes / "output",
+              manifests.TERMINATION_LOG: volumes / "termination-log"}
+
+    def local(arg: str) -> str:
+        for mount, folder in mounts.items():
+            if arg == mount or arg.startswith(mount + "/"):
+                return str(folder) + arg[len(mount):]
+        return arg
+
+    return [*container["command"], *map(local, container["args"])]
+
+
+def test_the_operators_retry_removes_what_the_killed_attempt_left(big, tmp_path):
+    """A merge pod killed mid-merge (OOM kill, node loss) leaves its staging directory on the claim; the Job's
+    retry, the same command in a new pod, removes it before it merges."""
+    command = operator_pod_command(big, tmp_path)
+    runs = tmp_path / "output" / "runs"
+    killed = started_until_progress(command)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    killed.stdout.close()
+    killed.stderr.close()
+    left = staging_entries(runs, "merged")
+    assert len(left) == 2 and left[1] == left[0] + ".lock", left
+
+    retry = subprocess.run(command, capture_output=True, text=True)
+    assert retry.returncode == 0, retry.stderr
+    assert f"removed what killed merges left in {runs}: {', '.join(left)}" in retry.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["merged"]
+    assert json.loads((tmp_path / "termination-log").read_text())["status"] == "succeeded"
 
 
 def test_a_live_merge_is_left_alone_and_finishes(small, big, tmp_path):

@@ -431,3 +431,27 @@ def test_informer_follows_the_namespace_and_never_rolls_back(k8s_api, namespace)
     finally:
         informer.stop(timeout=30)
     assert f"informer-{what}" not in {thread.name for thread in threading.enumerate()}
+
+
+def test_the_job_view_keeps_its_progress_when_a_retry_starts_lower():
+    """The operator starts a retried pod's status.progress again from that pod's first report, so it can go
+    down; the job view the Kubernetes backend serves does not (no control plane needed: the view alone)."""
+    from kubernetes import client
+
+    from modelmerge.contract import MergeProgress
+
+    backend = KubernetesBackend(client.ApiClient(), "team-a", None, {"output": {"pvc": OUTPUT_PVC}})
+
+    def viewed(progress: MergeProgress, attempts: int, previous=None):
+        merge = {"metadata": {"name": "m1", "creationTimestamp": "2026-12-02T10:00:00Z"},
+                 "spec": {"base_model": "org/base", "models_to_merge": ["org/a"], "merge_method": "task_arithmetic",
+                          "output": {"pvc": OUTPUT_PVC}},
+                 "status": {"phase": "Running", "attempts": attempts, "progress": progress.model_dump()}}
+        return backend._view(merge, previous)
+
+    first = viewed(MergeProgress(percent=60.0, step="merge", stepIndex=3, steps=3, stepPercent=0.0), 1)
+    assert (first.job.to_json()["progress"], first.job.to_json()["progress_step"]) == (60.0, "merge 3/3")
+    retried = viewed(MergeProgress(percent=10.0, step="thresholds", stepIndex=1, steps=3, stepPercent=25.0), 2, first)
+    assert (retried.job.to_json()["progress"], retried.job.to_json()["progress_step"]) == (60.0, "merge 3/3")
+    further = viewed(MergeProgress(percent=80.0, step="merge", stepIndex=3, steps=3, stepPercent=50.0), 2, retried)
+    assert (further.job.to_json()["progress"], further.job.to_json()["progress_step"]) == (80.0, "merge 3/3")

@@ -113,3 +113,23 @@ def test_bad_arguments_are_refused_naming_the_flag(args, message, tmp_path):
     result, _ = precompile(*args, env=_env(NUMBA_CACHE_DIR=str(tmp_path / "cache")))
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_several_methods_compile_one_process_each_and_sum_their_reports(built_cache, tmp_path):
+    """Each method compiles in a child process of its own (numba's labels grow with every kernel a process
+    compiles); the parent's report sums the children's, and --verify across them passes once all are cached."""
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    both = ["--methods", "task_arithmetic,linear", "--dtypes", "bfloat16", "--max-models", "2"]
+    alone, alone_report = precompile("--methods", "linear", "--dtypes", "bfloat16", "--max-models", "2", "--verify",
+                                     env=_env(NUMBA_CACHE_DIR=str(tmp_path / "linear-only")))
+    assert alone.returncode == 1 and alone_report["compiled"] > 0  # linear's kernels are not in built_cache
+
+    result, report = precompile(*both, env=_env(NUMBA_CACHE_DIR=str(cache)))
+    assert result.returncode == 0, result.stderr
+    _, narrow = precompile(*NARROW, env=_env(NUMBA_CACHE_DIR=str(cache)))
+    assert report["merges"] == narrow["merges"] + alone_report["merges"], (report, narrow, alone_report)
+    assert report["compiled"] > 0 and report["cache_hits"] > 0, report  # linear compiled, task_arithmetic loaded
+
+    result, report = precompile(*both, "--verify", env=_env(NUMBA_CACHE_DIR=str(cache)))
+    assert result.returncode == 0 and report["compiled"] == 0, result.stderr

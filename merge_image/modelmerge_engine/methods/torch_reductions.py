@@ -32,6 +32,7 @@ from numba import njit
 
 from modelmerge_engine.cpu_kernels import _fma, convert, rnd
 from modelmerge_engine.dtype_codes import BF16, F16, F32
+from modelmerge_engine.methods import sleef
 
 LANES = 8  # float32 lanes of torch's reduction vectors
 ILP = 4  # vectors per row of the cascade sum
@@ -248,20 +249,31 @@ def _torch():
     return _torch_module[0]
 
 
-SCALAR_FUNCTIONS = {"acos": math.acos, "sin": math.sin, "cos": math.cos}
+SCALAR_FUNCTIONS = {"acos": math.acos, "sin": math.sin, "cos": math.cos}  # correctly rounded: the last resort
 
 
 def scalar_function(name: str, value, code: int) -> np.float32:
     """`torch.<name>` (acos, sin, cos) of one value of the compute dtype `code`, as mergekit's op on a CPU tensor
     of that dtype gives it, as float32: the scalars mergekit derives from a tensor's statistics (slerp's angle,
-    ...). torch's CPU functions are SLEEF's vectorised ones (a 0-dim tensor too; a 16-bit value is widened,
-    taken in float32 and rounded back), within one ulp of the correctly rounded value but not always it (3-8% of
-    float32 arguments differ in the last bit), so with torch installed they are taken from torch itself. Without
-    torch (the CPU merge image) the value is the correctly rounded float32 one rounded to the dtype: equal to
-    torch's except where torch's is that one ulp off."""
+    ...). `value` is a float32 (every caller's); it is rounded to the dtype first, as the tensor holds it.
+
+    - bfloat16 and float16: torch widens the value, takes SLEEF's float32 1-ulp function (vec::map over
+      Vectorized<float>) and rounds back; sleef.py reproduces those functions to the bit (tests/test_sleef.py:
+      every 16-bit value against torch), so these never import torch (sin and cos of 125 or more, which SLEEF
+      reduces another way, excepted).
+    - float32: torch (built with MKL, as the PyPI wheels are) takes MKL's VML (vmsAcos, vmsSin, vmsCos in its
+      high-accuracy mode), not SLEEF, and MKL's acos even differs between its AVX512 and AVX2 code paths; so
+      with torch installed the value is torch's own. Without torch (the CPU merge image) it is SLEEF's float32
+      value, which differs from MKL's in the last bit for about 8% of acos arguments and 2-3% of sin and cos
+      arguments in [-4, 4] (the correctly rounded value, the fallback beyond SLEEF's range here, differs for
+      about 9% and 5%)."""
+    x = np.float32(value)
+    reproduced = (float(x) == float(value) or math.isnan(x)) and sleef.supported(name, x)
+    if reproduced and code != F32:
+        return sleef.scalar(name, x, code)
     torch = _torch()
     if torch is None:
-        return rounded(SCALAR_FUNCTIONS[name](float(value)), code)[0]
+        return sleef.scalar(name, x, code) if reproduced else rounded(SCALAR_FUNCTIONS[name](float(value)), code)[0]
     dtype = {BF16: torch.bfloat16, F16: torch.float16, F32: torch.float32}[code]
     return np.float32(getattr(torch, name)(torch.tensor(float(value), dtype=dtype)).item())
 

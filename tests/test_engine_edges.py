@@ -173,17 +173,25 @@ def test_regexes_written_for_fused_expert_names_exclude_like_merging_eval(mixtra
         assert torch.equal(ours[name], original[name]), name
 
 
-@pytest.mark.xfail(strict=True, reason="the engine matches Mixtral's router by its checkpoint name only "
-                   "(block_sparse_moe.gate); transformers 5 renames it mlp.gate, the name merging-eval's regexes see")
-def test_a_regex_naming_the_mixtral_router_as_merging_eval_sees_it_excludes_it_here_too(mixtral, tmp_path):
+def test_a_regex_naming_the_mixtral_router_as_merging_eval_sees_it_excludes_it_as_there(mixtral, tmp_path):
     """merging-eval matches exclude regexes against the names transformers loads; Mixtral's router
-    (block_sparse_moe.gate in the checkpoint) is mlp.gate there, so this regex excludes it in merging-eval's merge.
-    Today the engine does not match it and merges the router: the results differ in the router only, with no
-    error. Remove the xfail once the engine matches the loaded name of every renamed tensor (or refuses)."""
+    (block_sparse_moe.gate in the checkpoint) is mlp.gate there. The engine matches that name too."""
     base, finetunes = mixtral
     result = oracle_and_engine(base, finetunes, tmp_path, **CASES["task_arithmetic"],
                                exclude_param_names_regex=[r"model\.layers\.\d+\.mlp\.gate\.weight"])
     assert result["equal_fraction"] == 1.0, result
+
+
+def test_a_regex_naming_the_mixtral_router_by_its_checkpoint_name_excludes_it_too(mixtral, tmp_path):
+    """As for experts, a regex may name the checkpoint's tensor (what the files list): the router is copied from
+    the base (merging-eval, seeing only mlp.gate, would merge it: the README says so)."""
+    base, finetunes = mixtral
+    ours = engine_merge(base, finetunes, tmp_path / "ours", **CASES["task_arithmetic"],
+                        exclude_param_names_regex=[r"model\.layers\.\d+\.block_sparse_moe\.gate\.weight"])
+    original = read_state_dict(base)
+    routers = [name for name in original if name.endswith("block_sparse_moe.gate.weight")]
+    assert routers and all(torch.equal(ours[name], original[name]) for name in routers)
+    assert any(not torch.equal(ours[name], original[name]) for name in original if name not in routers)
 
 
 # --- safetensors headers --------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ RANGE_ELEMENTS_ENV = "MODELMERGE_ENGINE_RANGE_ELEMENTS"  # overrides the range s
 # per layer (mixtral: block_sparse_moe.experts.N.w1 + w3 -> mlp.experts.gate_up_proj, w2 -> mlp.experts.down_proj;
 # qwen2_moe and the many MoE models mapped to it: gate_proj + up_proj, down_proj). merging-eval sees those
 # fused parameters: its per-tensor statistics (the ties_merging trim, magnitude masks) cover all their
-# experts, and its exclude regexes match their names. Ours do the same (regexes match either name).
+# experts, and its exclude regexes match their names, and the router's new name. Ours do the same (regexes match
+# either name).
 _EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
 _FUSABLE_EXPERT_TENSOR = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.(?P<projection>[^.]+)\.weight$")
 _FUSED_PARAMETER = {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj",
@@ -89,6 +90,12 @@ def tied_embeddings(directory) -> bool:
     return bool(config.get("tie_word_embeddings", False))
 
 
+def loaded_name(name: str) -> str:
+    """The name transformers 5 loads a checkpoint tensor as: an expert's fused parameter, or the tensor renamed
+    out of Mixtral's `block_sparse_moe` module (its router `block_sparse_moe.gate` is `mlp.gate`); else itself."""
+    return fused_parameter_name(name) or name.replace(".block_sparse_moe.", ".mlp.")
+
+
 def fused_parameter_name(name: str) -> str | None:
     """The fused parameter transformers 5 loads a per-expert checkpoint tensor into; None for other tensors."""
     match = _FUSABLE_EXPERT_TENSOR.match(name)
@@ -119,7 +126,7 @@ def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[
 
 
 def _merged(name: str, dtype: DType, excluded: list[re.Pattern]) -> bool:
-    names = [name, fused_parameter_name(name) or name]
+    names = [name, loaded_name(name)]
     return dtype.floating and not name.endswith(BUFFER_SUFFIXES) and not any(
         p.match(n) for p in excluded for n in names)
 

@@ -85,7 +85,8 @@ MERGEKIT_METHODS = {
                                  "parameters": {"normalize": True}},
     "slerp": lambda base, fts: {"merge_method": "slerp", "base_model": str(base),
                                 "models": [{"model": str(base)}, {"model": str(fts[0])}], "parameters": {"t": 0.5}},
-    "nuslerp": lambda base, fts: {"merge_method": "nuslerp", "models": _each(fts[:2], weight=0.5)},
+    "nuslerp": lambda base, fts: {"merge_method": "nuslerp", "base_model": str(base),
+                                  "models": _each(fts[:2], weight=0.5)},
     "multislerp": lambda base, fts: {"merge_method": "multislerp", "base_model": str(base),
                                      "models": _each(fts, weight=1.0)},
     "karcher": lambda base, fts: {"merge_method": "karcher", "models": [{"model": str(ft)} for ft in fts]},
@@ -99,14 +100,20 @@ MERGEKIT_METHODS = {
     "della_linear": _gta("della_linear", weight=1.0, density=0.5, epsilon=0.1),
     "model_stock": lambda base, fts: {"merge_method": "model_stock", "base_model": str(base),
                                       "models": [{"model": str(ft)} for ft in fts]},
-    "sce": _gta("sce", weight=1.0, select_topk=0.5),
+    "sce": lambda base, fts: {**_gta("sce", weight=1.0)(base, fts), "parameters": {"select_topk": 0.5}},
     "nearswap": lambda base, fts: {"merge_method": "nearswap", "base_model": str(base),
                                    "models": [{"model": str(base)}, {"model": str(fts[0])}],
                                    "parameters": {"t": 0.001}},
-    "passthrough": lambda base, fts: {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": str(base), "layer_range": [0, 16]}]},
-        {"sources": [{"model": str(fts[0]), "layer_range": [8, 24]}]}]},
+    "passthrough": lambda base, fts: _frankenmerge(base, fts[0]),
 }
+
+
+def _frankenmerge(first: Path, second: Path) -> dict:
+    """Depth up-scaling: the first two thirds of `first`'s layers, then the last two thirds of `second`'s."""
+    layers = json.loads((first / "config.json").read_text())["num_hidden_layers"]
+    return {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(first), "layer_range": [0, 2 * layers // 3]}]},
+        {"sources": [{"model": str(second), "layer_range": [layers // 3, layers]}]}]}
 TWO_MODEL = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "passthrough": 1}  # the fine-tunes these read
 
 
@@ -388,7 +395,8 @@ def command_for(trial: dict, suite: str, base: Path, fts: list[Path], out: Path,
                 kit: list[str] | None) -> list[str]:
     inputs, method, tool = fts[: trial["finetunes"]], trial["method"], trial["tool"]
     if suite == "mergekit":
-        return merge_with_config(MERGEKIT_METHODS[method](base, inputs), out, tool=tool, kit=kit)
+        config = {"dtype": "bfloat16", **MERGEKIT_METHODS[method](base, inputs)}  # as mergekit's examples
+        return merge_with_config(config, out, tool=tool, kit=kit)
     if tool == "ours":
         return ours(method, base, inputs, out)
     if tool == "merging-eval":

@@ -193,6 +193,22 @@ def test_health_without_a_reachable_api_server():
     assert info["merging_available"] is False and "not usable" in info["reason"]
 
 
+def test_an_unreachable_api_server_is_a_bad_gateway_naming_it():
+    """Creating or cancelling a merge while the API server cannot be reached answers 502 with a message saying
+    so (not a 500 internal error), and leaks no address or token."""
+    from kubernetes import client
+
+    configuration = client.Configuration()
+    configuration.host = "http://127.0.0.1:9"
+    configuration.retries = 0
+    backend = KubernetesBackend(client.ApiClient(configuration), "default", None, {"output": {"pvc": "out"}})
+    with serve_in_thread(create_app(backend)) as url:
+        response = requests.post(url + "/api/merge", json=PAYLOAD, timeout=60)
+        assert response.status_code == 502, response.text
+        assert response.json() == {"error": "the Kubernetes API server could not be reached: NewConnectionError"}
+        assert requests.get(url + "/api/health", timeout=60).status_code == 200
+
+
 def test_merge_end_to_end(cluster, tmp_path):
     hf_home, base, finetunes = cluster.hub
     job_id = submit(cluster.url, PAYLOAD, headers=AUTH)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+import urllib3
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -236,6 +237,15 @@ def _install_error_handlers(app: FastAPI) -> None:
                    for err in exc.errors()]
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return JSONResponse({"error": f"invalid request: {message}", "details": details}, status_code=400)
+
+    @app.exception_handler(urllib3.exceptions.HTTPError)
+    async def unreachable(request: Request, exc: urllib3.exceptions.HTTPError) -> JSONResponse:
+        """The Kubernetes client could not reach the API server (refused, timed out, reset): a bad gateway, not
+        an error of ours."""
+        log.warning("Kubernetes API server unreachable on %s %s: %s", request.method, request.url.path, exc)
+        reason = getattr(exc, "reason", None) or exc
+        return JSONResponse({"error": f"the Kubernetes API server could not be reached: {type(reason).__name__}"},
+                            status_code=502)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

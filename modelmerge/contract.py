@@ -988,6 +988,12 @@ class MergeProgress(BaseModel):
             self.text = f"{self.step} {self.stepIndex}/{self.steps} {self.percent:.0f}%"
         return self
 
+    @classmethod
+    def finished(cls, *, steps: int = 1) -> MergeProgress:
+        """A merge that succeeded: 100%, at the last of its `steps` (what a succeeded ModelMerge's status.progress
+        and a completed job's `progress` on either REST backend show)."""
+        return cls(percent=100.0, step="merge", stepIndex=steps, steps=steps, stepPercent=100.0)
+
     def line(self, detail: str = "") -> str:
         """The engine's stderr line for this state; `detail` is free text (counts, rates, elapsed time)."""
         text = (f"[{self.step} {self.stepIndex}/{self.steps}] {self.percent:5.1f}% overall, "

@@ -303,6 +303,8 @@ def test_progress_is_reported_while_running_and_never_goes_down(fake_server):
     assert percents == sorted(percents), samples
     assert {step for _, step in samples} == {"thresholds 1/3", "signs 2/3", "merge 3/3"}, samples
     assert percents[-1] >= 60.0 and len(set(percents)) >= 4, samples
+    done = job(fake_server.url, job_id)  # completed: 100% at its last step, as the Kubernetes backend shows it
+    assert (done["progress"], done["progress_step"]) == (100.0, "merge 3/3"), done
     logs = requests.get(f"{fake_server.url}/api/jobs/{job_id}/logs", timeout=10).text
     assert STALE_REPORT in logs  # the stale report was there, and was not shown
 

@@ -62,6 +62,7 @@ class LocalBackend:
         self._tokens: dict[str, str] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._progress: dict[str, MergeProgress] = {}  # of running jobs, by job id
+        self._finished_steps: dict[str, int] = {}  # how many steps finished merges reported (bounded)
         self._evaluations: dict[str, MergeEvaluation | None] = {}  # of completed jobs (never change), by job id
         self._wake = threading.Condition()
         self._stopping = threading.Event()
@@ -153,8 +154,13 @@ class LocalBackend:
         return jobs, total
 
     def _fill_in(self, job: Job) -> None:
-        """What the job table does not hold: the progress of a running merge, the evaluation of a completed one."""
-        job.progress = self._progress.get(job.job_id) if job.status == "running" else None
+        """What the job table does not hold: the progress of a running merge (100% once completed, at its last
+        step where this process saw it run, as the Kubernetes backend shows it), the evaluation of a completed
+        one."""
+        if job.status == "completed":
+            job.progress = MergeProgress.finished(steps=self._finished_steps.get(job.job_id, 1))
+        else:
+            job.progress = self._progress.get(job.job_id) if job.status == "running" else None
         job.evaluation = self._evaluation(job)
 
     def _evaluation(self, job: Job) -> MergeEvaluation | None:
@@ -208,7 +214,10 @@ class LocalBackend:
             except Exception as exc:  # a worker must survive anything one job throws at it
                 self.store.finish(job.job_id, "failed", f"internal error running the merge: {exc}")
             finally:
-                self._progress.pop(job.job_id, None)
+                if last := self._progress.pop(job.job_id, None):
+                    if len(self._finished_steps) >= EVALUATION_CACHE_SIZE:
+                        self._finished_steps.clear()
+                    self._finished_steps[job.job_id] = last.steps
 
     def _run(self, job: Job) -> None:
         token = self._tokens.pop(job.job_id, None)

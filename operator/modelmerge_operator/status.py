@@ -301,9 +301,7 @@ def next_progress(old: dict[str, Any], obs: Observation) -> dict[str, Any] | Non
     (a retry starts again from its own first report); 100% once the merge succeeded."""
     previous = old.get("progress") if isinstance(old.get("progress"), dict) else None  # not an older string
     if obs.phase == Phase.Succeeded:
-        steps = int(previous["steps"]) if previous else 1
-        return MergeProgress(percent=100.0, step="merge", stepIndex=steps, steps=steps,
-                             stepPercent=100.0).model_dump()
+        return MergeProgress.finished(steps=int(previous["steps"]) if previous else 1).model_dump()
     if obs.attempts is not None and obs.attempts != old.get("attempts"):
         previous = None
     if obs.progress is None or (previous is not None and obs.progress.percent < previous["percent"]):

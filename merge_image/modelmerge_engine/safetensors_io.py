@@ -2,7 +2,8 @@
 
 Reading maps each file copy-on-write and hands out tensor views of the mapped bytes, so inputs live in the
 page cache (RssFile), never in anonymous memory. Writing lays out every shard's header up front (names,
-dtypes and shapes are known before any arithmetic), then appends tensor bytes as they are produced.
+dtypes and shapes are known before any arithmetic), then appends tensor bytes as they are produced, the disk
+writing behind them (write_behind.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from modelmerge_engine.dtype_codes import BF16, F16, F32
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.output import write_synced
+from modelmerge_engine.write_behind import WriteBehind
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,8 @@ class ShardedWriter:
         self._position = -1
         self._remaining = 0
         self._handle = None
+        self._behind: WriteBehind | None = None
+        self._file_bytes = 0  # of the open shard, written so far (buffered or not)
         self._shard = -1
         self.total_bytes = sum(t.nbytes for t in tensors)
 
@@ -283,6 +287,10 @@ class ShardedWriter:
             raise RuntimeError("more data than the tensor's planned size")
         self._handle.write(memoryview(data))
         self._remaining -= data.nbytes
+        self._file_bytes += data.nbytes
+        if self._behind.due(self._file_bytes):
+            self._handle.flush()
+            self._behind.advance(self._file_bytes)
 
     def _open_shard(self, shard: int) -> None:
         self._close_handle()
@@ -297,6 +305,8 @@ class ShardedWriter:
         self._handle = open(self.directory / self.file_names[shard], "wb", buffering=8 << 20)  # noqa: SIM115
         self._handle.write(struct.pack("<Q", len(encoded)))
         self._handle.write(encoded)
+        self._behind = WriteBehind(self._handle.fileno())
+        self._file_bytes = 8 + len(encoded)
         self._shard = shard
 
     def _close_handle(self) -> None:

@@ -1,14 +1,17 @@
-"""float32 acos, sin and cos as torch's CPU kernels compute them: SLEEF's vectorised 1.0-ulp functions
-(Sleef_acosf16_u10, Sleef_sinf16_u10, Sleef_cosf16_u10 on AVX512, their 8-lane twins on AVX2: the same
-algorithm), reimplemented here one value at a time so that the values mergekit derives from them (slerp's angle,
-...) are reproduced to the bit without importing torch.
+"""float32 acos, sin and cos as torch's CPU kernels compute them for bfloat16 and float16 tensors: SLEEF's
+vectorised 1.0-ulp functions (Sleef_acosf16_u10, Sleef_sinf16_u10, Sleef_cosf16_u10 on AVX512, their 8-lane twins
+on AVX2: the same algorithm), reimplemented here one value at a time so that the values mergekit derives from them
+(slerp's angle, ...) are reproduced to the bit without importing torch. (torch's float32 tensors take MKL's VML
+instead, where torch is built with MKL: see torch_reductions.scalar_function.)
 
 The algorithms and their constants are SLEEF's (https://github.com/shibatch/sleef, src/libm/sleefsimdsp.c
 xacosf_u1, xsinf_u1, xcosf_u1 and the double-float arithmetic of src/libm/df.h, in the build with fused
 multiply-add that torch's AVX2 and AVX512 kernels use; Copyright Naoki Shibata and contributors 2010 - 2020,
 distributed under the Boost Software License, Version 1.0, https://www.boost.org/LICENSE_1_0.txt). Every
 operation is one float32 operation rounded to nearest even as there: additions, products, divisions and square
-roots in float32, and each fused multiply-add with one rounding (llvm.fma, cpu_kernels._fma).
+roots in float32, and each fused multiply-add with one rounding (llvm.fma, cpu_kernels._fma: exact by LLVM's
+definition, one instruction on x86-64-v3 and libm's fmaf elsewhere, so no float64 emulation with its double
+rounding is needed).
 
 Range: acos takes every float32 (NaN outside [-1, 1]). sin and cos are reproduced for |x| < 125 (SLEEF's
 TRIGRANGEMAX2f: its two-constant Cody-Waite reduction, the only path a vector of such values takes), NaN for NaN
@@ -228,7 +231,7 @@ def supported(name: str, value: float) -> bool:
     finite; larger arguments take SLEEF's Payne-Hanek reduction, not reproduced)."""
     if name not in OPS:
         return False
-    return name == "acos" or not math.isfinite(value) or abs(value) < 125.0
+    return name == "acos" or not math.isfinite(value) or abs(value) < TRIG_RANGE
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -241,7 +244,7 @@ def apply(name: str, values, code: int) -> np.ndarray:
     """`torch.<name>` of float32 `values` (each rounded to the compute dtype `code` first, as a tensor of that
     dtype holds it), as float32 values of that dtype. Every value must be `supported`."""
     values = np.ascontiguousarray(values, np.float32).reshape(-1)
-    if name != "acos" and np.any(np.abs(values) >= 125.0):
+    if name != "acos" and np.any(np.abs(values) >= TRIG_RANGE):
         raise ValueError(f"{name} of an argument of magnitude 125 or more takes SLEEF's Payne-Hanek reduction, "
                          "which is not reproduced here")
     out = np.empty_like(values)

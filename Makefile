@@ -80,13 +80,19 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 MERGE_TARGET ?= merge
 # e.g. MERGE_BUILD_ARGS='--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' (CPU torch in `merge`)
 MERGE_BUILD_ARGS ?=
+# The merge image's numba precompile (merge_image/Dockerfile's PRECOMPILE): empty for its default, every method and
+# dtype with 1-8 fine-tunes, as release images ship (not measured on two cores: well beyond the ~375 s of the
+# install's bfloat16 1-4 above, so tens of minutes; a layer cached until the engine's sources change); `skip`, or
+# narrower arguments: '--methods task_arithmetic --dtypes bfloat16 --max-models 2' (tests/test_containers_e2e.py)
+# takes ~10 s.
+MERGE_PRECOMPILE ?=
 
 .PHONY: helm-lint chart-crds base-image
 
 # The three images with docker or podman (CONTAINER_ENGINE overrides), cached by content hash (hack/images.sh).
 images:
 	IMAGE_REGISTRY='$(IMAGE_REGISTRY)' IMAGE_TAG='$(IMAGE_TAG)' MERGE_TARGET='$(MERGE_TARGET)' \
-	  MERGE_BUILD_ARGS='$(MERGE_BUILD_ARGS)' bash hack/images.sh
+	  MERGE_BUILD_ARGS='$(MERGE_BUILD_ARGS)' MERGE_PRECOMPILE='$(MERGE_PRECOMPILE)' bash hack/images.sh
 
 # The local python 3.11 bookworm base (mmdebstrap) that `make images` uses when the registry's cannot be pulled.
 base-image:

@@ -11,7 +11,10 @@
 # otherwise the local base of hack/base-image.sh (mmdebstrap), passed as --build-arg PYTHON_IMAGE.
 # pip inside the build gets $PIP_CERT (a CA bundle, e.g. for a TLS-intercepting proxy) as the build secret
 # `pip_cert` when it is set; it never reaches an image layer. MERGE_BUILD_ARGS adds arguments to the merge build
-# (e.g. --build-arg TORCH_INDEX_URL=...).
+# (e.g. --build-arg TORCH_INDEX_URL=...; split on spaces).
+# MERGE_PRECOMPILE: the merge image's numba precompile (its build arg PRECOMPILE: the arguments of
+# `python -m modelmerge_engine.precompile`, spaces allowed, or `skip`). Unset or empty: the Dockerfile's default,
+# every method in every dtype with 1-8 fine-tunes, as release images ship; a long build step on few cores.
 #
 # Cache: each image is keyed by a content hash of its Dockerfile, every file of the build context (the
 # .dockerignore whitelist), the base image's ID, the target and the build arguments. A key already built is
@@ -87,6 +90,7 @@ main() {
     CONTEXT="$(context_hash)"
     local merge_args=()
     read -r -a merge_args <<<"${MERGE_BUILD_ARGS:-}"
+    [[ -n "${MERGE_PRECOMPILE:-}" ]] && merge_args+=(--build-arg "PRECOMPILE=$MERGE_PRECOMPILE")
     log "engine $ENGINE, base $BASE"
     build operator "$REGISTRY/operator:$TAG" operator/Dockerfile operator
     build api "$REGISTRY/api:$TAG" api/Dockerfile api

@@ -4,7 +4,9 @@ kubeconfig), and the test kubelet running the merge pods with its podman runtime
 
 Needs podman and the envtest control plane; skipped without podman unless REQUIRE_CONTAINERS=1 (CI), where its
 absence fails. The tiny models are made on the host and baked into a fixture image FROM the CPU merge image
-(`/models`, as examples/modelmerge-tiny.yaml expects); nothing else is added to the merge image."""
+(`/models`, as examples/modelmerge-tiny.yaml expects); nothing else is added to the merge image. The merge image is
+built with a narrow numba precompile (PRECOMPILE, one method and dtype: release images compile every one), whose
+seed the pod-like containers below load instead of compiling."""
 
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ EXAMPLE = ROOT / "examples" / "modelmerge-tiny.yaml"
 REGISTRY = "localhost/modelmerge-e2e"
 RUN_AS = "10001"
 MERGE_TIMEOUT = 600.0
+# The merge image's precompile (its build arg PRECOMPILE, through hack/images.sh's MERGE_PRECOMPILE): small, so
+# the build stays short; the tests below merge within it.
+PRECOMPILE = ["--methods", "task_arithmetic", "--dtypes", "bfloat16", "--max-models", "2"]
+SEED = "/opt/numba-cache"
 
 
 def podman(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -50,7 +56,7 @@ def images() -> dict[str, str]:
             pytest.fail("REQUIRE_CONTAINERS=1 but podman is not installed or cannot run containers", pytrace=False)
         pytest.skip("podman is not installed (REQUIRE_CONTAINERS=1 makes this a failure)")
     env = {**os.environ, "CONTAINER_ENGINE": "podman", "MERGE_TARGET": "merge-cpu", "IMAGE_REGISTRY": REGISTRY,
-           "IMAGE_TAG": "test"}
+           "IMAGE_TAG": "test", "MERGE_PRECOMPILE": " ".join(PRECOMPILE)}
     built = subprocess.run(["bash", str(ROOT / "hack" / "images.sh")], capture_output=True, text=True, env=env)
     assert built.returncode == 0, built.stderr[-4000:]
     operator, api, merge = built.stdout.split()[-3:]
@@ -354,3 +360,46 @@ def test_a_non_root_pod_whose_image_runs_as_root_is_refused(control_plane, names
     waiting = wait_for(waiting_reason, timeout=120, what="CreateContainerConfigError")
     assert "container has runAsNonRoot and image will run as root" in waiting.message
     assert core.read_namespaced_pod("root-image", namespace).status.phase == "Pending"
+
+
+def run_like_a_merge_pod(image: str, *args: str) -> subprocess.CompletedProcess:
+    """`python args...` in a container as a merge Job runs it: the image's non-root user, read-only root, no
+    capabilities, HOME and TMPDIR on an empty writable volume (the Job's /scratch emptyDir), no network."""
+    return podman("run", "--rm", "--network", "none", "--read-only", "--cap-drop", "all", "--security-opt",
+                  "no-new-privileges", *ulimit_options(), "--mount", "type=tmpfs,destination=/scratch",
+                  "--env", "HOME=/scratch", "--env", "TMPDIR=/scratch", "--entrypoint", "python", image, *args,
+                  check=False)
+
+
+def test_the_merge_image_ships_its_precompiled_kernels_to_a_fresh_read_only_pod(images):
+    """`precompile --verify` in a fresh container: every kernel of the build's precompile is loaded from the
+    image's read-only seed (copied into numba's cache under HOME), none compiled."""
+    result = run_like_a_merge_pod(images["merge"], "-m", "modelmerge_engine.precompile", *PRECOMPILE, "--verify")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["compiled"] == 0 and report["cache_hits"] > 0, report
+
+
+# In the container: a merge as the operator runs it (a spec file, `modelmerge merge`), then numba's cache under HOME
+# against the seed: which files the merge added or changed (a compile writes a new data file and rewrites the index).
+MERGE_THEN_COMPARE = """
+import filecmp, json, os, pathlib, subprocess, sys
+spec = pathlib.Path(os.environ["TMPDIR"], "spec.json")
+spec.write_text(json.dumps({"base_model": "/models/base", "models_to_merge": ["/models/ft0", "/models/ft1"],
+                            "merge_method": "task_arithmetic", "scaling_coefficient": 0.5, "dtype": "bfloat16"}))
+merged = subprocess.run(["modelmerge", "merge", "--progress", "none", "--spec", str(spec), "--output-dir",
+                         os.path.join(os.environ["TMPDIR"], "out")], stdout=sys.stderr)
+seed, cache = pathlib.Path(os.environ["MODELMERGE_NUMBA_CACHE_SEED"]), pathlib.Path.home() / ".cache" / "numba"
+files = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+print(json.dumps({"exit": merged.returncode, "files": files,
+                  "not_seeded": [f for f in files if not (seed / f).is_file()
+                                 or not filecmp.cmp(seed / f, cache / f, shallow=False)]}))
+"""
+
+
+def test_a_merge_in_a_fresh_pod_loads_the_seeded_kernels_and_compiles_none(merge_image_with_models):
+    result = run_like_a_merge_pod(merge_image_with_models, "-c", MERGE_THEN_COMPARE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["exit"] == 0, result.stderr[-3000:]
+    assert report["files"] and report["not_seeded"] == [], report

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -19,7 +21,7 @@ import yaml
 
 from modelmerge.cli import build_parser
 from modelmerge.contract import METHODS
-from modelmerge_engine.precompile import required_examples
+from modelmerge_engine.precompile import DTYPES, SEED_ENV, SeededCacheLocator, required_examples
 from tests.helpers.helm_chart import CHART, ROOT
 
 IMAGES = {  # Dockerfile → (extra, the chart Deployment that runs it or None)
@@ -36,6 +38,7 @@ TARGETS = {
 }
 FINAL_TARGET = {"operator/Dockerfile": "operator", "api/Dockerfile": "api", "merge_image/Dockerfile": "merge"}
 RUN_AS = "10001"
+SEED = "/opt/numba-cache"
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -103,6 +106,11 @@ def entrypoint(dockerfile: Path) -> list[str]:
     return json.loads(value)
 
 
+def environment(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    """What the ENV instructions set, in order (NAME=value pairs, shell quoting)."""
+    return dict(pair.split("=", 1) for keyword, rest in instructions if keyword == "ENV" for pair in shlex.split(rest))
+
+
 def console_scripts() -> dict[str, str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
@@ -119,16 +127,64 @@ def test_target_is_multi_stage_pinned_non_root_and_installs_its_extras_only(path
     runtime = effective(dockerfile, target)
     users = [rest for keyword, rest in runtime if keyword == "USER"]
     assert users and users[-1] == f"{RUN_AS}:{RUN_AS}", users
-    # The runtime copies the virtualenv built for it and nothing else: no compilers, no pip cache, no sources.
+    # The runtime copies the virtualenv built for it and nothing else: no compilers, no pip cache, no sources;
+    # the merge images also the numba kernels compiled for that virtualenv (test_merge_images_ship_...).
     copies = [rest for keyword, rest in runtime if keyword == "COPY"]
-    assert len(copies) == 1 and re.fullmatch(r"--from=(\S+) /opt/venv /opt/venv", copies[0]), copies
+    assert re.fullmatch(r"--from=(\S+) /opt/venv /opt/venv", copies[0]), copies
     build_stage = copies[0].split()[0].removeprefix("--from=")
+    assert copies[1:] == ([f"--from={build_stage} {SEED} {SEED}"] if path == "merge_image/Dockerfile" else []), copies
     runs = " ".join(rest for keyword, rest in effective(dockerfile, build_stage) if keyword == "RUN")
     installs = re.findall(r'pip install (?:--no-deps --no-build-isolation )?"\.\[([\w,]+)\]"', runs)
     assert installs == TARGETS[path, target], installs
     # Dependencies come from pyproject.toml's extra before the sources (a source change keeps that layer).
     assert re.findall(r"pip-install-deps\.sh (\w+)", runs) == TARGETS[path, target][:1]
     assert bool(re.search(r'pip install [^&]*"torch', runs)) == ("gpu" in ",".join(TARGETS[path, target]))
+
+
+@pytest.mark.parametrize("target", ["merge-cpu", "merge"])
+def test_merge_images_ship_kernels_precompiled_after_the_last_install_with_the_runtime_env_to_load_them(target):
+    """numba's index is keyed on the engine's source stamps: the precompile runs after the virtualenv's last pip
+    install (one that reinstalls the engine makes an earlier cache stale), into the folder the runtime copies from
+    the same stage, then --verify fails the build if a kernel did not come from that cache. The runtime loads it
+    through SeededCacheLocator (never as NUMBA_CACHE_DIR: read-only, numba would skip it), with the CPU target of
+    the build, fixed on both sides (numba keys its cache on it; the build machine's CPU is not the nodes')."""
+    dockerfile = ROOT / "merge_image/Dockerfile"
+    runtime = effective(dockerfile, target)
+    copies = [rest for keyword, rest in runtime if keyword == "COPY"]
+    build_stage = copies[0].split()[0].removeprefix("--from=")
+    build = effective(dockerfile, build_stage)
+    runs = [i for i, (keyword, _) in enumerate(build) if keyword == "RUN"]
+    installs = [i for i in runs if re.search(r"pip install|pip-install-deps", build[i][1])]
+    precompile = "/opt/venv/bin/python -m modelmerge_engine.precompile $PRECOMPILE"
+    (compiles,) = [i for i in runs if precompile in build[i][1]]
+    assert compiles > installs[-1], "the kernels must be compiled after the last install"
+    assert f"{precompile} --verify" in build[compiles][1]
+    assert 'case "$PRECOMPILE" in ""|skip)' in build[compiles][1]  # an empty seed when skipped, still copied
+    stage_args = [rest for keyword, rest in stage_named(dockerfile, build_stage) if keyword == "ARG"]
+    assert {"PRECOMPILE", "NUMBA_CPU_NAME"} <= set(stage_args), stage_args
+    at_build, at_runtime = environment(build[:compiles]), environment(runtime)
+    assert at_build["NUMBA_CACHE_DIR"] == SEED and "NUMBA_CACHE_DIR" not in at_runtime
+    target_cpu = {name: at_build[name] for name in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    assert target_cpu == {"NUMBA_CPU_NAME": "${NUMBA_CPU_NAME}", "NUMBA_CPU_FEATURES": ""}
+    assert {name: at_runtime[name] for name in target_cpu} == target_cpu
+    assert "NUMBA_CPU_NAME" in [rest for keyword, rest in stage_named(dockerfile, "runtime") if keyword == "ARG"]
+    assert at_runtime[SEED_ENV] == SEED
+    module, _, name = at_runtime["NUMBA_CACHE_LOCATOR_CLASSES"].rpartition(".")
+    assert (module, name) == (SeededCacheLocator.__module__, SeededCacheLocator.__name__)
+
+
+def test_release_precompile_covers_every_method_and_dtype_for_a_cpu_llvm_knows():
+    """The default PRECOMPILE (release images): every method (no --methods), every dtype, 1-8 fine-tunes; and the
+    default NUMBA_CPU_NAME is a processor this llvmlite knows (an unknown one is ignored with a warning: host
+    code keyed on a name that means nothing)."""
+    defaults = build_args(ROOT / "merge_image/Dockerfile")
+    flags = dict(zip(*[iter(shlex.split(defaults["PRECOMPILE"]))] * 2, strict=True))
+    assert flags == {"--max-models": "8", "--dtypes": ",".join(DTYPES)}, flags
+    env = {**os.environ, "NUMBA_CPU_NAME": defaults["NUMBA_CPU_NAME"], "NUMBA_CPU_FEATURES": ""}
+    compiled = subprocess.run([sys.executable, "-c", "import numba; print(numba.njit(lambda x: x + 1)(1))"],
+                              capture_output=True, text=True, env=env)
+    assert compiled.returncode == 0 and compiled.stdout == "2\n", compiled.stderr
+    assert "not a recognized processor" not in compiled.stderr, compiled.stderr
 
 
 def test_the_cpu_merge_image_carries_no_torch_and_the_gpu_one_does():

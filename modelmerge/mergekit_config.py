@@ -8,7 +8,10 @@ models_to_merge, merge_method and dtype from it. Errors name the key, e.g.
 
 What a config can say (mergekit 0.1.5's MergeConfiguration): `models` with per-model `parameters`, or `slices`
 (layer ranges of one or several models: depth up-scaling, frankenmerges), `merge_method` (mergekit's names),
-`base_model`, global `parameters`, `dtype`, `out_dtype`, `tokenizer_source` (base, union or a model). A parameter is
+`base_model`, global `parameters`, `dtype`, `out_dtype`, `tokenizer_source` (base, union or a model; the engine
+moves embedding and head rows to the union's vocabulary where the models' vocabularies differ, and refuses, naming
+tokenizer_source, base or a model over differing vocabularies, and union without base_model or with slices over
+them: merge_image/modelmerge_engine/tokenizer_source.py). A parameter is
 a scalar, a gradient (a list of numbers interpolated over the layers of a slice) or a list of conditions
 `{filter: self_attn, value: ...}` (the first whose filter is in the tensor's name wins). `resolve` looks a
 parameter up for one tensor exactly as mergekit's parameter resolver does; the engine calls it through
@@ -38,6 +41,10 @@ from pydantic import (
 # mergekit's methods that treat base_model as one more input (its contract ignores the base); every other method
 # takes base_model apart from the models it merges.
 BASE_AS_INPUT = frozenset({"linear", "passthrough", "karcher"})
+# mergekit's methods whose base_model is optional (InputContract base=BasePolicy.OPTIONAL): with one they merge the
+# models' task vectors and add the base; without one every model is an input (as with BASE_AS_INPUT) and they merge
+# the models' weights themselves. A flat request always has a base.
+BASE_OPTIONAL = frozenset({"nuslerp", "multislerp"})
 # A config's merge_method names mergekit's method; where the registry's name differs (task_arithmetic is
 # merging-eval's in a flat request), it maps here.
 MERGEKIT_METHOD_NAMES: dict[str, str] = {"task_arithmetic": "mergekit_task_arithmetic"}
@@ -223,7 +230,7 @@ class MergekitConfig(_Node):
             raise ValueError("modules: multi-module configs are not supported here; write `models` or `slices`")
         if self.tokenizer is not None:
             raise ValueError("tokenizer: tokenizer configs (added tokens, vocabulary surgery) are not supported "
-                             "here; use tokenizer_source: base or a model")
+                             "here; use tokenizer_source: base, union or a model")
         if self.chat_template is not None:
             raise ValueError("chat_template: not supported here; the output keeps the tokenizer's own template")
         if bool(self.models) == bool(self.slices):
@@ -253,7 +260,7 @@ class MergekitConfig(_Node):
         listed = [m.model for m in self.models] if self.models else [s.model for s in self.slices[0].sources]
         if self.method == "passthrough" and self.slices:
             listed = list(dict.fromkeys(source.model for s in self.slices for source in s.sources))
-        if self.models and self.base_model and self.base_model not in listed and self.method in BASE_AS_INPUT:
+        if self.models and self.base_model and self.base_model not in listed and self.base_as_input:
             listed.append(self.base_model)
         return listed
 
@@ -263,8 +270,14 @@ class MergekitConfig(_Node):
             return self.base_model
         return self.models[0].model if self.models else self.slices[0].sources[0].model
 
+    @property
+    def base_as_input(self) -> bool:
+        """Whether every model is an input and base_model (if any) one of them: a BASE_AS_INPUT method, or a
+        BASE_OPTIONAL one without base_model."""
+        return self.method in BASE_AS_INPUT or (self.method in BASE_OPTIONAL and self.base_model is None)
+
     def models_to_merge(self) -> list[str]:
-        if self.method in BASE_AS_INPUT:
+        if self.base_as_input:
             return self.inputs()
         return [model for model in self.inputs() if model != self.base_model]
 
@@ -327,7 +340,7 @@ class MergekitConfig(_Node):
             duplicate = next((n for n in names if names.count(n) > 1), None)
             if duplicate:
                 raise ValueError(f"models: {duplicate} is listed twice")
-            if self.base_model is None and method not in BASE_AS_INPUT:
+            if self.base_model is None and not self.base_as_input:
                 raise ValueError(f"base_model: required for merge_method {self.merge_method}")
             if not self.models_to_merge():
                 raise ValueError(f"models: merge_method {self.merge_method} needs at least one model besides "
@@ -335,6 +348,7 @@ class MergekitConfig(_Node):
             if method == "passthrough" and len(self.inputs()) != 1:
                 raise ValueError("models: passthrough takes exactly one model (use slices to stack layers of "
                                  "several)")
+            self._check_count("models", len(self.models_to_merge()), method)
             return
         first = [s.model for s in self.slices[0].sources]
         for index, out_slice in enumerate(self.slices):
@@ -354,7 +368,7 @@ class MergekitConfig(_Node):
                 raise ValueError(f"{where}.sources: merge_method {self.merge_method} needs the same models in the "
                                  f"same order in every slice ({', '.join(first)} in slices[0]); only passthrough "
                                  "stacks slices of different models")
-            if method not in BASE_AS_INPUT:
+            if not self.base_as_input:
                 if self.base_model is None:
                     raise ValueError(f"base_model: required for merge_method {self.merge_method}")
                 if self.base_model not in models:
@@ -363,6 +377,19 @@ class MergekitConfig(_Node):
                 if len(models) < 2:
                     raise ValueError(f"{where}.sources: merge_method {self.merge_method} needs a model besides "
                                      "base_model")
+            self._check_count(f"{where}.sources", len(models) - (self.base_model in models), method)
+
+    def _check_count(self, key: str, count: int, method: str) -> None:
+        """A BASE_OPTIONAL method's model count, as mergekit's InputContract checks it (besides base_model)."""
+        if method not in BASE_OPTIONAL:
+            return
+        from modelmerge.contract import METHODS
+
+        fewest, most = METHODS[method].models
+        if count < fewest or (most is not None and count > most):
+            wanted = f"exactly {fewest}" if fewest == most else f"at least {fewest}"
+            besides = " besides base_model" if self.base_model else " (without base_model every model is one)"
+            raise ValueError(f"{key}: merge_method {self.merge_method} takes {wanted} model(s){besides}: got {count}")
 
     def _check_parameters(self, method: str) -> None:
         shared, per_model = parameter_names()

@@ -34,7 +34,12 @@ from modelmerge_engine.safetensors_io import (
     numel,
 )
 from modelmerge_engine.select import kth_magnitude
-from modelmerge_engine.tokenizer_source import apply_tokenizer_source
+from modelmerge_engine.tokenizer_source import (
+    MovedVocabulary,
+    apply_tokenizer_source,
+    is_vocabulary_tensor,
+    moved_vocabulary,
+)
 from modelmerge_engine.work_cache import WorkCache
 
 # Buffers that some checkpoints carry: never merged, copied from the base like merging-eval's saved model.
@@ -104,8 +109,10 @@ def fused_parameter_name(name: str) -> str | None:
 
 
 def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
-                 out_dtype: DType) -> list[TensorPlan]:
-    """Which tensors the output has, which are merged, and checks that every input agrees on them."""
+                 out_dtype: DType, *, vocabulary_rows: int | None = None) -> list[TensorPlan]:
+    """Which tensors the output has, which are merged, and checks that every input agrees on them.
+    `vocabulary_rows`: the rows of the vocabulary tensors (tokenizer_source over differing vocabularies),
+    whatever each input has."""
     excluded = [re.compile(pattern) for pattern in request.exclude_param_names_regex]
     # A base with tied embeddings has no head of its own (transformers re-ties lm_head.weight to the
     # embeddings on load, stored or not), so merging-eval's saved model has none and a fine-tune's stored
@@ -113,7 +120,8 @@ def plan_tensors(request: MergeRequest, base: SafetensorsModel, finetunes: list[
     tied = tied_embeddings(base.directory)
     names = [name for name in base.tensors if not (tied and name == "lm_head.weight")]
     if request.config is not None:
-        return _with_fused_groups(_config_plans(request, base, finetunes, names, out_dtype, excluded), request)
+        plans = _config_plans(request, base, finetunes, names, out_dtype, excluded, vocabulary_rows=vocabulary_rows)
+        return _with_fused_groups(plans, request)
     plans = []
     for name in names:
         info = base.tensors[name]
@@ -132,7 +140,8 @@ def _merged(name: str, dtype: DType, excluded: list[re.Pattern]) -> bool:
 
 
 def _config_plans(request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
-                  names: list[str], out_dtype: DType, excluded: list[re.Pattern]) -> list[TensorPlan]:
+                  names: list[str], out_dtype: DType, excluded: list[re.Pattern], *,
+                  vocabulary_rows: int | None = None) -> list[TensorPlan]:
     """A mergekit config's output tensors (layout.py), each checked in every model that feeds it."""
     models = {BASE: base, **dict(enumerate(finetunes))}
     plans = []
@@ -140,15 +149,18 @@ def _config_plans(request: MergeRequest, base: SafetensorsModel, finetunes: list
         position, tensor = placed.base
         info = _source_info(models[position], tensor)
         merged = _merged(placed.name, info.dtype, excluded)
+        shape, compared = info.shape, slice(None)
+        if vocabulary_rows is not None and is_vocabulary_tensor(placed.name):
+            shape, compared = (vocabulary_rows, *info.shape[1:]), slice(1, None)  # rows: the output vocabulary's
         if merged:
             feeding = placed.inputs_from if placed.inputs_from is not None else range(len(finetunes))
             for i in feeding:
                 theirs = _source_info(finetunes[i], placed.sources[i])
-                if theirs.shape != info.shape or not theirs.dtype.floating:
+                if theirs.shape[compared] != info.shape[compared] or not theirs.dtype.floating:
                     raise MergeError(f"tensor {placed.name}: {models[position].label} has {tensor} "
                                      f"{list(info.shape)}, {finetunes[i].label} has {placed.sources[i]} "
                                      f"{list(theirs.shape)} {theirs.dtype.name}")
-        plans.append(TensorPlan(placed.name, info.shape, out_dtype if info.dtype.floating else info.dtype, merged,
+        plans.append(TensorPlan(placed.name, shape, out_dtype if info.dtype.floating else info.dtype, merged,
                                 base_source=placed.base, sources=placed.sources, inputs_from=placed.inputs_from,
                                 slice_index=placed.slice_index, t=placed.t))
     return plans
@@ -252,7 +264,10 @@ class StreamingMerge:
             max(ALIGN, budget // (len(finetunes) + 1) // ALIGN * ALIGN)
         self.base = base
         self.finetunes = finetunes
-        self.plans = plan_tensors(request, base, finetunes, self.dtype)
+        self.vocabulary = self._moved_vocabulary()
+        self._tokenizer_source(None, planned=False)  # its refusals before the shape checks of plan_tensors
+        self.plans = plan_tensors(request, base, finetunes, self.dtype,
+                                  vocabulary_rows=self.vocabulary.size if self.vocabulary else None)
         self.progress = progress
         self._plans_by_name = {plan.name: plan for plan in self.plans}
         self.stats: dict[str, object] = {"workers": self.pool.workers, "kernels": self.kernels.name}
@@ -318,17 +333,49 @@ class StreamingMerge:
             written.append("config.json")
         return written + self._tokenizer_source(staging)
 
-    def _tokenizer_source(self, staging: Path | None) -> list[str]:
-        """Checks a config's tokenizer_source (staging None: before the merge) or applies it to the output."""
-        config = self.request.config
-        if config is None or config.tokenizer_source is None:
-            return []
+    def _tokenizer_models(self) -> dict[str, tuple[Path, str]]:
         models = {ref: (model.directory, model.label)
                   for ref, model in zip(self.request.models_to_merge, self.finetunes, strict=True)}
         models[self.request.base_model] = (self.base.directory, self.base.label)
-        embedding = next((p for p in self.plans if "embed_tokens" in p.name), None)
-        return apply_tokenizer_source(config.tokenizer_source, models=models, base_ref=self.request.base_model,
-                                      embedding_rows=embedding.shape[0] if embedding else None, staging=staging)
+        return models
+
+    def _moved_vocabulary(self) -> MovedVocabulary | None:
+        """tokenizer_source over vocabularies that differ: the output's vocabulary and each model's rows of it."""
+        config = self.request.config
+        if config is None or config.tokenizer_source is None:
+            return None
+        listed = [m.model for m in config.models] if config.models else []
+        order = listed + ([config.base_model] if config.base_model and config.base_model not in listed else [])
+        vocabulary = moved_vocabulary(config.tokenizer_source, models=self._tokenizer_models(),
+                                      base_ref=self.request.base_model, order=order, config_base=config.base_model,
+                                      slices=bool(config.slices))
+        if vocabulary is not None:
+            prefix = f"config: tokenizer_source: {config.tokenizer_source}"
+            vocabulary_tensors = [name for name in self.base.tensors if is_vocabulary_tensor(name)]
+            if not vocabulary_tensors:
+                raise MergeError(f"{prefix}: the base model has no embed_tokens or lm_head tensor to move to its "
+                                 "vocabulary")
+            for ref, (_, label) in self._tokenizer_models().items():
+                model = self.base if ref == self.request.base_model else \
+                    self.finetunes[self.request.models_to_merge.index(ref)]
+                for name in vocabulary_tensors:
+                    rows = model.tensors[name].shape[0] if name in model.tensors else None
+                    if rows is not None and int(vocabulary.rows[ref].max()) >= rows:
+                        raise MergeError(f"{prefix}: {label}'s {name} has {rows} rows, fewer than its tokenizer's "
+                                         "tokens")
+        return vocabulary
+
+    def _tokenizer_source(self, staging: Path | None, *, planned: bool = True) -> list[str]:
+        """Checks a config's tokenizer_source (staging None: before the merge; not `planned`: the vocabularies
+        only) or applies it to the output."""
+        config = self.request.config
+        if config is None or config.tokenizer_source is None:
+            return []
+        embedding = next((p for p in self.plans if "embed_tokens" in p.name), None) if planned else None
+        return apply_tokenizer_source(config.tokenizer_source, models=self._tokenizer_models(),
+                                      base_ref=self.request.base_model,
+                                      embedding_rows=embedding.shape[0] if embedding else None, staging=staging,
+                                      moved=self.vocabulary)
 
     # --- progress: the steps of the whole merge, planned up front ----------------------------------------
 
@@ -360,6 +407,8 @@ class StreamingMerge:
         kernels = self.kernels
         if not plan.merged:
             model, tensor = self._base_of(plan)
+            if self._moved(plan):
+                return plan, self._read_moved(plan, self._base_ref(plan), start, stop)
             values = model.read(tensor, start, stop)
             if plan.out_dtype.floating and plan.out_dtype != model.tensors[tensor].dtype:
                 values = kernels.to_host(kernels.prepare(values, model.tensors[tensor].dtype))
@@ -382,11 +431,44 @@ class StreamingMerge:
         prepare = self.kernels.prepare
         plan = self._plans_by_name[name]
         model, tensor = self._base_of(plan)
-        base = prepare(model.read(tensor, start, stop), model.tensors[tensor].dtype)
         positions = self.feeding(plan) if models is None else models
+        if self._moved(plan):  # tokenizer_source: rows moved to the output's tokens
+            return (prepare(self._read_moved(plan, self._base_ref(plan), start, stop), self.dtype),
+                    [prepare(self._read_moved(plan, self.request.models_to_merge[i], start, stop), self.dtype)
+                     for i in positions])
+        base = prepare(model.read(tensor, start, stop), model.tensors[tensor].dtype)
         sources = plan.sources or (name,) * len(self.finetunes)
         return base, [prepare(self.finetunes[i].read(sources[i], start, stop),
                               self.finetunes[i].tensors[sources[i]].dtype) for i in positions]
+
+    def _moved(self, plan: TensorPlan) -> bool:
+        return self.vocabulary is not None and is_vocabulary_tensor(plan.name)
+
+    def _base_ref(self, plan: TensorPlan) -> str:
+        position = plan.base_source[0] if plan.base_source is not None else BASE
+        return self.request.base_model if position == BASE else self.request.models_to_merge[position]
+
+    def moved_range(self, position: int, name: str, start: int, stop: int) -> np.ndarray | None:
+        """tokenizer_source: model `position`'s (BASE or a fine-tune's) elements [start, stop) of the
+        vocabulary tensor `name` with its rows moved to the output's tokens, in the compute dtype on the host; None
+        for every other tensor (read as stored). For methods that read inputs on their own."""
+        plan = self._plans_by_name[name]
+        if not self._moved(plan):
+            return None
+        ref = self.request.base_model if position == BASE else self.request.models_to_merge[position]
+        return self._read_moved(plan, ref, start, stop)
+
+    def _read_moved(self, plan: TensorPlan, ref: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of model `ref`'s vocabulary tensor `plan` with its rows moved to the output's
+        tokens (tokenizer_source.py), in the compute dtype, on the host."""
+        def read(source: str, first: int, last: int) -> np.ndarray:
+            model = self.base if source == self.request.base_model else \
+                self.finetunes[self.request.models_to_merge.index(source)]
+            values = model.read(plan.name, first, last)
+            return self.kernels.to_host(self.kernels.prepare(values, model.tensors[plan.name].dtype))
+
+        width = plan.numel // plan.shape[0]
+        return self.vocabulary.assemble(ref, plan.name, start, stop, width, self.dtype, read)
 
     def feeding(self, plan: TensorPlan) -> list[int]:
         """The positions of the fine-tunes that feed `plan` (all but for a passthrough slice)."""

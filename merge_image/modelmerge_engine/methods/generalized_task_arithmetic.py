@@ -52,6 +52,7 @@ import numpy as np
 from modelmerge.contract import DELLA_EPSILON
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.kernels import CpuKernels
+from modelmerge_engine.layout import BASE
 from modelmerge_engine.methods import gta_kernels as gk
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
@@ -238,6 +239,9 @@ class GeneralizedTaskArithmetic(Method):
     def _host(self, name: str, start: int, stop: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The base's and model `index`'s values on a range, in the compute dtype, on the host."""
         merge, prepare = self.merge, self.host.prepare
+        moved = merge.moved_range(BASE, name, start, stop)  # tokenizer_source: rows moved to the output's tokens
+        if moved is not None:
+            return moved, merge.moved_range(index, name, start, stop)
         model = merge.finetunes[index]
         return (prepare(merge.base.read(name, start, stop), merge.base.tensors[name].dtype),
                 prepare(model.read(name, start, stop), model.tensors[name].dtype))

@@ -126,9 +126,11 @@ main() {
     fi
     kubectl config use-context "kind-$CLUSTER" >/dev/null
 
-    # 2. Images: the production Dockerfiles; the merge image with CPU torch wheels (small, no GPU in kind).
+    # 2. Images: the production Dockerfiles; the merge image with CPU torch wheels (small, no GPU in kind) and
+    # without precompiled kernels (the full set takes tens of minutes to build; the pods compile on first use).
     log "building images (tag $TAG)"
     docker build -f merge_image/Dockerfile --target merge --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL" \
+        --build-arg PRECOMPILE=skip \
         -t "$REGISTRY/merge:$TAG" .
     docker build -f operator/Dockerfile -t "$REGISTRY/operator:$TAG" .
     docker build -f api/Dockerfile -t "$REGISTRY/api:$TAG" .

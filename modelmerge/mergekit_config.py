@@ -8,10 +8,9 @@ models_to_merge, merge_method and dtype from it. Errors name the key, e.g.
 
 What a config can say (mergekit 0.1.5's MergeConfiguration): `models` with per-model `parameters`, or `slices`
 (layer ranges of one or several models: depth up-scaling, frankenmerges), `merge_method` (mergekit's names),
-`base_model`, global `parameters`, `dtype`, `out_dtype`, `tokenizer_source` (base, union or a model; the engine
-moves embedding and head rows to the union's vocabulary where the models' vocabularies differ, and refuses, naming
-tokenizer_source, base or a model over differing vocabularies, and union without base_model or with slices over
-them: merge_image/modelmerge_engine/tokenizer_source.py). A parameter is
+`base_model`, global `parameters`, `dtype`, `out_dtype`, `tokenizer_source` (base, union or a model; where the
+models' vocabularies differ the engine moves embedding and head rows to that vocabulary as mergekit does, and refuses
+naming tokenizer_source what it does not do: merge_image/modelmerge_engine/tokenizer_source.py). A parameter is
 a scalar, a gradient (a list of numbers interpolated over the layers of a slice) or a list of conditions
 `{filter: self_attn, value: ...}` (the first whose filter is in the tensor's name wins). `resolve` looks a
 parameter up for one tensor exactly as mergekit's parameter resolver does; the engine calls it through

@@ -8,7 +8,8 @@ Against mergekit 0.1.5 (the oracle, tests/helpers/mergekit.py) on tiny Llama-sha
 rows than the base and not as many as each other) and one of which renames a token of the base's (so the base and
 the other fine-tunes have a token it lacks, and it has one that only it has): union with linear, task_arithmetic
 and ties, in bfloat16, float16 and float32, on both kernel sets and over ranges that split rows; base and a named
-model with task_arithmetic. Every tensor bit-identical, the written tokenizer loads with the same ids and added
+model with task_arithmetic; one vocabulary with padding rows (fewer tokens than embedding rows), with base_model
+and without. Every tensor bit-identical, the written tokenizer loads with the same ids and added
 tokens as mergekit's, config.json's vocab_size is the same. The fine-tunes' new tokens are chosen so that
 mergekit's union has one order: it visits the models in a set's order (random from one process to the next), so
 where two models each bring tokens the other lacks its ids vary from run to run; ours follow the config's order.
@@ -35,6 +36,7 @@ SIZE = {"vocab": 96, "hidden": 32, "intermediate": 64, "layers": 2}
 VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 # What each fine-tune adds: (content, special). ft1's are ft0's and one more, so that mergekit's union has one
 # order whichever of them it visits first; ft1 also renames the base's `w9`.
+PADDED_TOKENS = 90  # of SIZE's 96 rows
 ADDED = ([("<tool>", True), ("extra", False)], [("<tool>", True), ("extra", False), ("<end_tool>", True)])
 
 
@@ -76,6 +78,12 @@ def families(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
         add_tokens(finetunes[0], ADDED[0], rename=None, seed=7)
         add_tokens(finetunes[1], ADDED[1], rename=("w9", "renamed"), seed=8)
         made[arch] = base, finetunes
+    base, finetunes = make_family(root / "padded", n=2, arch="llama", dtype=torch.bfloat16, **SIZE)
+    for model in (base, *finetunes):  # the last rows are padding: no token of the tokenizer (as Qwen2.5's)
+        document = json.loads((model / "tokenizer.json").read_text())
+        document["model"]["vocab"] = {t: i for t, i in document["model"]["vocab"].items() if i < PADDED_TOKENS}
+        (model / "tokenizer.json").write_text(json.dumps(document, indent=2))
+    made["padded"] = base, finetunes
     return made
 
 
@@ -95,7 +103,7 @@ def tokenizer_of(directory: Path) -> tuple[dict[str, int], dict[int, str]]:
 
 def union_config(method: str, base: Path, finetunes: list[Path], dtype: str, source: str = "union") -> dict:
     models = [{"model": str(model), "parameters": {"weight": weight}}
-              for model, weight in zip(finetunes, (0.5, 0.3, 0.9), strict=True)]
+              for model, weight in zip(finetunes, (0.5, 0.3, 0.9), strict=False)]
     config = {"merge_method": method, "base_model": str(base), "dtype": dtype, "tokenizer_source": source,
               "models": models}
     if method == "linear":  # the base is one more input (mergekit adds it), weighted by the global weight
@@ -113,7 +121,7 @@ def assert_union_matches_mergekit(config: dict, tmp_path: Path, *, grows: bool =
     theirs, mine = tmp_path / "mergekit", tmp_path / "ours"
     merged = ours(config, mine)
     assert_agrees_with_mergekit(merged, read_state_dict(theirs))
-    base_rows = read_state_dict(Path(config["base_model"]))["model.embed_tokens.weight"].shape[0]
+    base_rows = len(tokenizer_of(Path(config["base_model"] or config["models"][0]["model"]))[0])
     assert (merged["model.embed_tokens.weight"].shape[0] > base_rows) == grows  # the vocabulary grew
     assert tokenizer_of(mine) == tokenizer_of(theirs)
     vocab_size = json.loads((theirs / "config.json").read_text())["vocab_size"]
@@ -139,6 +147,18 @@ def test_the_base_or_a_models_vocabulary_over_differing_ones_gives_mergekits_ten
     named = str(base) if source == "base" else str(finetunes[1])
     config = union_config("task_arithmetic", base, finetunes, "bfloat16", "base" if source == "base" else named)
     assert_union_matches_mergekit(config, tmp_path, grows=source != "base")
+
+
+def test_union_of_one_vocabulary_drops_padding_rows_as_mergekit(families, tmp_path):
+    """The same vocabulary in every model, fewer tokens than embedding rows: the union (with base_model or not: the
+    same tokens whichever model comes first) is that vocabulary, the padding rows dropped."""
+    base, finetunes = families["padded"]
+    config = union_config("task_arithmetic", base, finetunes, "bfloat16")
+    assert_union_matches_mergekit(config, tmp_path / "task_arithmetic", grows=False)
+    linear = {"merge_method": "linear", "dtype": "bfloat16", "tokenizer_source": "union",
+              "models": [{"model": str(model), "parameters": {"weight": 0.5}} for model in (base, *finetunes)]}
+    assert_union_matches_mergekit({**linear, "base_model": None}, tmp_path / "linear", grows=False)
+    assert read_state_dict(tmp_path / "linear" / "ours")["lm_head.weight"].shape[0] == PADDED_TOKENS
 
 
 def test_union_on_the_torch_kernel_set_with_every_tensor_split_into_ranges(families, tmp_path, monkeypatch):

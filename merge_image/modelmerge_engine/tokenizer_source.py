@@ -4,8 +4,9 @@
 named in the config gives its own tokenizer files instead; `union` gives the union of every model's vocabulary.
 mergekit 0.1.5 builds that vocabulary and moves the embedding rows to it; where all the models' vocabularies are
 the same (the same tokens at the same ids, as many as the embedding rows) that is the identity and the merge needs
-nothing else. Where they differ, the engine does as mergekit does (tokenizer/build.py build_tokenizer and
-build_union_tokenizer, tokenizer/embed.py PermutedVocabulary, merge.py _update_config_vocab):
+nothing else. Where they differ, or a model has more embedding rows (its config's vocab_size) than tokens
+(padding), the engine does as mergekit does (tokenizer/build.py build_tokenizer and build_union_tokenizer,
+tokenizer/embed.py PermutedVocabulary, merge.py _update_config_vocab):
 
 - the vocabulary: `base`: the base model's; a model: that model's; `union`: the base model's tokens at their ids,
   then the tokens of the other models that are in no model's added tokens (as plain added tokens: normalized, not
@@ -23,7 +24,7 @@ build_union_tokenizer, tokenizer/embed.py PermutedVocabulary, merge.py _update_c
   model that has it, else the base_model's, else the average of the models that have it (summed in the compute
   dtype in the config's order of the models, then divided). No padding (pad_to_multiple_of needs a `tokenizer`
   config, which is refused).
-- config.json's vocab_size is the number of tokens of the vocabulary.
+- config.json's vocab_size is the number of tokens of the vocabulary (padding rows are dropped).
 
 Refused with a message naming tokenizer_source, where the vocabularies differ: `union` or `base` without base_model
 (mergekit takes the base tokenizer from the first model of an unordered set), `slices`, a tokenizer with tokens at
@@ -227,19 +228,22 @@ def moved_vocabulary(source: str | None, *, models: dict[str, tuple[Path, str]],
         return None
     documents = {ref: _tokenizer_document(directory, label) for ref, (directory, label) in models.items()}
     vocabularies = {ref: vocabulary(models[ref][0], models[ref][1], documents[ref]) for ref in models}
-    if all(vocab == vocabularies[base_ref] for vocab in vocabularies.values()):
+    sizes = {ref: _vocab_size(models[ref][0], len(vocab)) for ref, vocab in vocabularies.items()}
+    same = all(vocab == vocabularies[base_ref] for vocab in vocabularies.values())
+    if same and all(sizes[ref] == len(vocab) for ref, vocab in vocabularies.items()):
         return None
-    differing = ", ".join(ref for ref, vocab in vocabularies.items() if vocab != vocabularies[base_ref])
+    differing = ", ".join(ref for ref, vocab in vocabularies.items() if vocab != vocabularies[base_ref]) or \
+        f"vocab_size {', '.join(str(size) for size in sizes.values())} for {len(vocabularies[base_ref])} tokens"
     if slices:
         raise MergeError(f"config: tokenizer_source: {source} with slices is not supported where the vocabularies "
-                         f"differ ({differing} differ from {base_ref}'s); write `models` instead of slices")
-    if config_base is None and source in ("base", "union"):
+                         f"differ or do not fill the embeddings ({differing}); write `models` instead of slices")
+    if config_base is None and source in ("base", "union") and not same:
         raise MergeError(f"config: tokenizer_source: {source} needs base_model where the vocabularies differ "
                          f"({differing}): mergekit takes the base tokenizer from the first model of an unordered "
                          "set, so its token ids vary from run to run; set base_model")
     labels = {ref: label for ref, (_, label) in models.items()}
     for ref, vocab in vocabularies.items():
-        size = _vocab_size(models[ref][0], len(vocab))
+        size = sizes[ref]
         beyond = sorted(token for token, index in vocab.items() if index >= size)
         if beyond:
             raise MergeError(f"config: tokenizer_source: {source}: {labels[ref]}'s tokenizer has tokens at ids "

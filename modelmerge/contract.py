@@ -651,8 +651,9 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "nuslerp",
-            "mergekit's nuslerp with a base model: spherical interpolation of the two fine-tunes' task vectors "
-            "(t = weight_1 / (weight_0 + weight_1) from model_parameters), per tensor or per row, added to the base.",
+            "mergekit's nuslerp: spherical interpolation of the two fine-tunes' task vectors (t = weight_1 / "
+            "(weight_0 + weight_1) from model_parameters), per tensor or per row, added to the base; a mergekit "
+            "config without base_model interpolates the two models' weights themselves.",
             ("model_parameters", "nuslerp_flatten", "nuslerp_row_wise", *COMMON_PARAMETERS),
             origin=MERGEKIT,
             models=(2, 2),
@@ -667,9 +668,9 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "multislerp",
-            "mergekit's multislerp with a base model: barycentric spherical interpolation of the fine-tunes' task "
-            "vectors (weights from model_parameters) on the unit sphere, scaled by their weighted mean norm, added "
-            "to the base.",
+            "mergekit's multislerp: barycentric spherical interpolation of the fine-tunes' task vectors (weights "
+            "from model_parameters) on the unit sphere, scaled by their weighted mean norm, added to the base; a "
+            "mergekit config without base_model interpolates the models' weights themselves.",
             ("model_parameters", "normalize_weights", "eps", *COMMON_PARAMETERS),
             origin=MERGEKIT,
         ),

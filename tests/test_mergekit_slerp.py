@@ -5,8 +5,13 @@ compute in bfloat16, float16 and float32.
 
 Whole-tensor statistics are reduced in torch's CPU order (methods/torch_reductions.py, checked here against torch
 itself), so they are mergekit's to the bit on tensors of up to 32768 elements (all of these models'), and the angle
-functions of those scalars are torch's own (torch_reductions.scalar_function), so every element is identical to
-mergekit's in every compute dtype.
+functions of those scalars are torch's (torch_reductions.scalar_function: SLEEF's as torch's kernels take them for
+bfloat16 and float16, reproduced without torch by methods/sleef.py; torch's own, MKL's, for float32), so every
+element is identical to mergekit's in every compute dtype. Without torch (the CPU merge image) float32 scalars are
+SLEEF's, which differ from MKL's in the last bit for a few percent of arguments.
+
+nuslerp and multislerp also run from a mergekit config without base_model (mergekit's base is optional for them):
+the models' weights interpolated themselves, nothing added back, every bit (the sign of zero too) mergekit's.
 """
 
 from __future__ import annotations
@@ -319,10 +324,11 @@ def test_nuslerp_requests_are_validated_naming_the_field(fields, message):
 
 
 def test_nuslerp_row_wise_without_torch_agrees_with_the_torch_path(families, tmp_path):
-    """Where torch is not installed (the CPU merge image) the column statistics are the same kernels; only acos and
-    sin are the correctly rounded ones (torch's are SLEEF's, at most an ulp off): bfloat16 merges identical to
-    the path with torch, float32 ones within 2e-7 of each tensor's largest magnitude (where a coefficient's last
-    bit differs)."""
+    """Where torch is not installed (the CPU merge image) the column statistics are the same kernels, and acos and
+    sin are SLEEF's (methods/sleef.py): torch's own for bfloat16, so bfloat16 merges are identical to the path with
+    torch; torch's float32 ones are MKL's, from which SLEEF's differ in the last bit for a few percent of arguments,
+    so float32 merges are within 2e-7 of each tensor's largest magnitude (where a coefficient's last bit
+    differs)."""
     base, finetunes = families["qwen2-fp32-4-tied"]
     for dtype in ("bfloat16", "float32"):
         out = tmp_path / dtype
@@ -341,3 +347,102 @@ def test_nuslerp_row_wise_without_torch_agrees_with_the_torch_path(families, tmp
             assert without_torch.keys() == with_torch.keys()
             for name, tensor in with_torch.items():
                 assert (without_torch[name] - tensor).abs().max() <= 2e-7 * tensor.abs().max(), name
+
+
+# --- nuslerp and multislerp without a base model (a mergekit config without base_model) ----------------------
+
+
+def config_merge(config: dict, out: Path) -> dict[str, torch.Tensor]:
+    """The engine's merge of a mergekit config as it is (base_model, models_to_merge and merge_method from it)."""
+    from modelmerge_engine.run import run_merge
+
+    request = MergeRequest.model_validate({"config": config, "output_dir": str(out)})
+    assert run_merge(request, progress="none") == 0
+    return read_state_dict(out)
+
+
+def assert_same_bits(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """mergekit's output to the bit (the sign of zero too), then the shared bar."""
+    assert_agrees_with_mergekit(ours, theirs)
+    for name, tensor in ours.items():
+        view = {2: torch.int16, 4: torch.int32}[tensor.element_size()]
+        assert torch.equal(tensor.view(view), theirs[name].view(view)), name
+
+
+def no_base_config(method: str, models: list[Path], weights: list[float], *, dtype: str, **parameters) -> dict:
+    return {"merge_method": method, "dtype": dtype, "parameters": parameters,
+            "models": [{"model": str(path), "parameters": {"weight": weight}}
+                       for path, weight in zip(models, weights, strict=True)]}
+
+
+@pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("shape", ["flatten", "rows", "row_wise"])
+def test_nuslerp_without_a_base_model_matches_mergekit(families, mergekit, tmp_path, monkeypatch, shape, dtype,
+                                                       kernels):
+    """No base_model: mergekit interpolates the two models' weights themselves and adds nothing; the first model
+    gives the config, tokenizer and unmerged tensors."""
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
+    base, finetunes = families["qwen2-fp32-4-tied"]
+    config = no_base_config("nuslerp", [finetunes[1], base], NUSLERP_WEIGHTS, dtype=dtype,
+                            nuslerp_flatten=shape == "flatten", nuslerp_row_wise=shape == "row_wise")
+    request = MergeRequest.model_validate({"config": config})
+    assert request.base_model == str(finetunes[1])
+    assert request.models_to_merge == [str(finetunes[1]), str(base)]
+    assert_same_bits(config_merge(config, tmp_path / "ours"), mergekit(config))
+
+
+@pytest.mark.parametrize("kernels", KERNEL_SET_NAMES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("count", [2, 3])
+def test_multislerp_without_a_base_model_matches_mergekit(families, mergekit, tmp_path, monkeypatch, count, dtype,
+                                                          kernels):
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, "37")
+    base, finetunes = families["llama-bf16-4-sharded"]
+    models = [finetunes[2], base, finetunes[0]][:count]
+    config = no_base_config("multislerp", models, [1.0, 2.0, 3.0][:count], dtype=dtype)
+    assert MergeRequest.model_validate({"config": config}).models_to_merge == [str(path) for path in models]
+    assert_same_bits(config_merge(config, tmp_path / "ours"), mergekit(config))
+
+
+def test_multislerp_without_a_base_model_streams_with_the_same_bytes(families, tmp_path, monkeypatch):
+    from modelmerge_engine.methods import multislerp
+
+    base, finetunes = families["qwen2-bf16-2"]
+    config = no_base_config("multislerp", [finetunes[0], finetunes[1], base], [0.3, 0.6, 0.1], dtype="float32")
+    whole = config_merge(config, tmp_path / "whole")
+    monkeypatch.setattr(multislerp, "SEGMENT", 64)
+    assert_identical(config_merge(config, tmp_path / "streamed"), whole)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"base_model": "base", "merge_method": "nuslerp", "models_to_merge": ["a"]},
+     r"models_to_merge: nuslerp takes exactly 2 model\(s\) besides base_model"),
+    ({"merge_method": "nuslerp", "models_to_merge": ["a", "b"]}, "base_model\n  Field required"),
+    ({"config": {"merge_method": "nuslerp", "models": [{"model": "a"}, {"model": "b"}, {"model": "c"}]}},
+     r"models: merge_method nuslerp takes exactly 2 model\(s\) \(without base_model every model is one\): got 3"),
+    ({"config": {"merge_method": "nuslerp", "models": [{"model": "a"}]}},
+     r"models: merge_method nuslerp takes exactly 2 model\(s\) \(without base_model every model is one\): got 1"),
+    ({"config": {"merge_method": "nuslerp", "base_model": "base",
+                 "models": [{"model": "base"}, {"model": "a"}, {"model": "b"}, {"model": "c"}]}},
+     r"models: merge_method nuslerp takes exactly 2 model\(s\) besides base_model: got 3"),
+    ({"config": {"merge_method": "nuslerp", "slices": [{"sources": [
+        {"model": m, "layer_range": [0, 2]} for m in ("a", "b", "c")]}]}},
+     r"slices\[0\].sources: merge_method nuslerp takes exactly 2 model\(s\)"),
+])
+def test_base_optional_methods_are_validated_naming_the_key(data, message):
+    """A flat request keeps requiring a base; a config without one takes mergekit's model counts."""
+    with pytest.raises(ValidationError, match=message):
+        MergeRequest.model_validate(data)
+
+
+def test_a_base_optional_config_without_base_model_takes_every_model_as_an_input():
+    for method in ("nuslerp", "multislerp"):
+        request = MergeRequest.model_validate({"config": {"merge_method": method, "models": [
+            {"model": "a"}, {"model": "b"}]}})
+        assert (request.base_model, request.models_to_merge) == ("a", ["a", "b"])
+        with_base = MergeRequest.model_validate({"config": {"merge_method": method, "base_model": "a", "models": [
+            {"model": "a"}, {"model": "b"}, {"model": "c"}]}})
+        assert (with_base.base_model, with_base.models_to_merge) == ("a", ["b", "c"])

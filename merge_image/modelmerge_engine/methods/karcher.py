@@ -23,10 +23,11 @@ Where torch is not installed (the CPU merge image) `_state_without_torch` takes 
 tensor without it: the elementwise steps with the combine step's own rounded arithmetic, the float32 2-norms and
 the 16-bit dots reduced in torch's CPU order (torch_reductions.row_norm, row_dot: torch's to the bit for rows of
 up to 4096 values; torch reduces longer 16-bit dots another way, which only rarely shows after the dot is rounded
-to the dtype), acos, sin and cos correctly rounded (torch_reductions.scalar_function). So 16-bit merges are
-torch's, and mergekit's, wherever those agree (every element of the tiny test families in bfloat16 and float16).
-A float32 dot torch hands to MKL's sdot, whose order cannot be reproduced, and SLEEF's float32 functions differ
-from the correctly rounded ones in the last bit for a few percent of arguments: without torch a float32 merge
+to the dtype), acos, sin and cos SLEEF's (torch_reductions.scalar_function, methods/sleef.py: torch's own for
+bfloat16 and float16 values, to the bit). So 16-bit merges are torch's, and mergekit's, wherever those agree (every
+element of the tiny test families in bfloat16 and float16). A float32 dot torch hands to MKL's sdot, whose order
+cannot be reproduced, and torch's float32 acos, sin and cos are MKL's, from which SLEEF's differ in the last bit
+for a few percent of arguments: without torch a float32 merge
 can differ from the one with torch in the last bits, more where several iterations run (3 inputs of the tiny
 families: a third of the elements, each within 2e-7 of its tensor's largest magnitude, which is a few thousand
 ulps only for the elements nearest zero)."""

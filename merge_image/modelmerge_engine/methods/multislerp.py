@@ -1,20 +1,22 @@
-"""mergekit's multislerp (mergekit/merge_methods/multislerp.py, 0.1.5) with a base model: barycentric spherical
-interpolation of the fine-tunes' task vectors. Per tensor, in the compute dtype as mergekit's torch ops are (every
-operation rounded to it), with w the model_parameters weights (divided by their sum with normalize_weights):
+"""mergekit's multislerp (mergekit/merge_methods/multislerp.py, 0.1.5): barycentric spherical interpolation of the
+fine-tunes' task vectors, added to the base, or (a mergekit config without base_model: mergekit's base is optional)
+of the models' weights themselves, nothing added. Per tensor, in the compute dtype as mergekit's torch ops are
+(every operation rounded to it), with w the model_parameters weights (divided by their sum with normalize_weights):
 
-    v_i = model_i − base;  n_i = |v_i|;  u_i = v_i / (n_i + eps)
-    m = Σ w_i u_i;  |m| < eps: with two models (w_0 v_0 + w_1 v_1) + base, else an error naming the tensor
+    v_i = model_i − base (without a base: model_i);  n_i = |v_i|;  u_i = v_i / (n_i + eps)
+    m = Σ w_i u_i;  |m| < eps: with two models w_0 v_0 + w_1 v_1 (+ base), else an error naming the tensor
     m̂ = m / |m|;  d_i = u_i · m̂;  r = Σ w_i (u_i − d_i m̂);  ρ = |r| + eps
-    merged = base + (m̂ cos ρ + r (sin ρ / ρ)) · Σ w_i n_i
+    merged = base + (m̂ cos ρ + r (sin ρ / ρ)) · Σ w_i n_i  (without a base: no base added, not even 0, which
+    would turn −0 into +0)
     one fine-tune: the fine-tune itself (mergekit interpolates nothing)
 
-Four streaming statistics passes over the base and every fine-tune (the norms n_i, |m|, the dots d_i, |r|), each
-a segment at a time, reduced in torch's CPU order (torch_reductions.py), so memory stays a few segments whatever
-the tensor. cos and sin are torch's own CPU functions on values of the compute dtype
-(torch_reductions.scalar_function), so the scalars are mergekit's to the bit; where torch is not installed they are
-correctly rounded in float32, then rounded to the dtype, and may differ from mergekit's by one ulp (see slerp.py).
-The base model is required here (mergekit's is optional: without one it interpolates the
-weights themselves).
+Four streaming statistics passes over the base (if any) and every fine-tune (the norms n_i, |m|, the dots d_i,
+|r|), each a segment at a time, reduced in torch's CPU order (torch_reductions.py), so memory stays a few segments
+whatever the tensor. cos and sin are torch's CPU functions on values of the compute dtype
+(torch_reductions.scalar_function), so the scalars are mergekit's to the bit: for bfloat16 and float16 SLEEF's
+functions as torch's kernels take them, reproduced without torch (methods/sleef.py); for float32 torch's own
+(MKL's) where torch is installed, SLEEF's where it is not (the CPU merge image), which differ from MKL's in the last
+bit for a few percent of arguments.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
+from modelmerge_engine.cpu_kernels import _specialised, rnd, store, widen
 from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.methods import register
@@ -90,15 +92,16 @@ def tangents(vectors, denominators, weights, mean_norm, dots, code, out):
 
 @register_jitable(inline="always")
 def _multislerp(constants, args):
-    code, = constants
+    """with_base: the task vectors interpolated and the base added; else the models' values themselves."""
+    code, with_base = constants
     base, inputs, denominators, weights, scalars, out = args
     mean_norm, cos_rho, ratio, scale, linear = scalars[0], scalars[1], scalars[2], scalars[3], scalars[4] != 0
     dots = scalars[5:]
     v = np.empty(len(inputs), np.float32)
     for e in range(out.shape[0]):
-        b = widen(base[e], code)
+        b = widen(base[e], code) if with_base else np.float32(0.0)
         for i in range(len(inputs)):
-            v[i] = rnd(widen(inputs[i][e], code) - b, code)
+            v[i] = rnd(widen(inputs[i][e], code) - b, code) if with_base else widen(inputs[i][e], code)
         if linear:
             merged = rnd(rnd(v[0] * weights[0], code) + rnd(v[1] * weights[1], code), code)
         else:
@@ -106,10 +109,11 @@ def _multislerp(constants, args):
             tangent = _tangent_at(v, denominators, weights, mean_hat, dots, code)
             sphere = rnd(rnd(mean_hat * cos_rho, code) + rnd(tangent * ratio, code), code)
             merged = rnd(sphere * scale, code)
-        store(out, e, b + merged, code)
+        store(out, e, b + merged if with_base else merged, code)
 
 
-multislerp_kernel = _per_dtype(_multislerp)
+def multislerp_kernel(code, *args, with_base: bool = True):
+    _specialised(_multislerp, int(code), bool(with_base))(args)
 
 
 @register
@@ -117,11 +121,17 @@ class Multislerp(Method):
     name = "multislerp"
     parameters = ("model_parameters", "normalize_weights", "eps")
 
+    def __init__(self, merge):
+        super().__init__(merge)
+        # a mergekit config without base_model: the models' values are interpolated, no base subtracted or added
+        self.with_base = self.request.config is None or self.request.config.base_model is not None
+
     def planned_steps(self, merge_work: int, statistics_work: int) -> list[Step]:
         """The merge step holds the four statistics passes over the base and every fine-tune (none with one)."""
         count = len(self.merge.finetunes)
         passes = PASSES if count > 1 else 0
-        statistics = sum(plan.numel * (count + 1) * passes for plan in self.merge.plans if plan.merged)
+        reads = count + 1 if self.with_base else count
+        statistics = sum(plan.numel * reads * passes for plan in self.merge.plans if plan.merged)
         return [Step("merge", merge_work + statistics_work + statistics)]
 
     def _round(self, values) -> np.ndarray:
@@ -131,11 +141,13 @@ class Multislerp(Method):
         merge = self.merge
         for start in range(0, numel, SEGMENT):
             stop = min(start + SEGMENT, numel)
-            base = host_values(merge, merge.base, name, start, stop)
             models = tuple(host_values(merge, model, name, start, stop) for model in merge.finetunes)
             vectors = np.empty((len(models), stop - start), np.float32)
-            task_vectors(base, models, merge.dtype.code, vectors)
-            merge.progress.advance((len(models) + 1) * (stop - start))
+            if self.with_base:
+                task_vectors(host_values(merge, merge.base, name, start, stop), models, merge.dtype.code, vectors)
+            else:
+                vectors[:] = models
+            merge.progress.advance((len(models) + self.with_base) * (stop - start))
             yield vectors
 
     def _norm(self, name: str, numel: int, rows, values_of) -> np.ndarray:
@@ -204,7 +216,7 @@ class Multislerp(Method):
         if state is None:
             return inputs[0].copy()
         out = kernels.empty(base)
-        multislerp_kernel(kernels.code, base, tuple(inputs), *state, out)
+        multislerp_kernel(kernels.code, base, tuple(inputs), *state, out, with_base=self.with_base)
         return out
 
     def combine_torch(self, kernels, base, inputs, state):
@@ -216,10 +228,13 @@ class Multislerp(Method):
         rnd = rounder(base.dtype)
         denominators, weights, scalars = state
         b = base.to(torch.float32)
-        vectors = [rnd(raw.to(torch.float32) - b) for raw in inputs]
+        vectors = [rnd(raw.to(torch.float32) - b) if self.with_base else raw.to(torch.float32) for raw in inputs]
+
+        def placed(merged):
+            return (b + merged if self.with_base else merged).to(kernels.tdtype)
+
         if scalars[4]:
-            merged = rnd(rnd(vectors[0] * float(weights[0])) + rnd(vectors[1] * float(weights[1])))
-            return (b + merged).to(kernels.tdtype)
+            return placed(rnd(rnd(vectors[0] * float(weights[0])) + rnd(vectors[1] * float(weights[1]))))
         units = [rnd(v / float(d)) for v, d in zip(vectors, denominators, strict=True)]
         total = torch.zeros_like(b)
         for unit, weight in zip(units, weights, strict=True):
@@ -229,4 +244,4 @@ class Multislerp(Method):
         for unit, weight, dot in zip(units, weights, scalars[5:], strict=True):
             tangent += rnd(rnd(unit - rnd(float(dot) * mean_hat)) * float(weight))
         sphere = rnd(rnd(mean_hat * float(scalars[1])) + rnd(rnd(tangent) * float(scalars[2])))
-        return (b + rnd(sphere * float(scalars[3]))).to(kernels.tdtype)
+        return placed(rnd(sphere * float(scalars[3])))

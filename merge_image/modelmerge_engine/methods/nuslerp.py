@@ -1,19 +1,22 @@
-"""mergekit's nuslerp (mergekit/merge_methods/nuslerp.py, 0.1.5) with a base model: spherical interpolation of the
-two fine-tunes' task vectors, added to the base. t = weight_1 / (weight_0 + weight_1) (0.5 where the weights sum
-to less than 1e-6 in magnitude), from each model's model_parameters weight.
+"""mergekit's nuslerp (mergekit/merge_methods/nuslerp.py, 0.1.5): spherical interpolation of two models' task
+vectors, added to the base, or (a mergekit config without base_model: mergekit's base is optional) of the two
+models' weights themselves, nothing added. t = weight_1 / (weight_0 + weight_1) (0.5 where the weights sum to less
+than 1e-6 in magnitude), from each model's model_parameters weight.
 
 Per row (nuslerp_flatten, the default: the whole tensor; otherwise each row of the last dimension), in the
 compute dtype as mergekit's torch ops are (every operation rounded to it):
 
-    v_i = model_i − base;  u_i = v_i / max(|v_i|, 1e-7);  cos = clamp(u_0 · u_1, −1, 1)
+    v_i = model_i − base (without a base: model_i);  u_i = v_i / max(|v_i|, 1e-7);  cos = clamp(u_0 · u_1, −1, 1)
     colinear: 1 − cos² <= 1e-16  →  (1 − t) v_0 + t v_1
     else θ = acos(cos):  (sin((1 − t)θ) v_0 + sin(tθ) v_1) / sin θ
-    merged = base + that
+    merged = base + that (without a base: that, as it is; no 0 + x, which would turn −0 into +0)
 
 Norms and the dot product are reduced in torch's CPU order (torch_reductions.py), two streaming passes a segment
 at a time; the combine step gets each element's row coefficients from the `inputs` hook (rows.py). acos and sin
-are torch's own CPU functions on values of the compute dtype (torch_reductions.scalar_function; correctly rounded
-in float32, then rounded to the dtype, where torch is not installed: see slerp.py).
+are torch's CPU functions on values of the compute dtype (torch_reductions.scalar_function): for bfloat16 and
+float16 SLEEF's functions as torch's kernels take them, reproduced to the bit without torch (methods/sleef.py); for
+float32 torch's own (MKL's) where torch is installed, SLEEF's where it is not (the CPU merge image), which differ
+from MKL's in the last bit for a few percent of arguments.
 
 nuslerp_row_wise (with nuslerp_flatten false) is the same per column: mergekit transposes the first dimension to
 the last, so each column of the tensor viewed as [first dimension, rest] is one vector, its norms and dot reduced
@@ -28,7 +31,7 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
+from modelmerge_engine.cpu_kernels import _specialised, rnd, store, widen
 from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
@@ -74,22 +77,24 @@ def _unit_products(vectors, norms_0, norms_1, code, out):
 
 @register_jitable(inline="always")
 def _nuslerp(constants, args):
-    code, = constants
+    """with_base: the task vectors interpolated and the base added; else the models' values themselves."""
+    code, with_base = constants
     base, inputs, coefficients, weights, out = args
     one_minus_t, t = weights[0], weights[1]
     for e in range(out.shape[0]):
-        b = widen(base[e], code)
-        v0 = rnd(widen(inputs[0][e], code) - b, code)
-        v1 = rnd(widen(inputs[1][e], code) - b, code)
+        b = widen(base[e], code) if with_base else np.float32(0.0)
+        v0 = rnd(widen(inputs[0][e], code) - b, code) if with_base else widen(inputs[0][e], code)
+        v1 = rnd(widen(inputs[1][e], code) - b, code) if with_base else widen(inputs[1][e], code)
         if coefficients[e, COLINEAR_FLAG] != 0:
             merged = rnd(rnd(one_minus_t * v0, code) + rnd(t * v1, code), code)
         else:
             spherical = rnd(rnd(coefficients[e, COEF_0] * v0, code) + rnd(coefficients[e, COEF_1] * v1, code), code)
             merged = rnd(spherical / coefficients[e, SIN_THETA], code)
-        store(out, e, b + merged, code)
+        store(out, e, b + merged if with_base else merged, code)
 
 
-nuslerp_kernel = _per_dtype(_nuslerp)
+def nuslerp_kernel(code, *args, with_base: bool = True):
+    _specialised(_nuslerp, int(code), bool(with_base))(args)
 
 
 @register
@@ -99,11 +104,13 @@ class Nuslerp(Method):
 
     def __init__(self, merge):
         super().__init__(merge)
+        # a mergekit config without base_model: the models' values are interpolated, no base subtracted or added
+        self.with_base = self.request.config is None or self.request.config.base_model is not None
         # tensor -> (row width, coefficients of each row or column, whether by column)
         self._rows: dict[str, tuple[int, np.ndarray, bool]] = {}
 
     def statistics_work(self, group_numel: int) -> int:
-        return 6 * group_numel  # two passes over the base and both models
+        return (6 if self.with_base else 4) * group_numel  # two passes over the base (if any) and both models
 
     def _rounded(self, value: float) -> np.float32:
         """A float32 value rounded to the compute dtype, as torch rounds a 16-bit op's result."""
@@ -185,12 +192,15 @@ class Nuslerp(Method):
                 sin_of(self._rounded(np.float32(t) * theta)), sin_of(theta)]
 
     def _task_vectors(self, name: str, start: int, stop: int) -> np.ndarray:
+        """v_0 and v_1 of elements start:stop (without a base: the models' own values)."""
         merge = self.merge
-        base = host_values(merge, merge.base, name, start, stop)
         first, second = (host_values(merge, model, name, start, stop) for model in merge.finetunes)
         vectors = np.empty((2, stop - start), np.float32)
-        _task_vectors(base, first, second, merge.dtype.code, vectors)
-        merge.progress.advance(3 * (stop - start))
+        if self.with_base:
+            _task_vectors(host_values(merge, merge.base, name, start, stop), first, second, merge.dtype.code, vectors)
+        else:
+            vectors[0], vectors[1] = first, second
+        merge.progress.advance((3 if self.with_base else 2) * (stop - start))
         return vectors
 
     def inputs(self, name, start, base, raws, models):
@@ -206,15 +216,16 @@ class Nuslerp(Method):
 
     def combine_cpu(self, kernels, base, inputs, state):
         out = kernels.empty(base)
-        nuslerp_kernel(kernels.code, base, tuple(inputs[:2]), inputs[2], state, out)
+        nuslerp_kernel(kernels.code, base, tuple(inputs[:2]), inputs[2], state, out, with_base=self.with_base)
         return out
 
     def combine_torch(self, kernels, base, inputs, state):
         first, second, coefficients = inputs
         one_minus_t, t = (float(w) for w in state)
         dtype = kernels.tdtype
-        v0, v1 = first - base, second - base
+        v0, v1 = (first - base, second - base) if self.with_base else (first, second)
         spherical = (coefficients[:, COEF_0].to(dtype) * v0 + coefficients[:, COEF_1].to(dtype) * v1) \
             / coefficients[:, SIN_THETA].to(dtype)
         linear = one_minus_t * v0 + t * v1
-        return base + kernels.torch.where(coefficients[:, COLINEAR_FLAG] != 0, linear, spherical)
+        merged = kernels.torch.where(coefficients[:, COLINEAR_FLAG] != 0, linear, spherical)
+        return base + merged if self.with_base else merged

@@ -446,3 +446,14 @@ def test_a_base_optional_config_without_base_model_takes_every_model_as_an_input
         with_base = MergeRequest.model_validate({"config": {"merge_method": method, "base_model": "a", "models": [
             {"model": "a"}, {"model": "b"}, {"model": "c"}]}})
         assert (with_base.base_model, with_base.models_to_merge) == ("a", ["b", "c"])
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_base_optional_slices_without_a_base_model_match_mergekit(families, mergekit, tmp_path, method):
+    """A slices config without base_model: each slice's sources are the inputs, the first source the donor."""
+    base, finetunes = families["llama-bf16-4-sharded"]
+    models = [finetunes[3], finetunes[1]]
+    config = {"merge_method": method, "dtype": "bfloat16", "slices": [
+        {"sources": [{"model": str(path), "layer_range": [0, 2], "parameters": {"weight": weight}}
+                     for path, weight in zip(models, NUSLERP_WEIGHTS, strict=True)]}]}
+    assert_same_bits(config_merge(config, tmp_path / "ours"), mergekit(config))

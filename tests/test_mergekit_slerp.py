@@ -457,3 +457,34 @@ def test_base_optional_slices_without_a_base_model_match_mergekit(families, merg
         {"sources": [{"model": str(path), "layer_range": [0, 2], "parameters": {"weight": weight}}
                      for path, weight in zip(models, NUSLERP_WEIGHTS, strict=True)]}]}
     assert_same_bits(config_merge(config, tmp_path / "ours"), mergekit(config))
+
+
+def with_signed_zeros(model: Path, out: Path, signs: list[float]) -> Path:
+    """A copy of `model` whose first tensor's first elements are zeros of the given signs (±0.0)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    weights = load_file(out / "model.safetensors")
+    name = sorted(weights)[0]
+    flat = weights[name].reshape(-1)
+    flat[:len(signs)] = torch.tensor(signs, dtype=flat.dtype)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(("method", "dtype", "kernels"), [
+    ("nuslerp", "bfloat16", "compiled"), ("nuslerp", "float32", "torch"),
+    ("multislerp", "float32", "compiled"), ("multislerp", "bfloat16", "torch")])
+def test_base_optional_merges_without_a_base_model_keep_the_sign_of_zero(families, mergekit, tmp_path, monkeypatch,
+                                                                          method, dtype, kernels):
+    """Nothing is added back without a base, not even 0: −0 where mergekit writes −0."""
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    base, finetunes = families["qwen2-bf16-2"]
+    models = [with_signed_zeros(finetunes[0], tmp_path / "a", [-0.0, -0.0, 0.0, -0.0, 0.0, 0.0]),
+              with_signed_zeros(finetunes[1], tmp_path / "b", [-0.0, 0.0, -0.0, -0.0, 0.0, 0.0])]
+    config = no_base_config(method, models, NUSLERP_WEIGHTS, dtype=dtype)
+    theirs = mergekit(config)
+    ours = config_merge(config, tmp_path / "ours")
+    if method == "nuslerp":  # (multislerp's weighted sums start at +0, in mergekit's torch as here)
+        assert sum(int(((t == 0) & torch.signbit(t)).sum()) for t in theirs.values()) == 2
+    assert_same_bits(ours, theirs)

@@ -133,3 +133,23 @@ def test_several_methods_compile_one_process_each_and_sum_their_reports(built_ca
 
     result, report = precompile(*both, "--verify", env=_env(NUMBA_CACHE_DIR=str(cache)))
     assert result.returncode == 0 and report["compiled"] == 0, result.stderr
+
+
+def test_a_specialised_kernels_cache_key_changes_with_any_engine_source(tmp_path):
+    """numba keys a specialised kernel's cache on cpu_kernels.py's stamp and the closure's pickled contents, where
+    a loop is only its name: the closure also holds the engine's source fingerprint, which any edit of any engine
+    module (a method's loop, a helper it inlines) changes, so an edited loop never runs stale cached code."""
+    import modelmerge_engine
+    from modelmerge_engine import cpu_kernels
+
+    kernel = cpu_kernels._specialised(cpu_kernels._histogram, 1)
+    closure = [cell.cell_contents for cell in kernel.py_func.__closure__]
+    assert cpu_kernels.engine_source_fingerprint() in closure
+
+    tree = tmp_path / "modelmerge_engine"
+    shutil.copytree(Path(modelmerge_engine.__file__).parent, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    before = cpu_kernels.source_fingerprint(tree)
+    assert before == cpu_kernels.engine_source_fingerprint()
+    method = tree / "methods" / "nuslerp.py"
+    method.write_text(method.read_text().replace("NORM_FLOOR = 1e-7", "NORM_FLOOR = 1e-6"))
+    assert cpu_kernels.source_fingerprint(tree) != before

@@ -12,7 +12,10 @@ Each loop is written once, generic in the dtype code and the flags, and compiled
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import warnings
+from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
@@ -147,18 +150,38 @@ def _store(out, e, f, code):
 _SPECIALISED: dict[tuple, object] = {}
 
 
+def source_fingerprint(root: Path) -> str:
+    """A hash of the source of every Python module under `root` (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def engine_source_fingerprint() -> str:
+    """The engine package's source_fingerprint, read once per process."""
+    return source_fingerprint(Path(__file__).parent)
+
+
 def _specialised(loop, *constants):
     """A compiled `run(args)` = `loop(constants, args)`, with the constants (dtype code, flags) folded in.
 
     Loops take their constants and their arguments as two tuples and unpack them first: numba cannot
     inline a call with *args. `loop` is a register_jitable function: numba's cache key pickles the closure's
     contents, and a plain module-level function pickles by name (a dispatcher pickles with a per-process id,
-    so the on-disk cache would never hit)."""
+    so the on-disk cache would never hit). A name says nothing of the body, and numba checks only this file's
+    stamp: a loop (or a helper it inlines) edited in a method's module would keep running the machine code
+    cached for the old one. So the closure also holds the engine's source fingerprint: any change to the
+    engine's modules is a new cache key for every specialised kernel (precompile builds them again)."""
     key = (loop.__name__, *constants)
     kernel = _SPECIALISED.get(key)
     if kernel is None:
+        source = engine_source_fingerprint()
+
         @njit(nogil=True, cache=True)
         def run(args):
+            source  # noqa: B018 (a free variable, so numba's cache key hashes it with the closure)
             return loop(constants, args)
 
         kernel = _SPECIALISED.setdefault(key, run)

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install run test test-unit lint crds envtest bench bench-engine bench-operator bench-api bench-sweep bench-report operator images kind-e2e clean
+.PHONY: install run test test-unit lint crds envtest bench bench-engine bench-methods bench-operator bench-api bench-sweep bench-report operator images kind-e2e clean
 
 install: $(STAMP)
 
@@ -52,6 +52,10 @@ bench-engine: install
 	$(BIN)/python bench/bench_engine.py
 
 # A missed target is recorded in the results (target_met), not a reason to stop the other benchmarks.
+# mergekit's methods against mergekit from the same YAML (issue 11; ~3 h, resumable with --resume).
+bench-methods: install
+	$(BIN)/python bench/bench_engine.py --suite mergekit
+
 bench-operator: install envtest
 	-$(BIN)/python bench/bench_operator.py
 

@@ -153,3 +153,12 @@ def test_a_specialised_kernels_cache_key_changes_with_any_engine_source(tmp_path
     method = tree / "methods" / "nuslerp.py"
     method.write_text(method.read_text().replace("NORM_FLOOR = 1e-7", "NORM_FLOOR = 1e-6"))
     assert cpu_kernels.source_fingerprint(tree) != before
+
+
+def test_mask_merging_alone_precompiles(tmp_path):
+    """A process given mask_merging alone (as each method gets its own) also compiles the conversion kernels,
+    through another method: mask_merging's rates depend on the model count."""
+    result, report = precompile("--methods", "mask_merging", "--dtypes", "bfloat16", "--max-models", "1",
+                                env=_env(NUMBA_CACHE_DIR=str(tmp_path / "cache")))
+    assert result.returncode == 0, result.stderr
+    assert report["merges"] > 0 and report["compiled"] > 0, report

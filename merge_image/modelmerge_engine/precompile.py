@@ -144,8 +144,10 @@ def precompile(*, max_models: int, dtypes: list[str], methods: list[str], log) -
         for dtype in dtypes:
             started = time.monotonic()
             runs = [(dtype, fields) for fields in requests(max_models, methods)]
-            conversion = {"merge_method": methods[0], "count": CATALOGUE[methods[0]].models[0],
-                          **required_examples(methods[0])}
+            # any method but mask_merging (whose rates depend on the count) reads converted checkpoints
+            converting = next((m for m in methods if m != "mask_merging"), "average_merging")
+            conversion = {"merge_method": converting, "count": CATALOGUE[converting].models[0],
+                          **required_examples(converting)}
             runs += [(stored, dict(conversion)) for stored in DTYPES if stored != dtype]
             for stored, fields in runs:
                 base, *finetunes = checkpoints[stored]

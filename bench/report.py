@@ -49,12 +49,18 @@ def _spread(cell: dict, name: str, scale: float = 1.0, digits: int = 2) -> str:
     return f"{m['median'] / scale:.{digits}f} ({m['min'] / scale:.{digits}f}–{m['max'] / scale:.{digits}f})"
 
 
+def _summary_by_key(result: dict) -> tuple[dict[tuple, dict], dict[tuple, dict]]:
+    """bench_engine's summary cells by (method, fine-tunes, state, tool) and ratios by (method, fine-tunes, state)."""
+    cells = {(c["method"], c["finetunes"], c["state"], c["tool"]): c for c in result["summary"]["cells"]}
+    ratios = {(r["method"], r["finetunes"], r["state"]): r for r in result["summary"]["ratios"]}
+    return cells, ratios
+
+
 def engine_table(result: dict | None) -> str:
     if result is None:
         return _missing("engine", "make bench-engine")
     settings = result["settings"]
-    cells = {(c["method"], c["finetunes"], c["state"], c["tool"]): c for c in result["summary"]["cells"]}
-    ratios = {(r["method"], r["finetunes"], r["state"]): r for r in result["summary"]["ratios"]}
+    cells, ratios = _summary_by_key(result)
     tools = settings["tools"]
     lines = [_provenance(result),
              f"{settings['runs']} runs per cell in one shuffled order (seed {settings['seed']}); "
@@ -121,8 +127,7 @@ def methods_table(result: dict | None) -> str:
     if result is None:
         return _missing("methods", "make bench-methods")
     settings = result["settings"]
-    cells = {(c["method"], c["finetunes"], c["state"], c["tool"]): c for c in result["summary"]["cells"]}
-    ratios = {(r["method"], r["finetunes"], r["state"]): r for r in result["summary"]["ratios"]}
+    cells, ratios = _summary_by_key(result)
     lines = [_provenance(result),
              f"mergekit's methods, this engine (`modelmerge merge --config`) and mergekit (`mergekit-yaml`) given the "
              f"same YAML; {settings['runs']} runs per cell in one shuffled order (seed {settings['seed']}); median "

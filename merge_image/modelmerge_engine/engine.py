@@ -356,8 +356,7 @@ class StreamingMerge:
                 raise MergeError(f"{prefix}: the base model has no embed_tokens or lm_head tensor to move to its "
                                  "vocabulary")
             for ref, (_, label) in self._tokenizer_models().items():
-                model = self.base if ref == self.request.base_model else \
-                    self.finetunes[self.request.models_to_merge.index(ref)]
+                model = self._model_of(ref)
                 for name in vocabulary_tensors:
                     rows = model.tensors[name].shape[0] if name in model.tensors else None
                     if rows is not None and int(vocabulary.rows[ref].max()) >= rows:
@@ -445,8 +444,15 @@ class StreamingMerge:
         return self.vocabulary is not None and is_vocabulary_tensor(plan.name)
 
     def _base_ref(self, plan: TensorPlan) -> str:
-        position = plan.base_source[0] if plan.base_source is not None else BASE
+        return self._ref_of(plan.base_source[0] if plan.base_source is not None else BASE)
+
+    def _ref_of(self, position: int) -> str:
+        """The request's reference of the model at `position` (BASE or a fine-tune's)."""
         return self.request.base_model if position == BASE else self.request.models_to_merge[position]
+
+    def _model_of(self, ref: str) -> SafetensorsModel:
+        """The model the request names `ref` (its base_model or one of models_to_merge)."""
+        return self.base if ref == self.request.base_model else self.finetunes[self.request.models_to_merge.index(ref)]
 
     def moved_range(self, position: int, name: str, start: int, stop: int) -> np.ndarray | None:
         """tokenizer_source: model `position`'s (BASE or a fine-tune's) elements [start, stop) of the
@@ -455,15 +461,13 @@ class StreamingMerge:
         plan = self._plans_by_name[name]
         if not self._moved(plan):
             return None
-        ref = self.request.base_model if position == BASE else self.request.models_to_merge[position]
-        return self._read_moved(plan, ref, start, stop)
+        return self._read_moved(plan, self._ref_of(position), start, stop)
 
     def _read_moved(self, plan: TensorPlan, ref: str, start: int, stop: int) -> np.ndarray:
         """Elements [start, stop) of model `ref`'s vocabulary tensor `plan` with its rows moved to the output's
         tokens (tokenizer_source.py), in the compute dtype, on the host."""
         def read(source: str, first: int, last: int) -> np.ndarray:
-            model = self.base if source == self.request.base_model else \
-                self.finetunes[self.request.models_to_merge.index(source)]
+            model = self._model_of(source)
             values = model.read(plan.name, first, last)
             return self.kernels.to_host(self.kernels.prepare(values, model.tensors[plan.name].dtype))
 

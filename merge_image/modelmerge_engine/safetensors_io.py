@@ -2,25 +2,24 @@
 
 Reading maps each file copy-on-write and hands out tensor views of the mapped bytes, so inputs live in the
 page cache (RssFile), never in anonymous memory. Writing lays out every shard's header up front (names,
-dtypes and shapes are known before any arithmetic), then appends tensor bytes as they are produced, the disk
-writing behind them (write_behind.py).
+dtypes and shapes are known before any arithmetic), then appends tensor bytes as they are produced, around the
+page cache by a writer thread (direct_write.py).
 """
 
 from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from modelmerge_engine.direct_write import DirectFile
 from modelmerge_engine.dtype_codes import BF16, F16, F32
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.output import write_synced
-from modelmerge_engine.write_behind import WriteBehind
 
 
 @dataclass(frozen=True)
@@ -286,9 +285,7 @@ class ShardedWriter:
         self._order = [(shard, tensor) for shard, items in enumerate(self.shards) for tensor in items]
         self._position = -1
         self._remaining = 0
-        self._handle = None
-        self._behind: WriteBehind | None = None
-        self._file_bytes = 0  # of the open shard, written so far (buffered or not)
+        self._file: DirectFile | None = None
         self._shard = -1
         self.total_bytes = sum(t.nbytes for t in tensors)
 
@@ -307,15 +304,11 @@ class ShardedWriter:
         data = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
         if data.nbytes > self._remaining:
             raise RuntimeError("more data than the tensor's planned size")
-        self._handle.write(memoryview(data))
+        self._file.write(data)
         self._remaining -= data.nbytes
-        self._file_bytes += data.nbytes
-        if self._behind.due(self._file_bytes):
-            self._handle.flush()
-            self._behind.advance(self._file_bytes)
 
     def _open_shard(self, shard: int) -> None:
-        self._close_handle()
+        self._close_file()
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for tensor in self.shards[shard]:
@@ -324,24 +317,19 @@ class ShardedWriter:
             offset += tensor.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        self._handle = open(self.directory / self.file_names[shard], "wb", buffering=8 << 20)  # noqa: SIM115
-        self._handle.write(struct.pack("<Q", len(encoded)))
-        self._handle.write(encoded)
-        self._behind = WriteBehind(self._handle.fileno())
-        self._file_bytes = 8 + len(encoded)
+        self._file = DirectFile(self.directory / self.file_names[shard])
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
         self._shard = shard
 
-    def _close_handle(self) -> None:
-        if self._handle is not None:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            self._handle = None
+    def _close_file(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.close()
 
     def finish(self) -> list[str]:
         if self._remaining or self._position != len(self._order) - 1:
             raise RuntimeError("not every planned tensor was written")
-        self._close_handle()
+        self._close_file()
         if len(self.file_names) > 1:
             weight_map = {tensor.name: self.file_names[shard] for shard, tensor in self._order}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
@@ -349,9 +337,6 @@ class ShardedWriter:
         return list(self.file_names)
 
     def abort(self) -> None:
-        if self._handle is not None:
-            handle, self._handle = self._handle, None
-            try:
-                handle.close()
-            except OSError:  # flushing the buffer fails again when the disk is full
-                pass
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.abort()

@@ -30,7 +30,7 @@ from modelmerge_api import outputs
 from modelmerge_api.bodies import TOKEN_HEADER, json_object, pop_token
 from modelmerge_api.body_docs import REF, document_body, hf_token_property
 from modelmerge_api.errors import ApiError
-from modelmerge_api.jobs import STATUSES, Backend, Job, Status, WouldBlock, utcnow
+from modelmerge_api.jobs import STATUSES, Backend, Job, Status, WouldBlock, jobs_page_json, utcnow
 from modelmerge_api.middleware import BearerAuth, BodyLimit, RequestMetrics
 from modelmerge_api.sweeps import document_sweep_body, sweep_routes
 
@@ -123,20 +123,19 @@ def api_routes(backend: Backend) -> APIRouter:
                              "check_status": check}, status_code=202, headers={"Location": check})
 
     # The two hot routes read on the event loop (no thread hop, no GIL convoy of 32 threads) unless the
-    # backend says it must block, and return their JSONResponse directly (no response-model pass).
+    # backend says it must block, and send the jobs' JSON bytes directly (no response-model pass; a job the
+    # backend froze is not encoded again): the same bytes a JSONResponse of to_json() would send.
     @router.get("/jobs", summary="Jobs, newest first", response_class=JSONResponse)
     async def list_jobs(status: Status | None = None, limit: int = Query(100, ge=1, le=1000),
                         offset: int = Query(0, ge=0),
                         sweep_id: str | None = Query(None, min_length=1, max_length=253,
-                                                     description="Only the trials of this sweep")) -> JSONResponse:
+                                                     description="Only the trials of this sweep")) -> Response:
         jobs, total = await _read(backend.list, status, limit, offset, sweep_id=sweep_id)
-        following = offset + len(jobs)
-        return JSONResponse({"jobs": [job.to_json() for job in jobs], "total": total, "limit": limit,
-                             "offset": offset, "next_offset": following if following < total else None})
+        return Response(jobs_page_json(jobs, total, limit, offset), media_type=JSONResponse.media_type)
 
     @router.get("/jobs/{job_id}", summary="One job's status", response_class=JSONResponse)
-    async def get_job(job_id: str) -> JSONResponse:
-        return JSONResponse((await _read(backend.get, job_id)).to_json())
+    async def get_job(job_id: str) -> Response:
+        return Response((await _read(backend.get, job_id)).json_bytes(), media_type=JSONResponse.media_type)
 
     @router.delete("/jobs/{job_id}", summary="Cancel a pending or running merge")
     def cancel_job(job_id: str) -> dict[str, Any]:

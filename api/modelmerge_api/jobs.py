@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from modelmerge_api.errors import Conflict
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = get_args(Status)
 ACTIVE = frozenset({"pending", "running"})
+FINISHED = frozenset(STATUSES) - ACTIVE  # final: a finished job never changes status again
 
 
 def utcnow() -> str:
@@ -44,6 +46,7 @@ class Job:
     output_rel: str | None = None  # relative to the backend's output root; not shown to clients
     evaluation: MergeEvaluation | None = None  # of a completed merge whose request asked for one
     sweep_id: str | None = None  # the sweep this merge is a trial of
+    _encoded: bytes | None = field(default=None, init=False, repr=False, compare=False)  # see freeze()
 
     def evaluation_json(self) -> dict[str, Any] | None:
         """`evaluation` as clients see it: the contract's MergeEvaluation (the ModelMerge's status.evaluation)."""
@@ -58,8 +61,33 @@ class Job:
                 "progress_step": _step(self.progress), "evaluation": self.evaluation_json(),
                 "sweep_id": self.sweep_id}
 
+    def json_bytes(self) -> bytes:
+        """to_json() encoded as the routes send it (encode_json); encoded once if the job is frozen."""
+        return self._encoded if self._encoded is not None else encode_json(self.to_json())
+
+    def freeze(self) -> Job:
+        """Encode the job now and send those bytes from then on: for a backend that keeps a job which no longer
+        changes (a finished one, filled in) to serve it again; the job must not be changed afterwards."""
+        self._encoded = encode_json(self.to_json())
+        return self
+
     def duration(self) -> float | None:
         return seconds_between(self.started_at, self.completed_at)
+
+
+def encode_json(content: Any) -> bytes:
+    """JSON as starlette's JSONResponse renders it (UTF-8, compact, no NaN), so pre-encoded bodies are the same
+    bytes a JSONResponse of `content` sends."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+
+
+def jobs_page_json(jobs: list[Job], total: int, limit: int, offset: int) -> bytes:
+    """GET /api/jobs's body: the jobs' bytes (json_bytes, so frozen jobs are not encoded again) spliced into the
+    page object, byte for byte what encode_json of the whole object gives."""
+    following = offset + len(jobs)
+    rest = encode_json({"total": total, "limit": limit, "offset": offset,
+                        "next_offset": following if following < total else None})
+    return b'{"jobs":[' + b",".join(job.json_bytes() for job in jobs) + b"]," + rest[1:]
 
 
 def _step(progress: MergeProgress | None) -> str | None:

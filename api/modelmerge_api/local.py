@@ -16,6 +16,7 @@ A sweep's trials (jobs with a sweep_id, in `<sweep output folder>/<trial>`) run 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import importlib.util
 import json
@@ -33,7 +34,16 @@ from modelmerge.contract import MergeEvaluation, MergeProgress, MergeRequest, en
 from modelmerge.sweep import WORK_CACHE_FOLDER
 from modelmerge_api import outputs
 from modelmerge_api.errors import ApiError, Unavailable, job_not_found
-from modelmerge_api.jobs import ACTIVE, Job, advanced, check_cancellable, request_params, seconds_between, utcnow
+from modelmerge_api.jobs import (
+    ACTIVE,
+    FINISHED,
+    Job,
+    advanced,
+    check_cancellable,
+    request_params,
+    seconds_between,
+    utcnow,
+)
 from modelmerge_api.store import JobStore
 
 INTERRUPTED = ("interrupted: the API server stopped while this merge was running; "
@@ -64,6 +74,7 @@ class LocalBackend:
         self._progress: dict[str, MergeProgress] = {}  # of running jobs, by job id
         self._finished_steps: dict[str, int] = {}  # how many steps finished merges reported (bounded)
         self._evaluations: dict[str, MergeEvaluation | None] = {}  # of completed jobs (never change), by job id
+        self._kept: dict[str, Job] = {}  # jobs as last served (filled in, frozen), by job id: see _served
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -143,15 +154,29 @@ class LocalBackend:
         job = self.store.get(job_id)
         if job is None:
             raise job_not_found(job_id)
-        self._fill_in(job)
-        return job
+        return self._served(job)
 
     def list(self, status: str | None, limit: int, offset: int, *, sweep_id: str | None = None,
              blocking: bool = True) -> tuple[list[Job], int]:
-        jobs, total = self.store.page(status, limit, offset, sweep_id=sweep_id)
-        for job in jobs:
-            self._fill_in(job)
-        return jobs, total
+        jobs, total = self.store.page(status, limit, offset, sweep_id=sweep_id, held=self._kept)
+        return [self._served(job) for job in jobs], total
+
+    def _served(self, job: Job) -> Job:
+        """The job as served, filled in. A served job is kept filled in and encoded (Job.freeze), and the store
+        hands it back for a row whose status is still the same (JobStore.page's `held`): it is served again
+        as it is, without building its progress and evaluation or encoding it again, unless it is running and
+        reported progress since. A finished job is kept only once its worker is done with it (its last step
+        recorded)."""
+        if job is self._kept.get(job.job_id):
+            if job.status != "running" or job.progress is self._progress.get(job.job_id):
+                return job
+            job = dataclasses.replace(job)  # a fresh, unfrozen copy for the new progress
+        self._fill_in(job)
+        if job.status not in FINISHED or job.job_id not in self._progress:
+            if len(self._kept) >= EVALUATION_CACHE_SIZE:
+                self._kept.clear()
+            self._kept[job.job_id] = job.freeze()
+        return job
 
     def _fill_in(self, job: Job) -> None:
         """What the job table does not hold: the progress of a running merge (100% once completed, at its last
@@ -213,11 +238,12 @@ class LocalBackend:
                 self._run(job)
             except Exception as exc:  # a worker must survive anything one job throws at it
                 self.store.finish(job.job_id, "failed", f"internal error running the merge: {exc}")
-            finally:
-                if last := self._progress.pop(job.job_id, None):
+            finally:  # the last step recorded before the progress goes (_served: a job not in _progress is done)
+                if last := self._progress.get(job.job_id):
                     if len(self._finished_steps) >= EVALUATION_CACHE_SIZE:
                         self._finished_steps.clear()
                     self._finished_steps[job.job_id] = last.steps
+                self._progress.pop(job.job_id, None)
 
     def _run(self, job: Job) -> None:
         token = self._tokens.pop(job.job_id, None)

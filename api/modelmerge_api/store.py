@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from modelmerge_api.errors import Conflict
@@ -34,6 +36,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_output ON jobs(output_rel)
 """
 _COLUMNS = ("id, status, created_at, started_at, completed_at, error_message, output_rel, output_path, params, "
             "sweep_id")
+_IDS_PER_QUERY = 500  # bound parameters of one `id IN (...)` (SQLite before 3.32 allows 999)
 
 
 class JobStore:
@@ -111,16 +114,42 @@ class JobStore:
         rows = self._rows(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", job_id)
         return self._job(rows[0]) if rows else None
 
-    def page(self, status: str | None, limit: int, offset: int, *, sweep_id: str | None = None
-             ) -> tuple[list[Job], int]:
-        """Newest first, in `status` and of sweep `sweep_id` when given; (page, total matching)."""
+    def page(self, status: str | None, limit: int, offset: int, *, sweep_id: str | None = None,
+             held: Mapping[str, Job] | None = None) -> tuple[list[Job], int]:
+        """Newest first, in `status` and of sweep `sweep_id` when given; (page, total matching), both read from
+        one state of the table. `held`: jobs the caller already has, by id: a page's row whose status is still
+        the held job's is that job (a row's shown columns change only with its status: claim_next and finish
+        change it, set_pid shows nothing), returned as it is, its row not read."""
         filters = [(column, value) for column, value in (("status", status), ("sweep_id", sweep_id)) if value]
         where = "WHERE " + " AND ".join(f"{column} = ?" for column, _ in filters) if filters else ""
         args = tuple(value for _, value in filters)
-        rows = self._rows(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
-                          *args, limit, offset)
-        total = self._rows(f"SELECT count(*) FROM jobs {where}", *args)[0][0]
-        return [self._job(row) for row in rows], total
+        held = held or {}
+        with self._snapshot():
+            refs = self._rows(f"SELECT id, status FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                              *args, limit, offset)
+            read = self._by_id([job_id for job_id, state in refs
+                                if (kept := held.get(job_id)) is None or kept.status != state])
+            total = self._rows(f"SELECT count(*) FROM jobs {where}", *args)[0][0]
+        return [read.get(job_id) or held[job_id] for job_id, _ in refs], total
+
+    def _by_id(self, ids: list[str]) -> dict[str, Job]:
+        jobs = {}
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start:start + _IDS_PER_QUERY]
+            marks = ", ".join("?" * len(chunk))
+            jobs.update((row["id"], self._job(row))
+                        for row in self._rows(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", *chunk))
+        return jobs
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """The statements in the block read one state of the table (a read transaction; WAL: no writer waits)."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            db.execute("COMMIT")
 
     def with_status(self, status: str) -> list[tuple[Job, bool, int | None]]:
         """(job, has_token, pid) of every job in `status`, oldest first (for recovery)."""

@@ -6,7 +6,8 @@ bfloat16 and float16 tensors (SLEEF's 1-ulp functions), reproduced to the bit.
 - A few million float32 arguments (uniform, log-uniform down to the subnormals, and edges: ±0, ±1, ±0.5, the
   neighbours of π/2, π, 3π/2 and the reduction's boundaries) against SLEEF's own AVX2 functions, which torch's
   library exports (Sleef_acosf8_u10avx2, ...) and which are called here through numba. torch's float32 functions
-  are MKL's (see torch_reductions.scalar_function), so float32 is not compared with torch.
+  are MKL's (see torch_reductions.scalar_function), so float32 SLEEF is not compared with torch; the MKL functions
+  scalar_function takes from torch's library for float32 are, on millions of arguments, without importing torch.
 - The single-rounding fused multiply-add the algorithms rely on, against exact rational arithmetic on the cases
   where a multiply-add in float64 rounded to float32 would round twice.
 """
@@ -255,3 +256,48 @@ def test_scalar_function_without_torch():
         else:
             expected.append(getattr(torch, name)(torch.tensor(value, dtype=TORCH_DTYPES[code])).float().item())
     assert np.array_equal(got, np.float32(expected))
+
+
+WITH_TORCH_UNIMPORTED_SCALARS = """
+import json, sys
+import numpy as np
+from modelmerge_engine.methods.torch_reductions import scalar_function
+cases = json.loads(sys.argv[1])
+values = [float(scalar_function(name, np.float32(value), code)) for name, value, code in cases]
+anon = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon:"))
+print(json.dumps({"values": values, "torch": "torch" in sys.modules, "anon_kib": anon}))
+"""
+
+
+def test_float32_scalars_are_torchs_without_importing_torch():
+    """Where torch is installed, float32 acos, sin and cos are MKL's VML functions, which torch's CPU kernels
+    call on float32 tensors, taken from torch's library with ctypes: torch's values to the bit, in a process
+    that never imports torch (its import alone would take about 285 MB of anonymous memory)."""
+    rng = np.random.default_rng(11)
+    cases = [(name, float(value), F32) for name in NAMES
+             for value in rng.uniform(-1 if name == "acos" else -4, 1 if name == "acos" else 4, 200)]
+    result = subprocess.run([sys.executable, "-c", WITH_TORCH_UNIMPORTED_SCALARS, json.dumps(cases)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert not report["torch"]
+    assert report["anon_kib"] < 160 * 1024, report["anon_kib"]
+    expected = [getattr(torch, name)(torch.tensor(value, dtype=torch.float32)).item() for name, value, _ in cases]
+    assert np.array_equal(np.float32(report["values"]), np.float32(expected))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vml_functions_are_torchs_on_millions_of_float32_arguments(name):
+    """The library functions scalar_function calls for float32 (torch_reductions._vml) against torch's own op on
+    the float32 sample of the SLEEF check (edges, uniform, log-uniform) and a dense sweep of the range slerp's
+    angles take ([-1, 1] for acos, [-4, 4] for sin and cos)."""
+    from modelmerge_engine.methods.torch_reductions import VML_MODE, _vml
+
+    functions = _vml()
+    assert functions is not None, "torch's library exports MKL's VML functions (vmsAcos, vmsSin, vmsCos)"
+    bound = 1.0 if name == "acos" else 4.0
+    values = np.concatenate([float32_sample(name), np.linspace(-bound, bound, 2_000_001, dtype=np.float32)])
+    got = np.empty_like(values)
+    functions[name](values.shape[0], values.ctypes.data, got.ctypes.data, VML_MODE)
+    expected = getattr(torch, name)(torch.from_numpy(values)).numpy()
+    assert same_bits(got, expected).all()

@@ -22,15 +22,13 @@ bit for a few percent of arguments.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _specialised, rnd, store, widen
+from modelmerge_engine.cpu_kernels import _per_dtype, _specialised, rnd, store, widen
 from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
-from modelmerge_engine.methods.sce_kernels import task_vectors
 from modelmerge_engine.methods.torch_reductions import (
     LANES,
     host_values,
@@ -42,6 +40,7 @@ from modelmerge_engine.methods.torch_reductions import (
     sum_begin,
     sum_finish,
     sum_rows,
+    task_vectors,
 )
 from modelmerge_engine.progress import Step
 
@@ -49,67 +48,108 @@ SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of tor
 PASSES = 4
 
 
-@register_jitable(inline="always")
-def _mean_at(v, denominators, weights, code):
-    """m at one element: Σ_i w_i (v_i / (n_i + eps)), products rounded, the sum rounded once."""
-    total = np.float32(0.0)
-    for i in range(v.shape[0]):
-        total += rnd(rnd(v[i] / denominators[i], code) * weights[i], code)
-    return rnd(total, code)
+BLOCK = 512  # elements per step of the combine step's loops (each loop over a block vectorises)
 
 
 @register_jitable(inline="always")
-def _tangent_at(v, denominators, weights, mean_hat, dots, code):
-    """r at one element: Σ_i w_i (u_i − d_i m̂)."""
-    total = np.float32(0.0)
-    for i in range(v.shape[0]):
-        unit = rnd(v[i] / denominators[i], code)
-        total += rnd(rnd(unit - rnd(dots[i] * mean_hat, code), code) * weights[i], code)
-    return rnd(total, code)
+def _means_into(vectors, denominators, weights, code, out, n):
+    """out[e] = m at element e: Σ_i w_i (v_i / (n_i + eps)), products rounded, summed from 0 in model order,
+    the sum rounded once; vectors [models, elements], the first n elements (of each array) taken."""
+    for e in range(n):
+        out[e] = np.float32(0.0)
+    for i in range(vectors.shape[0]):
+        denominator, weight = denominators[i], weights[i]
+        for e in range(n):
+            out[e] += rnd(rnd(vectors[i, e] / denominator, code) * weight, code)
+    for e in range(n):
+        out[e] = rnd(out[e], code)
 
 
-@njit(nogil=True, cache=True)
-def means(vectors, denominators, weights, code, out):
-    for e in range(out.shape[0]):
-        out[e] = _mean_at(vectors[:, e], denominators, weights, code)
+@register_jitable(inline="always")
+def _mean_hats_into(vectors, denominators, weights, mean_norm, code, out, n):
+    """out[e] = m̂ at element e: m / |m|."""
+    _means_into(vectors, denominators, weights, code, out, n)
+    for e in range(n):
+        out[e] = rnd(out[e] / mean_norm, code)
 
 
-@njit(nogil=True, cache=True)
-def unit_products(vectors, denominators, weights, mean_norm, code, out):
-    """out[i, e] = u_i · m̂ at element e (rounded), for the dots."""
-    for e in range(out.shape[1]):
-        mean_hat = rnd(_mean_at(vectors[:, e], denominators, weights, code) / mean_norm, code)
-        for i in range(out.shape[0]):
-            out[i, e] = rnd(rnd(vectors[i, e] / denominators[i], code) * mean_hat, code)
+@register_jitable(inline="always")
+def _tangents_into(vectors, denominators, weights, mean_hats, dots, code, out, n):
+    """out[e] = r at element e: Σ_i w_i (u_i − d_i m̂), summed from 0 in model order, rounded once."""
+    for e in range(n):
+        out[e] = np.float32(0.0)
+    for i in range(vectors.shape[0]):
+        denominator, weight, dot = denominators[i], weights[i], dots[i]
+        for e in range(n):
+            unit = rnd(vectors[i, e] / denominator, code)
+            out[e] += rnd(rnd(unit - rnd(dot * mean_hats[e], code), code) * weight, code)
+    for e in range(n):
+        out[e] = rnd(out[e], code)
 
 
-@njit(nogil=True, cache=True)
-def tangents(vectors, denominators, weights, mean_norm, dots, code, out):
-    for e in range(out.shape[0]):
-        mean_hat = rnd(_mean_at(vectors[:, e], denominators, weights, code) / mean_norm, code)
-        out[e] = _tangent_at(vectors[:, e], denominators, weights, mean_hat, dots, code)
+@register_jitable(inline="always")
+def _means(constants, args):
+    code, = constants
+    vectors, denominators, weights, out = args
+    _means_into(vectors, denominators, weights, code, out, out.shape[0])
+
+
+@register_jitable(inline="always")
+def _unit_products(constants, args):
+    """out[i, e] = u_i · m̂ at element e (rounded), for the dots; hats is scratch for m̂."""
+    code, = constants
+    vectors, denominators, weights, mean_norm, hats, out = args
+    _mean_hats_into(vectors, denominators, weights, mean_norm, code, hats, hats.shape[0])
+    for i in range(out.shape[0]):
+        denominator = denominators[i]
+        for e in range(out.shape[1]):
+            out[i, e] = rnd(rnd(vectors[i, e] / denominator, code) * hats[e], code)
+
+
+@register_jitable(inline="always")
+def _tangents(constants, args):
+    code, = constants
+    vectors, denominators, weights, mean_norm, dots, hats, out = args
+    _mean_hats_into(vectors, denominators, weights, mean_norm, code, hats, out.shape[0])
+    _tangents_into(vectors, denominators, weights, hats, dots, code, out, out.shape[0])
+
+
+# the statistics passes' kernels on float32 host values [models, elements], specialised per dtype
+means, unit_products, tangents = _per_dtype(_means), _per_dtype(_unit_products), _per_dtype(_tangents)
 
 
 @register_jitable(inline="always")
 def _multislerp(constants, args):
-    """with_base: the task vectors interpolated and the base added; else the models' values themselves."""
+    """with_base: the task vectors interpolated and the base added; else the models' values themselves. A block
+    of BLOCK elements at a time: the task vectors, then each intermediate over the block, model by model."""
     code, with_base = constants
     base, inputs, denominators, weights, scalars, out = args
     mean_norm, cos_rho, ratio, scale, linear = scalars[0], scalars[1], scalars[2], scalars[3], scalars[4] != 0
     dots = scalars[5:]
-    v = np.empty(len(inputs), np.float32)
-    for e in range(out.shape[0]):
-        b = widen(base[e], code) if with_base else np.float32(0.0)
-        for i in range(len(inputs)):
-            v[i] = rnd(widen(inputs[i][e], code) - b, code) if with_base else widen(inputs[i][e], code)
+    count = len(inputs)
+    v = np.empty((count, BLOCK), np.float32)
+    b, hat, tangent = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    for start in range(0, out.shape[0], BLOCK):
+        n = min(BLOCK, out.shape[0] - start)
+        for k in range(n):
+            b[k] = widen(base[start + k], code) if with_base else np.float32(0.0)
+        i = 0
+        for model in inputs:
+            for k in range(n):
+                x = widen(model[start + k], code)
+                v[i, k] = rnd(x - b[k], code) if with_base else x
+            i += 1
         if linear:
-            merged = rnd(rnd(v[0] * weights[0], code) + rnd(v[1] * weights[1], code), code)
-        else:
-            mean_hat = rnd(_mean_at(v, denominators, weights, code) / mean_norm, code)
-            tangent = _tangent_at(v, denominators, weights, mean_hat, dots, code)
-            sphere = rnd(rnd(mean_hat * cos_rho, code) + rnd(tangent * ratio, code), code)
+            for k in range(n):
+                merged = rnd(rnd(v[0, k] * weights[0], code) + rnd(v[1, k] * weights[1], code), code)
+                store(out, start + k, b[k] + merged if with_base else merged, code)
+            continue
+        _mean_hats_into(v, denominators, weights, mean_norm, code, hat, n)
+        _tangents_into(v, denominators, weights, hat, dots, code, tangent, n)
+        for k in range(n):
+            sphere = rnd(rnd(hat[k] * cos_rho, code) + rnd(tangent[k] * ratio, code), code)
             merged = rnd(sphere * scale, code)
-        store(out, e, b + merged if with_base else merged, code)
+            store(out, start + k, b[k] + merged if with_base else merged, code)
 
 
 def multislerp_kernel(code, *args, with_base: bool = True):
@@ -144,7 +184,7 @@ class Multislerp(Method):
             models = tuple(host_values(merge, model, name, start, stop) for model in merge.finetunes)
             vectors = np.empty((len(models), stop - start), np.float32)
             if self.with_base:
-                task_vectors(host_values(merge, merge.base, name, start, stop), models, merge.dtype.code, vectors)
+                task_vectors(merge.dtype.code, host_values(merge, merge.base, name, start, stop), models, vectors)
             else:
                 vectors[:] = models
             merge.progress.advance((len(models) + self.with_base) * (stop - start))
@@ -179,7 +219,7 @@ class Multislerp(Method):
 
         def mean_of(vectors):
             out = np.empty(vectors.shape[1], np.float32)
-            means(vectors, denominators, weights, code, out)
+            means(code, vectors, denominators, weights, out)
             return out
 
         mean_norm = self._norm(name, numel, 1, mean_of)[0]
@@ -194,14 +234,16 @@ class Multislerp(Method):
         tails = [np.empty(0, np.float32)] * count
         for vectors in self._segments(name, numel):
             products = np.empty_like(vectors)
-            unit_products(vectors, denominators, weights, mean_norm, code, products)
+            unit_products(code, vectors, denominators, weights, mean_norm, np.empty(vectors.shape[1], np.float32),
+                          products)
             for i, (acc, state) in enumerate(accumulators):
                 tails[i] = products[i, sum_rows(products[i], acc, state):].copy()
         dots = self._round([sum_finish(tails[i], *accumulators[i]) for i in range(count)])
 
         def tangent_of(vectors):
             out = np.empty(vectors.shape[1], np.float32)
-            tangents(vectors, denominators, weights, mean_norm, dots, code, out)
+            tangents(code, vectors, denominators, weights, mean_norm, dots, np.empty(vectors.shape[1], np.float32),
+                     out)
             return out
 
         rho = self._round(self._norm(name, numel, 1, tangent_of)[0] + eps)[0]

@@ -12,7 +12,8 @@ compute dtype as mergekit's torch ops are (every operation rounded to it):
     merged = base + that (without a base: that, as it is; no 0 + x, which would turn −0 into +0)
 
 Norms and the dot product are reduced in torch's CPU order (torch_reductions.py), two streaming passes a segment
-at a time; the combine step gets each element's row coefficients from the `inputs` hook (rows.py). acos and sin
+at a time; the combine step gets the coefficients of the rows a range touches from the `inputs` hook and runs a
+row at a time with them as constants (the torch kernel set gets each element's: rows.py). acos and sin
 are torch's CPU functions on values of the compute dtype (torch_reductions.scalar_function): for bfloat16 and
 float16 SLEEF's functions as torch's kernels take them, reproduced to the bit without torch (methods/sleef.py); for
 float32 torch's own (MKL's) where torch is installed, SLEEF's where it is not (the CPU merge image), which differ
@@ -22,16 +23,15 @@ nuslerp_row_wise (with nuslerp_flatten false) is the same per column: mergekit t
 the last, so each column of the tensor viewed as [first dimension, rest] is one vector, its norms and dot reduced
 along a strided dimension (torch_reductions' column reductions, in the order torch reduces such a dimension). The
 two passes read blocks of whole rows (a segment, or one row where a row is longer) and keep each column's partial
-sums; the combine step gets each element's column coefficients.
+sums; the combine step gets every column's coefficients.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _specialised, rnd, store, widen
+from modelmerge_engine.cpu_kernels import _per_dtype, _specialised, rnd, store, widen
 from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
@@ -51,6 +51,7 @@ from modelmerge_engine.methods.torch_reductions import (
     sum_begin,
     sum_finish,
     sum_rows,
+    task_vectors,
 )
 
 SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of torch_reductions' row of vectors)
@@ -59,38 +60,76 @@ COLINEAR = 1e-16  # eps ** 2
 COLINEAR_FLAG, COEF_0, COEF_1, SIN_THETA = range(4)
 
 
-@njit(nogil=True, cache=True)
-def _task_vectors(base, first, second, code, out):
-    for e in range(base.shape[0]):
-        out[0, e] = rnd(first[e] - base[e], code)
-        out[1, e] = rnd(second[e] - base[e], code)
+@register_jitable(inline="always")
+def _unit_product(v0, v1, norm_0, norm_1, code):
+    return rnd(rnd(v0 / norm_0, code) * rnd(v1 / norm_1, code), code)
 
 
-@njit(nogil=True, cache=True)
-def _unit_products(vectors, norms_0, norms_1, code, out):
-    """u_0 · u_1 elementwise; element e's norms are norms_i[e % len(norms_i)] (one per row, or one per column)."""
+@register_jitable(inline="always")
+def _unit_products_loop(constants, args):
+    """u_0 · u_1 elementwise, with one norm per vector (norms_i of one value: the row) or one per column (the
+    values are whole rows of len(norms_i) columns)."""
+    code, = constants
+    vectors, norms_0, norms_1, out = args
     width = norms_0.shape[0]
-    for e in range(out.shape[0]):
-        c = e % width
-        out[e] = rnd(rnd(vectors[0, e] / norms_0[c], code) * rnd(vectors[1, e] / norms_1[c], code), code)
+    if width == 1:
+        for e in range(out.shape[0]):
+            out[e] = _unit_product(vectors[0, e], vectors[1, e], norms_0[0], norms_1[0], code)
+    else:
+        for row in range(out.shape[0] // width):
+            for c in range(width):
+                e = row * width + c
+                out[e] = _unit_product(vectors[0, e], vectors[1, e], norms_0[c], norms_1[c], code)
+
+
+unit_products = _per_dtype(_unit_products_loop)
+
+
+@register_jitable(inline="always")
+def _nuslerp_at(b, x0, x1, flag, coef_0, coef_1, sin_theta, one_minus_t, t, code, with_base):
+    """One merged element (float32, not yet stored) from its row's or column's coefficients."""
+    v0 = rnd(x0 - b, code) if with_base else x0
+    v1 = rnd(x1 - b, code) if with_base else x1
+    if flag != 0:
+        merged = rnd(rnd(one_minus_t * v0, code) + rnd(t * v1, code), code)
+    else:
+        spherical = rnd(rnd(coef_0 * v0, code) + rnd(coef_1 * v1, code), code)
+        merged = rnd(spherical / sin_theta, code)
+    return b + merged if with_base else merged
 
 
 @register_jitable(inline="always")
 def _nuslerp(constants, args):
-    """with_base: the task vectors interpolated and the base added; else the models' values themselves."""
+    """with_base: the task vectors interpolated and the base added; else the models' values themselves.
+    `table` [4, k] holds the coefficients of the rows the range touches (the first at `position` [0]: the
+    range's first element's place in its row) or of every column (the first element's column); `position`
+    [1] is the row width, [2] 1 by column. The loops go a row (or a row's columns) at a time, so a row's
+    coefficients are constants of a loop that vectorises."""
     code, with_base = constants
-    base, inputs, coefficients, weights, out = args
+    base, inputs, table, position, weights, out = args
     one_minus_t, t = weights[0], weights[1]
-    for e in range(out.shape[0]):
-        b = widen(base[e], code) if with_base else np.float32(0.0)
-        v0 = rnd(widen(inputs[0][e], code) - b, code) if with_base else widen(inputs[0][e], code)
-        v1 = rnd(widen(inputs[1][e], code) - b, code) if with_base else widen(inputs[1][e], code)
-        if coefficients[e, COLINEAR_FLAG] != 0:
-            merged = rnd(rnd(one_minus_t * v0, code) + rnd(t * v1, code), code)
+    first, second = inputs[0], inputs[1]
+    at, width, by_column = position[0], position[1], position[2] != 0
+    row, e, n = 0, 0, out.shape[0]
+    while e < n:
+        stop = min(n, e + width - at)
+        if by_column:
+            for j in range(e, stop):
+                c = at + j - e
+                value = _nuslerp_at(widen(base[j], code) if with_base else np.float32(0.0), widen(first[j], code),
+                                    widen(second[j], code), table[COLINEAR_FLAG, c], table[COEF_0, c],
+                                    table[COEF_1, c], table[SIN_THETA, c], one_minus_t, t, code, with_base)
+                store(out, j, value, code)
         else:
-            spherical = rnd(rnd(coefficients[e, COEF_0] * v0, code) + rnd(coefficients[e, COEF_1] * v1, code), code)
-            merged = rnd(spherical / coefficients[e, SIN_THETA], code)
-        store(out, e, b + merged if with_base else merged, code)
+            flag, coef_0, coef_1 = table[COLINEAR_FLAG, row], table[COEF_0, row], table[COEF_1, row]
+            sin_theta = table[SIN_THETA, row]
+            for j in range(e, stop):
+                value = _nuslerp_at(widen(base[j], code) if with_base else np.float32(0.0), widen(first[j], code),
+                                    widen(second[j], code), flag, coef_0, coef_1, sin_theta, one_minus_t, t, code,
+                                    with_base)
+                store(out, j, value, code)
+            row += 1
+        e, at = stop, 0
 
 
 def nuslerp_kernel(code, *args, with_base: bool = True):
@@ -152,7 +191,7 @@ class Nuslerp(Method):
         for offset in range(0, width, SEGMENT):
             vectors = self._task_vectors(name, start + offset, start + min(offset + SEGMENT, width))
             products = np.empty(vectors.shape[1], np.float32)
-            _unit_products(vectors, norms[0], norms[1], code, products)
+            unit_products(code, vectors, norms[0], norms[1], products)
             tail = products[sum_rows(products, acc, state):].copy()
         return self._coefficients(sum_finish(tail, acc, state), t)
 
@@ -172,7 +211,7 @@ class Nuslerp(Method):
         for offset in range(0, numel, step):
             vectors = self._task_vectors(name, offset, min(offset + step, numel))
             products = np.empty(vectors.shape[1], np.float32)
-            _unit_products(vectors, norms[0], norms[1], code, products)
+            unit_products(code, vectors, norms[0], norms[1], products)
             column_sum_rows(products.reshape(-1, width), acc, tail, state)
         sums = column_sum_finish(acc, tail, state)
         return np.array([self._coefficients(total, t) for total in sums], np.float32).reshape(-1, 4)
@@ -197,26 +236,37 @@ class Nuslerp(Method):
         first, second = (host_values(merge, model, name, start, stop) for model in merge.finetunes)
         vectors = np.empty((2, stop - start), np.float32)
         if self.with_base:
-            _task_vectors(host_values(merge, merge.base, name, start, stop), first, second, merge.dtype.code, vectors)
+            task_vectors(merge.dtype.code, host_values(merge, merge.base, name, start, stop), (first, second),
+                         vectors)
         else:
             vectors[0], vectors[1] = first, second
         merge.progress.advance((3 if self.with_base else 2) * (stop - start))
         return vectors
 
     def inputs(self, name, start, base, raws, models):
-        """The two fine-tunes, then each element's row (or column) coefficients
-        [colinear, sin((1-t)θ), sin(tθ), sin θ]."""
+        """The two fine-tunes, then the coefficients [colinear, sin((1-t)θ), sin(tθ), sin θ] of the rows (or
+        columns) the range touches: for the compiled kernels the rows themselves (a [4, rows] table) and where
+        the range starts in them; for torch each element's."""
         width, coefficients, by_column = self._rows[name]
         stop = start + raws[0].shape[0]
+        kernels = self.merge.kernels
+        if hasattr(kernels, "torch"):
+            if by_column:
+                spread = np.ascontiguousarray(coefficients[np.arange(start, stop, dtype=np.int64) % width])
+            else:
+                spread = per_element(coefficients, width, start, stop)
+            return [*raws, to_kernels(spread, kernels)]
         if by_column:
-            spread = np.ascontiguousarray(coefficients[np.arange(start, stop, dtype=np.int64) % width])
+            table, at = coefficients.T, start % width
         else:
-            spread = per_element(coefficients, width, start, stop)
-        return [*raws, to_kernels(spread, self.merge.kernels)]
+            first, last = start // width, max(start, stop - 1) // width
+            table, at = coefficients[first:last + 1].T, start - first * width
+        return [*raws, np.ascontiguousarray(table), np.array([at, width, by_column], np.int64)]
 
     def combine_cpu(self, kernels, base, inputs, state):
         out = kernels.empty(base)
-        nuslerp_kernel(kernels.code, base, tuple(inputs[:2]), inputs[2], state, out, with_base=self.with_base)
+        nuslerp_kernel(kernels.code, base, tuple(inputs[:2]), inputs[2], inputs[3], state, out,
+                       with_base=self.with_base)
         return out
 
     def combine_torch(self, kernels, base, inputs, state):

@@ -9,8 +9,9 @@ sin(tθ)/sin θ with θ = acos(dot). The merged tensor is coef_a · base + coef_
 and a sum, no fused multiply-add), rounded once to the compute dtype.
 
 The statistics are two streaming passes over each tensor (norms, then the dot product) in torch's reduction
-order (torch_reductions.py), a chunk of each endpoint at a time; the combine step is per element. The scalar
-acos and sin are torch's own CPU functions on the float32 values (torch_reductions.scalar_function), so the
+order (torch_reductions.py), a chunk of each endpoint at a time, the chunks of a pass on the merge's threads;
+the combine step is per element. The scalar acos and sin are torch's own CPU functions on the float32 values
+(MKL's, called in torch's library without importing torch: torch_reductions.scalar_function), so the
 coefficients are mergekit's to the bit. Without torch (the CPU merge image) they are the correctly rounded float32
 values, which torch's (SLEEF's) differ from in the last bit for 3-8% of arguments: a tensor whose angle rounds
 differently then gets coefficients one ulp apart (in 16-bit compute an element now and then one ulp off, in
@@ -79,25 +80,32 @@ class Slerp(Method):
 
     def tensor_state(self, plan) -> tuple[np.float32, np.float32]:
         merge = self.merge
-        base, model = merge.base, merge.finetunes[0]
+        endpoints = (merge.base, merge.finetunes[0])
         spans = chunks(plan.numel)
-        norms_a, norms_b = np.empty(len(spans), np.float32), np.empty(len(spans), np.float32)
-        for i, (start, stop) in enumerate(spans):
-            norms_a[i] = row_norm(host_values(merge, base, plan.name, start, stop), False)
-            norms_b[i] = row_norm(host_values(merge, model, plan.name, start, stop), False)
-            merge.progress.advance(2 * (stop - start))
+
+        def values(start: int, stop: int) -> list[np.ndarray]:
+            return [host_values(merge, model, plan.name, start, stop) for model in endpoints]
+
+        def chunk_norms(span: tuple[int, int]) -> list[float]:
+            return [row_norm(endpoint, False) for endpoint in values(*span)]
+
+        # the chunks of a pass are independent (mergekit reduces each, then their results): they run on the
+        # merge's threads, each chunk's statistic in torch's order, the results taken in chunk order
+        norms = np.array(list(merge.pool.map(chunk_norms, spans)), np.float32).reshape(-1, 2)
+        merge.progress.advance(2 * plan.numel)
         # float32 scalars (a compiled function returns a Python float): the products divide in float32
-        norm_a, norm_b = (np.float32(row_norm(norms, False)) if len(norms) else np.float32(0.0)
-                          for norms in (norms_a, norms_b))
+        norm_a, norm_b = (np.float32(row_norm(np.ascontiguousarray(norms[:, i]), False)) if len(spans)
+                          else np.float32(0.0) for i in range(2))
         norm_a = norm_a if norm_a > EPS else np.float32(1.0)
         norm_b = norm_b if norm_b > EPS else np.float32(1.0)
-        parts = np.empty(len(spans), np.float32)
-        for i, (start, stop) in enumerate(spans):
-            products = np.empty(stop - start, np.float32)
-            scaled_products(host_values(merge, base, plan.name, start, stop),
-                            host_values(merge, model, plan.name, start, stop), norm_a, norm_b, products)
-            parts[i] = row_sum(products, False)
-            merge.progress.advance(2 * (stop - start))
+
+        def chunk_dot(span: tuple[int, int]) -> float:
+            products = np.empty(span[1] - span[0], np.float32)
+            scaled_products(*values(*span), norm_a, norm_b, products)
+            return row_sum(products, False)
+
+        parts = np.array(list(merge.pool.map(chunk_dot, spans)), np.float32)
+        merge.progress.advance(2 * plan.numel)
         dot = np.clip(row_sum(parts, False), np.float32(-1.0), np.float32(1.0)) if len(parts) else np.float32(1.0)
         return coefficients(float(self.value("t", tensor=plan.name)), np.float32(dot))
 

@@ -25,12 +25,16 @@ reduction, which agrees with these up to 100000 elements (checked) but not on mu
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _fma, convert, rnd
+from modelmerge_engine.cpu_kernels import _fma, _per_dtype, convert, rnd, widen
 from modelmerge_engine.dtype_codes import BF16, F16, F32
 from modelmerge_engine.methods import sleef
 
@@ -56,8 +60,41 @@ def host_values(merge, model, name: str, start: int, stop: int) -> np.ndarray:
     if stored_code == F32:
         return raw
     wide = np.empty(raw.shape[0], np.float32)
-    convert(raw, stored_code, wide, F32)
+    widen_into(raw, stored_code, wide)
     return wide
+
+
+@register_jitable(inline="always")
+def _widen_loop(raw, code, out):
+    for e in range(out.shape[0]):
+        out[e] = widen(raw[e], code)
+
+
+@njit(nogil=True, cache=True)
+def widen_into(raw, code, out):
+    """out = the bfloat16 (`code` BF16) or float16 bit patterns `raw` as float32: the dtype branch taken once,
+    outside the loop, so each loop is a vectorised shift or conversion (cpu_kernels.convert, generic in both
+    codes, branches per element)."""
+    if code == BF16:
+        _widen_loop(raw, BF16, out)
+    else:
+        _widen_loop(raw, F16, out)
+
+
+@register_jitable(inline="always")
+def _task_vectors(constants, args):
+    code, = constants
+    base, models, out = args
+    i = 0
+    for model in models:
+        for e in range(base.shape[0]):
+            out[i, e] = rnd(model[e] - base[e], code)
+        i += 1
+
+
+# task_vectors(code, base, models, out): out[i] = models[i] − base rounded to the dtype `code`, for float32 host
+# values of it (host_values); specialised per dtype, so each model's loop vectorises.
+task_vectors = _per_dtype(_task_vectors)
 
 
 @njit(nogil=True, cache=True)
@@ -250,6 +287,35 @@ def _torch():
 
 
 SCALAR_FUNCTIONS = {"acos": math.acos, "sin": math.sin, "cos": math.cos}  # correctly rounded: the last resort
+# at::vml's MKL calls (aten/src/ATen/cpu/vml.h, IMPLEMENT_VML_MKL): VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE
+VML_MODE = 0x2 | 0x140000 | 0x100
+_vml_functions: list = []  # [{name: vms function}] or [None] once looked up
+
+
+def _vml():
+    """torch's float32 acos, sin and cos (MKL's VML: vmsAcos, vmsSin, vmsCos, which torch's CPU kernels call on a
+    float32 tensor) from the library torch's wheel links MKL into (torch/lib/libtorch_cpu.so, which exports
+    them), loaded with ctypes without importing torch: the library's own initialisation costs about 60 MB of
+    anonymous memory, torch's import about 285 MB (a slerp would not fit a 256 MiB pod). None where torch is
+    not installed (the CPU merge image) or its library has no MKL (then torch itself is asked)."""
+    if not _vml_functions:
+        functions = None
+        try:
+            spec = importlib.util.find_spec("torch")
+        except (ImportError, ValueError):  # unimportable, or a torch module without a spec
+            spec = None
+        library = Path(spec.origin).parent / "lib" / "libtorch_cpu.so" if spec and spec.origin else None
+        if library is not None and library.is_file():
+            try:
+                loaded = ctypes.CDLL(str(library))
+                functions = {name: getattr(loaded, "vms" + name.capitalize()) for name in SCALAR_FUNCTIONS}
+            except (OSError, AttributeError):
+                functions = None
+        for function in (functions or {}).values():
+            function.restype = None
+            function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
+        _vml_functions.append(functions)
+    return _vml_functions[0]
 
 
 def scalar_function(name: str, value, code: int) -> np.float32:
@@ -263,14 +329,21 @@ def scalar_function(name: str, value, code: int) -> np.float32:
       reduces another way, excepted).
     - float32: torch (built with MKL, as the PyPI wheels are) takes MKL's VML (vmsAcos, vmsSin, vmsCos in its
       high-accuracy mode), not SLEEF, and MKL's acos even differs between its AVX512 and AVX2 code paths; so
-      with torch installed the value is torch's own. Without torch (the CPU merge image) it is SLEEF's float32
-      value, which differs from MKL's in the last bit for about 8% of acos arguments and 2-3% of sin and cos
-      arguments in [-4, 4] (the correctly rounded value, the fallback beyond SLEEF's range here, differs for
-      about 9% and 5%)."""
+      where torch is installed the value is MKL's own, called in torch's library without importing torch
+      (_vml; tests/test_sleef.py: equal to torch's on millions of arguments), or torch's where its library has
+      no MKL. Without torch (the CPU merge image) it is SLEEF's float32 value, which differs from MKL's in the
+      last bit for about 8% of acos arguments and 2-3% of sin and cos arguments in [-4, 4] (the correctly
+      rounded value, the fallback beyond SLEEF's range here, differs for about 9% and 5%)."""
     x = np.float32(value)
-    reproduced = (float(x) == float(value) or math.isnan(x)) and sleef.supported(name, x)
+    held = float(x) == float(value) or math.isnan(x)  # a float32, as every caller's value is
+    reproduced = held and sleef.supported(name, x)
     if reproduced and code != F32:
         return sleef.scalar(name, x, code)
+    vml = _vml() if code == F32 and held else None
+    if vml is not None:
+        argument, result = np.array([x], np.float32), np.empty(1, np.float32)
+        vml[name](1, argument.ctypes.data, result.ctypes.data, VML_MODE)
+        return result[0]
     torch = _torch()
     if torch is None:
         return sleef.scalar(name, x, code) if reproduced else rounded(SCALAR_FUNCTIONS[name](float(value)), code)[0]

@@ -66,6 +66,7 @@ from numba.extending import register_jitable
 
 from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
 from modelmerge_engine.dtype_codes import F32
+from modelmerge_engine.kernels import CpuKernels
 from modelmerge_engine.methods import register, sleef
 from modelmerge_engine.methods.base import Method
 from modelmerge_engine.methods.torch_reductions import (
@@ -267,6 +268,22 @@ def karcher_weights(gram: np.ndarray, max_iter: int, tol: float) -> np.ndarray |
 class Karcher(Method):
     name = "karcher"
     parameters = ("max_iter", "tol")
+
+    def prepare(self) -> None:
+        """Compiles the Gram path's kernels for this merge's signatures (the count of inputs, the dtype) or loads
+        them from numba's cache: precompile's tiny merges, whose tensors all take the exact path, so leave them
+        in the cache for the first merge of a large model."""
+        merge = self.merge
+        count = len(merge.finetunes)
+        if count == 1:
+            return
+        code, storage = merge.dtype.code, merge.dtype.storage
+        for stored in {np.dtype(storage), np.dtype(np.float32)}:  # as mapped, and widened by host_values
+            _gram_add(tuple(np.zeros(1, stored) for _ in range(count)), code, np.zeros((count, count)))
+        kernels = merge.kernels
+        if isinstance(kernels, CpuKernels):
+            values = tuple(np.zeros(1, storage) for _ in range(count))
+            self.combine_cpu(kernels, values[0], values, Weighted(np.zeros(count, np.float32)))
 
     def planned_steps(self, merge_work: int, statistics_work: int) -> list[Step]:
         """The merge step holds one read of every input for the statistics (none with one model)."""

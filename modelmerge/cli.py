@@ -152,7 +152,10 @@ def _missing_extra(extra: str, exc: ImportError) -> int:
     return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The console script's parser. Given the `command` being run, the serve and operator subcommands' own
+    options (which import the API and the operator) are added only when it is theirs, so a merge in a fresh pod
+    does not import a web framework first; without one, every subcommand's options."""
     parser = argparse.ArgumentParser(prog="modelmerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -183,11 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the REST API (local backend by default)")
     serve.set_defaults(handler=_cmd_serve)
-    _configure_serve(serve)
+    if command in (None, "serve"):
+        _configure_serve(serve)
 
     operator = sub.add_parser("operator", help="run the kopf operator")
     operator.set_defaults(handler=_cmd_operator)
-    _configure_operator(operator)
+    if command in (None, "operator"):
+        _configure_operator(operator)
     return parser
 
 
@@ -226,7 +231,8 @@ def _configure_operator(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
     return args.handler(args)
 
 

@@ -302,3 +302,21 @@ def test_regexes_with_commas_survive_the_comma_separated_flag(family, tmp_path):
     assert len(kept) == 5 and all(torch.equal(merged[name], original[name]) for name in kept)
     gate = "model.layers.0.mlp.gate_proj.weight"
     assert not torch.equal(merged[gate], original[gate])
+
+
+def test_a_merge_imports_neither_the_web_framework_nor_the_operator(tmp_path):
+    """The parser adds serve's and operator's options (which import FastAPI and kopf) only for those commands: a
+    merge pod's start does not pay for them."""
+    code = ("import sys, modelmerge.cli as cli\n"
+            "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = {'fastapi', 'uvicorn', 'kopf', 'modelmerge_api', 'modelmerge_operator'} & set(sys.modules)\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code, "merge", "--progress", "none", "--base-model",
+                           str(tmp_path / "missing"), "--models-to-merge", str(tmp_path / "missing2"),
+                           "--merge-method", "task_arithmetic", "--output-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "base_model" in done.stdout  # the merge ran (and failed on its missing input), not the parser
+    serve = subprocess.run([sys.executable, "-m", "modelmerge.cli", "serve", "--help"], capture_output=True,
+                           text=True, check=True)
+    assert "--backend" in serve.stdout  # serve's own options are still there when serve runs

@@ -16,6 +16,7 @@ import torch
 
 from modelmerge.contract import parse_progress
 from tests.helpers.models import fill_hf_cache, make_family, make_finetune, make_model, read_state_dict
+from tests.helpers.small_disk import small_tmpfs
 
 SIZE = {"vocab": 256, "hidden": 64, "intermediate": 160, "layers": 2}
 
@@ -248,13 +249,8 @@ def test_use_gpu_without_cuda_fails_clearly(family, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    with small_tmpfs(tmp_path / "small", size="160k") as mount:
+        yield mount
 
 
 def test_disk_full_is_reported_and_cleaned_up(family, small_disk):

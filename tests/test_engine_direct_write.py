@@ -10,7 +10,6 @@ import errno
 import fcntl
 import mmap
 import os
-import subprocess
 import threading
 
 import numpy as np
@@ -20,6 +19,7 @@ from safetensors.numpy import load_file
 from modelmerge_engine import direct_write
 from modelmerge_engine.direct_write import ALIGNMENT, DirectFile
 from modelmerge_engine.safetensors_io import DTYPES, PlannedTensor, ShardedWriter
+from tests.helpers.small_disk import small_tmpfs
 
 BUFFER = 2 * ALIGNMENT
 
@@ -124,12 +124,7 @@ def _open_fds() -> set[str]:
 
 
 def test_a_full_disk_raises_enospc_and_leaks_no_thread_or_descriptor(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", size="64k") as mount:
         fds, threads = _open_fds(), threading.active_count()
         file = DirectFile(mount / "f", buffer_bytes=BUFFER)
         with pytest.raises(OSError) as raised:
@@ -139,8 +134,6 @@ def test_a_full_disk_raises_enospc_and_leaks_no_thread_or_descriptor(tmp_path):
         assert raised.value.errno == errno.ENOSPC
         file.abort()  # what ShardedWriter.abort does after the error: nothing raised, nothing left open
         assert _open_fds() == fds and threading.active_count() == threads
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_sharded_writer_output_is_byte_exact_across_shards(tmp_path):

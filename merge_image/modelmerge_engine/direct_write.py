@@ -36,7 +36,7 @@ class DirectFile:
             raise ValueError(f"buffer_bytes must be a positive multiple of {ALIGNMENT}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            self._fd = os.open(path, flags | _O_DIRECT, 0o644) if _O_DIRECT else os.open(path, flags, 0o644)
+            self._fd = os.open(path, flags | _O_DIRECT, 0o644)  # _O_DIRECT is 0 where the platform lacks it
             self.direct = bool(_O_DIRECT)
         except OSError as exc:
             if exc.errno != errno.EINVAL:

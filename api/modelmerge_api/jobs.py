@@ -67,7 +67,8 @@ class Job:
 
     def freeze(self) -> Job:
         """Encode the job now and send those bytes from then on: for a backend that keeps a job which no longer
-        changes (a finished one, filled in) to serve it again; the job must not be changed afterwards."""
+        changes to serve it again (the local backend's finished jobs, the Kubernetes backend's view of one version
+        of a ModelMerge); the job must not be changed afterwards."""
         self._encoded = encode_json(self.to_json())
         return self
 

@@ -231,7 +231,7 @@ class KubernetesBackend:
                   output_path=status.get("outputPath") or (location.uri if location else None),
                   params=params, progress=progress, output_rel=self._output_rel(location),
                   evaluation=evaluation, sweep_id=_sweep_of(obj))
-        return MergeView(job, location)
+        return MergeView(job.freeze(), location)  # a view is never changed: a new version gets a new view
 
     def _output_rel(self, location: OutputLocation | None) -> str | None:
         """The output's path under the API's output root (the output claim's root), when it is on that claim."""

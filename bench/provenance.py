@@ -42,7 +42,9 @@ def provenance(packages: list[str], **other_packages: str | None) -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain")),
+    # results files other benchmarks just wrote (bench/results/) are not changes to what is measured
+    changes = git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(changes),
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_model": cpu,
             "cpu_cores": len(os.sched_getaffinity(0)), "memory_bytes": memory_total_bytes(),
             "kernel": platform.release(), "python": platform.python_version(),

@@ -12,7 +12,6 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from modelmerge_engine.safetensors_io import (
     ShardedWriter,
     numel,
 )
-from modelmerge_engine.select import kth_magnitude
+from modelmerge_engine.select import kth_magnitudes
 from modelmerge_engine.tokenizer_source import (
     MovedVocabulary,
     apply_tokenizer_source,
@@ -379,7 +378,7 @@ class StreamingMerge:
     # --- progress: the steps of the whole merge, planned up front ----------------------------------------
 
     def histogram_passes(self, k: int) -> int:
-        """How many passes kth_magnitude makes over one model's values to find the k-th smallest."""
+        """How many passes kth_magnitudes makes over one model's values to find the k-th smallest."""
         return 0 if k == 0 else 2 if self._wide else 1
 
     def _steps(self) -> list[Step]:
@@ -491,26 +490,23 @@ class StreamingMerge:
 
     def thresholds(self, plans: list[TensorPlan], ks: list[int], *, masked: bool, task_vectors: bool) -> np.ndarray:
         """For each model, the k-th smallest magnitude of its task vectors (or weights) over `plans`: one
-        histogram pass (two for float32) per model, in parallel over ranges."""
-        def histogram_pass(index: int, shift: int, bins: int, bucket: int) -> np.ndarray:
-            buckets = np.array([bucket], dtype=np.int64)
-
+        histogram pass (two for float32) over every model that needs one, in parallel over ranges."""
+        def histogram_pass(streams: list[int], shift: int, bins: int, buckets: np.ndarray) -> np.ndarray:
             def one(job: tuple[str, int, int]) -> tuple[int, np.ndarray]:
                 name, start, stop = job
-                base, inputs = (self.inputs if masked else self._load)(name, start, stop, [index])
+                base, inputs = (self.inputs if masked else self._load)(name, start, stop, streams)
                 counts = self.kernels.histogram(base, inputs, task_vectors=task_vectors, shift=shift, bins=bins,
                                                 buckets=buckets)
-                return stop - start, counts[0]
+                return stop - start, counts
 
-            total = np.zeros(bins, dtype=np.int64)
+            total = np.zeros((len(streams), bins), dtype=np.int64)
             jobs = ((p.name, start, stop) for p in plans for start, stop in self.ranges(p.numel))
             for size, counts in self.pool.map(one, jobs):
                 total += counts
-                self.progress.advance(size)
+                self.progress.advance(size * len(streams))
             return total
 
-        return np.array([kth_magnitude(partial(histogram_pass, i), k, wide=self._wide) for i, k in enumerate(ks)],
-                        dtype=np.int64)
+        return np.array(kth_magnitudes(histogram_pass, ks, wide=self._wide), dtype=np.int64)
 
     def statistics_group(self, plan: TensorPlan) -> list[TensorPlan]:
         """The tensors a per-tensor statistic of `plan` covers (a fused MoE parameter's, see plan_tensors)."""

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import numpy as np
 
 NO_THRESHOLD = -1
-# histogram_pass(shift, bins, bucket) -> counts[bin] over every value of one stream (bucket: see below)
-HistogramPass = Callable[[int, int, int], np.ndarray]
+# histogram_pass(streams, shift, bins, buckets) -> counts[len(streams), bins]: one pass over the values of the
+# streams at those positions together (buckets: one per stream, see below)
+HistogramPass = Callable[[list[int], int, int, np.ndarray], np.ndarray]
 
 
 def _kth_bin(counts: np.ndarray, k: int) -> tuple[int, int]:
@@ -25,15 +26,27 @@ def _kth_bin(counts: np.ndarray, k: int) -> tuple[int, int]:
     return index, int(cumulative[index - 1]) if index else 0
 
 
-def kth_magnitude(histogram_pass: HistogramPass, k: int, *, wide: bool) -> int:
-    """The k-th smallest magnitude of one stream as a bit pattern (NO_THRESHOLD where k = 0).
+def kth_magnitudes(histogram_pass: HistogramPass, ks: list[int], *, wide: bool) -> list[int]:
+    """For each stream i, the ks[i]-th smallest magnitude as a bit pattern (NO_THRESHOLD where ks[i] = 0).
 
     `wide` is True for float32: a first pass counts the high 16 bits (shift 16), a second counts the low 16
-    bits of the values whose high bits equal `bucket`; 16-bit formats need the first pass only (shift 0).
-    One stream at a time, so memory does not grow with the number of models."""
-    if not k:
-        return NO_THRESHOLD
+    bits of the values whose high bits equal each stream's `bucket`; 16-bit formats need the first pass only
+    (shift 0). Every stream that needs a threshold is counted in the same pass, so the inputs are read once per
+    pass however many models there are (the counts, 2^16 integers per stream, are all that grows)."""
+    found = [NO_THRESHOLD] * len(ks)
+    streams = [i for i, k in enumerate(ks) if k]
+    if not streams:
+        return found
+    anywhere = np.full(len(streams), NO_THRESHOLD, dtype=np.int64)
     if not wide:
-        return _kth_bin(histogram_pass(0, 1 << 15, NO_THRESHOLD), k)[0]
-    bucket, before = _kth_bin(histogram_pass(16, 1 << 15, NO_THRESHOLD), k)
-    return (bucket << 16) | _kth_bin(histogram_pass(0, 1 << 16, bucket), k - before)[0]
+        counts = histogram_pass(streams, 0, 1 << 15, anywhere)
+        for row, i in enumerate(streams):
+            found[i] = _kth_bin(counts[row], ks[i])[0]
+        return found
+    counts = histogram_pass(streams, 16, 1 << 15, anywhere)
+    high = [_kth_bin(counts[row], ks[i]) for row, i in enumerate(streams)]
+    buckets = np.array([bucket for bucket, _ in high], dtype=np.int64)
+    counts = histogram_pass(streams, 0, 1 << 16, buckets)
+    for row, (i, (bucket, before)) in enumerate(zip(streams, high, strict=True)):
+        found[i] = (bucket << 16) | _kth_bin(counts[row], ks[i] - before)[0]
+    return found

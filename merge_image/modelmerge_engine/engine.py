@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from modelmerge.contract import MergeRequest
+from modelmerge_engine.direct_read import ahead_blocks
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.kernels import CpuKernels, make_kernels
 from modelmerge_engine.layout import BASE, output_config, placements
@@ -47,6 +48,10 @@ CPU_WORK_ELEMENTS = 1 << 20  # elements per step over all inputs together: bound
 GPU_WORK_ELEMENTS = 1 << 27
 ALIGN = 1 << 12  # default range sizes are multiples of this
 RANGE_ELEMENTS_ENV = "MODELMERGE_ENGINE_RANGE_ELEMENTS"  # overrides the range size (tests split every tensor)
+# How a merge that reads its inputs once reads them: auto (files the page cache does not hold around it, the rest
+# mapped), mapped (every file), direct (every file around the page cache, where the filesystem allows; the tests)
+INPUT_READS_ENV = "MODELMERGE_ENGINE_INPUT_READS"
+INPUT_READS = ("auto", "mapped", "direct")
 
 
 # Mixture-of-Experts checkpoints store one tensor per expert; transformers 5 loads them as one fused parameter
@@ -231,6 +236,13 @@ def _check_model_matches(base: SafetensorsModel, model: SafetensorsModel, merged
             raise MergeError(f"tensor {name} is in {model.label} but missing in base_model ({base.label})")
 
 
+def _input_reads_from_environment() -> str:
+    text = os.environ.get(INPUT_READS_ENV, "").strip() or "auto"
+    if text not in INPUT_READS:
+        raise MergeError(f"{INPUT_READS_ENV} must be one of {', '.join(INPUT_READS)}, got {text!r}")
+    return text
+
+
 def _range_elements_from_environment() -> int | None:
     text = os.environ.get(RANGE_ELEMENTS_ENV, "").strip()
     if not text:
@@ -299,6 +311,7 @@ class StreamingMerge:
         try:
             self.progress.plan(self._steps())
             self.method.prepare()
+            self._read_inputs_around_cache()
             self.progress.begin_step("merge", tensors=len(self.plans))
             current = None
             models = len(self.finetunes)
@@ -314,6 +327,18 @@ class StreamingMerge:
             self.progress.end_step()
         finally:
             self.pool.close()
+
+    def _read_inputs_around_cache(self) -> None:
+        """When the output pass is the only read of the inputs (the method's say; a flat request, whose output
+        reads every model's tensors in their order), input files the page cache does not hold are read around it
+        (direct_read.py): nothing would read those pages again. MODELMERGE_ENGINE_INPUT_READS can say otherwise."""
+        mode = _input_reads_from_environment()
+        files = 0
+        if mode != "mapped" and self.method.reads_inputs_once() and self.request.config is None:
+            models = [self.base, *self.finetunes]
+            ahead = ahead_blocks(len(models))
+            files = sum(model.read_around_cache(ahead=ahead, only_uncached=mode == "auto") for model in models)
+        self.stats["direct_read_files"] = files
 
     # --- what a mergekit config changes in the output's other files -------------------------------------------
 

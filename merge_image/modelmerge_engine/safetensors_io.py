@@ -1,9 +1,11 @@
 """Zero-copy reading and streaming writing of safetensors checkpoints (single file or sharded with an index).
 
 Reading maps each file copy-on-write and hands out tensor views of the mapped bytes, so inputs live in the
-page cache (RssFile), never in anonymous memory. Writing lays out every shard's header up front (names,
-dtypes and shapes are known before any arithmetic), then appends tensor bytes as they are produced, around the
-page cache by a writer thread (direct_write.py).
+page cache (RssFile), never in anonymous memory; a merge that reads its inputs once reads those not already in
+the page cache around it instead (`read_around_cache`, direct_read.py), into a few blocks of read-ahead.
+
+Writing lays out every shard's header up front (names, dtypes and shapes are known before any arithmetic), then
+appends tensor bytes as they are produced, around the page cache by a writer thread (direct_write.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modelmerge_engine.direct_read import DirectReader, DirectReadRefused, resident_fraction
 from modelmerge_engine.direct_write import DirectFile
 from modelmerge_engine.dtype_codes import BF16, F16, F32
 from modelmerge_engine.errors import MergeError
@@ -158,6 +161,7 @@ class SafetensorsModel:
             self._index_file(file)
         self._maps: dict[Path, mmap.mmap] = {}
         self._prefetched: dict[Path, int] = {}  # per file: bytes [.., value) were asked for ahead of the reads
+        self._direct: dict[Path, DirectReader] = {}  # files read around the page cache (read_around_cache)
 
     def _shard_files(self) -> list[Path]:
         index = self.directory / INDEX_NAME
@@ -204,8 +208,20 @@ class SafetensorsModel:
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Elements [start, stop) of the tensor, flattened: a view of the mapped file (never write into it),
         or where the tensor's data is not aligned to its dtype (an odd-sized tensor before it) a copy of that
-        range alone, so every byte is copied once however the tensor is split into ranges."""
+        range alone, so every byte is copied once however the tensor is split into ranges; from a file read
+        around the page cache, a copy of the range from its read-ahead."""
         info = self.tensors[name]
+        reader = self._direct.get(info.file)
+        if reader is not None:
+            stop = min(stop, info.numel)
+            start = min(start, stop)
+            try:
+                raw = reader.read(info.offset + start * info.dtype.size, (stop - start) * info.dtype.size)
+            except DirectReadRefused:  # accepted at open, refused at the first read: map it after all
+                self._direct.pop(info.file, None)
+                reader.close()
+            else:
+                return raw.view(info.dtype.storage)
         mapped = self._maps.get(info.file)
         if mapped is None:
             with open(info.file, "rb") as handle:
@@ -219,6 +235,20 @@ class SafetensorsModel:
             raw = np.frombuffer(mapped, dtype=np.uint8, count=(stop - start) * info.dtype.size, offset=offset)
             return raw.copy().view(info.dtype.storage)
         return np.frombuffer(mapped, dtype=info.dtype.storage, count=stop - start, offset=offset)
+
+    def read_around_cache(self, *, ahead: int, only_uncached: bool = True) -> int:
+        """From now on, read this model's files that the page cache holds less than half of (every file with
+        `only_uncached` False) with O_DIRECT, `ahead` blocks ahead of the reads (direct_read.py): for a merge that
+        reads its inputs once, front to back. Files whose filesystem refuses O_DIRECT stay mapped. Returns how
+        many files are read around the page cache."""
+        for file in self.files:
+            if file in self._direct or (only_uncached and resident_fraction(file) >= 0.5):
+                continue
+            try:
+                self._direct[file] = DirectReader(file, ahead=ahead)
+            except DirectReadRefused:
+                continue
+        return len(self._direct)
 
     def _read_ahead(self, file: Path, mapped: mmap.mmap, offset: int) -> None:
         """Asks the kernel to read the READ_AHEAD bytes after those being read (madvise WILLNEED), once per byte
@@ -240,6 +270,9 @@ class SafetensorsModel:
         self._prefetched[file] = start + max(length, 0)
 
     def close(self) -> None:
+        for reader in self._direct.values():
+            reader.close()
+        self._direct.clear()
         for mapped in self._maps.values():
             try:
                 mapped.close()

@@ -11,6 +11,9 @@ class AverageMerging(Method):
     name = "average_merging"
     parameters = ()
 
+    def reads_inputs_once(self) -> bool:
+        return True
+
     def combine_cpu(self, kernels, base, inputs, state):
         out = kernels.empty(inputs[0])
         kernels.k.average(kernels.code, tuple(inputs), out)

@@ -70,6 +70,12 @@ class Method:
         """The steps of the whole merge with their work; per-tensor statistics run inside the merge step."""
         return [Step("merge", merge_work + statistics_work)]
 
+    def reads_inputs_once(self) -> bool:
+        """Whether the merge step is the only read of the inputs and reads each range once, in order (no
+        statistics passes, no per-tensor statistics, no method reading inputs on its own): then the engine reads
+        inputs that are not in the page cache around it (direct_read.py), since nothing reads them again."""
+        return False
+
     # --- passes -----------------------------------------------------------------------------------------
 
     def prepare(self) -> None:

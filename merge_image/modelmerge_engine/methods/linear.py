@@ -19,6 +19,9 @@ class Linear(Method):
     name = "linear"
     parameters = ("model_parameters", "normalize")
 
+    def reads_inputs_once(self) -> bool:
+        return True
+
     def prepare(self) -> None:
         """Every tensor's weights before anything is written, so weights summing to 0 under normalize (a
         division by zero; mergekit writes NaN and inf) fail the merge naming the tensor."""

@@ -29,6 +29,10 @@ class MaskMerging(Method):
     def by_magnitude(self) -> bool:
         return self.request.mask_strategy == "magnitude"
 
+    def reads_inputs_once(self) -> bool:
+        """Random masks (or none) need no statistics: then it is the apply method's say."""
+        return not self.by_magnitude and self.apply.reads_inputs_once()
+
     @classmethod
     def per_tensor_statistics(cls, request):
         found = ["mask_merging with mask_strategy magnitude"] if request.mask_strategy == "magnitude" else []

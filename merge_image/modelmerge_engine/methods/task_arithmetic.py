@@ -14,6 +14,9 @@ class TaskArithmetic(Method):
     name = "task_arithmetic"
     parameters = ("scaling_coefficient",)
 
+    def reads_inputs_once(self) -> bool:
+        return True
+
     def combine_cpu(self, kernels, base, inputs, state):
         out = kernels.empty(base)
         kernels.k.task_arithmetic(kernels.code, base, tuple(inputs), float(self.request.scaling_coefficient), out)

@@ -1,0 +1,234 @@
+"""Inputs read around the page cache (direct_read.py): the bytes of any read order, from several threads; the
+memory it holds; the fallbacks; and merges that read their inputs that way give the same output bytes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelmerge.contract import MergeRequest
+from modelmerge_engine.direct_read import DirectReader, DirectReadRefused, resident_fraction
+from modelmerge_engine.engine import INPUT_READS_ENV, RANGE_ELEMENTS_ENV
+from modelmerge_engine.run import run_merge
+from modelmerge_engine.safetensors_io import SafetensorsModel
+from tests.helpers.models import make_family
+
+BLOCK = 8192  # small blocks, so every test crosses many of them
+
+
+@pytest.fixture
+def data_file(tmp_path) -> tuple[Path, bytes]:
+    data = np.random.default_rng(3).integers(0, 256, 40 * BLOCK + 1234, dtype=np.uint8).tobytes()
+    path = tmp_path / "input.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def test_forward_reads_of_every_size_are_the_files_bytes(data_file):
+    path, data = data_file
+    reader = DirectReader(path, ahead=2, block=BLOCK)
+    try:
+        offset, rng = 0, random.Random(1)
+        while offset < len(data):
+            size = rng.choice([1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 777])
+            got = reader.read(offset, size)
+            assert got.tobytes() == data[offset:offset + size]
+            offset += size
+        assert reader.read(len(data) - 10, 100).tobytes() == data[-10:]  # past the end: what there is
+        assert reader.read(len(data), 10).size == 0
+    finally:
+        reader.close()
+
+
+def test_jumps_back_and_far_ahead_read_the_right_bytes(data_file):
+    path, data = data_file
+    reader = DirectReader(path, ahead=2, block=BLOCK)
+    try:
+        for offset, size in [(0, 100), (20 * BLOCK + 3, 2 * BLOCK), (5, BLOCK * 3), (39 * BLOCK, 5000),
+                             (BLOCK, 10), (38 * BLOCK - 7, 2 * BLOCK + 1234 + 7)]:
+            assert reader.read(offset, size).tobytes() == data[offset:offset + size], (offset, size)
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(("workers", "pause_s"), [(4, 0.0), (8, 0.002)])
+def test_threads_reading_ranges_in_turn_as_the_merge_does(data_file, workers, pause_s):
+    """Workers take ranges in order and finish them out of order, as the engine's pool does (with pauses, some
+    fall behind others by several blocks)."""
+    path, data = data_file
+    jitter = random.Random(5)
+    reader = DirectReader(path, ahead=2, block=BLOCK)
+    ranges = [(start, min(start + 3000, len(data))) for start in range(0, len(data), 3000)]
+    results: dict[int, bytes] = {}
+    taken = iter(ranges)
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                job = next(taken, None)
+            if job is None:
+                return
+            if pause_s:
+                time.sleep(jitter.random() * pause_s)
+            results[job[0]] = reader.read(job[0], job[1] - job[0]).tobytes()
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        reader.close()
+    assert b"".join(results[start] for start, _ in ranges) == data
+
+
+def test_memory_is_a_few_blocks_and_none_after_the_end(data_file):
+    path, data = data_file
+    reader = DirectReader(path, ahead=3, block=BLOCK)
+    try:
+        assert reader.buffers() == 0  # nothing is read before the first read
+        most = 0
+        for offset in range(0, len(data), 1000):
+            reader.read(offset, 1000)
+            most = max(most, reader.buffers())
+        assert 0 < most <= 3 + 3 + 2  # ahead, one per reading thread, the blocks of the current read
+        assert reader.buffers() == 0  # read to the end: every block freed
+    finally:
+        reader.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("read-ahead")]
+
+
+def test_a_filesystem_refusing_o_direct_is_mapped_instead(tmp_path, monkeypatch):
+    base, _ = make_family(tmp_path, n=1)
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(DirectReadRefused):
+        DirectReader(base / "model.safetensors")
+    model = SafetensorsModel(base, "base")
+    try:
+        assert model.read_around_cache(ahead=3, only_uncached=False) == 0
+        name = next(iter(model.tensors))
+        assert model.read(name, 0, 5).size == 5
+    finally:
+        model.close()
+
+
+def _drop_from_page_cache(directory: Path) -> None:
+    for file in directory.glob("*.safetensors"):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_resident_fraction_sees_the_page_cache(tmp_path):
+    base, _ = make_family(tmp_path, n=1)
+    file = base / "model.safetensors"
+    file.read_bytes()
+    assert resident_fraction(file) == 1.0
+    _drop_from_page_cache(base)
+    assert resident_fraction(file) < 0.5
+
+
+def _merge(family, out: Path, method: str, **params) -> dict:
+    base, fts = family
+    request = MergeRequest(base_model=str(base), models_to_merge=[str(f) for f in fts], merge_method=method,
+                           output_dir=str(out), **params)
+    assert run_merge(request, progress="none") == 0
+    return json.loads((out / "merge_report.json").read_text())["statistics"]
+
+
+def _sharded(directory: Path, *, tensors_per_shard: int = 5) -> None:
+    """Rewrite a model's weights as shards of a few tensors each, with an index (as transformers shards)."""
+    from safetensors.torch import load_file, save_file
+
+    single = directory / "model.safetensors"
+    tensors = load_file(single)
+    names = list(tensors)
+    groups = [names[i:i + tensors_per_shard] for i in range(0, len(names), tensors_per_shard)]
+    weight_map = {}
+    for number, group in enumerate(groups, 1):
+        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        save_file({name: tensors[name] for name in group}, directory / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in group})
+    single.unlink()
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _weights(out: Path) -> dict[str, bytes]:
+    return {file.name: file.read_bytes() for file in sorted(out.glob("*.safetensors"))}
+
+
+SINGLE_PASS = [("task_arithmetic", {"scaling_coefficient": 0.3}), ("average_merging", {}),
+               ("mask_merging", {"weight_mask_rates": [0.5, 0.3], "mask_strategy": "random",
+                                 "mask_apply_method": "task_arithmetic", "scaling_coefficient": 0.7})]
+
+
+@pytest.mark.parametrize(("method", "params"), SINGLE_PASS, ids=[m for m, _ in SINGLE_PASS])
+def test_direct_reads_give_the_mapped_merges_bytes(tmp_path, monkeypatch, method, params):
+    """Sharded inputs, ranges split small, so the reads cross blocks and shards."""
+    family = make_family(tmp_path / "models", n=2)
+    for directory in (family[0], *family[1]):
+        _sharded(directory)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, "1000")
+    monkeypatch.setenv(INPUT_READS_ENV, "mapped")
+    mapped_stats = _merge(family, tmp_path / "mapped", method, **params)
+    monkeypatch.setenv(INPUT_READS_ENV, "direct")
+    direct_stats = _merge(family, tmp_path / "direct", method, **params)
+    assert mapped_stats["direct_read_files"] == 0
+    files = sum(len(list(d.glob("*.safetensors"))) for d in [family[0], *family[1]])
+    assert files > 3 and direct_stats["direct_read_files"] == files
+    assert _weights(tmp_path / "direct") == _weights(tmp_path / "mapped")
+
+
+def test_auto_reads_direct_only_what_the_page_cache_lacks(tmp_path, monkeypatch):
+    base, fts = family = make_family(tmp_path / "models", n=2)
+    monkeypatch.delenv(INPUT_READS_ENV, raising=False)
+    for directory in (base, *fts):
+        (directory / "model.safetensors").read_bytes()
+    assert _merge(family, tmp_path / "warm", "task_arithmetic")["direct_read_files"] == 0
+    _drop_from_page_cache(fts[1])
+    assert _merge(family, tmp_path / "one-cold", "task_arithmetic")["direct_read_files"] == 1
+    for directory in (base, *fts):
+        _drop_from_page_cache(directory)
+    assert _merge(family, tmp_path / "cold", "task_arithmetic")["direct_read_files"] == 3
+    assert _weights(tmp_path / "cold") == _weights(tmp_path / "warm")
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("ties_merging", {"param_value_mask_rate": 0.5}), ("ties_merging_dare", {"param_value_mask_rate": 0.5}),
+    ("mask_merging", {"weight_mask_rates": [0.5, 0.5], "mask_strategy": "magnitude"})],
+    ids=["ties_merging", "ties_merging_dare", "magnitude-masks"])
+def test_methods_reading_inputs_more_than_once_keep_them_mapped(tmp_path, monkeypatch, method, params):
+    monkeypatch.setenv(INPUT_READS_ENV, "direct")
+    assert _merge(make_family(tmp_path / "models", n=2), tmp_path / "out", method, **params)["direct_read_files"] == 0
+
+
+def test_a_bad_input_reads_setting_is_named(tmp_path, monkeypatch):
+    base, fts = make_family(tmp_path / "models", n=1)
+    monkeypatch.setenv(INPUT_READS_ENV, "sometimes")
+    request = MergeRequest(base_model=str(base), models_to_merge=[str(fts[0])], merge_method="task_arithmetic",
+                           output_dir=str(tmp_path / "out"))
+    assert run_merge(request, progress="none", summary_file=str(tmp_path / "summary.json")) != 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert INPUT_READS_ENV in summary["error"] and "'sometimes'" in summary["error"]
+    assert not (tmp_path / "out").exists()

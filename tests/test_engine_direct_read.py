@@ -3,9 +3,7 @@ memory it holds; the fallbacks; and merges that read their inputs that way give 
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import random
 import threading
 import time
@@ -19,7 +17,9 @@ from modelmerge_engine.direct_read import DirectReader, DirectReadRefused, resid
 from modelmerge_engine.engine import INPUT_READS_ENV, RANGE_ELEMENTS_ENV
 from modelmerge_engine.run import run_merge
 from modelmerge_engine.safetensors_io import SafetensorsModel
+from tests.helpers.memory_cgroup import evict_page_cache
 from tests.helpers.models import make_family
+from tests.helpers.refused_o_direct import refuse_o_direct_at_open
 
 BLOCK = 8192  # small blocks, so every test crosses many of them
 
@@ -110,14 +110,7 @@ def test_memory_is_a_few_blocks_and_none_after_the_end(data_file):
 
 def test_a_filesystem_refusing_o_direct_is_mapped_instead(tmp_path, monkeypatch):
     base, _ = make_family(tmp_path, n=1)
-    real_open = os.open
-
-    def refusing_open(path, flags, *args, **kwargs):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", refusing_open)
+    refuse_o_direct_at_open(monkeypatch)
     with pytest.raises(DirectReadRefused):
         DirectReader(base / "model.safetensors")
     model = SafetensorsModel(base, "base")
@@ -129,22 +122,12 @@ def test_a_filesystem_refusing_o_direct_is_mapped_instead(tmp_path, monkeypatch)
         model.close()
 
 
-def _drop_from_page_cache(directory: Path) -> None:
-    for file in directory.glob("*.safetensors"):
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def test_resident_fraction_sees_the_page_cache(tmp_path):
     base, _ = make_family(tmp_path, n=1)
     file = base / "model.safetensors"
     file.read_bytes()
     assert resident_fraction(file) == 1.0
-    _drop_from_page_cache(base)
+    evict_page_cache([base])
     assert resident_fraction(file) < 0.5
 
 
@@ -205,10 +188,10 @@ def test_auto_reads_direct_only_what_the_page_cache_lacks(tmp_path, monkeypatch)
     for directory in (base, *fts):
         (directory / "model.safetensors").read_bytes()
     assert _merge(family, tmp_path / "warm", "task_arithmetic")["direct_read_files"] == 0
-    _drop_from_page_cache(fts[1])
+    evict_page_cache([fts[1]])
     assert _merge(family, tmp_path / "one-cold", "task_arithmetic")["direct_read_files"] == 1
     for directory in (base, *fts):
-        _drop_from_page_cache(directory)
+        evict_page_cache([directory])
     assert _merge(family, tmp_path / "cold", "task_arithmetic")["direct_read_files"] == 3
     assert _weights(tmp_path / "cold") == _weights(tmp_path / "warm")
 

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 from modelmerge_engine import direct_write
 from modelmerge_engine.direct_write import ALIGNMENT, DirectFile
 from modelmerge_engine.safetensors_io import DTYPES, PlannedTensor, ShardedWriter
+from tests.helpers.refused_o_direct import refuse_o_direct_at_open
 from tests.helpers.small_disk import small_tmpfs
 
 BUFFER = 2 * ALIGNMENT
@@ -65,17 +66,6 @@ def _resident_pages(path) -> int:
     return sum(byte & 1 for byte in vector)
 
 
-def _refuse_o_direct_at_open(monkeypatch):
-    real_open = os.open
-
-    def refusing_open(path, flags, *args, **kwargs):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", refusing_open)
-
-
 def test_the_output_does_not_fill_the_page_cache_and_buffered_writes_do(tmp_path, monkeypatch):
     data = np.arange(4 << 20, dtype=np.uint32)  # 16 MiB
     around = DirectFile(tmp_path / "direct", buffer_bytes=1 << 20)
@@ -85,7 +75,7 @@ def test_the_output_does_not_fill_the_page_cache_and_buffered_writes_do(tmp_path
     total = data.nbytes // mmap.PAGESIZE
     assert _resident_pages(tmp_path / "direct") <= total // 16
 
-    _refuse_o_direct_at_open(monkeypatch)  # the control: the same bytes through the page cache stay cached
+    refuse_o_direct_at_open(monkeypatch)  # the control: the same bytes through the page cache stay cached
     through = DirectFile(tmp_path / "buffered", buffer_bytes=1 << 20)
     through.write(data)
     through.close()
@@ -95,7 +85,7 @@ def test_the_output_does_not_fill_the_page_cache_and_buffered_writes_do(tmp_path
 
 
 def test_a_filesystem_refusing_o_direct_at_open_gets_the_same_bytes(tmp_path, monkeypatch):
-    _refuse_o_direct_at_open(monkeypatch)
+    refuse_o_direct_at_open(monkeypatch)
     data = bytes(range(256)) * 100 + b"tail"
     file = _write(tmp_path / "f", [data[:3], data[3:]])
     assert not file.direct

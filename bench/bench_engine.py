@@ -17,7 +17,8 @@ Per run: wall time; peak RssAnon and peak total RSS (VmRSS) of the tool's proces
 peak its memory cgroup was charged (max_usage_in_bytes: anonymous memory + page cache, what a pod's memory limit
 counts). Each run has its own cgroup v1 memory cgroup, capped at --safety-limit so that a peer can never push the
 machine into a global OOM. The memory-limit table runs each tool under --limits (default 256 MiB, 1 GiB, 4 GiB):
-succeeded or killed, and wall time.
+succeeded or killed, and wall time. Before and after the trials bench/disk.py probes the disk the inputs live on
+(`disk` in the results): a cold run can be no faster than reading its inputs and writing its output at those rates.
 
     .venv/bin/python bench/bench_engine.py                       # the recorded run (make bench-engine)
     .venv/bin/python bench/bench_engine.py --smoke               # a quick check: small shape, 1 run, .bench/
@@ -46,6 +47,7 @@ BENCH = ROOT / ".bench"
 CHECKPOINTS = Path(os.environ.get("MODELMERGE_BENCH_CHECKPOINTS", Path.home() / ".cache" / "modelmerge-bench"))
 sys.path.insert(0, str(ROOT))
 
+from bench.disk import probe  # noqa: E402
 from bench.provenance import median_spread, memory_total_bytes, package_version, provenance, results_path, write_results  # noqa: E402
 from tests.helpers.memory_cgroup import MemoryCgroup, unavailable_reason  # noqa: E402
 from tests.helpers.mergekit import mergekit_venv  # noqa: E402
@@ -457,6 +459,13 @@ def run(args, checkpoint: Path) -> dict:
     print(f"{len(trials)} runs in shuffled order (seed {args.seed}), {len(result['rows'])} done before",
           file=sys.stderr, flush=True)
     BENCH.mkdir(exist_ok=True)
+    # The disk before and after the trials: what a cold run reads its inputs and writes its output at.
+    probed = [file for model in [base, *fts[: min(args.finetunes)]] for file in sorted(model.glob("*.safetensors"))]
+    output_bytes = sum(file.stat().st_size for file in base.glob("*.safetensors"))
+    disk = result.setdefault("disk", {})
+    if "start" not in disk:  # a resumed run keeps the probe of its first session
+        disk["start"] = probe(probed, BENCH, write_bytes=output_bytes)
+        print(f"disk at the start: {describe_disk(disk['start'])}", file=sys.stderr, flush=True)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BENCH, prefix="run-") as tmp:
         scratch = Path(tmp)
@@ -484,7 +493,17 @@ def run(args, checkpoint: Path) -> dict:
                   f"anon {row['rss_anon_peak_bytes'] / MIB:7.0f} MiB rss {row['rss_peak_bytes'] / MIB:7.0f} MiB "
                   f"cgroup {row['cgroup_peak_bytes'] / MIB:7.0f} MiB", file=sys.stderr, flush=True)
         shutil.rmtree(out, ignore_errors=True)
+    disk["end"] = probe(probed, BENCH, write_bytes=output_bytes)
+    print(f"disk at the end: {describe_disk(disk['end'])}", file=sys.stderr, flush=True)
     return result
+
+
+def describe_disk(disk: dict) -> str:
+    if "read" not in disk:
+        return f"not probed ({disk['unavailable']})"
+    read, write = disk["read"], disk["write"]
+    return (f"reads {read['bytes_per_second'] / 1e9:.2f} GB/s ({read['files']} files at once), "
+            f"writes {write['bytes_per_second'] / 1e9:.2f} GB/s (fsynced)")
 
 
 # --- summary ----------------------------------------------------------------------------------------------

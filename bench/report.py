@@ -17,6 +17,10 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.disk import io_floor_seconds  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
@@ -42,6 +46,31 @@ def _provenance(result: dict) -> str:
             f"{p['cpu_cores']} cores, {p['memory_bytes'] / 2**30:.0f} GiB, Linux {p['kernel']}; {packages}.")
 
 
+def _disk(result: dict) -> str:
+    """What the disk read and wrote at during the recording, and the least time a cold run needs at that rate."""
+    disk = result.get("disk")
+    if not disk:
+        return "The disk's throughput was not probed in this recording (bench/disk.py probes it since)."
+    if "read" not in disk.get("start", {}):
+        return f"The disk could not be probed: {disk.get('start', {}).get('unavailable', 'no probe')}."
+
+    def rates(probe: dict) -> str:
+        if "read" not in probe:
+            return "not probed"
+        read, write = probe["read"]["bytes_per_second"], probe["write"]["bytes_per_second"]
+        return f"reads {read / 1e9:.2f} GB/s, writes {write / 1e9:.2f} GB/s"
+
+    start = disk["start"]
+    count = min(result["settings"]["finetunes"])
+    read_bytes = result["settings"]["input_bytes"][str(count)]
+    write_bytes = start["write"]["bytes"]
+    floor = io_floor_seconds(start, read_bytes=read_bytes, write_bytes=write_bytes)
+    return (f"Disk (O_DIRECT, past the page cache, {start['read']['files']} input files read at once; bench/disk.py): "
+            f"{rates(start)} at the start, {rates(disk.get('end', {}))} at the end. Reading the inputs of {count} "
+            f"fine-tunes ({read_bytes / 1e9:.2f} GB) and writing one output ({write_bytes / 1e9:.2f} GB) at the "
+            f"start's rates takes {floor:.2f} s: no cold run on this disk can be faster.")
+
+
 def _spread(cell: dict, name: str, scale: float = 1.0, digits: int = 2) -> str:
     if name not in cell:
         return "failed" if cell.get("runs") else "-"
@@ -62,7 +91,7 @@ def engine_table(result: dict | None) -> str:
     settings = result["settings"]
     cells, ratios = _summary_by_key(result)
     tools = settings["tools"]
-    lines = [_provenance(result),
+    lines = [_provenance(result), _disk(result),
              f"{settings['runs']} runs per cell in one shuffled order (seed {settings['seed']}); "
              "median (min–max) seconds; speed-up = fastest peer's median / ours; memory = peak of the run's memory "
              "cgroup (anonymous memory + page cache, what a pod's limit counts), with RssAnon and total RSS in "
@@ -128,7 +157,7 @@ def methods_table(result: dict | None) -> str:
         return _missing("methods", "make bench-methods")
     settings = result["settings"]
     cells, ratios = _summary_by_key(result)
-    lines = [_provenance(result),
+    lines = [_provenance(result), _disk(result),
              f"mergekit's methods, this engine (`modelmerge merge --config`) and mergekit (`mergekit-yaml`) given the "
              f"same YAML; {settings['runs']} runs per cell in one shuffled order (seed {settings['seed']}); median "
              "(min–max) seconds and peak RssAnon MiB; speed-up = mergekit's median / ours (target ≥ "

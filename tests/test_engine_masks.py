@@ -166,3 +166,16 @@ def test_masks_are_independent_between_seeds_tensors_and_models(family, tmp_path
     n = counts["elements"]
     assert off_by(counts["both dropped"], n, rates[0] * rates[1]) < SIGMAS, counts
     assert off_by(counts["both kept"], n, (1 - rates[0]) * (1 - rates[1])) < SIGMAS, counts
+
+
+@pytest.mark.parametrize("rate", [0.0, 2.0**-24, 0.1, 1 / 3, 0.5, 0.9883, 0.99, 1 - 2.0**-24, 1.0])
+def test_the_integer_cut_keeps_exactly_the_draws_the_float_rate_keeps(rate):
+    """The compiled mask compares each draw's 24 bits with draw_cut(rate) instead of the float draw with the rate:
+    over every possible draw, both keep the same ones."""
+    import numpy as np
+
+    from modelmerge_engine.cpu_kernels import draw_cut
+
+    bits = np.arange(1 << 24, dtype=np.uint64)
+    draws = bits.astype(np.float32) * np.float32(1.0 / 16777216.0)  # cpu_kernels._uniform, exact
+    assert np.array_equal(bits >= draw_cut(rate), draws.astype(np.float64) >= rate)

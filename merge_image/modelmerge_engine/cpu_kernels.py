@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import warnings
 from pathlib import Path
 
@@ -239,14 +240,26 @@ histogram = _per_dtype(_histogram)
 
 
 @njit(inline="always")
-def _uniform(key, index):
-    """A uniform float32 in [0, 1) for element `index` of a stream (splitmix64 of key + index): the same
-    draw whatever the ranges, threads or device, and no state to carry between ranges."""
+def _uniform_bits(key, index):
+    """The 24 random bits of element `index` of a stream (splitmix64 of key + index): the same draw whatever
+    the ranges, threads or device, and no state to carry between ranges."""
     z = np.uint64(key) + np.uint64(index) * np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-    return np.float32(z >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
+    return z >> np.uint64(40)
+
+
+@njit(inline="always")
+def _uniform(key, index):
+    """A uniform float32 in [0, 1) for element `index` of a stream: its 24 random bits / 2**24 (exact)."""
+    return np.float32(_uniform_bits(key, index)) * np.float32(1.0 / 16777216.0)
+
+
+def draw_cut(rate: float) -> int:
+    """The least 24-bit draw that is >= `rate` once divided by 2**24, so `_uniform(..) >= rate` exactly when
+    `_uniform_bits(..) >= draw_cut(rate)` (rate * 2**24 is exact in float64): the loop compares integers."""
+    return min(max(math.ceil(rate * 16777216.0), 0), 1 << 24)
 
 
 @njit(nogil=True, cache=True)
@@ -262,8 +275,9 @@ def _mask(constants, args):
     for elements start.. of the stream `key`), rescale by 1 / (1 - rate), and re-add the base for delta
     weights (`pretrained + 1.0 * masked`). Dropping multiplies by 0, as merging-eval's `values * ~mask`."""
     code, delta, mode, rescale = constants
-    base, raw, threshold, key, start, rate, out = args
+    base, raw, threshold, key, start, rate, cut, out = args
     keep_scale = np.float32(1.0 - rate)
+    cut = np.uint64(cut)
     for e in range(out.shape[0]):
         b = widen(base[e], code)
         v = widen(raw[e], code)
@@ -272,7 +286,7 @@ def _mask(constants, args):
         if mode == BY_MAGNITUDE:
             v = v * np.float32(mag(v, code) > threshold)
         elif mode == AT_RANDOM:
-            v = v * np.float32(_uniform(key, start + e) >= rate)
+            v = v * np.float32(_uniform_bits(key, start + e) >= cut)
         if rescale:
             v = rnd(v / keep_scale, code)
         if delta:
@@ -289,7 +303,8 @@ def mask(code, base, raw, params, out):
         mode = AT_RANDOM if params.random_key is not None else KEEP_ALL
     rescale = params.rescale and params.rate != 1.0
     kernel = _specialised(_mask, int(code), bool(params.delta), mode, bool(rescale))
-    kernel((base, raw, params.threshold, params.random_key or 0, params.start, params.rate, out))
+    kernel((base, raw, params.threshold, params.random_key or 0, params.start, params.rate,
+            draw_cut(params.rate), out))
 
 
 # --- the methods -----------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@
 
 Each table sits between `<!-- bench-report:NAME -->` and `<!-- /bench-report:NAME -->` (NAME: engine, memory,
 limits, operator, api, sweep, eval, methods, methods-limits); nothing else in the README is touched. A missing
-results file gives a line saying how to record it.
+results file gives a line saying how to record it. The engine tables combine engine.json with later recordings of
+some of its methods (engine-*.json, `bench_engine.py --methods ... --out bench/results/engine-NAME.json`): each
+method from its newest recording, each row naming the commit it was recorded at.
 """
 
 from __future__ import annotations
@@ -85,21 +87,64 @@ def _summary_by_key(result: dict) -> tuple[dict[tuple, dict], dict[tuple, dict]]
     return cells, ratios
 
 
+def combined_engine_results(results: Path) -> dict | None:
+    """engine.json and the later recordings of some of its methods (engine-*.json, e.g. the methods an engine change
+    affected, re-recorded with every peer in the same run), as one result: each method's cells, ratios and
+    memory-limit rows come from the newest recording of that method; `sources` says which recording gave what."""
+    recordings = sorted((json.loads(p.read_text()) for p in results.glob("engine*.json")),
+                        key=lambda r: r["provenance"]["date"])
+    if not recordings:
+        return None
+    timed: dict[str, dict] = {}
+    limited: dict[str, dict] = {}
+    for recording in recordings:
+        settings = recording["settings"]
+        timed.update({method: recording for method in settings["methods"]})
+        limited.update({method: recording for method in settings["limit_methods"] if settings["limits"]})
+    methods = [m for m in ENGINE_TARGETS if m in timed] + [m for m in timed if m not in ENGINE_TARGETS]
+
+    def newest(kind: str, method: str) -> dict:
+        return (timed if kind == "timed" else limited)[method]
+
+    summary = {part: [entry for m in methods for entry in newest("timed", m)["summary"][part] if entry["method"] == m]
+               for part in ("cells", "ratios")}
+    rows = [row for m in limited for row in limited[m]["rows"] if row["kind"] == "limit" and row["method"] == m]
+    sources = [{"recording": r, "methods": [m for m in methods if timed[m] is r],
+                "limit_methods": [m for m in limited if limited[m] is r]} for r in recordings]
+    first = recordings[0]["settings"]
+    return {"sources": [s for s in sources if s["methods"] or s["limit_methods"]], "summary": summary, "rows": rows,
+            "settings": {"methods": methods, "tools": first["tools"],
+                         "finetunes": sorted({n for r in recordings for n in r["settings"]["finetunes"]}),
+                         "states": list(dict.fromkeys(s for r in recordings for s in r["settings"]["states"]))}}
+
+
+def _source(source: dict) -> str:
+    """One recording behind the combined engine tables: what it gave, where and how it ran."""
+    recording, settings = source["recording"], source["recording"]["settings"]
+    gave = ", ".join(filter(None, [f"timings of {', '.join(source['methods'])}" if source["methods"] else "",
+                                   f"memory limits of {', '.join(source['limit_methods'])}"
+                                   if source["limit_methods"] else ""]))
+    return (f"- {gave}: {_provenance(recording)} {_disk(recording)} {settings['runs']} runs per cell, every tool in "
+            f"one shuffled order (seed {settings['seed']}).")
+
+
 def engine_table(result: dict | None) -> str:
     if result is None:
         return _missing("engine", "make bench-engine")
     settings = result["settings"]
     cells, ratios = _summary_by_key(result)
     tools = settings["tools"]
-    lines = [_provenance(result), _disk(result),
-             f"{settings['runs']} runs per cell in one shuffled order (seed {settings['seed']}); "
-             "median (min–max) seconds; speed-up = fastest peer's median / ours; memory = peak of the run's memory "
+    commit_of = {m: source["recording"]["provenance"]["commit"][:7] for source in result["sources"]
+                 for m in source["methods"]}
+    lines = ["Recordings (each method's newest; every peer ran in the same recording as ours):",
+             *(_source(source) for source in result["sources"]), "",
+             "Median (min–max) seconds; speed-up = fastest peer's median / ours; memory = peak of the run's memory "
              "cgroup (anonymous memory + page cache, what a pod's limit counts), with RssAnon and total RSS in "
-             "`bench/results/engine.json`. Targets: ≥ 3× on average/task arithmetic, ≥ 8× on TIES, DARE and mask "
+             "`bench/results/engine*.json`. Targets: ≥ 3× on average/task arithmetic, ≥ 8× on TIES, DARE and mask "
              "merging, cold.", "",
              "| method | fine-tunes | state | " + " | ".join(f"{t} s" for t in tools)
-             + " | speed-up (target) | " + " | ".join(f"{t} cgroup MiB" for t in tools) + " |",
-             "|" + " --- |" * (3 + 2 * len(tools) + 1)]
+             + " | speed-up (target) | " + " | ".join(f"{t} cgroup MiB" for t in tools) + " | recorded at |",
+             "|" + " --- |" * (3 + 2 * len(tools) + 2)]
     for method in settings["methods"]:
         for count in settings["finetunes"]:
             for state in settings["states"]:
@@ -110,7 +155,8 @@ def engine_table(result: dict | None) -> str:
                 speedup = f"{ratio['speedup']:.1f}× ({ENGINE_TARGETS[method]:g}×)" if "speedup" in ratio else "-"
                 lines.append(f"| {method} | {count} | {state} | "
                              + " | ".join(_spread(c, "seconds") for c in row) + f" | {speedup} | "
-                             + " | ".join(_spread(c, "cgroup_peak_bytes", MIB, 0) for c in row) + " |")
+                             + " | ".join(_spread(c, "cgroup_peak_bytes", MIB, 0) for c in row)
+                             + f" | `{commit_of[method]}` |")
     return "\n".join(lines)
 
 
@@ -283,7 +329,7 @@ def eval_table(result: dict | None, gpu: dict | None) -> str:
 
 
 def sections(results: Path) -> dict[str, str]:
-    engine, methods = _load("engine", results), _load("methods", results)
+    engine, methods = combined_engine_results(results), _load("methods", results)
     return {"engine": engine_table(engine), "memory": memory_table(engine), "limits": limits_table(engine),
             "operator": operator_table(_load("operator", results)), "api": api_table(_load("api", results)),
             "sweep": sweep_table(_load("sweep", results)),

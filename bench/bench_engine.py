@@ -47,7 +47,7 @@ BENCH = ROOT / ".bench"
 CHECKPOINTS = Path(os.environ.get("MODELMERGE_BENCH_CHECKPOINTS", Path.home() / ".cache" / "modelmerge-bench"))
 sys.path.insert(0, str(ROOT))
 
-from bench.disk import probe  # noqa: E402
+from bench.disk import describe, probe  # noqa: E402
 from bench.provenance import median_spread, memory_total_bytes, package_version, provenance, results_path, write_results  # noqa: E402
 from tests.helpers.memory_cgroup import MemoryCgroup, unavailable_reason  # noqa: E402
 from tests.helpers.mergekit import mergekit_venv  # noqa: E402
@@ -465,7 +465,7 @@ def run(args, checkpoint: Path) -> dict:
     disk = result.setdefault("disk", {})
     if "start" not in disk:  # a resumed run keeps the probe of its first session
         disk["start"] = probe(probed, BENCH, write_bytes=output_bytes)
-        print(f"disk at the start: {describe_disk(disk['start'])}", file=sys.stderr, flush=True)
+        print(f"disk at the start: {describe(disk['start'])}", file=sys.stderr, flush=True)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BENCH, prefix="run-") as tmp:
         scratch = Path(tmp)
@@ -494,16 +494,8 @@ def run(args, checkpoint: Path) -> dict:
                   f"cgroup {row['cgroup_peak_bytes'] / MIB:7.0f} MiB", file=sys.stderr, flush=True)
         shutil.rmtree(out, ignore_errors=True)
     disk["end"] = probe(probed, BENCH, write_bytes=output_bytes)
-    print(f"disk at the end: {describe_disk(disk['end'])}", file=sys.stderr, flush=True)
+    print(f"disk at the end: {describe(disk['end'])}", file=sys.stderr, flush=True)
     return result
-
-
-def describe_disk(disk: dict) -> str:
-    if "read" not in disk:
-        return f"not probed ({disk['unavailable']})"
-    read, write = disk["read"], disk["write"]
-    return (f"reads {read['bytes_per_second'] / 1e9:.2f} GB/s ({read['files']} files at once), "
-            f"writes {write['bytes_per_second'] / 1e9:.2f} GB/s (fsynced)")
 
 
 # --- summary ----------------------------------------------------------------------------------------------

@@ -92,6 +92,14 @@ def probe(files: list[Path], folder: Path, *, write_bytes: int) -> dict:
         return {"unavailable": f"{type(exc).__name__}: {exc}"}
 
 
+def describe(disk: dict) -> str:
+    """One probe in words: its read and write rates, or why there are none."""
+    if "read" not in disk:
+        return f"not probed ({disk['unavailable']})" if "unavailable" in disk else "not probed"
+    read, write = disk["read"]["bytes_per_second"], disk["write"]["bytes_per_second"]
+    return f"reads {read / 1e9:.2f} GB/s, writes {write / 1e9:.2f} GB/s"
+
+
 def io_floor_seconds(disk: dict, *, read_bytes: int, write_bytes: int) -> float | None:
     """The least time any tool needs to read `read_bytes` and write `write_bytes` at a probe's rates."""
     if "read" not in disk:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.disk import io_floor_seconds  # noqa: E402
+from bench.disk import describe, io_floor_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -56,21 +56,15 @@ def _disk(result: dict) -> str:
     if "read" not in disk.get("start", {}):
         return f"The disk could not be probed: {disk.get('start', {}).get('unavailable', 'no probe')}."
 
-    def rates(probe: dict) -> str:
-        if "read" not in probe:
-            return "not probed"
-        read, write = probe["read"]["bytes_per_second"], probe["write"]["bytes_per_second"]
-        return f"reads {read / 1e9:.2f} GB/s, writes {write / 1e9:.2f} GB/s"
-
     start = disk["start"]
     count = min(result["settings"]["finetunes"])
     read_bytes = result["settings"]["input_bytes"][str(count)]
     write_bytes = start["write"]["bytes"]
     floor = io_floor_seconds(start, read_bytes=read_bytes, write_bytes=write_bytes)
     return (f"Disk (O_DIRECT, past the page cache, {start['read']['files']} input files read at once; bench/disk.py): "
-            f"{rates(start)} at the start, {rates(disk.get('end', {}))} at the end. Reading the inputs of {count} "
-            f"fine-tunes ({read_bytes / 1e9:.2f} GB) and writing one output ({write_bytes / 1e9:.2f} GB) at the "
-            f"start's rates takes {floor:.2f} s: no cold run on this disk can be faster.")
+            f"{describe(start)} at the start, {describe(disk.get('end', {}))} at the end. Reading the inputs of "
+            f"{count} fine-tunes ({read_bytes / 1e9:.2f} GB) and writing one output ({write_bytes / 1e9:.2f} GB) at "
+            f"the start's rates takes {floor:.2f} s: no cold run on this disk can be faster.")
 
 
 def _spread(cell: dict, name: str, scale: float = 1.0, digits: int = 2) -> str:
@@ -102,11 +96,7 @@ def combined_engine_results(results: Path) -> dict | None:
         timed.update({method: recording for method in settings["methods"]})
         limited.update({method: recording for method in settings["limit_methods"] if settings["limits"]})
     methods = [m for m in ENGINE_TARGETS if m in timed] + [m for m in timed if m not in ENGINE_TARGETS]
-
-    def newest(kind: str, method: str) -> dict:
-        return (timed if kind == "timed" else limited)[method]
-
-    summary = {part: [entry for m in methods for entry in newest("timed", m)["summary"][part] if entry["method"] == m]
+    summary = {part: [entry for m in methods for entry in timed[m]["summary"][part] if entry["method"] == m]
                for part in ("cells", "ratios")}
     rows = [row for m in limited for row in limited[m]["rows"] if row["kind"] == "limit" and row["method"] == m]
     sources = [{"recording": r, "methods": [m for m in methods if timed[m] is r],

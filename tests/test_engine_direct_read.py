@@ -14,6 +14,7 @@ import pytest
 
 from modelmerge.contract import MergeRequest
 from modelmerge_engine.direct_read import DirectReader, DirectReadRefused, resident_fraction
+from modelmerge_engine.early_reads import EARLY_READ_BYTES_ENV
 from modelmerge_engine.engine import INPUT_READS_ENV, RANGE_ELEMENTS_ENV
 from modelmerge_engine.run import run_merge
 from modelmerge_engine.safetensors_io import SafetensorsModel
@@ -172,6 +173,7 @@ def test_direct_reads_give_the_mapped_merges_bytes(tmp_path, monkeypatch, method
     for directory in (family[0], *family[1]):
         _sharded(directory)
     monkeypatch.setenv(RANGE_ELEMENTS_ENV, "1000")
+    monkeypatch.setenv(EARLY_READ_BYTES_ENV, "0")  # every read of a direct-read file goes direct
     monkeypatch.setenv(INPUT_READS_ENV, "mapped")
     mapped_stats = _merge(family, tmp_path / "mapped", method, **params)
     monkeypatch.setenv(INPUT_READS_ENV, "direct")
@@ -185,6 +187,7 @@ def test_direct_reads_give_the_mapped_merges_bytes(tmp_path, monkeypatch, method
 def test_auto_reads_direct_only_what_the_page_cache_lacks(tmp_path, monkeypatch):
     base, fts = family = make_family(tmp_path / "models", n=2)
     monkeypatch.delenv(INPUT_READS_ENV, raising=False)
+    monkeypatch.setenv(EARLY_READ_BYTES_ENV, "0")  # early reads would fill the page cache with these tiny files
     for directory in (base, *fts):
         (directory / "model.safetensors").read_bytes()
     assert _merge(family, tmp_path / "warm", "task_arithmetic")["direct_read_files"] == 0

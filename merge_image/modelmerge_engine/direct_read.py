@@ -48,7 +48,9 @@ def ahead_blocks(files: int) -> int:
 class DirectReader:
     """One input file, read ahead with O_DIRECT (see the module's docstring). Thread-safe."""
 
-    def __init__(self, path: Path, *, ahead: int = MIN_AHEAD_BLOCKS, block: int = BLOCK):
+    def __init__(self, path: Path, *, ahead: int = MIN_AHEAD_BLOCKS, block: int = BLOCK, start: int = 0):
+        """`start`: where the reads will begin (bytes before it are read otherwise): the read-ahead begins there
+        at once, without waiting for the first read."""
         if block <= 0 or block % ALIGNMENT:
             raise ValueError(f"block must be a positive multiple of {ALIGNMENT}")
         if not _O_DIRECT:
@@ -73,6 +75,10 @@ class DirectReader:
         self._reads: dict[object, tuple[int, int]] = {}  # reads in progress: their first and last blocks
         self._read_to_end = False  # a read has reached the file's last block (since the last move)
         self._wanted = -1  # the last block a read has asked for: the thread reads up to it + ahead
+        self.bytes_read = 0  # from the disk, by the threads
+        if start > 0:
+            self._next = min(start // block, self._count)
+            self._wanted = self._next - 1
         self._error: BaseException | None = None
         self._closed = False
         self._changed = threading.Condition()
@@ -195,6 +201,7 @@ class DirectReader:
                 return
             with self._changed:
                 self._reading.discard(index)
+                self.bytes_read += got
                 if index in self._blocks:  # read twice across a move: the first copy stays
                     self._spare.append(buffer)
                     self._changed.notify_all()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from modelmerge import __version__
 from modelmerge.contract import MAX_SUMMARY_BYTES, MergeRequest, shard_size_bytes
+from modelmerge_engine.early_reads import budget_bytes, memory_headroom
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.evaluation import after_merge
 from modelmerge_engine.evaluation.options import EvalInputError
@@ -73,7 +74,6 @@ def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: s
 
 def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
            evaluation: after_merge.CheckedData | None, cache: WorkCache | None) -> dict:
-    from modelmerge_engine.engine import StreamingMerge
     from modelmerge_engine.refs import resolve
     from modelmerge_engine.safetensors_io import SafetensorsModel, ShardedWriter
 
@@ -81,6 +81,9 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
     clock = time.monotonic()
     base_ref = resolve(request.base_model, "base_model")
     refs = [resolve(ref, f"models_to_merge[{i}]") for i, ref in enumerate(request.models_to_merge)]
+    base = SafetensorsModel(base_ref.path, f"base_model {request.base_model}")
+    finetunes = [SafetensorsModel(r.path, f"models_to_merge[{i}] {r.ref}") for i, r in enumerate(refs)]
+    early = _ask_early([base, *finetunes])  # the disk reads while the engine's imports load (early_reads.py)
     timings["resolve"] = time.monotonic() - clock
     plan = None
     if evaluation is not None:  # the data encoded for each model to evaluate, before anything is merged
@@ -88,9 +91,10 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
         plan = after_merge.prepare(evaluation, base_ref, refs)
         timings["evaluation_prepare"] = time.monotonic() - clock
     clock = time.monotonic()
-    base = SafetensorsModel(base_ref.path, f"base_model {request.base_model}")
-    finetunes = [SafetensorsModel(r.path, f"models_to_merge[{i}] {r.ref}") for i, r in enumerate(refs)]
+    from modelmerge_engine.engine import StreamingMerge
+
     merge = StreamingMerge(request, base, finetunes, progress, work_cache=cache)
+    merge.stats["early_read_bytes"] = early
     timings["resolve"] += time.monotonic() - clock
     if plan is not None:
         after_merge.plan_progress(progress, plan, parameters=sum(p.numel for p in merge.plans))
@@ -139,6 +143,13 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
         summary["evaluation"] = after_merge.merge_evaluation(section).model_dump(mode="json", exclude_none=True)
     output.commit()
     return summary
+
+
+def _ask_early(models) -> int:
+    """Asks the disk for the first bytes of every model (early_reads.py), the budget shared equally: the merge
+    reads them at the same pace. Returns the bytes asked for."""
+    share = budget_bytes(memory_headroom()) // max(1, len(models))
+    return sum(model.ask_early(share) for model in models)
 
 
 def _report(request, base_ref, refs, merge, files, timings) -> dict:

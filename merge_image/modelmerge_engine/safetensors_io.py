@@ -269,9 +269,7 @@ class SafetensorsModel:
         """A copy of bytes of a file read around the page cache that were asked for early (so the page cache
         holds them), dropped from the page cache once copied: nothing reads them again, and the pod's memory
         cgroup is not left charged for them."""
-        fd = self._early_fds.get(file)
-        if fd is None:
-            fd = self._early_fds[file] = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+        fd = self._early_fds[file]
         out = np.empty(nbytes, dtype=np.uint8)
         done = 0
         while done < nbytes:
@@ -292,6 +290,8 @@ class SafetensorsModel:
                 continue
             try:
                 self._direct[file] = DirectReader(file, ahead=ahead, start=self._early.get(file, 0))
+                if self._early.get(file):  # opened here, not at the first read: reads come from several threads
+                    self._early_fds[file] = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
             except DirectReadRefused:
                 continue
         return len(self._direct)

@@ -6,8 +6,8 @@ Measured here (0.5B-shaped model, 2 fine-tunes, mask merging, page cache dropped
 first read, then 4.1-4.4 s of merging, the disk's floor for those 3 GB in and 1 GB out. So, as soon as the models'
 headers are read and before the engine's imports, the first bytes of every input file are asked for
 (posix_fadvise WILLNEED, from a thread per file: the calls wait when the disk's queue is full), and the merge
-reads those bytes from the page cache (SafetensorsModel.read) and the rest as before. Measured here, 8 cold runs
-each, alternated, on a noisy day: median 6.6 s against 7.2 s without.
+reads those bytes from the page cache (SafetensorsModel.read) and the rest as before. Measured here, 10 cold runs
+each, alternated: median 5.93 s (5.28-7.12) against 6.51 s (5.67-8.01) without.
 
 Linux reads at most max(read_ahead_kb, max_sectors_kb) per WILLNEED (8 MiB here; 128 KiB on many disks), so the
 advice goes in ADVICE_BYTES steps. Measured here, 3 x 512 MiB from a dropped page cache, 3 runs each: 128 KiB

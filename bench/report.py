@@ -7,8 +7,9 @@
 Each table sits between `<!-- bench-report:NAME -->` and `<!-- /bench-report:NAME -->` (NAME: engine, memory,
 limits, operator, api, sweep, eval, methods, methods-limits); nothing else in the README is touched. A missing
 results file gives a line saying how to record it. The engine tables combine engine.json with later recordings of
-some of its methods (engine-*.json, `bench_engine.py --methods ... --out bench/results/engine-NAME.json`): each
-method from its newest recording, each row naming the commit it was recorded at.
+some of its methods (engine-*.json, `bench_engine.py --methods ... --out bench/results/engine-NAME.json`), and the
+methods tables methods.json with methods-*.json (the mergekit suite recorded in parts): each method and fine-tune
+count from its newest recording, each row naming the commit it was recorded at.
 """
 
 from __future__ import annotations
@@ -81,41 +82,60 @@ def _summary_by_key(result: dict) -> tuple[dict[tuple, dict], dict[tuple, dict]]
     return cells, ratios
 
 
-def combined_engine_results(results: Path) -> dict | None:
-    """engine.json and the later recordings of some of its methods (engine-*.json, e.g. the methods an engine change
-    affected, re-recorded with every peer in the same run), as one result: each method's cells, ratios and
-    memory-limit rows come from the newest recording of that method; `sources` says which recording gave what."""
-    recordings = sorted((json.loads(p.read_text()) for p in results.glob("engine*.json")),
+def combined_results(results: Path, *, name: str, order: tuple[str, ...] = ()) -> dict | None:
+    """`name`.json and its later recordings of some methods (`name`-*.json, e.g. the methods an engine change
+    affected, re-recorded with every peer in the same run, or a suite recorded in parts), as one result: each
+    (method, fine-tune count)'s cells and ratios, and its memory-limit rows, come from the newest recording that has
+    them; `sources` says which recording gave what. Methods in `order` come first, in that order."""
+    recordings = sorted((json.loads(p.read_text()) for p in results.glob(f"{name}*.json")
+                         if re.fullmatch(rf"{re.escape(name)}(-[\w.-]+)?\.json", p.name)),
                         key=lambda r: r["provenance"]["date"])
     if not recordings:
         return None
-    timed: dict[str, dict] = {}
-    limited: dict[str, dict] = {}
+    timed: dict[tuple[str, int], dict] = {}
+    limited: dict[tuple[str, int], dict] = {}
     for recording in recordings:
-        settings = recording["settings"]
-        timed.update({method: recording for method in settings["methods"]})
-        limited.update({method: recording for method in settings["limit_methods"] if settings["limits"]})
-    methods = [m for m in ENGINE_TARGETS if m in timed] + [m for m in timed if m not in ENGINE_TARGETS]
-    summary = {part: [entry for m in methods for entry in timed[m]["summary"][part] if entry["method"] == m]
-               for part in ("cells", "ratios")}
-    rows = [row for m in limited for row in limited[m]["rows"] if row["kind"] == "limit" and row["method"] == m]
-    sources = [{"recording": r, "methods": [m for m in methods if timed[m] is r],
-                "limit_methods": [m for m in limited if limited[m] is r]} for r in recordings]
-    first = recordings[0]["settings"]
-    return {"sources": [s for s in sources if s["methods"] or s["limit_methods"]], "summary": summary, "rows": rows,
-            "settings": {"methods": methods, "tools": first["tools"],
-                         "finetunes": sorted({n for r in recordings for n in r["settings"]["finetunes"]}),
+        timed.update({(c["method"], c["finetunes"]): recording for c in recording["summary"]["cells"]})
+        limited.update({(r["method"], r["finetunes"]): recording for r in recording["rows"] if r["kind"] == "limit"})
+    seen = list(dict.fromkeys(method for method, _ in timed))
+    methods = [m for m in order if m in seen] + [m for m in seen if m not in order]
+    keys = sorted(timed, key=lambda key: (methods.index(key[0]), key[1]))
+    summary = {part: [entry for key in keys for entry in timed[key]["summary"][part]
+                      if (entry["method"], entry["finetunes"]) == key] for part in ("cells", "ratios")}
+    rows = [row for key, recording in limited.items() for row in recording["rows"]
+            if row["kind"] == "limit" and (row["method"], row["finetunes"]) == key]
+    sources = [{"recording": r, "timed": [k for k in keys if timed[k] is r],
+                "limited": [k for k in limited if limited[k] is r]} for r in recordings]
+    return {"sources": [s for s in sources if s["timed"] or s["limited"]], "summary": summary, "rows": rows,
+            "settings": {"methods": methods,
+                         "tools": list(dict.fromkeys(t for r in recordings for t in r["settings"]["tools"])),
+                         "finetunes": sorted({key[1] for key in timed}),
                          "states": list(dict.fromkeys(s for r in recordings for s in r["settings"]["states"]))}}
 
 
+def _methods_with_counts(keys: list[tuple[str, int]]) -> str:
+    """(method, fine-tune count) keys as "ties (2, 8 fine-tunes), slerp (1 fine-tune)"."""
+    counts: dict[str, list[int]] = {}
+    for method, count in keys:
+        counts.setdefault(method, []).append(count)
+    return ", ".join(f"{method} ({', '.join(map(str, sorted(c)))} fine-tune{'s' if c != [1] else ''})"
+                     for method, c in counts.items())
+
+
 def _source(source: dict) -> str:
-    """One recording behind the combined engine tables: what it gave, where and how it ran."""
+    """One recording behind a combined table: what it gave, where and how it ran."""
     recording, settings = source["recording"], source["recording"]["settings"]
-    gave = ", ".join(filter(None, [f"timings of {', '.join(source['methods'])}" if source["methods"] else "",
-                                   f"memory limits of {', '.join(source['limit_methods'])}"
-                                   if source["limit_methods"] else ""]))
+    gave = "; ".join(filter(None, [f"timings of {_methods_with_counts(source['timed'])}" if source["timed"] else "",
+                                   f"memory limits of {_methods_with_counts(source['limited'])}"
+                                   if source["limited"] else ""]))
     return (f"- {gave}: {_provenance(recording)} {_disk(recording)} {settings['runs']} runs per cell, every tool in "
             f"one shuffled order (seed {settings['seed']}).")
+
+
+def _commits(result: dict) -> dict[tuple[str, int], str]:
+    """The short commit each (method, fine-tune count) of a combined result was recorded at."""
+    return {key: source["recording"]["provenance"]["commit"][:7] for source in result["sources"]
+            for key in source["timed"]}
 
 
 def engine_table(result: dict | None) -> str:
@@ -124,9 +144,9 @@ def engine_table(result: dict | None) -> str:
     settings = result["settings"]
     cells, ratios = _summary_by_key(result)
     tools = settings["tools"]
-    commit_of = {m: source["recording"]["provenance"]["commit"][:7] for source in result["sources"]
-                 for m in source["methods"]}
-    lines = ["Recordings (each method's newest; every peer ran in the same recording as ours):",
+    commit_of = _commits(result)
+    lines = ["Recordings (each method and fine-tune count from its newest; every peer ran in the same recording as "
+             "ours):",
              *(_source(source) for source in result["sources"]), "",
              "Median (min–max) seconds; speed-up = fastest peer's median / ours; memory = peak of the run's memory "
              "cgroup (anonymous memory + page cache, what a pod's limit counts), with RssAnon and total RSS in "
@@ -146,7 +166,7 @@ def engine_table(result: dict | None) -> str:
                 lines.append(f"| {method} | {count} | {state} | "
                              + " | ".join(_spread(c, "seconds") for c in row) + f" | {speedup} | "
                              + " | ".join(_spread(c, "cgroup_peak_bytes", MIB, 0) for c in row)
-                             + f" | `{commit_of[method]}` |")
+                             + f" | `{commit_of[(method, count)]}` |")
     return "\n".join(lines)
 
 
@@ -193,18 +213,19 @@ def methods_table(result: dict | None) -> str:
         return _missing("methods", "make bench-methods")
     settings = result["settings"]
     cells, ratios = _summary_by_key(result)
-    lines = [_provenance(result), _disk(result),
-             f"mergekit's methods, this engine (`modelmerge merge --config`) and mergekit (`mergekit-yaml`) given the "
-             f"same YAML; {settings['runs']} runs per cell in one shuffled order (seed {settings['seed']}); median "
-             "(min–max) seconds and peak RssAnon MiB; speed-up = mergekit's median / ours (target ≥ "
+    commit_of = _commits(result)
+    lines = ["Recordings (each method and fine-tune count from its newest; mergekit ran in the same recording as "
+             "ours):", *(_source(source) for source in result["sources"]), "",
+             "mergekit's methods, this engine (`modelmerge merge --config`) and mergekit (`mergekit-yaml`) given the "
+             "same YAML; median (min–max) seconds and peak RssAnon MiB; speed-up = mergekit's median / ours (target ≥ "
              f"{METHODS_TARGETS['speedup']:g}× cold), anon = mergekit's RssAnon / ours (target ≥ "
              f"{METHODS_TARGETS['anon_ratio']:g}×). Two-model methods read their fixed fine-tunes (slerp, nearswap, "
-             "passthrough: base + 1; nuslerp: 2). Total RSS and cgroup peaks in `bench/results/methods.json`.", "",
+             "passthrough: base + 1; nuslerp: 2). Total RSS and cgroup peaks in `bench/results/methods*.json`.", "",
              "| method | fine-tunes | state | ours s | mergekit s | speed-up | ours RssAnon | mergekit RssAnon "
-             "| anon |",
-             "|" + " --- |" * 9]
+             "| anon | recorded at |",
+             "|" + " --- |" * 10]
     for method in settings["methods"]:
-        for count in sorted({c[1] for c in cells if c[0] == method}):
+        for count in settings["finetunes"]:
             for state in settings["states"]:
                 ours, theirs = cells.get((method, count, state, "ours"), {}), cells.get((method, count, state,
                                                                                          "mergekit"), {})
@@ -216,7 +237,8 @@ def methods_table(result: dict | None) -> str:
                 lines.append(f"| {method} | {count} | {state} | {_spread(ours, 'seconds')} | "
                              f"{_spread(theirs, 'seconds')} | {speedup} | "
                              f"{_spread(ours, 'rss_anon_peak_bytes', MIB, 0)} | "
-                             f"{_spread(theirs, 'rss_anon_peak_bytes', MIB, 0)} | {anon} |")
+                             f"{_spread(theirs, 'rss_anon_peak_bytes', MIB, 0)} | {anon} | "
+                             f"`{commit_of[(method, count)]}` |")
     return "\n".join(lines)
 
 
@@ -319,7 +341,8 @@ def eval_table(result: dict | None, gpu: dict | None) -> str:
 
 
 def sections(results: Path) -> dict[str, str]:
-    engine, methods = combined_engine_results(results), _load("methods", results)
+    engine = combined_results(results, name="engine", order=tuple(ENGINE_TARGETS))
+    methods = combined_results(results, name="methods")
     return {"engine": engine_table(engine), "memory": memory_table(engine), "limits": limits_table(engine),
             "operator": operator_table(_load("operator", results)), "api": api_table(_load("api", results)),
             "sweep": sweep_table(_load("sweep", results)),

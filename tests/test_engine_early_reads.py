@@ -36,32 +36,74 @@ def _cgroup_files(root: Path, files: dict[str, str]) -> None:
         (root / name).write_text(text + "\n")
 
 
+def _mountinfo(path: Path, mounts: list[tuple[str, Path, str, str]]) -> Path:
+    """A mountinfo file of (hierarchy root, mount point, fstype, super options) lines, as /proc/self/mountinfo
+    writes them (octal escapes in paths), after an unrelated mount."""
+    lines = ["22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw"]
+    for number, (root, point, fstype, options) in enumerate(mounts, start=30):
+        escaped = str(point).replace("\\", "\\134").replace(" ", "\\040")
+        lines.append(f"{number} 22 0:{number} {root} {escaped} rw,nosuid shared:{number} - {fstype} {fstype} "
+                     f"{options}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def test_headroom_is_the_least_left_under_the_process_cgroup_and_those_above_it(tmp_path):
     proc = tmp_path / "cgroup"
     proc.write_text("9:name=systemd:/\n4:memory:/pods/pod1/merge\n1:cpu:/\n")
-    _cgroup_files(tmp_path / "fs", {
+    fs = tmp_path / "fs"
+    mounts = _mountinfo(tmp_path / "mountinfo", [("/", fs / "cpu", "cgroup", "rw,cpu"),
+                                                  ("/", fs / "memory", "cgroup", "rw,memory")])
+    _cgroup_files(fs, {
         "memory/memory.limit_in_bytes": str(9223372036854771712),  # the root: no limit
         "memory/memory.usage_in_bytes": str(50 * MiB),
         "memory/pods/pod1/memory.limit_in_bytes": str(1024 * MiB),  # the pod: 1 GiB, 900 MiB used
         "memory/pods/pod1/memory.usage_in_bytes": str(900 * MiB),
         "memory/pods/pod1/merge/memory.limit_in_bytes": str(512 * MiB),  # the container: 512 MiB, 100 used
         "memory/pods/pod1/merge/memory.usage_in_bytes": str(100 * MiB),
+        "cpu/pods/pod1/merge/memory.limit_in_bytes": str(1 * MiB),  # not the memory hierarchy: never read
+        "cpu/pods/pod1/merge/memory.usage_in_bytes": "0",
     })
-    assert memory_headroom(proc_cgroup=proc, root=tmp_path / "fs") == 124 * MiB
+    assert memory_headroom(proc_cgroup=proc, mountinfo=mounts) == 124 * MiB
+
+
+def test_headroom_finds_a_memory_controller_mounted_with_others_and_a_containers_own_view(tmp_path):
+    """cgroup v1 with cpu and memory in one hierarchy (mounted at .../cpu,memory), and a container without a
+    cgroup namespace that sees its own cgroup mounted at the hierarchy's top (mount root /pods/pod1/merge): the
+    pod above it is not mounted there, so only the container's limit is read."""
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:cpu,memory:/pods/pod1/merge\n")
+    fs = tmp_path / "fs with space"
+    _cgroup_files(fs, {"cpu,memory/pods/pod1/memory.limit_in_bytes": str(300 * MiB),
+                       "cpu,memory/pods/pod1/memory.usage_in_bytes": str(100 * MiB),
+                       "cpu,memory/pods/pod1/merge/memory.limit_in_bytes": str(512 * MiB),
+                       "cpu,memory/pods/pod1/merge/memory.usage_in_bytes": str(112 * MiB)})
+    comounted = _mountinfo(tmp_path / "comounted", [("/", fs / "cpu,memory", "cgroup", "rw,cpu,memory")])
+    assert memory_headroom(proc_cgroup=proc, mountinfo=comounted) == 200 * MiB
+
+    own = fs / "own"
+    _cgroup_files(own, {"memory.limit_in_bytes": str(512 * MiB), "memory.usage_in_bytes": str(112 * MiB)})
+    container = _mountinfo(tmp_path / "container", [("/pods/pod1/merge", own, "cgroup", "rw,memory")])
+    assert memory_headroom(proc_cgroup=proc, mountinfo=container) == 400 * MiB
+    elsewhere = _mountinfo(tmp_path / "elsewhere", [("/pods/pod2", own, "cgroup", "rw,memory")])
+    assert memory_headroom(proc_cgroup=proc, mountinfo=elsewhere) is None  # another cgroup's view: not ours
 
 
 def test_headroom_reads_cgroup_v2_and_none_without_a_limit(tmp_path):
     proc = tmp_path / "cgroup"
     proc.write_text("0::/kubepods/pod1\n")
-    _cgroup_files(tmp_path / "fs", {"kubepods/pod1/memory.max": str(256 * MiB),
-                                    "kubepods/pod1/memory.current": str(56 * MiB),
-                                    "kubepods/memory.max": "max", "kubepods/memory.current": str(900 * MiB)})
-    assert memory_headroom(proc_cgroup=proc, root=tmp_path / "fs") == 200 * MiB
-    (tmp_path / "fs/kubepods/pod1/memory.max").write_text("max\n")
-    assert memory_headroom(proc_cgroup=proc, root=tmp_path / "fs") is None
-    assert memory_headroom(proc_cgroup=tmp_path / "missing", root=tmp_path / "fs") is None
+    fs = tmp_path / "fs"
+    mounts = _mountinfo(tmp_path / "mountinfo", [("/", fs, "cgroup2", "rw,nsdelegate")])
+    _cgroup_files(fs, {"kubepods/pod1/memory.max": str(256 * MiB),
+                       "kubepods/pod1/memory.current": str(56 * MiB),
+                       "kubepods/memory.max": "max", "kubepods/memory.current": str(900 * MiB)})
+    assert memory_headroom(proc_cgroup=proc, mountinfo=mounts) == 200 * MiB
+    (fs / "kubepods/pod1/memory.max").write_text("max\n")
+    assert memory_headroom(proc_cgroup=proc, mountinfo=mounts) is None
+    assert memory_headroom(proc_cgroup=tmp_path / "missing", mountinfo=mounts) is None
+    assert memory_headroom(proc_cgroup=proc, mountinfo=tmp_path / "missing") is None
     proc.write_text("0::/elsewhere\nnot a cgroup line\n")
-    assert memory_headroom(proc_cgroup=proc, root=tmp_path / "fs") is None
+    assert memory_headroom(proc_cgroup=proc, mountinfo=mounts) is None
 
 
 def test_budget_is_a_share_of_the_headroom_and_can_be_set(monkeypatch):

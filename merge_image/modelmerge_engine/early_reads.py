@@ -22,6 +22,7 @@ MODELMERGE_ENGINE_EARLY_READ_BYTES sets another total (0: none), still capped by
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -31,16 +32,19 @@ EARLY_READ_BYTES_ENV = "MODELMERGE_ENGINE_EARLY_READ_BYTES"
 PREFETCH_BYTES = 512 << 20  # all the inputs together: about the disk's bytes during the start measured here
 LIMIT_SHARE = 4  # at most 1/LIMIT_SHARE of what the memory limit leaves free
 NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a page-rounded 2**63 - 1
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 ADVICE_BYTES = 128 << 10  # bytes per WILLNEED: Linux reads at most max(read_ahead_kb, max_sectors_kb) per call
 
 
-def memory_headroom(*, proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> int | None:
-    """Bytes this process's memory cgroup (and every one above it) can still charge: the least of their limits
-    less their usage (cgroup v2 memory.max / memory.current, v1 memory.limit_in_bytes / memory.usage_in_bytes).
-    None where no limit applies or none can be read."""
+def memory_headroom(*, proc_cgroup: Path = Path("/proc/self/cgroup"),
+                    mountinfo: Path = Path("/proc/self/mountinfo")) -> int | None:
+    """Bytes this process's memory cgroup (and every one above it that is mounted here) can still charge: the least
+    of their limits less their usage (cgroup v2 memory.max / memory.current, v1 memory.limit_in_bytes /
+    memory.usage_in_bytes). The hierarchies are found where they are mounted (`mountinfo`), so a v1 memory
+    controller mounted with others (`cpu,memory`) and a container's view of its own cgroup are read too. None
+    where no limit applies or none can be read."""
     try:
         lines = proc_cgroup.read_text().splitlines()
+        mounts = _cgroup_mounts(mountinfo.read_text())
     except OSError:
         return None
     least = None
@@ -49,18 +53,50 @@ def memory_headroom(*, proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path
             continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":
-            folder, limit_name, usage_name = root, "memory.max", "memory.current"
+            kind, limit_name, usage_name = "cgroup2", "memory.max", "memory.current"
         elif "memory" in controllers.split(","):
-            folder, limit_name, usage_name = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+            kind, limit_name, usage_name = "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
         else:
             continue
-        parts = [part for part in path.split("/") if part]
-        for depth in range(len(parts), -1, -1):  # the process's cgroup, then each one above it
-            group = folder.joinpath(*parts[:depth])
-            free = _free_bytes(group / limit_name, group / usage_name)
-            if free is not None:
-                least = free if least is None else min(least, free)
+        for mount_root, mount_point in mounts.get(kind, []):
+            inside = _below(path, mount_root)
+            if inside is None:
+                continue
+            for depth in range(len(inside), -1, -1):  # the process's cgroup, then each one above it
+                group = mount_point.joinpath(*inside[:depth])
+                free = _free_bytes(group / limit_name, group / usage_name)
+                if free is not None:
+                    least = free if least is None else min(least, free)
+            break
     return least
+
+
+def _cgroup_mounts(text: str) -> dict[str, list[tuple[str, Path]]]:
+    """The cgroup hierarchies of a mountinfo file: "cgroup2" and "memory" (the v1 hierarchy holding the memory
+    controller), each as (the hierarchy's folder that is mounted, where it is mounted)."""
+    mounts: dict[str, list[tuple[str, Path]]] = {}
+    for line in text.splitlines():
+        fields, _, tail = line.partition(" - ")
+        fields, tail = fields.split(), tail.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        root, point = (_unescape(field) for field in fields[3:5])
+        if tail[0] == "cgroup2":
+            mounts.setdefault("cgroup2", []).append((root, Path(point)))
+        elif tail[0] == "cgroup" and "memory" in tail[2].split(","):
+            mounts.setdefault("memory", []).append((root, Path(point)))
+    return mounts
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _below(path: str, root: str) -> list[str] | None:
+    """`path`'s parts below `root` (both hierarchy paths), or None when it is not inside it."""
+    parts, root_parts = [p for p in path.split("/") if p], [p for p in root.split("/") if p]
+    return parts[len(root_parts):] if parts[:len(root_parts)] == root_parts else None
 
 
 def _free_bytes(limit_file: Path, usage_file: Path) -> int | None:

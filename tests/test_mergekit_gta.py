@@ -216,6 +216,25 @@ def test_random_methods_are_seeded_and_equal_on_both_kernel_sets_and_any_split(f
     assert compare(other, reference)["equal_fraction"] < 0.99
 
 
+def test_dare_keeps_exactly_the_draws_below_the_float32_density():
+    """DARE's compiled mask compares each draw's 24 bits with an integer cut instead of the float draw with the
+    density: it keeps exactly the elements whose draw (the torch kernel set's uniform_draws) is below the density
+    in float32, with the density equal to a draw (that element dropped), just above it (kept), and in between."""
+    from modelmerge_engine.cpu_kernels import uniform_draws
+
+    key, start, count = 0x5DEECE66D, 12345, 1 << 16
+    draws = np.empty(count, dtype=np.float32)
+    uniform_draws(key, start, draws)
+    at_a_draw = float(draws[7])
+    for density in (at_a_draw, float(np.nextafter(draws[7], np.float32(1))), 1 / 3, 0.5, 0.99, 2.0**-24):
+        keep = np.empty(count, dtype=np.bool_)
+        gta_kernels.random_mask(key, start, density, keep)
+        assert np.array_equal(keep, draws < np.float32(density)), density
+        if density == at_a_draw:
+            assert not keep[7]
+        assert 0 < keep.sum() < count or density == 2.0**-24
+
+
 def test_dare_drops_about_as_often_as_mergekit(families, mergekit, tmp_path):
     """mergekit draws with torch's unseeded generator, so the drops differ; their number agrees (6σ)."""
     base_dir, finetunes = families["llama-fp32-2"]

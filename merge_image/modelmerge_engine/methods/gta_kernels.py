@@ -12,7 +12,17 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _f32_as_u32, _specialised, _uniform, mag, rnd, store, widen
+from modelmerge_engine.cpu_kernels import (
+    _f32_as_u32,
+    _specialised,
+    _uniform,
+    _uniform_bits,
+    draw_cut,
+    mag,
+    rnd,
+    store,
+    widen,
+)
 
 NO_CONSENSUS, CONSENSUS_SUM = 0, 1
 SMALL_BLOCK = 16  # libstdc++'s _S_threshold: introsort leaves blocks of at most this many to insertion sort
@@ -287,12 +297,17 @@ def magnitude_mask(code, base, raw, start, selection, keep):
     _specialised(_magnitude_mask, int(code))((base, raw, start, low, high, split_a, split_b, kept, cursor, keep))
 
 
-@njit(nogil=True, cache=True)
 def random_mask(key, start, density, keep):
-    """DARE: keep element start+e when its draw (cpu_kernels._uniform: seed, model, tensor, index) < density."""
-    threshold = np.float32(density)
+    """DARE: keep element start+e when its draw (cpu_kernels._uniform: seed, model, tensor, index) < density (in
+    float32), compared as integers: the draw's 24 bits below draw_cut(density) (exact; no float per element)."""
+    _random_mask(key, start, draw_cut(float(np.float32(density))), keep)
+
+
+@njit(nogil=True, cache=True)
+def _random_mask(key, start, cut, keep):
+    bound = np.uint64(cut)
     for e in range(keep.shape[0]):
-        keep[e] = _uniform(key, start + e) < threshold
+        keep[e] = _uniform_bits(key, start + e) < bound
 
 
 @register_jitable(inline="always")

@@ -4,24 +4,31 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PRECOMPILE ?= --max-models 4 --dtypes bfloat16
+ENGINE_SOURCES := $(shell find merge_image/modelmerge_engine -name '*.py' | LC_ALL=C sort)
+PRECOMPILED := $(VENV)/.precompiled-$(shell cat $(ENGINE_SOURCES) | sha1sum | cut -c1-12)-$(shell echo '$(PRECOMPILE)' | sha1sum | cut -c1-8)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
 .PHONY: install run test test-unit lint crds envtest bench bench-engine bench-methods bench-operator bench-api bench-sweep bench-report operator images kind-e2e clean
 
-install: $(STAMP)
+install: $(STAMP) $(PRECOMPILED)
 
-# The last step compiles numba's kernels for every method in the default dtype (bfloat16) with 1-4 fine-tunes, so
-# that such merges pay no compile (modelmerge_engine/precompile.py). Every dtype with 1-8 fine-tunes takes far
-# longer on two cores (~375 s for bfloat16 alone when busy): PRECOMPILE='--max-models 8 --dtypes
-# bfloat16,float16,float32' asks for it; PRECOMPILE=skip skips it. Other merges compile on first use, once.
-PRECOMPILE ?= --max-models 4 --dtypes bfloat16
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[engine,gpu,operator,api,dev]'
-	[ "$(PRECOMPILE)" = skip ] || $(BIN)/python -m modelmerge_engine.precompile $(PRECOMPILE)
 	rm -f $(VENV)/.installed-* && touch $@
+
+# Then numba's kernels are compiled for every method in the default dtype (bfloat16) with 1-4 fine-tunes, so that
+# such merges pay no compile (modelmerge_engine/precompile.py), again whenever the engine's sources change (numba's
+# cache keys include them): a test process that compiled every kernel itself would outgrow numba's labels (see
+# precompile.py) and fail. Every dtype with 1-8 fine-tunes takes far longer on two cores (~375 s for bfloat16 alone
+# when busy): PRECOMPILE='--max-models 8 --dtypes bfloat16,float16,float32' asks for it; PRECOMPILE=skip skips it.
+# Other merges compile on first use, once.
+$(PRECOMPILED): $(STAMP)
+	[ "$(PRECOMPILE)" = skip ] || $(BIN)/python -m modelmerge_engine.precompile $(PRECOMPILE)
+	rm -f $(VENV)/.precompiled-* && touch $@
 
 # The main job on its embedded default: the REST API with the local backend on port 5000.
 run: install

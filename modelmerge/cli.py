@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
-from typing import Any, get_args, get_origin
+from typing import Any, NoReturn, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -170,7 +171,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                             "$MODELMERGE_WORK_CACHE; none when unset)")
     merge.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                        help="progress on stderr: a bar on a terminal, else one line per step")
-    merge.set_defaults(handler=_cmd_merge)
+    merge.set_defaults(handler=_cmd_merge, skip_teardown=True)
 
     evaluate = sub.add_parser("eval", help="evaluate a model with merging-eval's cross-entropy on "
                               "instruction/answer data")
@@ -231,10 +232,30 @@ def _configure_operator(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
+    """Runs one subcommand and returns its exit code (the process goes on: for callers in Python)."""
+    args = _parse(argv)
     return args.handler(args)
 
 
+def console() -> NoReturn:
+    """The console script (`modelmerge`, `python -m modelmerge.cli`). A merge ends its process as soon as it has
+    flushed stdout and stderr (os._exit), without the interpreter's teardown: by then its output is synced, renamed
+    into place and its summary written, and the teardown (freeing every module, numba's kernels and LLVM) cost 0.3 s
+    after a warm merge and 0.4 s of a cold one here (cold mask merging: median 4.59 s against 5.01 s, 10
+    alternated runs each), time a merge pod is billed and its Job waits for. Other commands exit as usual."""
+    args = _parse(None)
+    code = args.handler(args)
+    if getattr(args, "skip_teardown", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    return build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -214,7 +214,7 @@ def test_pip_gets_the_ca_bundle_only_as_a_build_secret(path):
 def test_entrypoint_is_the_console_script_and_a_real_subcommand(path):
     argv = entrypoint(ROOT / path)
     assert argv[0] in console_scripts(), f"{argv[0]} is not a [project.scripts] entry"
-    assert console_scripts()[argv[0]] == "modelmerge.cli:main"
+    assert console_scripts()[argv[0]] == "modelmerge.cli:console"
     subcommand = argv[1]
     expected = {"operator": "operator", "api": "serve", "engine": "merge"}[IMAGES[path][0]]
     assert subcommand == expected

@@ -207,3 +207,41 @@ def test_a_bad_early_reads_setting_is_named(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert EARLY_READ_BYTES_ENV in summary["error"] and "'lots'" in summary["error"]
     assert not (tmp_path / "out").exists()
+
+
+def test_asking_again_for_more_extends_the_region_without_asking_twice(tmp_path, monkeypatch):
+    model, tensors = _model(tmp_path)
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr("modelmerge_engine.safetensors_io.ask", lambda file, start, stop: asked.append((start, stop)))
+    data_start = min(info.offset for info in model.tensors.values())
+    data_bytes = sum(array.nbytes for array in tensors.values())
+    try:
+        assert model.ask_early(2 * BLOCK) == 2 * BLOCK
+        assert model.ask_early(BLOCK) == 2 * BLOCK  # less than asked before: nothing new
+        assert model.ask_early(5 * BLOCK) == 5 * BLOCK
+        assert model.ask_early(1 << 40) == data_bytes
+        assert asked == [(data_start, data_start + 2 * BLOCK), (data_start + 2 * BLOCK, data_start + 5 * BLOCK),
+                         (data_start + 5 * BLOCK, data_start + data_bytes)]
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize(("method", "share"), [("task_arithmetic", 1), ("ties_merging", 2)])
+def test_a_merge_reading_its_inputs_once_asks_for_the_whole_budget_the_others_for_half(tmp_path, monkeypatch,
+                                                                                        method, share):
+    """Half as the headers are read; the other half only where the inputs are read once, around the page cache
+    (task arithmetic), not where statistics passes read them mapped (TIES)."""
+    base, fts = make_family(tmp_path / "models", n=2)
+    models = [SafetensorsModel(d, "m") for d in (base, *fts)]
+    data = sum(t.numel * t.dtype.size for m in models for t in m.tensors.values())
+    for model in models:
+        model.close()
+    budget = data // 2
+    monkeypatch.setenv(EARLY_READ_BYTES_ENV, str(budget))
+    monkeypatch.setenv(INPUT_READS_ENV, "direct")
+    request = MergeRequest(base_model=str(base), models_to_merge=[str(f) for f in fts], merge_method=method,
+                           output_dir=str(tmp_path / "out"), scaling_coefficient=0.5)
+    assert run_merge(request, progress="none") == 0
+    statistics = json.loads((tmp_path / "out" / "merge_report.json").read_text())["statistics"]
+    assert statistics["direct_read_files"] == (3 if share == 1 else 0)
+    assert budget // share - 3 <= statistics["early_read_bytes"] <= budget // share

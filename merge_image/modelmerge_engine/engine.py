@@ -257,13 +257,16 @@ class StreamingMerge:
 
     def __init__(self, request: MergeRequest, base: SafetensorsModel, finetunes: list[SafetensorsModel],
                  progress: Progress, *, workers: int | None = None, kernels: str | None = None,
-                 range_elements: int | None = None, work_cache: WorkCache | None = None):
+                 range_elements: int | None = None, work_cache: WorkCache | None = None,
+                 early_read_budget: int = 0):
         """`kernels`: the kernel set on CPU, compiled or torch (default: MODELMERGE_ENGINE_KERNELS, else
         compiled; use_gpu always runs torch on CUDA). `range_elements` (default: MODELMERGE_ENGINE_RANGE_ELEMENTS,
         else sized to the cache and the number of inputs) is how many elements of each tensor a range holds;
         tests set it small to split every tensor. `work_cache`: where whole-input statistics are reused from
-        and stored (work_cache.py)."""
+        and stored (work_cache.py). `early_read_budget`: the bytes of all the inputs together that a merge reading
+        them once asks for early (early_reads.py), counting those asked for before it started."""
         self.request = request
+        self.early_read_budget = early_read_budget
         self.work_cache = work_cache
         self.dtype = COMPUTE_DTYPES[request.dtype]
         self.kernels = make_kernels(self.dtype, use_gpu=request.use_gpu, name=kernels)
@@ -336,9 +339,12 @@ class StreamingMerge:
         files = 0
         if mode != "mapped" and self.method.reads_inputs_once() and self.request.config is None:
             models = [self.base, *self.finetunes]
+            for model in models:  # the early bytes extended before the readers start after them
+                model.ask_early(self.early_read_budget // len(models))
             ahead = ahead_blocks(len(models))
             files = sum(model.read_around_cache(ahead=ahead, only_uncached=mode == "auto") for model in models)
         self.stats["direct_read_files"] = files
+        self.stats["early_read_bytes"] = sum(model.early_bytes for model in (self.base, *self.finetunes))
 
     # --- what a mergekit config changes in the output's other files -------------------------------------------
 

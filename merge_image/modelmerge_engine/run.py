@@ -83,7 +83,8 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
     refs = [resolve(ref, f"models_to_merge[{i}]") for i, ref in enumerate(request.models_to_merge)]
     base = SafetensorsModel(base_ref.path, f"base_model {request.base_model}")
     finetunes = [SafetensorsModel(r.path, f"models_to_merge[{i}] {r.ref}") for i, r in enumerate(refs)]
-    early = _ask_early([base, *finetunes])  # the disk reads while the engine's imports load (early_reads.py)
+    early_budget = budget_bytes(memory_headroom())
+    _ask_early([base, *finetunes], early_budget // 2)  # the disk reads while the engine's imports load
     timings["resolve"] = time.monotonic() - clock
     plan = None
     if evaluation is not None:  # the data encoded for each model to evaluate, before anything is merged
@@ -93,8 +94,7 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
     clock = time.monotonic()
     from modelmerge_engine.engine import StreamingMerge
 
-    merge = StreamingMerge(request, base, finetunes, progress, work_cache=cache)
-    merge.stats["early_read_bytes"] = early
+    merge = StreamingMerge(request, base, finetunes, progress, work_cache=cache, early_read_budget=early_budget)
     timings["resolve"] += time.monotonic() - clock
     if plan is not None:
         after_merge.plan_progress(progress, plan, parameters=sum(p.numel for p in merge.plans))
@@ -145,11 +145,11 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
     return summary
 
 
-def _ask_early(models) -> int:
-    """Asks the disk for the first bytes of every model (early_reads.py), the budget shared equally: the merge
-    reads them at the same pace. Returns the bytes asked for."""
-    share = budget_bytes(memory_headroom()) // max(1, len(models))
-    return sum(model.ask_early(share) for model in models)
+def _ask_early(models, budget: int) -> None:
+    """Asks the disk for the first bytes of every model (early_reads.py), `budget` shared equally: the merge
+    reads them at the same pace."""
+    for model in models:
+        model.ask_early(budget // max(1, len(models)))
 
 
 def _report(request, base_ref, refs, merge, files, timings) -> dict:

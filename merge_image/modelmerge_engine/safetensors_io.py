@@ -166,6 +166,7 @@ class SafetensorsModel:
         self._prefetched: dict[Path, int] = {}  # per file: bytes [.., value) were asked for ahead of the reads
         self._early: dict[Path, int] = {}  # per file: bytes [.., value) were asked for before the merge (ask_early)
         self._asking: list = []  # the threads of ask_early
+        self.early_bytes = 0  # how many bytes ask_early has asked for
         self._early_fds: dict[Path, int] = {}  # files read around the page cache whose early bytes are read
         self._direct: dict[Path, DirectReader] = {}  # files read around the page cache (read_around_cache)
 
@@ -214,7 +215,8 @@ class SafetensorsModel:
     def ask_early(self, nbytes: int) -> int:
         """Asks the disk for the first `nbytes` of this model's tensor data, in the order its tensors are read
         (file by file, by offset), before the merge starts (early_reads.py); reads of a range that begins in
-        those bytes come from the page cache, even from a file read around it. Returns the bytes asked for."""
+        those bytes come from the page cache, even from a file read around it. Bytes asked for by an earlier call
+        are not asked again: a larger `nbytes` extends the region. Returns the bytes asked for in all."""
         asked = 0
         for file in self.files:
             extents = [(t.offset, t.offset + t.numel * t.dtype.size) for t in self.tensors.values() if t.file == file]
@@ -223,11 +225,15 @@ class SafetensorsModel:
             start, end = min(begin for begin, _ in extents), max(stop for _, stop in extents)
             stop = min(end, start + nbytes - asked)
             asked += stop - start
+            before = self._early.get(file, start)
+            if stop <= before:
+                continue
             self._early[file] = stop
-            thread = ask(file, start, stop)
+            thread = ask(file, before, stop)
             if thread is not None:
                 self._asking.append(thread)
-        return asked
+        self.early_bytes = max(self.early_bytes, asked)
+        return self.early_bytes
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Elements [start, stop) of the tensor, flattened: a view of the mapped file (never write into it),

@@ -189,6 +189,9 @@ def limits_table(result: dict | None, *, name: str = "engine") -> str:
     if result is None:
         return _missing(name, f"make bench-{name}")
     rows = [r for r in result["rows"] if r["kind"] == "limit"]
+    if not rows:  # recorded with --limits '' so far
+        return (f"_No memory-limit runs recorded yet: `bench/bench_engine.py` with `--limits` (its default) records "
+                f"them into `bench/results/{name}*.json`, then `make bench-report`._")
     limits = sorted({r["limit_bytes"] for r in rows})
     by_key = {(r["tool"], r["method"], r["finetunes"], r["limit_bytes"]): r for r in rows}
     lines = ["Each tool under a memory cgroup limit (as a pod's `resources.limits.memory`), page cache warm: "

@@ -119,3 +119,9 @@ def test_a_newer_recording_of_some_fine_tune_counts_keeps_the_others(tmp_path):
            "fine-tunes): Recorded 2026-12-02" in table
     assert "- timings of slerp (1 fine-tune); memory limits of slerp (1 fine-tune): Recorded 2026-12-04" in table
     assert "| ours | slerp | 1 | ok 2.0 s |" in report.limits_table(combined, name="methods")
+
+
+def test_a_recording_without_memory_limit_runs_says_so_instead_of_an_empty_table():
+    text = report.limits_table({"rows": [{"kind": "timing"}]}, name="methods")
+    assert text.startswith("_No memory-limit runs recorded yet") and "bench/results/methods*.json" in text
+    assert "| tool |" not in text

@@ -127,6 +127,13 @@ def budget_bytes(headroom: int | None) -> int:
     return wanted if headroom is None else min(wanted, headroom // LIMIT_SHARE)
 
 
+def ask_shared(models, budget: int) -> None:
+    """Asks each of `models` (SafetensorsModel.ask_early) for the first bytes of its tensor data, `budget` shared
+    equally: the merge reads them at the same pace. A larger budget later extends what each was asked for."""
+    for model in models:
+        model.ask_early(budget // max(1, len(models)))
+
+
 def ask(path: Path, start: int, stop: int) -> threading.Thread | None:
     """Asks the kernel to read bytes [start, stop) of `path` into the page cache, from a daemon thread (returned;
     None when there is nothing to ask). Advisory: a file that cannot be opened or advised is left alone, and the

@@ -18,6 +18,7 @@ import numpy as np
 
 from modelmerge.contract import MergeRequest
 from modelmerge_engine.direct_read import ahead_blocks
+from modelmerge_engine.early_reads import ask_shared
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.kernels import CpuKernels, make_kernels
 from modelmerge_engine.layout import BASE, output_config, placements
@@ -339,8 +340,7 @@ class StreamingMerge:
         files = 0
         if mode != "mapped" and self.method.reads_inputs_once() and self.request.config is None:
             models = [self.base, *self.finetunes]
-            for model in models:  # the early bytes extended before the readers start after them
-                model.ask_early(self.early_read_budget // len(models))
+            ask_shared(models, self.early_read_budget)  # the early bytes extended; the readers start after them
             ahead = ahead_blocks(len(models))
             files = sum(model.read_around_cache(ahead=ahead, only_uncached=mode == "auto") for model in models)
         self.stats["direct_read_files"] = files

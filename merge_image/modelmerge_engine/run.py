@@ -19,7 +19,7 @@ from pathlib import Path
 
 from modelmerge import __version__
 from modelmerge.contract import MAX_SUMMARY_BYTES, MergeRequest, shard_size_bytes
-from modelmerge_engine.early_reads import budget_bytes, memory_headroom
+from modelmerge_engine.early_reads import ask_shared, budget_bytes, memory_headroom
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.evaluation import after_merge
 from modelmerge_engine.evaluation.options import EvalInputError
@@ -84,7 +84,7 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
     base = SafetensorsModel(base_ref.path, f"base_model {request.base_model}")
     finetunes = [SafetensorsModel(r.path, f"models_to_merge[{i}] {r.ref}") for i, r in enumerate(refs)]
     early_budget = budget_bytes(memory_headroom())
-    _ask_early([base, *finetunes], early_budget // 2)  # the disk reads while the engine's imports load
+    ask_shared([base, *finetunes], early_budget // 2)  # the disk reads while the engine's imports load
     timings["resolve"] = time.monotonic() - clock
     plan = None
     if evaluation is not None:  # the data encoded for each model to evaluate, before anything is merged
@@ -143,13 +143,6 @@ def _merge(request: MergeRequest, output: OutputDir, progress: Progress,
         summary["evaluation"] = after_merge.merge_evaluation(section).model_dump(mode="json", exclude_none=True)
     output.commit()
     return summary
-
-
-def _ask_early(models, budget: int) -> None:
-    """Asks the disk for the first bytes of every model (early_reads.py), `budget` shared equally: the merge
-    reads them at the same pace."""
-    for model in models:
-        model.ask_early(budget // max(1, len(models)))
 
 
 def _report(request, base_ref, refs, merge, files, timings) -> dict:

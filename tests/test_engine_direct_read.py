@@ -218,3 +218,84 @@ def test_a_bad_input_reads_setting_is_named(tmp_path, monkeypatch):
     assert summary["status"] == "failed"
     assert INPUT_READS_ENV in summary["error"] and "'sometimes'" in summary["error"]
     assert not (tmp_path / "out").exists()
+
+
+def _merge_config(config: dict, out: Path) -> dict:
+    request = MergeRequest.model_validate({"config": config, "output_dir": str(out)})
+    assert run_merge(request, progress="none") == 0
+    return json.loads((out / "merge_report.json").read_text())["statistics"]
+
+
+def _models(paths, **parameters) -> list[dict]:
+    return [{"model": str(path), "parameters": dict(parameters)} for path in paths]
+
+
+# mergekit configs whose merge step is their only read, and the models whose files are read around the page cache
+# (the base's index; fine-tunes' 1, 2): linear's base (no base_model: the first model) is one of its inputs, read
+# once as that input; dare_linear draws random masks and, without rescale, takes no statistics pass.
+SINGLE_PASS_CONFIGS = {
+    "task_arithmetic": (lambda base, fts: {"merge_method": "task_arithmetic", "base_model": str(base),
+                                           "models": _models(fts, weight=0.4)}, (0, 1, 2)),
+    "dare_linear": (lambda base, fts: {"merge_method": "dare_linear", "base_model": str(base),
+                                       "models": _models(fts, weight=0.5, density=0.6),
+                                       "parameters": {"rescale": False}}, (0, 1, 2)),
+    "linear-without-base_model": (lambda base, fts: {"merge_method": "linear", "models": _models(fts, weight=0.7),
+                                                     "parameters": {"normalize": False}}, (1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(SINGLE_PASS_CONFIGS))
+def test_configs_reading_inputs_once_read_them_around_the_cache_with_the_mapped_bytes(tmp_path, monkeypatch, name):
+    """Sharded inputs, ranges split small; a file two models read (linear's base, its first input) is read by the
+    one that reads its values."""
+    family = make_family(tmp_path / "models", n=2)
+    for directory in (family[0], *family[1]):
+        _sharded(directory)
+    make_config, reading = SINGLE_PASS_CONFIGS[name]
+    config = make_config(*family)
+    monkeypatch.setenv(RANGE_ELEMENTS_ENV, "1000")
+    monkeypatch.setenv(EARLY_READ_BYTES_ENV, "0")
+    monkeypatch.setenv(INPUT_READS_ENV, "mapped")
+    mapped_stats = _merge_config(config, tmp_path / "mapped")
+    monkeypatch.setenv(INPUT_READS_ENV, "direct")
+    direct_stats = _merge_config(config, tmp_path / "direct")
+    assert mapped_stats["direct_read_files"] == 0
+    shards = len(list(family[0].glob("*.safetensors")))
+    assert shards > 1 and direct_stats["direct_read_files"] == shards * len(reading)
+    assert _weights(tmp_path / "direct") == _weights(tmp_path / "mapped")
+
+
+def test_configs_laid_out_otherwise_or_reading_twice_keep_their_inputs_mapped(tmp_path, monkeypatch):
+    """Slices (the output's layers come from other layers), a moved vocabulary (tokenizer_source over vocabularies
+    that differ: rows gathered), a statistics pass (dare_linear's rescale) and magnitude selection (ties)."""
+    from tests.test_mergekit_tokenizer_union import ADDED, add_tokens
+
+    base, fts = make_family(tmp_path / "models", n=2)
+    monkeypatch.setenv(INPUT_READS_ENV, "direct")
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    linear = {"merge_method": "linear", "models": _models(fts, weight=0.5)}
+    sliced = {"merge_method": "linear", "slices": [{"sources": [{"model": str(ft), "layer_range": [0, layers],
+                                                                  "parameters": {"weight": 0.5}} for ft in fts]}]}
+    assert _merge_config(linear, tmp_path / "linear")["direct_read_files"] == 2  # the same models read once
+    assert _merge_config(sliced, tmp_path / "sliced")["direct_read_files"] == 0
+    rescaled = {"merge_method": "dare_linear", "base_model": str(base), "models": _models(fts, weight=0.5, density=0.6)}
+    assert _merge_config(rescaled, tmp_path / "rescaled")["direct_read_files"] == 0
+    ties = {"merge_method": "ties", "base_model": str(base), "models": _models(fts, weight=0.5, density=0.6)}
+    assert _merge_config(ties, tmp_path / "ties")["direct_read_files"] == 0
+    task_arithmetic = {"merge_method": "task_arithmetic", "base_model": str(base), "models": _models(fts, weight=0.5)}
+    assert _merge_config(task_arithmetic, tmp_path / "same-vocabulary")["direct_read_files"] == 3
+    add_tokens(fts[1], ADDED[0], rename=None, seed=7)
+    union = {**task_arithmetic, "tokenizer_source": "union"}
+    assert _merge_config(union, tmp_path / "union")["direct_read_files"] == 0
+
+
+def test_a_base_also_merged_as_a_fine_tune_stays_mapped_for_both(tmp_path, monkeypatch):
+    """Both read its values: one O_DIRECT reader would serve the same range twice, two would read it twice."""
+    base, fts = make_family(tmp_path / "models", n=1)
+    monkeypatch.setenv(EARLY_READ_BYTES_ENV, "0")
+    monkeypatch.setenv(INPUT_READS_ENV, "mapped")
+    mapped_stats = _merge((base, [base, fts[0]]), tmp_path / "mapped", "task_arithmetic", scaling_coefficient=0.4)
+    monkeypatch.setenv(INPUT_READS_ENV, "direct")
+    direct_stats = _merge((base, [base, fts[0]]), tmp_path / "direct", "task_arithmetic", scaling_coefficient=0.4)
+    assert (mapped_stats["direct_read_files"], direct_stats["direct_read_files"]) == (0, 1)
+    assert _weights(tmp_path / "direct") == _weights(tmp_path / "mapped")

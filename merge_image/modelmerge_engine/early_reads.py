@@ -129,9 +129,12 @@ def budget_bytes(headroom: int | None) -> int:
 
 def ask_shared(models, budget: int) -> None:
     """Asks each of `models` (SafetensorsModel.ask_early) for the first bytes of its tensor data, `budget` shared
-    equally: the merge reads them at the same pace. A larger budget later extends what each was asked for."""
-    for model in models:
-        model.ask_early(budget // max(1, len(models)))
+    equally: the merge reads them at the same pace. Models that open the same files (a mergekit config's base that
+    is also one of its inputs) are asked once, as the last of them (a fine-tune: the one that reads them around
+    the page cache when the base's values are not read). A larger budget later extends what each was asked for."""
+    distinct = list({tuple(model.files): model for model in models}.values())
+    for model in distinct:
+        model.ask_early(budget // max(1, len(distinct)))
 
 
 def ask(path: Path, start: int, stop: int) -> threading.Thread | None:

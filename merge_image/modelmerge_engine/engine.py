@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -333,16 +334,25 @@ class StreamingMerge:
             self.pool.close()
 
     def _read_inputs_around_cache(self) -> None:
-        """When the output pass is the only read of the inputs (the method's say; a flat request, whose output
-        reads every model's tensors in their order), input files the page cache does not hold are read around it
-        (direct_read.py): nothing would read those pages again. MODELMERGE_ENGINE_INPUT_READS can say otherwise."""
+        """When the output pass is the only read of the inputs (the method's say) and reads every model's tensors
+        in their order (a flat request; a config without slices, whose output is laid out as its base, and whose
+        vocabulary is not moved), input files the page cache does not hold are read around it (direct_read.py):
+        nothing would read those pages again. A file that more than one of the models reading it opens (a config's
+        base that is also one of its inputs, read as the base too) stays mapped: they share its page cache. The
+        base is not read around the cache where the method does not read its values. MODELMERGE_ENGINE_INPUT_READS
+        can say otherwise."""
         mode = _input_reads_from_environment()
+        config = self.request.config
         files = 0
-        if mode != "mapped" and self.method.reads_inputs_once() and self.request.config is None:
-            models = [self.base, *self.finetunes]
-            ask_shared(models, self.early_read_budget)  # the early bytes extended; the readers start after them
-            ahead = ahead_blocks(len(models))
-            files = sum(model.read_around_cache(ahead=ahead, only_uncached=mode == "auto") for model in models)
+        if mode != "mapped" and self.method.reads_inputs_once() and (
+                config is None or (not config.slices and self.vocabulary is None)):
+            ask_shared([self.base, *self.finetunes], self.early_read_budget)  # extended; the readers start after
+            readers = [*([self.base] if self.method.reads_base else []), *self.finetunes]
+            opened = Counter(file for model in readers for file in set(model.files))
+            ahead = ahead_blocks(sum(1 for count in opened.values() if count == 1))
+            files = sum(model.read_around_cache(ahead=ahead, only_uncached=mode == "auto",
+                                                keep_mapped={file for file in model.files if opened[file] > 1})
+                        for model in readers)
         self.stats["direct_read_files"] = files
         self.stats["early_read_bytes"] = sum(model.early_bytes for model in (self.base, *self.finetunes))
 
@@ -455,17 +465,19 @@ class StreamingMerge:
         return (self.base if position == BASE else self.finetunes[position]), tensor
 
     def _load(self, name: str, start: int, stop: int, models: list[int] | None = None):
-        """The base and the fine-tunes (those at `models`; default: those that feed the tensor) on one range,
-        in the compute dtype."""
+        """The base (None where the method does not read it) and the fine-tunes (those at `models`; default: those
+        that feed the tensor) on one range, in the compute dtype."""
         prepare = self.kernels.prepare
         plan = self._plans_by_name[name]
         model, tensor = self._base_of(plan)
         positions = self.feeding(plan) if models is None else models
+        reads_base = self.method.reads_base
         if self._moved(plan):  # tokenizer_source: rows moved to the output's tokens
-            return (prepare(self._read_moved(plan, self._base_ref(plan), start, stop), self.dtype),
+            return (prepare(self._read_moved(plan, self._base_ref(plan), start, stop), self.dtype) if reads_base
+                    else None,
                     [prepare(self._read_moved(plan, self.request.models_to_merge[i], start, stop), self.dtype)
                      for i in positions])
-        base = prepare(model.read(tensor, start, stop), model.tensors[tensor].dtype)
+        base = prepare(model.read(tensor, start, stop), model.tensors[tensor].dtype) if reads_base else None
         sources = plan.sources or (name,) * len(self.finetunes)
         return base, [prepare(self.finetunes[i].read(sources[i], start, stop),
                               self.finetunes[i].tensors[sources[i]].dtype) for i in positions]

@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,13 +287,13 @@ class SafetensorsModel:
         os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
-    def read_around_cache(self, *, ahead: int, only_uncached: bool = True) -> int:
+    def read_around_cache(self, *, ahead: int, only_uncached: bool = True, keep_mapped: Collection[Path] = ()) -> int:
         """From now on, read this model's files that the page cache holds less than half of (every file with
         `only_uncached` False) with O_DIRECT, `ahead` blocks ahead of the reads (direct_read.py): for a merge that
-        reads its inputs once, front to back. Files whose filesystem refuses O_DIRECT stay mapped. Returns how
-        many files are read around the page cache."""
+        reads its inputs once, front to back. Files in `keep_mapped` and files whose filesystem refuses O_DIRECT
+        stay mapped. Returns how many files are read around the page cache."""
         for file in self.files:
-            if file in self._direct or (only_uncached and resident_fraction(file) >= 0.5):
+            if file in self._direct or file in keep_mapped or (only_uncached and resident_fraction(file) >= 0.5):
                 continue
             try:
                 self._direct[file] = DirectReader(file, ahead=ahead, start=self._early.get(file, 0))

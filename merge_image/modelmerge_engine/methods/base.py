@@ -70,6 +70,10 @@ class Method:
         """The steps of the whole merge with their work; per-tensor statistics run inside the merge step."""
         return [Step("merge", merge_work + statistics_work)]
 
+    # Whether the merge reads the base's values of a merged tensor (its combine step or `inputs` uses them); else
+    # `base` is None there, and the base model is read only for the tensors that are not merged.
+    reads_base = True
+
     def reads_inputs_once(self) -> bool:
         """Whether the merge step is the only read of the inputs and reads each range once, in order (no
         statistics passes, no per-tensor statistics, no method reading inputs on its own): then the engine reads

@@ -119,6 +119,11 @@ class GeneralizedTaskArithmetic(Method):
                          if plan.merged for i in range(len(self.merge.finetunes)))
         return [Step("merge", merge_work + statistics_work + statistics)]
 
+    def reads_inputs_once(self) -> bool:
+        """No statistics passes (no selection by magnitude, no rescale): the merge step is the only read."""
+        return not any(self._statistics_passes(plan.name, i) for plan in self.merge.plans if plan.merged
+                       for i in range(len(self.merge.finetunes)))
+
     def _statistics_passes(self, name: str, index: int) -> int:
         """Passes over model `index`'s tensor `name` before it is merged: the selection's, the L1 norms'."""
         if not self.sparsification or not 0.0 < self._model_value("density", name, index) < 1.0:

@@ -18,6 +18,7 @@ from modelmerge_engine.methods.base import Method
 class Linear(Method):
     name = "linear"
     parameters = ("model_parameters", "normalize")
+    reads_base = False  # a config without base_model has its first model as the base: read once, as an input
 
     def reads_inputs_once(self) -> bool:
         return True
@@ -46,7 +47,7 @@ class Linear(Method):
 
     def combine_cpu(self, kernels, base, inputs, state):
         weights, denominator, normalize = state
-        out = kernels.empty(base)
+        out = kernels.empty(inputs[0])
         kernels.k.linear(kernels.code, tuple(inputs), weights, denominator, out, normalize=normalize)
         return out
 

@@ -427,6 +427,17 @@ def resumed(checkpoint: Path, fresh: dict, trials: list[dict]) -> dict:
     return earlier
 
 
+def engine_methods(args) -> list[str]:
+    """The engine's methods (registry names) the run merges with, whose kernels are compiled before it: the
+    merging-eval suite's, or the mergekit methods asked for (with those of the memory-limit runs, if any)."""
+    if args.suite == "merging-eval":
+        return list(METHODS)
+    from modelmerge.mergekit_config import MERGEKIT_METHOD_NAMES
+
+    limited = args.limit_methods if args.limits else []
+    return sorted({MERGEKIT_METHOD_NAMES.get(method, method) for method in [*args.methods, *limited]})
+
+
 def run(args, checkpoint: Path) -> dict:
     kit = find_mergekit(args.mergekit) if "mergekit" in args.tools else None
     if "mergekit" in args.tools and kit is None:
@@ -438,10 +449,9 @@ def run(args, checkpoint: Path) -> dict:
     if {"cold", "cold-compile"} & set(args.states) and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
         raise SystemExit("cold runs drop the page cache: /proc/sys/vm/drop_caches is not writable (run as root, "
                          "or --states warm)")
-    most = max(args.finetunes + args.limit_finetunes)
+    most = max(args.finetunes + (args.limit_finetunes if args.limits else []))
     base, fts = make_models(args.shape, most)
-    engine_methods = list(METHODS) if args.suite == "merging-eval" else None  # the mergekit suite: all of them
-    precompiled = precompiled_cache(most, methods=engine_methods) if "ours" in args.tools else Path()
+    precompiled = precompiled_cache(most, methods=engine_methods(args)) if "ours" in args.tools else Path()
     trials = plan(args)
     packages = ["numba", "llvmlite", "numpy", "torch", "transformers", "safetensors", "merging-eval"]
     mergekit_version = package_version("mergekit", kit[0] if len(kit) > 1 else str(Path(kit[0]).parent / "python")) \

@@ -298,7 +298,10 @@ class SafetensorsModel:
             try:
                 self._direct[file] = DirectReader(file, ahead=ahead, start=self._early.get(file, 0))
                 if self._early.get(file):  # opened here, not at the first read: reads come from several threads
-                    self._early_fds[file] = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+                    fd = self._early_fds[file] = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+                    # no read-ahead of its own past the early bytes: the direct reader reads those, and pages the
+                    # kernel read ahead would stay cached (and charged) after the early bytes are dropped
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             except DirectReadRefused:
                 continue
         return len(self._direct)

@@ -174,13 +174,17 @@ def _specialised(loop, *constants):
     so the on-disk cache would never hit). A name says nothing of the body, and numba checks only this file's
     stamp: a loop (or a helper it inlines) edited in a method's module would keep running the machine code
     cached for the old one. So the closure also holds the engine's source fingerprint: any change to the
-    engine's modules is a new cache key for every specialised kernel (precompile builds them again)."""
+    engine's modules is a new cache key for every specialised kernel (precompile builds them again).
+
+    numpy's error model: a float division by zero gives inf or NaN (as torch's ops do) instead of raising, so a
+    loop that divides has no check and exception path per element and vectorises (nuslerp's combine step: 10.9
+    against 0.9 ms per 1M elements)."""
     key = (loop.__name__, *constants)
     kernel = _SPECIALISED.get(key)
     if kernel is None:
         source = engine_source_fingerprint()
 
-        @njit(nogil=True, cache=True)
+        @njit(nogil=True, cache=True, error_model="numpy")  # IEEE division as torch's; no zero check per element
         def run(args):
             source  # noqa: B018 (a free variable, so numba's cache key hashes it with the closure)
             return loop(constants, args)

@@ -123,11 +123,14 @@ def _nuslerp(constants, args):
         else:
             flag, coef_0, coef_1 = table[COLINEAR_FLAG, row], table[COEF_0, row], table[COEF_1, row]
             sin_theta = table[SIN_THETA, row]
-            for j in range(e, stop):
-                value = _nuslerp_at(widen(base[j], code) if with_base else np.float32(0.0), widen(first[j], code),
-                                    widen(second[j], code), flag, coef_0, coef_1, sin_theta, one_minus_t, t, code,
-                                    with_base)
-                store(out, j, value, code)
+            # the row's part as views indexed from 0 (an index numba cannot prove non-negative is wrapped, a
+            # select per access, and that loop does not vectorise)
+            row_base, row_first, row_second, row_out = base[e:stop], first[e:stop], second[e:stop], out[e:stop]
+            for j in range(row_out.shape[0]):
+                value = _nuslerp_at(widen(row_base[j], code) if with_base else np.float32(0.0),
+                                    widen(row_first[j], code), widen(row_second[j], code), flag, coef_0, coef_1,
+                                    sin_theta, one_minus_t, t, code, with_base)
+                store(row_out, j, value, code)
             row += 1
         e, at = stop, 0
 

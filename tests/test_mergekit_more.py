@@ -72,8 +72,8 @@ def test_top_k_picks_torchs_indices_among_ties(size, fraction):
     generator = torch.Generator().manual_seed(size)
     keys = torch.randint(0, 7, (size,), generator=generator).to(torch.float32)
     k = max(1, int(size * fraction))
-    keep = np.zeros(size, np.bool_)
-    top_k(keys.numpy().copy(), k, keep)
+    keep = np.ones(size, np.bool_)  # top_k sets every flag
+    top_k(keys.numpy().copy(), np.full(size, -1, np.int32), k, keep)
     expected = np.zeros(size, np.bool_)
     expected[torch.topk(keys, k, largest=True).indices.numpy()] = True
     assert (keep == expected).all()

@@ -35,9 +35,11 @@ the scale by one ulp in float32), and a float16 norm too large for float16 is ke
 becomes inf and the tensor NaN). `int8_mask` is accepted and changes nothing in the result: mergekit holds its
 sign masks in int8 instead of the compute dtype to save memory, and the engine holds no masks.
 
-Per-tensor statistics, each one tensor at a time (memory: one tensor's magnitudes and element order, 8 bytes an
-element, while its selection is made): the selection window of each model (ties, breadcrumbs) and, with
-`rescale`, the L1 norms of each model's task vector before and after its mask. Masks are computed on the host
+Per-tensor statistics, one tensor at a time, the models in parallel: the selection window of each model (ties,
+breadcrumbs) and, with `rescale`, the L1 norms of each model's task vector before and after its mask. A selection
+holds its model's magnitudes and element order (8 bytes an element) while it is made, as scratch arrays
+(scratch.py: a file-backed mapping in TMPDIR for a large tensor, which a memory limit can write back), so at most
+one per worker thread. Masks are computed on the host
 by compiled kernels for both kernel sets (the torch set gets them as tensors), so they are the same bits.
 """
 
@@ -57,6 +59,7 @@ from modelmerge_engine.methods import gta_kernels as gk
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
 from modelmerge_engine.progress import Step
+from modelmerge_engine.scratch import scratch_arrays
 
 MAGNITUDE, RANDOM, OUTLIERS, DELLA = "magnitude", "random", "magnitude_outliers", "della_magprune"
 RESCALE_EPSILON = 1e-7  # mergekit's rescaled_masked_tensor: norms below this leave the masked tensor unscaled
@@ -139,14 +142,18 @@ class GeneralizedTaskArithmetic(Method):
         dtype_name = self.merge.dtype.name
         models = []
         weights = []
-        rescale = bool(self.value("rescale", tensor=name))
         for i in range(len(self.merge.finetunes)):
             weights.append(_round_to(self._model_value("weight", name, i), dtype_name))
             density = self._model_value("density", name, i) if self.sparsification else 1.0
             state = ModelState(sparsified=self.sparsification is not None and density < 1.0, density=density)
-            if state.sparsified:
-                self._prepare_model(plan, i, state, rescale=rescale)
+            if state.sparsified and density > 0.0:  # density <= 0: mergekit's all zeros (no norm to match)
+                self._check_model(plan, i, state)
             models.append(state)
+        masked = [(i, state) for i, state in enumerate(models) if state.sparsified and state.density > 0.0]
+        if self.sparsification in (MAGNITUDE, OUTLIERS):
+            self._each_model(masked, lambda item: self._select(plan, *item))
+        if masked and self.value("rescale", tensor=name):
+            self._each_model(masked, lambda item: self._rescale(plan, *item))
         divisor = float(np.float32(0.0) + np.float32(sum(np.float32(w) for w in weights)))
         divisor = _round_to(divisor, dtype_name)
         self._states[name] = TensorState(models, np.array(weights, dtype=np.float32),
@@ -156,14 +163,19 @@ class GeneralizedTaskArithmetic(Method):
         while len(self._states) > self._keep_states:
             self._states.popitem(last=False)
 
+    def _each_model(self, items: list[tuple[int, ModelState]], statistic) -> None:
+        """Runs `statistic((index, state))` for each model, the models in parallel (each reads its tensor through
+        in order, so at most one model's working arrays per worker are held at once)."""
+        for done in self.merge.pool.map(statistic, items):
+            self.merge.progress.advance(done)
+
     def _model_value(self, name: str, tensor: str, model: int) -> float:
         value = self.value(name, tensor=tensor, model=model)
         return MODEL_DEFAULTS[name] if value is None else float(value)
 
-    def _prepare_model(self, plan, index: int, state: ModelState, *, rescale: bool) -> None:
+    def _check_model(self, plan, index: int, state: ModelState) -> None:
+        """Reads model `index`'s parameters that its masks need and checks them."""
         name = plan.name
-        if state.density <= 0.0:
-            return  # mergekit: all zeros (no norm to match)
         if self.sparsification in (RANDOM, DELLA):
             state.random_key = self._stream_key(index, name)
         if self.sparsification == DELLA:
@@ -176,10 +188,9 @@ class GeneralizedTaskArithmetic(Method):
                 raise MergeError(f"merge_method {self.name}: tensor {name} has {len(plan.shape)} dimensions; "
                                  "della ranks magnitudes in rows of 1- and 2-dimensional tensors only "
                                  "(exclude it with exclude_param_names_regex)")
-        if self.sparsification in (MAGNITUDE, OUTLIERS):
-            state.selection = self._select(plan, index, state)
-        if rescale:
-            state.scale = self._rescale(plan, index, state)
+        if self.sparsification in (MAGNITUDE, OUTLIERS) and plan.numel > MAX_SELECTION_ELEMENTS:
+            raise MergeError(f"merge_method {self.name}: tensor {name} has {plan.numel} elements; the magnitude "
+                             f"selection handles at most {MAX_SELECTION_ELEMENTS}")
 
     def _stream_key(self, index: int, name: str) -> int:
         key = f"mergekit-gta/{self.request.seed}/{index}/{name}".encode()
@@ -195,40 +206,40 @@ class GeneralizedTaskArithmetic(Method):
         bottom = max(0, numel - target - int(gamma * numel))
         return bottom, bottom + target, False
 
-    def _select(self, plan, index: int, state: ModelState) -> tuple:
+    def _select(self, plan, index: int, state: ModelState) -> int:
+        """Model `index`'s magnitude selection of the tensor into `state`; returns the elements read. Its keys
+        and element order (8 bytes an element) are scratch arrays (scratch.py), dropped when it returns."""
         numel = plan.numel
-        if numel > MAX_SELECTION_ELEMENTS:
-            raise MergeError(f"merge_method {self.name}: tensor {plan.name} has {numel} elements; the magnitude "
-                             f"selection handles at most {MAX_SELECTION_ELEMENTS}")
-        keys = np.empty(numel, dtype=np.int32)
+        keys, order = scratch_arrays([(np.int32, numel), (np.int32, numel)],
+                                     purpose=f"the magnitude selection of tensor {plan.name}", per_thread=True)
         for start, stop in self.merge.ranges(numel):
             base, raw = self._host(plan.name, start, stop, index)
             gk.magnitude_keys(self.host.code, base, raw, keys[start:stop])
-            self.merge.progress.advance(stop - start)
-        order = np.arange(numel, dtype=np.int32)
+        gk.fill_positions(order)
         start, stop, descending = self._window(plan, index, state.density)
         gk.sort_window(keys, order, start, stop, descending)
-        return gk.window_selection(keys, order, start, stop)
+        state.selection = gk.window_selection(keys, order, start, stop)
+        return numel
 
-    def _rescale(self, plan, index: int, state: ModelState) -> float:
-        """mergekit's rescale (l1): |task vector|₁ / |kept part|₁, each norm and the ratio rounded to the
-        dtype mergekit computes them in (float32 for float16 random masks on CPU; else the compute dtype)."""
+    def _rescale(self, plan, index: int, state: ModelState) -> int:
+        """mergekit's rescale (l1) into `state.scale`: |task vector|₁ / |kept part|₁, each norm and the ratio
+        rounded to the dtype mergekit computes them in (float32 for float16 random masks on CPU; else the compute
+        dtype). Returns the elements read."""
         before = np.zeros(256, dtype=np.int64)
         after = np.zeros(256, dtype=np.int64)
         for start, stop in self._mask_ranges(plan):
             base, raw = self._host(plan.name, start, stop, index)
             keep = self._keep(start, base, raw, state, _columns(plan))
             gk.l1_buckets(self.host.code, base, raw, keep, before, after)
-            self.merge.progress.advance(stop - start)
         work = self.merge.dtype.name
         if work == "F16" and self.sparsification in (RANDOM, DELLA):
             work = "F32"  # mergekit: bernoulli is not implemented for float16 on CPU, so it works in float32
         norms = [_round_to(gk.exact_sum(buckets), work) for buckets in (before, after)]
         if not all(np.isfinite(norms)):
             norms = [_round_to(gk.exact_sum(buckets), "F32") for buckets in (before, after)]
-        if norms[0] < RESCALE_EPSILON or norms[1] < RESCALE_EPSILON:
-            return 1.0
-        return _round_to(float(np.float32(norms[0]) / np.float32(norms[1])), work)
+        if norms[0] >= RESCALE_EPSILON and norms[1] >= RESCALE_EPSILON:
+            state.scale = _round_to(float(np.float32(norms[0]) / np.float32(norms[1])), work)
+        return plan.numel
 
     def _mask_ranges(self, plan) -> list[tuple[int, int]]:
         """Ranges for a pass computing masks: della's in whole rows."""

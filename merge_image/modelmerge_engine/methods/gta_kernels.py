@@ -44,6 +44,13 @@ def magnitude_keys(code, base, raw, keys):
     _specialised(_magnitude_keys, int(code))((base, raw, keys))
 
 
+@njit(nogil=True, cache=True)
+def fill_positions(order):
+    """order[p] = p: the element order before a sort."""
+    for p in range(order.shape[0]):
+        order[p] = p
+
+
 @njit(inline="always")
 def _before(keys, a, b, descending):
     """torch's KeyValueCompDesc / KeyValueCompAsc on magnitudes (never NaN here)."""

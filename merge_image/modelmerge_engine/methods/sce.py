@@ -13,7 +13,8 @@ mergekit's torch ops are (every operation rounded to it):
 Per-tensor statistics, one tensor at a time: with select_topk < 1, one pass computes every element's variance
 (float64, rounded to the dtype, as torch's var) and torch's CPU top-k picks the kept elements as its libstdc++
 selection does, ties at the boundary included (sce_kernels.top_k); memory: one tensor's variances, element order
-and keep flags, 9 bytes an element, the flags kept until the tensor is merged. A second pass sums each model's
+and keep flags, 9 bytes an element, the flags kept until the tensor is merged, as scratch arrays (scratch.py: a
+file-backed mapping in TMPDIR for a large tensor, which a memory limit can write back). A second pass sums each model's
 squared (selected) task vector in torch's CPU order (torch_reductions; mergekit's mean is that float32 sum over
 the element count, rounded once). `int8_mask` is accepted and changes nothing in the result (mergekit holds its
 masks in int8 instead of the compute dtype to save memory).
@@ -40,6 +41,7 @@ from modelmerge_engine.methods.torch_reductions import (
     sum_rows,
 )
 from modelmerge_engine.progress import Step
+from modelmerge_engine.scratch import scratch_arrays
 
 SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of torch_reductions' row of vectors)
 WEIGHT_FLOOR = 1e-6  # mergekit: weights of task vectors whose squares sum to less are equal; divisor clamp
@@ -89,7 +91,8 @@ class Sce(Method):
         select_topk = float(self.value("select_topk", tensor=name))
         keep = None
         if select_topk <= 0.0:
-            keep = np.zeros(max(numel, 1), np.bool_)
+            keep, = scratch_arrays([(np.bool_, max(numel, 1))], purpose=f"the top-k selection of tensor {name}")
+            keep.fill(False)
         elif select_topk < 1.0:
             keep = self._select(name, numel, select_topk)
         packed = code != F32
@@ -118,17 +121,22 @@ class Sce(Method):
             self._states.popitem(last=False)
 
     def _select(self, name: str, numel: int, select_topk: float) -> np.ndarray:
-        """The elements of the int(nonzero · select_topk) largest variances, as torch.topk picks them."""
+        """The elements of the int(nonzero · select_topk) largest variances, as torch.topk picks them. The
+        variances and their order are scratch arrays (scratch.py) dropped on return; so are the returned flags,
+        when the tensor's state is."""
         code = self.merge.dtype.code
-        variances = np.empty(numel, np.float32)
+        purpose = f"the top-k selection of tensor {name}"
+        keep, = scratch_arrays([(np.bool_, max(numel, 1))], purpose=purpose)
+        variances, order = scratch_arrays([(np.float32, numel), (np.int32, numel)], purpose=purpose)
         for offset in range(0, numel, SEGMENT):
             stop = min(offset + SEGMENT, numel)
             sk.variances(self._task_vectors(name, offset, stop), code, variances[offset:stop])
         nonzero = int(np.count_nonzero(variances))
         k = int(np.float32(nonzero) * np.float32(select_topk))  # torch: an int64 count times a float is float32
-        keep = np.zeros(max(numel, 1), np.bool_)
         if k > 0:
-            sk.top_k(variances, k, keep)
+            sk.top_k(variances, order, k, keep)
+        else:
+            keep.fill(False)
         return keep
 
     def tensor_state(self, plan) -> TensorState:

@@ -62,12 +62,13 @@ def _heap_select(keys, order, first, middle, last):
 
 
 @njit(nogil=True, cache=True)
-def top_k(keys, k, keep):
+def top_k(keys, order, k, keep):
     """torch.topk(keys, k, largest=True)'s indices on CPU, as flags in `keep`: torch runs std::partial_sort when
     k * 64 <= n, else std::nth_element (introselect: median-of-three Hoare partitions, a heap select past depth
     2*log2(n), an insertion sort of the last few); the first k positions are the kept ones."""
     n = keys.shape[0]
-    order = np.arange(n).astype(np.int32)
+    for p in range(n):
+        order[p] = p
     if k * 64 <= n:
         _heap_select(keys, order, 0, k, n)
     else:

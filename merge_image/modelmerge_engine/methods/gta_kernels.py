@@ -218,10 +218,12 @@ def window_selection(keys, order, window_start, window_stop):
         high = max(high, keys[p])
     split_low = False
     split_high = False
-    for p in range(keys.shape[0]):
-        if p < window_start or p >= window_stop:
-            split_low |= keys[p] == low
-            split_high |= keys[p] == high
+    for p in range(window_start):  # branch-free scans of the positions outside the window
+        split_low |= keys[p] == low
+        split_high |= keys[p] == high
+    for p in range(window_stop, keys.shape[0]):
+        split_low |= keys[p] == low
+        split_high |= keys[p] == high
     count = 0
     for p in range(window_start, window_stop):
         if (split_low and keys[p] == low) or (split_high and keys[p] == high):
@@ -283,25 +285,21 @@ def exact_sum(buckets: np.ndarray) -> float:
 
 @register_jitable(inline="always")
 def _magnitude_mask(constants, args):
-    """keep[e] for elements start.. of a tensor: magnitude in [low, high], and for a split magnitude listed in
-    `kept` (sorted element indices, `cursor` the first one >= start)."""
+    """keep[e] for elements start.. of a tensor: magnitude in [low, high] and not a split magnitude (a branch-free
+    pass), then the split magnitudes' kept elements, `kept[first:last]` (sorted element indices in the range)."""
     code, = constants
-    base, raw, start, low, high, split_a, split_b, kept, cursor, keep = args
-    c = cursor
+    base, raw, start, low, high, split_a, split_b, kept, first, last, keep = args
     for e in range(keep.shape[0]):
         m = mag(rnd(widen(raw[e], code) - widen(base[e], code), code), code)
-        inside = (m >= low) & (m <= high)
-        if inside and (m == split_a or m == split_b):
-            inside = c < kept.shape[0] and kept[c] == start + e
-            if inside:
-                c += 1
-        keep[e] = inside
+        keep[e] = (m >= low) & (m <= high) & (m != split_a) & (m != split_b)
+    for c in range(first, last):
+        keep[kept[c] - start] = True
 
 
 def magnitude_mask(code, base, raw, start, selection, keep):
     low, high, split_a, split_b, kept = selection
-    cursor = int(np.searchsorted(kept, start))
-    _specialised(_magnitude_mask, int(code))((base, raw, start, low, high, split_a, split_b, kept, cursor, keep))
+    first, last = (int(i) for i in np.searchsorted(kept, [start, start + keep.shape[0]]))
+    _specialised(_magnitude_mask, int(code))((base, raw, start, low, high, split_a, split_b, kept, first, last, keep))
 
 
 def random_mask(key, start, density, keep):

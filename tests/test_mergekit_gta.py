@@ -21,6 +21,7 @@ import torch
 from pydantic import ValidationError
 
 from modelmerge.contract import MergeRequest
+from modelmerge_engine.dtype_codes import BF16, F32
 from modelmerge_engine.engine import RANGE_ELEMENTS_ENV
 from modelmerge_engine.kernels import KERNEL_SET_NAMES, KERNELS_ENV
 from modelmerge_engine.methods import gta_kernels
@@ -85,6 +86,51 @@ def test_the_selection_keeps_the_elements_torchs_cpu_argsort_puts_in_the_window(
         assert set(order[start:stop].tolist()) == set(reference[start:stop].tolist()), (trial, n, start, stop)
     assert not np.array_equal(reference, np.argsort(keys.astype(np.float32) * (-1 if descending else 1),
                                                      kind="stable")), "torch's sort is not stable here"
+
+
+# --- della's ranks -----------------------------------------------------------------------------------------
+
+
+def stable_sort_ranks(keys: np.ndarray) -> np.ndarray:
+    ranks = np.empty(keys.shape[0], dtype=np.int64)
+    ranks[np.argsort(keys, kind="stable")] = np.arange(keys.shape[0])
+    return ranks
+
+
+@pytest.mark.parametrize("key_bits", [15, 31])
+def test_della_ranks_are_a_stable_sorts(key_bits):
+    """The radix ranking equals a stable sort's: equal keys in index order, keys over the whole range, keys that
+    share their high digits (a pass skipped) or their low ones, and rows of 0, 1 and 2 elements."""
+    rng = np.random.default_rng(key_bits)
+    top = 2 ** key_bits
+    for n in (0, 1, 2, 3, 255, 256, 896, 4864):
+        for keys in (rng.integers(0, 4, n), rng.integers(0, top, n), top - 1 - rng.integers(0, 300, n),
+                     rng.integers(0, 16, n) << (key_bits - 4), np.full(n, 7)):
+            keys = keys.astype(np.int64)
+            np.testing.assert_array_equal(gta_kernels.stable_ranks(keys, key_bits), stable_sort_ranks(keys))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_della_masks_follow_each_rows_stable_ranks(dtype):
+    """ranked_mask with probabilities below 0 for the ranks under a cut and above 1 from it keeps exactly the
+    elements a stable sort of each row's magnitudes ranks at the cut or later (ties by sign and repeated
+    magnitudes included), in both key widths."""
+    rng = np.random.default_rng(3)
+    rows, columns, cut = 40, 64, 29
+    magnitudes = rng.choice(np.array([1e-30, 0.001, 0.5, 3.0, 2.0 ** 60, 7.25], np.float32), rows * columns)
+    values = magnitudes * rng.choice(np.array([-1.0, 1.0], np.float32), rows * columns)
+    if dtype == "bfloat16":
+        bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bit patterns (truncated)
+        code, raw, base, keys = BF16, bits, np.zeros_like(bits), (bits & 0x7FFF).astype(np.int64)
+    else:
+        code, raw, base = F32, values, np.zeros_like(values)
+        keys = (values.view(np.uint32) & 0x7FFFFFFF).astype(np.int64)
+    span = 1e6  # probability = low + span * rank / (columns - 1): below 0 under the cut, far above 1 from it
+    low = -span * (cut - 0.5) / (columns - 1)
+    keep = np.empty(rows * columns, dtype=np.bool_)
+    gta_kernels.ranked_mask(code, base, raw, 0, columns, 11, low + span / 2, span / 2, keep)
+    expected = np.concatenate([stable_sort_ranks(keys[r * columns:(r + 1) * columns]) >= cut for r in range(rows)])
+    np.testing.assert_array_equal(keep, expected)
 
 
 # --- deterministic methods ---------------------------------------------------------------------------------

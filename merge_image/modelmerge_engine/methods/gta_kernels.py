@@ -23,6 +23,7 @@ from modelmerge_engine.cpu_kernels import (
     store,
     widen,
 )
+from modelmerge_engine.dtype_codes import F32
 
 NO_CONSENSUS, CONSENSUS_SUM = 0, 1
 SMALL_BLOCK = 16  # libstdc++'s _S_threshold: introsort leaves blocks of at most this many to insertion sort
@@ -315,6 +316,52 @@ def _random_mask(key, start, cut, keep):
         keep[e] = _uniform_bits(key, start + e) < bound
 
 
+@njit(inline="always")
+def _stable_ranks(keys, key_bits, ranks, order, spare, counts):
+    """ranks[c] = the place of element c in the ascending order of the non-negative `keys` (below 2**key_bits), equal
+    keys in index order: what a stable sort (np.argsort(kind="stable")) gives, by a least-significant-digit radix
+    sort of the indices, 8 bits a pass: every digit's counts in one pass over the keys, a pass skipped where every key
+    has the same digit, the first pass reading the indices in order and the last writing the ranks. order and
+    spare: index buffers as long as keys; counts: [4, 256]."""
+    n = keys.shape[0]
+    digits = (key_bits + 7) // 8
+    counts[:digits] = 0
+    for i in range(n):
+        key = keys[i]
+        for d in range(digits):
+            counts[d, (key >> (8 * d)) & 255] += 1
+    last = -1  # the last digit whose pass moves anything
+    for d in range(digits):
+        if n > 0 and counts[d, (keys[0] >> (8 * d)) & 255] != n:
+            last = d
+    if last < 0:
+        for i in range(n):
+            ranks[i] = i
+        return
+    first = True
+    for d in range(last + 1):
+        if counts[d, (keys[0] >> (8 * d)) & 255] == n:
+            continue
+        total = 0
+        for digit in range(256):
+            count = counts[d, digit]
+            counts[d, digit] = total
+            total += count
+        shift = 8 * d
+        destination = ranks if d == last else spare
+        for i in range(n):
+            element = i if first else order[i]
+            digit = (keys[element] >> shift) & 255
+            place = counts[d, digit]
+            counts[d, digit] = place + 1
+            if d == last:
+                destination[element] = place
+            else:
+                destination[place] = element
+        order, spare = spare, order
+        first = False
+
+
 @register_jitable(inline="always")
 def _ranked_mask(constants, args):
     """della: within each row of `columns` elements (rows whole: elements row_start..), keep an element with
@@ -322,19 +369,30 @@ def _ranked_mask(constants, args):
     order; a one-column row: density)."""
     code, = constants
     base, raw, row_start, columns, key, low, span, keep = args
+    key_bits = 31 if code == F32 else 15  # `mag`: the magnitude bits of the compute dtype
     keys = np.empty(columns, dtype=np.int64)
     ranks = np.empty(columns, dtype=np.int64)
+    order = np.empty(columns, dtype=np.int64)
+    spare = np.empty(columns, dtype=np.int64)
+    counts = np.empty((4, 256), dtype=np.int64)
     for row in range(keep.shape[0] // columns):
         offset = row * columns
         for c in range(columns):
             keys[c] = mag(rnd(widen(raw[offset + c], code) - widen(base[offset + c], code), code), code)
-        ordered = np.argsort(keys, kind="mergesort")
-        for r in range(columns):
-            ranks[ordered[r]] = r
+        _stable_ranks(keys, key_bits, ranks, order, spare, counts)
         for c in range(columns):
             share = np.float32(ranks[c]) / np.float32(columns - 1) if columns > 1 else np.float32(0.5)
             probability = np.float32(low) + share * np.float32(span)
             keep[offset + c] = _uniform(key, row_start + offset + c) < probability
+
+
+@njit(nogil=True, cache=True)
+def stable_ranks(keys, key_bits):
+    """`_stable_ranks` on its own (for tests)."""
+    n = keys.shape[0]
+    ranks = np.empty(n, dtype=np.int64)
+    _stable_ranks(keys, key_bits, ranks, np.empty(n, np.int64), np.empty(n, np.int64), np.empty((4, 256), np.int64))
+    return ranks
 
 
 def ranked_mask(code, base, raw, row_start, columns, key, density, epsilon, keep):

@@ -142,14 +142,15 @@ class GeneralizedTaskArithmetic(Method):
         dtype_name = self.merge.dtype.name
         models = []
         weights = []
+        masked = []  # (index, state) of the models whose masks keep anything
         for i in range(len(self.merge.finetunes)):
             weights.append(_round_to(self._model_value("weight", name, i), dtype_name))
             density = self._model_value("density", name, i) if self.sparsification else 1.0
             state = ModelState(sparsified=self.sparsification is not None and density < 1.0, density=density)
             if state.sparsified and density > 0.0:  # density <= 0: mergekit's all zeros (no norm to match)
                 self._check_model(plan, i, state)
+                masked.append((i, state))
             models.append(state)
-        masked = [(i, state) for i, state in enumerate(models) if state.sparsified and state.density > 0.0]
         if self.sparsification in (MAGNITUDE, OUTLIERS):
             self._each_model(masked, lambda item: self._select(plan, *item))
         if masked and self.value("rescale", tensor=name):

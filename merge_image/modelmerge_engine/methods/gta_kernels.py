@@ -348,16 +348,15 @@ def _stable_ranks(keys, key_bits, ranks, order, spare, counts):
             counts[d, digit] = total
             total += count
         shift = 8 * d
-        destination = ranks if d == last else spare
         for i in range(n):
             element = i if first else order[i]
             digit = (keys[element] >> shift) & 255
             place = counts[d, digit]
             counts[d, digit] = place + 1
             if d == last:
-                destination[element] = place
+                ranks[element] = place
             else:
-                destination[place] = element
+                spare[place] = element
         order, spare = spare, order
         first = False
 

@@ -67,16 +67,53 @@ def test_sce_streams_tensors_longer_than_a_segment(families, tmp_path, monkeypat
 @pytest.mark.parametrize("size", [5, 17, 100, 1000, 5000])
 @pytest.mark.parametrize("fraction", [0.01, 0.3, 0.9])
 def test_top_k_picks_torchs_indices_among_ties(size, fraction):
-    """Many equal keys (bfloat16 variances): the kept indices are torch.topk's, ties at the boundary included,
-    through both of its algorithms (partial_sort for small k, nth_element otherwise)."""
+    """Many equal keys (bfloat16 variances): the positions [0, k) hold torch.topk's indices, ties at the boundary
+    included, through both of its algorithms (partial_sort for small k, nth_element otherwise)."""
     generator = torch.Generator().manual_seed(size)
     keys = torch.randint(0, 7, (size,), generator=generator).to(torch.float32)
     k = max(1, int(size * fraction))
-    keep = np.ones(size, np.bool_)  # top_k sets every flag
-    top_k(keys.numpy().copy(), np.full(size, -1, np.int32), k, keep)
+    order = np.full(size, -1, np.int32)
+    top_k(keys.numpy().copy(), order, k)
+    assert sorted(order[:k]) == sorted(torch.topk(keys, k, largest=True).indices.tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fraction", [0.003, 0.3, 0.9])
+def test_each_ranges_keep_flags_are_torchs_top_k_of_the_variances(dtype, fraction):
+    """The selection sce keeps instead of per-element flags (window_selection of the top-k's positions) gives, range
+    by range from the inputs' values, exactly the elements torch.topk picks from torch.var of the task vectors:
+    every tie at the boundary (small integer values: few distinct variances) decided as torch decides it."""
+    from modelmerge_engine.dtype_codes import BF16, F16, F32
+    from modelmerge_engine.methods.gta_kernels import window_selection
+    from modelmerge_engine.methods.sce_kernels import selection_mask, task_vectors, variances
+
+    size, code = 5003, {torch.bfloat16: BF16, torch.float16: F16, torch.float32: F32}[dtype]
+    generator = torch.Generator().manual_seed(7)
+    base, *models = (torch.randint(-4, 5, (size,), generator=generator).to(dtype) for _ in range(4))
+    wide = [tensor.to(torch.float32).numpy() for tensor in (base, *models)]
+    vectors = np.empty((len(models), size), np.float32)
+    task_vectors(wide[0], tuple(wide[1:]), code, vectors)
+    keys = np.empty(size, np.float32)
+    variances(vectors, code, keys)
+    expected_keys = torch.var(torch.stack([model - base for model in models]), dim=0, unbiased=False)
+    assert np.array_equal(keys, expected_keys.to(torch.float32).numpy())
+    k = int(np.count_nonzero(keys) * fraction)
     expected = np.zeros(size, np.bool_)
-    expected[torch.topk(keys, k, largest=True).indices.numpy()] = True
-    assert (keep == expected).all()
+    expected[torch.topk(expected_keys, k, largest=True).indices.numpy()] = True
+    order = np.empty(size, np.int32)
+    top_k(keys, order, k)
+    selection = window_selection(keys.view(np.uint32), order, 0, k)
+    stored = base.view(torch.int16).numpy().view(np.uint16) if dtype != torch.float32 else wide[0]
+    raws = [model.view(torch.int16).numpy().view(np.uint16) if dtype != torch.float32 else model.numpy()
+            for model in models]
+    for values in ((stored, raws), (wide[0], wide[1:])):  # bit patterns (CPU ranges), host values (GPU ranges)
+        keep = np.ones(size, np.bool_)
+        for start in range(0, size, 1000):
+            stop = min(start + 1000, size)
+            selection_mask(code, values[0][start:stop], [raw[start:stop] for raw in values[1]], start, selection,
+                           keep[start:stop])
+        assert (keep == expected).all()
+    assert 0 < int(expected.sum()) < size
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])

@@ -12,11 +12,15 @@ mergekit's torch ops are (every operation rounded to it):
 
 Per-tensor statistics, one tensor at a time: with select_topk < 1, one pass computes every element's variance
 (float64, rounded to the dtype, as torch's var) and torch's CPU top-k picks the kept elements as its libstdc++
-selection does, ties at the boundary included (sce_kernels.top_k); memory: one tensor's variances, element order
-and keep flags, 9 bytes an element, the flags kept until the tensor is merged, as scratch arrays (scratch.py: a
-file-backed mapping in TMPDIR for a large tensor, which a memory limit can write back). A second pass sums each model's
-squared (selected) task vector in torch's CPU order (torch_reductions; mergekit's mean is that float32 sum over
-the element count, rounded once). `int8_mask` is accepted and changes nothing in the result (mergekit holds its
+selection does, ties at the boundary included (sce_kernels.top_k); memory: one tensor's variances and element
+order, 8 bytes an element, as scratch arrays (scratch.py: a file-backed mapping in TMPDIR for a large tensor, which
+a memory limit can write back), dropped once the selection is known. What is kept of it is a window selection as
+ties' (gta_kernels.window_selection: the range of kept variances, and the sorted indices of the kept elements
+of a variance the boundary splits); each range's keep flags come from its elements' variances, computed again
+from the inputs it reads (sce_kernels.selection_mask), so no per-element flags are stored and nothing is
+written at random places of a tensor-sized array. A second pass sums each model's squared (selected) task
+vector in torch's CPU order (torch_reductions; mergekit's mean is that float32 sum over the element count,
+rounded once). `int8_mask` is accepted and changes nothing in the result (mergekit holds its
 masks in int8 instead of the compute dtype to save memory).
 """
 
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modelmerge_engine.dtype_codes import F32
+from modelmerge_engine.methods import gta_kernels as gk
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods import sce_kernels as sk
 from modelmerge_engine.methods.base import Method
@@ -45,11 +50,12 @@ from modelmerge_engine.scratch import scratch_arrays
 
 SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of torch_reductions' row of vectors)
 WEIGHT_FLOOR = 1e-6  # mergekit: weights of task vectors whose squares sum to less are equal; divisor clamp
+NOTHING = (np.int64(1), np.int64(0), np.int64(-1), np.int64(-1), np.empty(0, np.int64))  # a selection keeping none
 
 
 @dataclass
 class TensorState:
-    keep: np.ndarray | None  # the selected elements (select_topk < 1), else None: every element
+    selection: tuple | None  # select_topk < 1: the kept variances (gta_kernels.window_selection); None: every element
     weights: np.ndarray  # float32 values of each model's weight, rounded to the compute dtype
     floor: np.float32  # 1e-6 rounded to the compute dtype
 
@@ -74,13 +80,16 @@ class Sce(Method):
                          for plan in self.merge.plans if plan.merged)
         return [Step("merge", merge_work + statistics_work + statistics)]
 
-    def _task_vectors(self, name: str, start: int, stop: int) -> np.ndarray:
+    def _host(self, name: str, start: int, stop: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """The base's and the fine-tunes' values on a range, as float32 host values of the compute dtype."""
         merge = self.merge
-        base = host_values(merge, merge.base, name, start, stop)
-        models = tuple(host_values(merge, model, name, start, stop) for model in merge.finetunes)
-        vectors = np.empty((len(models), stop - start), np.float32)
-        sk.task_vectors(base, models, merge.dtype.code, vectors)
-        merge.progress.advance((len(models) + 1) * (stop - start))
+        return (host_values(merge, merge.base, name, start, stop),
+                tuple(host_values(merge, model, name, start, stop) for model in merge.finetunes))
+
+    def _task_vectors(self, base: np.ndarray, models: tuple[np.ndarray, ...]) -> np.ndarray:
+        vectors = np.empty((len(models), base.shape[0]), np.float32)
+        sk.task_vectors(base, models, self.merge.dtype.code, vectors)
+        self.merge.progress.advance((len(models) + 1) * base.shape[0])
         return vectors
 
     def prepare_tensor(self, plan) -> None:
@@ -89,24 +98,27 @@ class Sce(Method):
             return
         code, numel, count = self.merge.dtype.code, plan.numel, len(self.merge.finetunes)
         select_topk = float(self.value("select_topk", tensor=name))
-        keep = None
+        selection = None
         if select_topk <= 0.0:
-            keep, = scratch_arrays([(np.bool_, max(numel, 1))], purpose=f"the top-k selection of tensor {name}")
-            keep.fill(False)
+            selection = NOTHING
         elif select_topk < 1.0:
-            keep = self._select(name, numel, select_topk)
+            selection = self._select(name, numel, select_topk)
         packed = code != F32
         accumulators = [sum_begin(numel, packed) for _ in range(count)]
         tails = [np.empty(0, np.float32)] * count
         squares = np.empty(0, np.float32)
+        keep = np.empty(0, np.bool_)
         for offset in range(0, numel, SEGMENT):
             stop = min(offset + SEGMENT, numel)
-            vectors = self._task_vectors(name, offset, stop)
+            base, models = self._host(name, offset, stop)
+            vectors = self._task_vectors(base, models)
             if squares.shape[0] != stop - offset:
                 squares = np.empty(stop - offset, np.float32)
-            segment_keep = keep[offset:stop] if keep is not None else np.empty(0, np.bool_)
+            if selection is not None:
+                keep = np.empty(stop - offset, np.bool_)
+                sk.selection_mask(code, base, models, offset, selection, keep)
             for i, (acc, state) in enumerate(accumulators):
-                sk.masked_squares(vectors, i, segment_keep, keep is not None, code, squares)
+                sk.masked_squares(vectors, i, keep, selection is not None, code, squares)
                 tails[i] = squares[sum_rows(squares, acc, state):].copy()
         means = [np.float32(sum_finish(tails[i], *accumulators[i])) / np.float32(max(numel, 1))
                  for i in range(count)]
@@ -116,37 +128,41 @@ class Sce(Method):
             weights = rounded(np.full(count, np.float32(1.0) / np.float32(count), np.float32), code)
         else:
             weights = rounded(means / total, code)
-        self._states[name] = TensorState(keep, weights, rounded(np.array([WEIGHT_FLOOR], np.float32), code)[0])
+        self._states[name] = TensorState(selection, weights, rounded(np.array([WEIGHT_FLOOR], np.float32), code)[0])
         while len(self._states) > self._keep_states:
             self._states.popitem(last=False)
 
-    def _select(self, name: str, numel: int, select_topk: float) -> np.ndarray:
-        """The elements of the int(nonzero · select_topk) largest variances, as torch.topk picks them. The
-        variances and their order are scratch arrays (scratch.py) dropped on return; so are the returned flags,
-        when the tensor's state is."""
+    def _select(self, name: str, numel: int, select_topk: float) -> tuple:
+        """The elements of the int(nonzero · select_topk) largest variances, as torch.topk picks them, as a window
+        selection (gta_kernels.window_selection). The variances and their order are scratch arrays (scratch.py)
+        dropped on return."""
         code = self.merge.dtype.code
-        purpose = f"the top-k selection of tensor {name}"
-        keep, = scratch_arrays([(np.bool_, max(numel, 1))], purpose=purpose)
-        variances, order = scratch_arrays([(np.float32, numel), (np.int32, numel)], purpose=purpose)
+        variances, order = scratch_arrays([(np.float32, numel), (np.int32, numel)],
+                                          purpose=f"the top-k selection of tensor {name}")
         for offset in range(0, numel, SEGMENT):
             stop = min(offset + SEGMENT, numel)
-            sk.variances(self._task_vectors(name, offset, stop), code, variances[offset:stop])
+            sk.variances(self._task_vectors(*self._host(name, offset, stop)), code, variances[offset:stop])
         nonzero = int(np.count_nonzero(variances))
         k = int(np.float32(nonzero) * np.float32(select_topk))  # torch: an int64 count times a float is float32
-        if k > 0:
-            sk.top_k(variances, order, k, keep)
-        else:
-            keep.fill(False)
-        return keep
+        if k <= 0:
+            return NOTHING
+        sk.top_k(variances, order, k)
+        return gk.window_selection(variances.view(np.uint32), order, 0, k)
 
     def tensor_state(self, plan) -> TensorState:
         return self._states[plan.name]
 
     def inputs(self, name, start, base, raws, models):
-        """The fine-tunes, then the range's keep flags (empty: every element)."""
-        keep = self._states[name].keep
-        flags = keep[start:start + raws[0].shape[0]] if keep is not None else np.empty(0, np.bool_)
-        return [*raws, to_kernels(np.ascontiguousarray(flags), self.merge.kernels)]
+        """The fine-tunes, then the range's keep flags (empty: every element), from its elements' variances:
+        of the inputs read for the range on the host, else their host values read again."""
+        selection = self._states[name].selection
+        flags = np.empty(0, np.bool_)
+        if selection is not None:
+            stop = start + base.shape[0]
+            values = (base, raws) if isinstance(base, np.ndarray) else self._host(name, start, stop)
+            flags = np.empty(stop - start, np.bool_)
+            sk.selection_mask(self.merge.dtype.code, *values, start, selection, flags)
+        return [*raws, to_kernels(flags, self.merge.kernels)]
 
     def combine_cpu(self, kernels, base, inputs, state: TensorState):
         out = kernels.empty(base)

@@ -1,8 +1,8 @@
 """Compiled kernels of mergekit's sce (sce.py): the per-element variance of the task vectors, torch's CPU top-k
 selection of the largest variances (libstdc++'s nth_element / partial_sort, which decide which of several equal
-variances at the boundary are kept), and the combine step of one range. Values are the compute dtype's bit
-patterns or float32 host values as in cpu_kernels.py; the sorting primitives are gta_kernels' (the same libstdc++
-algorithms torch's sort uses)."""
+variances at the boundary are kept), the keep flags of one range from that selection, and the combine step of one
+range. Values are the compute dtype's bit patterns or float32 host values as in cpu_kernels.py; the sorting
+primitives are gta_kernels' (the same libstdc++ algorithms torch's sort uses)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
+from modelmerge_engine.cpu_kernels import _f32_as_u32, _per_dtype, _specialised, rnd, store, widen
 from modelmerge_engine.methods.gta_kernels import _adjust_heap, _insertion_sort, _make_heap, _partition
 
 
@@ -22,20 +22,58 @@ def task_vectors(base, models, code, out):
             out[i, e] = rnd(models[i][e] - base[e], code)
 
 
+@register_jitable(inline="always")
+def _variance(column, code):
+    """torch.var(column, unbiased=False) of one element's task vectors, as torch computes it (in float64, rounded
+    to the dtype). The one definition of the value the selection ranks and every range's keep flags test."""
+    n = column.shape[0]
+    mean = 0.0
+    for i in range(n):
+        mean += np.float64(column[i])
+    mean /= n
+    total = 0.0
+    for i in range(n):
+        deviation = np.float64(column[i]) - mean
+        total += deviation * deviation
+    return rnd(np.float32(total / n), code)
+
+
 @njit(nogil=True, cache=True)
 def variances(vectors, code, out):
-    """torch.var(vectors, dim=0, unbiased=False), as torch computes it (in float64, rounded to the dtype)."""
-    n = vectors.shape[0]
+    """out[e] = the variance of element e's task vectors (vectors[:, e])."""
+    column = np.empty(vectors.shape[0], np.float32)
     for e in range(vectors.shape[1]):
-        mean = 0.0
-        for i in range(n):
-            mean += np.float64(vectors[i, e])
-        mean /= n
-        total = 0.0
-        for i in range(n):
-            deviation = np.float64(vectors[i, e]) - mean
-            total += deviation * deviation
-        out[e] = rnd(np.float32(total / n), code)
+        for i in range(vectors.shape[0]):
+            column[i] = vectors[i, e]
+        out[e] = _variance(column, code)
+
+
+@register_jitable(inline="always")
+def _selection_mask(constants, args):
+    """keep[e] for elements start.. of a tensor: whether the variance of their task vectors (the inputs as the
+    compute dtype's bit patterns or float32 host values) is a selected one. The selection is gta_kernels'
+    window_selection of the top-k's positions, on the variances' bit patterns (non-negative floats order as
+    their bits): within [low, high] and not a split value (a branch-free pass), then the split values' kept
+    elements, `kept[first:last]` (sorted element indices in the range)."""
+    code, = constants
+    base, models, start, low, high, split_a, split_b, kept, first, last, keep = args
+    column = np.empty(len(models), np.float32)
+    for e in range(keep.shape[0]):
+        b = widen(base[e], code)
+        for i in range(len(models)):
+            column[i] = rnd(widen(models[i][e], code) - b, code)
+        v = np.int64(_f32_as_u32(_variance(column, code)))
+        keep[e] = (v >= low) & (v <= high) & (v != split_a) & (v != split_b)
+    for c in range(first, last):
+        keep[kept[c] - start] = True
+
+
+def selection_mask(code, base, models, start, selection, keep):
+    """The keep flags of the range of `keep`'s length at `start` (see `_selection_mask`)."""
+    low, high, split_a, split_b, kept = selection
+    first, last = (int(i) for i in np.searchsorted(kept, [start, start + keep.shape[0]]))
+    _specialised(_selection_mask, int(code))(
+        (base, tuple(models), start, low, high, split_a, split_b, kept, first, last, keep))
 
 
 @njit(nogil=True, cache=True)
@@ -62,40 +100,35 @@ def _heap_select(keys, order, first, middle, last):
 
 
 @njit(nogil=True, cache=True)
-def top_k(keys, order, k, keep):
-    """torch.topk(keys, k, largest=True)'s indices on CPU, as flags in `keep`: torch runs std::partial_sort when
-    k * 64 <= n, else std::nth_element (introselect: median-of-three Hoare partitions, a heap select past depth
-    2*log2(n), an insertion sort of the last few); the first k positions are the kept ones."""
+def top_k(keys, order, k):
+    """Permutes (keys, order) as torch.topk(keys, k, largest=True) on CPU does: its kept elements end at positions
+    [0, k) (order: their indices). torch runs std::partial_sort when k * 64 <= n, else std::nth_element
+    (introselect: median-of-three Hoare partitions, a heap select past depth 2*log2(n), an insertion sort of the
+    last few)."""
     n = keys.shape[0]
     for p in range(n):
         order[p] = p
     if k * 64 <= n:
         _heap_select(keys, order, 0, k, n)
-    else:
-        first, last, nth = 0, n, k - 1
-        depth = 0
-        while (1 << (depth + 1)) <= n:
-            depth += 1
-        depth *= 2
-        done = False
-        while last - first > 3:
-            if depth == 0:
-                _heap_select(keys, order, first, nth + 1, last)
-                keys[first], keys[nth] = keys[nth], keys[first]
-                order[first], order[nth] = order[nth], order[first]
-                done = True
-                break
-            depth -= 1
-            cut = _partition(keys, order, first, last, True)
-            if cut <= nth:
-                first = cut
-            else:
-                last = cut
-        if not done:
-            _insertion_sort(keys, order, first, last, True)
-    keep.fill(False)
-    for p in range(k):
-        keep[order[p]] = True
+        return
+    first, last, nth = 0, n, k - 1
+    depth = 0
+    while (1 << (depth + 1)) <= n:
+        depth += 1
+    depth *= 2
+    while last - first > 3:
+        if depth == 0:
+            _heap_select(keys, order, first, nth + 1, last)
+            keys[first], keys[nth] = keys[nth], keys[first]
+            order[first], order[nth] = order[nth], order[first]
+            return
+        depth -= 1
+        cut = _partition(keys, order, first, last, True)
+        if cut <= nth:
+            first = cut
+        else:
+            last = cut
+    _insertion_sort(keys, order, first, last, True)
 
 
 @register_jitable(inline="always")

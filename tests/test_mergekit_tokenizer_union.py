@@ -132,9 +132,15 @@ def assert_union_matches_mergekit(config: dict, tmp_path: Path, *, grows: bool =
                                                        ("llama", "linear", "bfloat16"),
                                                        ("llama", "ties", "bfloat16"),
                                                        ("qwen2", "task_arithmetic", "float32"),
-                                                       ("qwen2", "linear", "float16")])
+                                                       ("qwen2", "linear", "float16"),
+                                                       ("llama", "sce", "bfloat16"),
+                                                       ("llama", "multislerp", "bfloat16"),
+                                                       ("llama", "model_stock", "bfloat16"),
+                                                       ("llama", "karcher", "bfloat16")])
 def test_union_of_vocabularies_gives_mergekits_tensors_tokenizer_and_vocab_size(families, tmp_path, arch, method,
                                                                                 dtype):
+    """sce, multislerp, model_stock and karcher also read their inputs for per-tensor statistics: with the rows
+    moved as the merged ranges' are (before, their vocabulary tensors' statistics read the rows as stored)."""
     base, finetunes = families[arch]
     assert_union_matches_mergekit(union_config(method, base, finetunes, dtype), tmp_path)
 

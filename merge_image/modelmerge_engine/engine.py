@@ -483,7 +483,7 @@ class StreamingMerge:
                               self.finetunes[i].tensors[sources[i]].dtype) for i in positions]
 
     def _moved(self, plan: TensorPlan) -> bool:
-        return self.vocabulary is not None and is_vocabulary_tensor(plan.name)
+        return self.moves_rows(plan.name)
 
     def _base_ref(self, plan: TensorPlan) -> str:
         return self._ref_of(plan.base_source[0] if plan.base_source is not None else BASE)
@@ -500,10 +500,13 @@ class StreamingMerge:
         """tokenizer_source: model `position`'s (BASE or a fine-tune's) elements [start, stop) of the
         vocabulary tensor `name` with its rows moved to the output's tokens, in the compute dtype on the host; None
         for every other tensor (read as stored). For methods that read inputs on their own."""
-        plan = self._plans_by_name[name]
-        if not self._moved(plan):
+        if not self.moves_rows(name):
             return None
-        return self._read_moved(plan, self._ref_of(position), start, stop)
+        return self._read_moved(self._plans_by_name[name], self._ref_of(position), start, stop)
+
+    def moves_rows(self, name: str) -> bool:
+        """Whether tensor `name`'s rows are moved to the output's tokens (tokenizer_source; see moved_range)."""
+        return self.vocabulary is not None and is_vocabulary_tensor(name)
 
     def _read_moved(self, plan: TensorPlan, ref: str, start: int, stop: int) -> np.ndarray:
         """Elements [start, stop) of model `ref`'s vocabulary tensor `plan` with its rows moved to the output's

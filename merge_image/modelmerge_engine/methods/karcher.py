@@ -444,7 +444,8 @@ class Karcher(Method):
         name, numel = plan.name, plan.numel
         # the stored values where every input holds the compute dtype (views of the mapped files), else each
         # segment widened to float32 values of the compute dtype
-        stored = all(model.tensors[name].dtype.code == merge.dtype.code for model in merge.finetunes)
+        stored = (all(model.tensors[name].dtype.code == merge.dtype.code for model in merge.finetunes)
+                  and not merge.moves_rows(name))
         gram = np.zeros((count, count))
         for start in range(0, numel, GRAM_SEGMENT):
             stop = min(start + GRAM_SEGMENT, numel)

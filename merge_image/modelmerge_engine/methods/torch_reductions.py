@@ -36,6 +36,7 @@ from numba.extending import register_jitable
 
 from modelmerge_engine.cpu_kernels import _fma, _per_dtype, convert, rnd, widen
 from modelmerge_engine.dtype_codes import BF16, F16, F32
+from modelmerge_engine.layout import BASE
 from modelmerge_engine.methods import sleef
 
 LANES = 8  # float32 lanes of torch's reduction vectors
@@ -45,14 +46,17 @@ LEVELS = 4  # partial-sum levels of the cascade sum
 
 def host_values(merge, model, name: str, start: int, stop: int) -> np.ndarray:
     """Elements [start, stop) of tensor `name` of `model` (merge.base or one of merge.finetunes) as float32 host
-    values of the compute dtype: rounded to it first, as mergekit loads every input in the config's dtype."""
-    raw = model.read(name, start, stop)
-    stored = model.tensors[name].dtype
+    values of the compute dtype: rounded to it first, as mergekit loads every input in the config's dtype. A
+    vocabulary tensor whose rows tokenizer_source moves is read with them moved (engine.moved_range), as every
+    range the engine merges is."""
     compute = merge.dtype
-    if stored.code is None:  # float64 checkpoints: numpy narrows to float32 first
-        raw, stored_code = raw.astype(np.float32), F32
+    if merge.moves_rows(name):
+        position = BASE if model is merge.base else next(i for i, m in enumerate(merge.finetunes) if m is model)
+        raw, stored_code = merge.moved_range(position, name, start, stop), compute.code
+    elif model.tensors[name].dtype.code is None:  # float64 checkpoints: numpy narrows to float32 first
+        raw, stored_code = model.read(name, start, stop).astype(np.float32), F32
     else:
-        stored_code = stored.code
+        raw, stored_code = model.read(name, start, stop), model.tensors[name].dtype.code
     if stored_code != compute.code:
         rounded = np.empty(raw.shape[0], compute.storage)
         convert(raw, stored_code, rounded, compute.code)

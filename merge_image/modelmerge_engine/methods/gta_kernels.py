@@ -284,23 +284,42 @@ def exact_sum(buckets: np.ndarray) -> float:
 # --- keep masks of one range ----------------------------------------------------------------------------
 
 
+def window_range(selection, start: int, length: int) -> tuple:
+    """A window selection's values as a range mask kernel takes them: (low, high, split_a, split_b, kept, first,
+    last), kept[first:last] being the split values' kept elements in [start, start + length)."""
+    low, high, split_a, split_b, kept = selection
+    first, last = (int(i) for i in np.searchsorted(kept, [start, start + length]))
+    return low, high, split_a, split_b, kept, first, last
+
+
 @register_jitable(inline="always")
-def _magnitude_mask(constants, args):
-    """keep[e] for elements start.. of a tensor: magnitude in [low, high] and not a split magnitude (a branch-free
-    pass), then the split magnitudes' kept elements, `kept[first:last]` (sorted element indices in the range)."""
-    code, = constants
-    base, raw, start, low, high, split_a, split_b, kept, first, last, keep = args
-    for e in range(keep.shape[0]):
-        m = mag(rnd(widen(raw[e], code) - widen(base[e], code), code), code)
-        keep[e] = (m >= low) & (m <= high) & (m != split_a) & (m != split_b)
+def _in_window(key, low, high, split_a, split_b):
+    """Whether `key` is a kept one by value alone: in [low, high] and not a split value (branch-free)."""
+    return (key >= low) & (key <= high) & (key != split_a) & (key != split_b)
+
+
+@register_jitable(inline="always")
+def _keep_split(kept, first, last, start, keep):
+    """The split values' kept elements of the range at `start` (kept[first:last], element indices)."""
     for c in range(first, last):
         keep[kept[c] - start] = True
 
 
+@register_jitable(inline="always")
+def _magnitude_mask(constants, args):
+    """keep[e] for elements start.. of a tensor: magnitude in the window (a branch-free pass), then the split
+    magnitudes' kept elements."""
+    code, = constants
+    base, raw, start, low, high, split_a, split_b, kept, first, last, keep = args
+    for e in range(keep.shape[0]):
+        keep[e] = _in_window(mag(rnd(widen(raw[e], code) - widen(base[e], code), code), code),
+                             low, high, split_a, split_b)
+    _keep_split(kept, first, last, start, keep)
+
+
 def magnitude_mask(code, base, raw, start, selection, keep):
-    low, high, split_a, split_b, kept = selection
-    first, last = (int(i) for i in np.searchsorted(kept, [start, start + keep.shape[0]]))
-    _specialised(_magnitude_mask, int(code))((base, raw, start, low, high, split_a, split_b, kept, first, last, keep))
+    _specialised(_magnitude_mask, int(code))((base, raw, start, *window_range(selection, start, keep.shape[0]),
+                                              keep))
 
 
 def random_mask(key, start, density, keep):

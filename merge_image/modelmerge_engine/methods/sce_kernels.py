@@ -11,7 +11,15 @@ from numba import njit
 from numba.extending import register_jitable
 
 from modelmerge_engine.cpu_kernels import _f32_as_u32, _per_dtype, _specialised, rnd, store, widen
-from modelmerge_engine.methods.gta_kernels import _adjust_heap, _insertion_sort, _make_heap, _partition
+from modelmerge_engine.methods.gta_kernels import (
+    _adjust_heap,
+    _in_window,
+    _insertion_sort,
+    _keep_split,
+    _make_heap,
+    _partition,
+    window_range,
+)
 
 
 @njit(nogil=True, cache=True)
@@ -53,8 +61,7 @@ def _selection_mask(constants, args):
     """keep[e] for elements start.. of a tensor: whether the variance of their task vectors (the inputs as the
     compute dtype's bit patterns or float32 host values) is a selected one. The selection is gta_kernels'
     window_selection of the top-k's positions, on the variances' bit patterns (non-negative floats order as
-    their bits): within [low, high] and not a split value (a branch-free pass), then the split values' kept
-    elements, `kept[first:last]` (sorted element indices in the range)."""
+    their bits): in the window (a branch-free pass), then the split values' kept elements."""
     code, = constants
     base, models, start, low, high, split_a, split_b, kept, first, last, keep = args
     column = np.empty(len(models), np.float32)
@@ -62,18 +69,14 @@ def _selection_mask(constants, args):
         b = widen(base[e], code)
         for i in range(len(models)):
             column[i] = rnd(widen(models[i][e], code) - b, code)
-        v = np.int64(_f32_as_u32(_variance(column, code)))
-        keep[e] = (v >= low) & (v <= high) & (v != split_a) & (v != split_b)
-    for c in range(first, last):
-        keep[kept[c] - start] = True
+        keep[e] = _in_window(np.int64(_f32_as_u32(_variance(column, code))), low, high, split_a, split_b)
+    _keep_split(kept, first, last, start, keep)
 
 
 def selection_mask(code, base, models, start, selection, keep):
     """The keep flags of the range of `keep`'s length at `start` (see `_selection_mask`)."""
-    low, high, split_a, split_b, kept = selection
-    first, last = (int(i) for i in np.searchsorted(kept, [start, start + keep.shape[0]]))
     _specialised(_selection_mask, int(code))(
-        (base, tuple(models), start, low, high, split_a, split_b, kept, first, last, keep))
+        (base, tuple(models), start, *window_range(selection, start, keep.shape[0]), keep))
 
 
 @njit(nogil=True, cache=True)

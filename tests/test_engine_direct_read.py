@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from modelmerge.contract import MergeRequest
+from modelmerge_engine import direct_read
 from modelmerge_engine.direct_read import DirectReader, DirectReadRefused, resident_fraction
 from modelmerge_engine.early_reads import EARLY_READ_BYTES_ENV
 from modelmerge_engine.engine import INPUT_READS_ENV, RANGE_ELEMENTS_ENV
@@ -91,6 +92,41 @@ def test_threads_reading_ranges_in_turn_as_the_merge_does(data_file, workers, pa
     finally:
         reader.close()
     assert b"".join(results[start] for start, _ in ranges) == data
+
+
+def test_a_read_of_blocks_in_flight_waits_for_them_and_no_block_is_read_twice(data_file, monkeypatch):
+    """The first read arrives while the read-ahead's first blocks are still being read (a slow disk, as a loaded
+    CI host has): it waits for them, not moving the read-ahead back to them (which read them again, up to a third
+    of the file more in CI)."""
+    path, data = data_file
+    gate, pending = threading.Event(), []
+    real_preadv = direct_read.os.preadv
+
+    def slow_disk(fd, buffers, offset):
+        pending.append(offset)
+        gate.wait()
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(direct_read.os, "preadv", slow_disk)
+    start = 2 * BLOCK + 5
+    reader = DirectReader(path, ahead=2, block=BLOCK, start=start)
+    got: list[bytes] = []
+    reading = threading.Thread(target=lambda: got.extend(reader.read(offset, 1000).tobytes()
+                                                         for offset in range(start, len(data), 1000)))
+    try:
+        while len(pending) < 2:  # the blocks up to the read-ahead's end are in flight
+            time.sleep(0.001)
+        reading.start()
+        while not reader._reads:  # the first read has asked for its blocks
+            time.sleep(0.001)
+        gate.set()
+        reading.join()
+    finally:
+        gate.set()
+        reader.close()
+    assert b"".join(got) == data[start:]
+    assert reader.bytes_read == len(data) - 2 * BLOCK  # every block from the start's, once
+    assert len(pending) == len(set(pending))
 
 
 def test_memory_is_a_few_blocks_and_none_after_the_end(data_file):

@@ -71,13 +71,13 @@ class DirectReader:
         self._spare: list[mmap.mmap] = []  # released block buffers, reused
         self._next = 0  # the next block the thread reads
         self._reading: set[int] = set()  # the blocks the threads are reading now
-        self._moves = 0  # how many times the read-ahead was moved (a read in flight then may not be wanted)
+        self._start = 0  # the block the read-ahead last started at: blocks read in flight before it are not kept
         self._reads: dict[object, tuple[int, int]] = {}  # reads in progress: their first and last blocks
-        self._read_to_end = False  # a read has reached the file's last block (since the last move)
+        self._read_to_end = False  # a read has reached the end of the file (since the last move)
         self._wanted = -1  # the last block a read has asked for: the thread reads up to it + ahead
         self.bytes_read = 0  # from the disk, by the threads
         if start > 0:
-            self._next = min(start // block, self._count)
+            self._next = self._start = min(start // block, self._count)
             self._wanted = self._next - 1
         self._error: BaseException | None = None
         self._closed = False
@@ -98,7 +98,7 @@ class DirectReader:
         with self._changed:
             self._reads[token] = (first, last)  # its blocks are kept until it is done
             try:
-                lowest = min(self._blocks, default=self._next)
+                lowest = min(self._reading.union(self._blocks), default=self._next)  # in flight counts as held
                 if first < lowest or first > self._next + self.ahead:
                     self._move_to(first)  # a jump (backwards, or far ahead): the read-ahead starts there
                 self._wanted = max(self._wanted, last)
@@ -126,7 +126,7 @@ class DirectReader:
             done += taken
         with self._changed:
             del self._reads[token]
-            self._read_to_end |= last == self._count - 1
+            self._read_to_end |= offset + nbytes == self.size
             if self._read_to_end and not self._reads:  # the file's end: nothing more to read ahead, free it all
                 self._release_unneeded(self._count)
                 self._free_spares()
@@ -155,10 +155,9 @@ class DirectReader:
 
     def _move_to(self, index: int) -> None:
         self._release_unneeded(index)
-        self._next = index
+        self._next = self._start = index
         self._wanted = max([index] + [last for _, last in self._reads.values()])
         self._read_to_end = False
-        self._moves += 1
 
     def _release_unneeded(self, below: int) -> None:
         """Release the blocks before `below` that no read in progress needs."""
@@ -180,11 +179,11 @@ class DirectReader:
                     self._changed.wait()
                 if self._closed:
                     return
-                while self._next in self._blocks:  # kept through a move for a read in progress
+                while self._next in self._blocks or self._next in self._reading:  # held, or in flight, across a move
                     self._next += 1
                 if self._next >= self._count or self._next > self._wanted + self.ahead:
                     continue
-                index, moves = self._next, self._moves
+                index = self._next
                 self._next += 1
                 self._reading.add(index)
                 buffer = self._spare.pop() if self._spare else mmap.mmap(-1, self.block)  # page-aligned
@@ -202,16 +201,10 @@ class DirectReader:
             with self._changed:
                 self._reading.discard(index)
                 self.bytes_read += got
-                if index in self._blocks:  # read twice across a move: the first copy stays
+                if index < self._start:  # the read-ahead moved on past it meanwhile: unwanted
                     self._spare.append(buffer)
                     self._changed.notify_all()
                     continue
-                if moves != self._moves:  # moved meanwhile: keep it only where the read-ahead now starts
-                    if index != self._next:
-                        self._spare.append(buffer)
-                        self._changed.notify_all()
-                        continue
-                    self._next += 1
                 self._buffers[index] = buffer
                 self._blocks[index] = got
                 self._changed.notify_all()

@@ -53,10 +53,15 @@ TINY = {  # family -> (make_family arguments, range elements)
 }
 
 
+MERGEKIT = "mergekit:"  # a mergekit suite config's name here (both have a task_arithmetic)
+EVERY_METHOD = [*MERGING_EVAL, *(MERGEKIT + name for name in MERGEKIT_METHODS)]
+
+
 def request_fields(method: str, base: Path, fts: list[Path]) -> dict:
     """A merge request's fields (no output_dir) for a merging-eval method or a mergekit suite config."""
-    if method in MERGEKIT_METHODS:
-        return {"config": MERGEKIT_METHODS[method](base, fts[:TWO_MODEL.get(method, len(fts))])}
+    if method.startswith(MERGEKIT):
+        name = method.removeprefix(MERGEKIT)
+        return {"config": MERGEKIT_METHODS[name](base, fts[:TWO_MODEL.get(name, len(fts))])}
     name = method.split("+")[0]
     params = dict(MERGING_EVAL[method])
     if name == "mask_merging":
@@ -165,7 +170,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--parts", default="tiny,large")
-    parser.add_argument("--methods", help="comma-separated (default: every merging-eval method and mergekit config)")
+    parser.add_argument("--methods", help="comma-separated (default: every merging-eval method and mergekit config, "
+                        "named mergekit:<method>)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="start no further large-model method after this many seconds of the whole run")
     args = parser.parse_args()
@@ -178,8 +184,8 @@ def main() -> int:
     HEADER["commit"] = HEADER["commit"] or os.environ.get("BENCH_COMMIT", "")  # a copy of the tree without .git
     print(json.dumps(HEADER), flush=True)
     rows: list[dict] = []
-    methods = args.methods.split(",") if args.methods else [*MERGING_EVAL, *MERGEKIT_METHODS]
-    unknown = sorted(set(methods) - set(MERGING_EVAL) - set(MERGEKIT_METHODS))
+    methods = args.methods.split(",") if args.methods else EVERY_METHOD
+    unknown = sorted(set(methods) - set(EVERY_METHOD))
     if unknown:
         parser.error(f"--methods: unknown {unknown}")
     with tempfile.TemporaryDirectory() as tmp:

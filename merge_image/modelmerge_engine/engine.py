@@ -433,13 +433,28 @@ class StreamingMerge:
         return self.method.planned_steps(merge_work, statistics)
 
     def _jobs(self) -> Iterator[tuple[TensorPlan, int, int, object]]:
-        for plan in self.plans:
-            state = None
-            if plan.merged:
-                self.method.prepare_tensor(plan)
-                state = self.combining.tensor_state(plan)
+        for plan, state in self._tensor_states():
             for start, stop in self.ranges(plan.numel):
                 yield plan, start, stop, state
+
+    def _tensor_state(self, plan: TensorPlan) -> tuple[TensorPlan, object]:
+        if not plan.merged:
+            return plan, None
+        self.method.prepare_tensor(plan)
+        return plan, self.combining.tensor_state(plan)
+
+    def _tensor_states(self) -> Iterator[tuple[TensorPlan, object]]:
+        """Each plan with its combine step's state, in order: computed here as the merge reaches the tensor, or
+        (Method.statistics_ahead) for the next tensors on threads of their own, one tensor per thread, while the
+        merge step's threads combine the current one."""
+        if not self.method.statistics_ahead or self.pool.workers == 1:
+            yield from map(self._tensor_state, self.plans)
+            return
+        ahead = OrderedPool(self.pool.workers, name="statistics")
+        try:
+            yield from ahead.map(self._tensor_state, self.plans)
+        finally:
+            ahead.close()
 
     def _produce(self, job) -> tuple[TensorPlan, np.ndarray]:
         plan, start, stop, state = job

@@ -24,9 +24,9 @@ def available_cpus() -> int:
 
 
 class OrderedPool:
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, *, name: str = "merge"):
         self.workers = max(1, workers)
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="merge") if self.workers > 1 else None
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=name) if self.workers > 1 else None
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         if self._executor is None:

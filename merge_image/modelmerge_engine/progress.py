@@ -12,6 +12,7 @@ model's values); `overall` weighs each step by that work, so it never goes down 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Progress:
         self.tensors_total = self.tensors_done = 0
         self.started = self.step_started = time.monotonic()
         self._shown = -100.0  # overall percent of the last line or redraw
+        self._advancing = threading.Lock()  # statistics threads (Method.statistics_ahead) advance it too
 
     def plan(self, steps: Sequence[Step]) -> None:
         """The steps of the whole merge, in the order they will run."""
@@ -71,12 +73,14 @@ class Progress:
         self._emit(final=False)
 
     def advance(self, work: int) -> None:
-        self.step_done += work
-        self._maybe_emit()
+        with self._advancing:
+            self.step_done += work
+            self._maybe_emit()
 
     def tensor_done(self) -> None:
-        self.tensors_done += 1
-        self._maybe_emit()
+        with self._advancing:
+            self.tensors_done += 1
+            self._maybe_emit()
 
     def end_step(self) -> None:
         """The current step is complete (its line says 100% of step, and its detail the work actually done)."""

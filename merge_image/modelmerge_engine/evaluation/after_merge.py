@@ -39,8 +39,9 @@ EVALUATION_ENTRY = "evaluation"  # a baseline's report in the work cache
 MESSAGE_LIMIT = 2000  # MergeEvaluation.message's max_length
 # The weight of one evaluated token in the overall percent, in the merge's work units (values), per parameter
 # of the model: only the weights of the steps, so a rough ratio of times. The merge step runs at about 2e8 values/s
-# (bench/results/gpu_check-h200.json: 0.5B, 2 fine-tunes: 2.5-5 s on 16 CPU cores, 5-8 s with use_gpu on an H200); a forward pass costs about 2 FLOPs
-# per parameter and token, taken as ~1e12 FLOP/s effective on CPU cores and ~2e13 on a GPU (assumed, not measured).
+# (bench/results/gpu_check-h200.json: 0.5B, 2 fine-tunes: 2.5-5 s on 16 CPU cores, 5-8 s with use_gpu on an
+# H200); a forward pass costs about 2 FLOPs per parameter and token, taken as ~1e12 FLOP/s effective on CPU cores
+# and ~2e13 on a GPU (assumed, not measured).
 VALUES_PER_TOKEN_PARAMETER = {"cpu": 1 / 2500, "cuda": 1 / 50000}
 
 

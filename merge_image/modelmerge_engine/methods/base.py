@@ -74,6 +74,11 @@ class Method:
     # `base` is None there, and the base model is read only for the tensors that are not merged.
     reads_base = True
 
+    # Whether the engine computes the next tensors' states (tensor_state) on threads of their own while the current
+    # tensor merges: for methods whose per-tensor statistics read the inputs in passes of a few segments and keep a
+    # few values per tensor or row, no prepare_tensor, and state a thread-safe tensor_state (several run at once).
+    statistics_ahead = False
+
     def reads_inputs_once(self) -> bool:
         """Whether the merge step is the only read of the inputs and reads each range once, in order (no
         statistics passes, no per-tensor statistics, no method reading inputs on its own): then the engine reads

@@ -119,6 +119,7 @@ model_stock_kernel = _per_dtype(_model_stock)
 class ModelStock(Method):
     name = "model_stock"
     parameters = ("filter_wise",)
+    statistics_ahead = True
 
     def __init__(self, merge):
         super().__init__(merge)

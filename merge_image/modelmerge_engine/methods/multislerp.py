@@ -160,6 +160,7 @@ def multislerp_kernel(code, *args, with_base: bool = True):
 class Multislerp(Method):
     name = "multislerp"
     parameters = ("model_parameters", "normalize_weights", "eps")
+    statistics_ahead = True
 
     def __init__(self, merge):
         super().__init__(merge)

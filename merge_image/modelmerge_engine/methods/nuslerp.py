@@ -143,6 +143,7 @@ def nuslerp_kernel(code, *args, with_base: bool = True):
 class Nuslerp(Method):
     name = "nuslerp"
     parameters = ("model_parameters", "nuslerp_flatten", "nuslerp_row_wise")
+    statistics_ahead = True
 
     def __init__(self, merge):
         super().__init__(merge)

@@ -447,10 +447,10 @@ class StreamingMerge:
         """Each plan with its combine step's state, in order: computed here as the merge reaches the tensor, or
         (Method.statistics_ahead) for the next tensors on threads of their own, one tensor per thread, while the
         merge step's threads combine the current one."""
-        if not self.method.statistics_ahead or self.pool.workers == 1:
+        if not self.method.statistics_ahead:
             yield from map(self._tensor_state, self.plans)
             return
-        ahead = OrderedPool(self.pool.workers, name="statistics")
+        ahead = OrderedPool(self.pool.workers, name="statistics")  # one worker: in turn, here
         try:
             yield from ahead.map(self._tensor_state, self.plans)
         finally:
@@ -461,7 +461,7 @@ class StreamingMerge:
         kernels = self.kernels
         if not plan.merged:
             model, tensor = self._base_of(plan)
-            if self._moved(plan):
+            if self.moves_rows(plan.name):
                 return plan, self._read_moved(plan, self._base_ref(plan), start, stop)
             values = model.read(tensor, start, stop)
             if plan.out_dtype.floating and plan.out_dtype != model.tensors[tensor].dtype:
@@ -487,7 +487,7 @@ class StreamingMerge:
         model, tensor = self._base_of(plan)
         positions = self.feeding(plan) if models is None else models
         reads_base = self.method.reads_base
-        if self._moved(plan):  # tokenizer_source: rows moved to the output's tokens
+        if self.moves_rows(plan.name):  # tokenizer_source: rows moved to the output's tokens
             return (prepare(self._read_moved(plan, self._base_ref(plan), start, stop), self.dtype) if reads_base
                     else None,
                     [prepare(self._read_moved(plan, self.request.models_to_merge[i], start, stop), self.dtype)
@@ -496,9 +496,6 @@ class StreamingMerge:
         sources = plan.sources or (name,) * len(self.finetunes)
         return base, [prepare(self.finetunes[i].read(sources[i], start, stop),
                               self.finetunes[i].tensors[sources[i]].dtype) for i in positions]
-
-    def _moved(self, plan: TensorPlan) -> bool:
-        return self.moves_rows(plan.name)
 
     def _base_ref(self, plan: TensorPlan) -> str:
         return self._ref_of(plan.base_source[0] if plan.base_source is not None else BASE)

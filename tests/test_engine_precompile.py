@@ -162,3 +162,25 @@ def test_mask_merging_alone_precompiles(tmp_path):
                                 env=_env(NUMBA_CACHE_DIR=str(tmp_path / "cache")))
     assert result.returncode == 0, result.stderr
     assert report["merges"] > 0 and report["compiled"] > 0, report
+
+
+def test_compiling_a_kernel_does_not_double_numbas_block_labels():
+    """numba numbers an inlined function's blocks after every label it has handed out in the process, so an
+    inlined helper that itself inlines another (as rnd, store and mag once inlined _bf16_bits) doubles the process's
+    highest label at each use: a test process compiling many kernels reached block names longer than LLVM accepts
+    ("name is too long"). 40 uses of rnd, store and mag in one fresh function must add to it, not multiply it."""
+    import numpy as np
+    from numba import njit
+    from numba.core import ir_utils
+
+    from modelmerge_engine.cpu_kernels import mag, rnd, store
+
+    body = "".join(f"    x = rnd(x * np.float32({1 + i / 64}), code)\n    store(out, {i}, x, code)\n"
+                   f"    total += mag(x, code)\n" for i in range(40))
+    namespace = {"np": np, "rnd": rnd, "store": store, "mag": mag}
+    exec(f"def many(values, out, code):\n    x = values[0]\n    total = 0\n{body}    return total\n", namespace)
+    kernel = njit(namespace["many"])
+    before = ir_utils._the_max_label._value
+    kernel(np.ones(1, np.float32), np.zeros(40, np.uint16), 0)
+    after = ir_utils._the_max_label._value
+    assert after < 4 * before + 100_000, (len(str(before)), len(str(after)))

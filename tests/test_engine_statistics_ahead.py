@@ -89,3 +89,34 @@ def test_an_error_computing_a_later_tensors_state_is_the_merges_error(family, tm
     assert "a planted failure" in summary["error"] and "model.layers.2." in summary["error"]
     assert not out.exists()
     assert not [t for t in threading.enumerate() if t.name.startswith("statistics")]
+
+
+def test_while_one_tensors_state_takes_long_the_other_threads_compute_the_next_tensors_states(family, tmp_path,
+                                                                                                monkeypatch):
+    """The window of states computed ahead is wider than the threads: while the first tensor's statistics run
+    (the embedding, a quarter of a model), the other statistics thread goes on through the next tensors, rather
+    than stopping after one more. The first state is held until that many later states are done (bounded wait:
+    a regression fails on the count, it does not hang)."""
+    later = engine.STATISTICS_WINDOW - 2  # the window holds the held tensor, these, and one being computed
+    cls = method_class("model_stock")
+    original = cls.tensor_state
+    done_later: list[str] = []
+    enough = threading.Event()
+    seen_when_released: list[int] = []
+    first: list[str] = []
+
+    def held(self, plan):
+        if not first:
+            first.append(plan.name)
+            enough.wait(timeout=60)
+            seen_when_released.append(len(done_later))
+        else:
+            done_later.append(plan.name)
+            if len(done_later) >= later:
+                enough.set()
+        return original(self, plan)
+
+    monkeypatch.setattr(cls, "tensor_state", held)
+    code, _, summary = _merge(_config("model_stock", family), tmp_path / "out", monkeypatch, cpus=2)
+    assert code == 0, summary
+    assert seen_when_released[0] >= later, (seen_when_released, done_later)

@@ -76,20 +76,24 @@ def _fma(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
-@njit(inline="always")
-def _bf16_bits(f):
-    """Round to nearest even, NaN kept NaN: c10::BFloat16's conversion."""
-    if f != f:
-        return np.uint16(0x7FC0)
-    u = _f32_as_u32(f)
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+@intrinsic
+def _bf16_bits(typingctx, x):
+    """Round to nearest even, NaN kept NaN: c10::BFloat16's conversion.
 
+    An intrinsic (LLVM IR at each use), not a function numba inlines: numba relabels an inlined function's blocks
+    after every label it has handed out in the process, so an inlined function that itself inlines one (rnd,
+    store and mag use this at every call) doubled the process's highest label, and a process compiling many
+    kernels reached block names too long for LLVM ("name is too long", "unable to create block named"). A plain
+    function call instead left the loops storing bfloat16 unvectorised (2x slower)."""
+    def codegen(context, builder, signature, args):
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+        u = builder.bitcast(args[0], i32)
+        odd = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), odd), ir.Constant(i32, 16))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(is_nan, ir.Constant(i16, 0x7FC0), builder.trunc(rounded, i16))
 
-@njit(inline="always")
-def _bits16(f, code):
-    if code == BF16:
-        return _bf16_bits(f)
-    return _f32_to_f16_bits(f)
+    return types.uint16(types.float32), codegen
 
 
 @njit(inline="always")
@@ -107,7 +111,8 @@ def mag(f, code):
     """Magnitude bit pattern of f rounded to the compute dtype (ordered like |f|)."""
     if code == F32:
         return np.int64(_f32_as_u32(f) & np.uint32(0x7FFFFFFF))
-    return np.int64(_bits16(f, code) & np.uint16(0x7FFF))
+    bits = _bf16_bits(f) if code == BF16 else _f32_to_f16_bits(f)  # no function numba inlines: see _bf16_bits
+    return np.int64(bits & np.uint16(0x7FFF))
 
 
 def widen(x, code):  # pragma: no cover - replaced by the overload below inside compiled code
@@ -139,7 +144,7 @@ def _store(out, e, f, code):
         return to_float
 
     def to_bits(out, e, f, code):
-        out[e] = _bits16(f, code)
+        out[e] = _bf16_bits(f) if code == BF16 else _f32_to_f16_bits(f)  # no function numba inlines: _bf16_bits
 
     return to_bits
 

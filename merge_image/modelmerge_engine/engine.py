@@ -49,6 +49,7 @@ BUFFER_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "po
 CPU_WORK_ELEMENTS = 1 << 20  # elements per step over all inputs together: bounds memory, fits caches
 GPU_WORK_ELEMENTS = 1 << 27
 ALIGN = 1 << 12  # default range sizes are multiples of this
+STATISTICS_WINDOW = 16  # tensor states computed ahead (Method.statistics_ahead): small, a few scalars or rows each
 RANGE_ELEMENTS_ENV = "MODELMERGE_ENGINE_RANGE_ELEMENTS"  # overrides the range size (tests split every tensor)
 # How a merge that reads its inputs once reads them: auto (files the page cache does not hold around it, the rest
 # mapped), mapped (every file), direct (every file around the page cache, where the filesystem allows; the tests)
@@ -450,7 +451,8 @@ class StreamingMerge:
         if not self.method.statistics_ahead:
             yield from map(self._tensor_state, self.plans)
             return
-        ahead = OrderedPool(self.pool.workers, name="statistics")  # one worker: in turn, here
+        # one worker: in turn, here; the window lets the other threads go on while one computes a long tensor
+        ahead = OrderedPool(self.pool.workers, name="statistics", window=STATISTICS_WINDOW)
         try:
             yield from ahead.map(self._tensor_state, self.plans)
         finally:

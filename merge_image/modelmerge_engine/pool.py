@@ -24,8 +24,11 @@ def available_cpus() -> int:
 
 
 class OrderedPool:
-    def __init__(self, workers: int, *, name: str = "merge"):
+    def __init__(self, workers: int, *, name: str = "merge", window: int | None = None):
+        """`window`: how many items may be submitted and not yet taken (default one more than the workers): a
+        wider window lets the threads run further ahead of a consumer that waits on a long item."""
         self.workers = max(1, workers)
+        self.window = max(self.workers + 1, window or 0)
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=name) if self.workers > 1 else None
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
@@ -36,7 +39,7 @@ class OrderedPool:
         try:
             for item in items:
                 window.append(self._executor.submit(fn, item))
-                if len(window) > self.workers:
+                if len(window) >= self.window:
                     yield window.popleft().result()
             while window:
                 yield window.popleft().result()

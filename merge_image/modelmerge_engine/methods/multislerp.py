@@ -11,8 +11,9 @@ of the models' weights themselves, nothing added. Per tensor, in the compute dty
     one fine-tune: the fine-tune itself (mergekit interpolates nothing)
 
 Four streaming statistics passes over the base (if any) and every fine-tune (the norms n_i, |m|, the dots d_i,
-|r|), each a segment at a time, reduced in torch's CPU order (torch_reductions.py), so memory stays a few segments
-whatever the tensor. cos and sin are torch's CPU functions on values of the compute dtype
+|r|), each a segment of the raw inputs at a time and in one compiled loop per segment that derives a block's values
+in cache and reduces them in torch's CPU order (torch_reductions.py), so memory stays a few blocks whatever the
+tensor. cos and sin are torch's CPU functions on values of the compute dtype
 (torch_reductions.scalar_function), so the scalars are mergekit's to the bit: for bfloat16 and float16 SLEEF's
 functions as torch's kernels take them, reproduced without torch (methods/sleef.py); for float32 torch's own
 (MKL's) where torch is installed, SLEEF's where it is not (the CPU merge image), which differ from MKL's in the last
@@ -24,14 +25,15 @@ from __future__ import annotations
 import numpy as np
 from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _per_dtype, _specialised, rnd, store, widen
+from modelmerge_engine.cpu_kernels import _specialised, rnd, store, widen
 from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
 from modelmerge_engine.methods.torch_reductions import (
     LANES,
-    host_values,
+    SUM_SEGMENT_MULTIPLE,
+    host_raw,
     norm_add,
     norm_finish,
     rounded,
@@ -40,82 +42,193 @@ from modelmerge_engine.methods.torch_reductions import (
     sum_begin,
     sum_finish,
     sum_rows,
-    task_vectors,
 )
 from modelmerge_engine.progress import Step
 
-SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of torch_reductions' row of vectors)
+SEGMENT = 1 << 20  # values of each input read per statistics step (a multiple of BLOCK)
 PASSES = 4
-
-
-BLOCK = 512  # elements per step of the combine step's loops (each loop over a block vectorises)
+BLOCK = 512  # elements per step of the kernels' loops (each loop over a block vectorises; a multiple of the
+# reductions' row of vectors, SUM_SEGMENT_MULTIPLE, so only a tensor's last block leaves values to a tail)
 
 
 @register_jitable(inline="always")
-def _means_into(vectors, denominators, weights, code, out, n):
-    """out[e] = m at element e: Σ_i w_i (v_i / (n_i + eps)), products rounded, summed from 0 in model order,
-    the sum rounded once; vectors [models, elements], the first n elements (of each array) taken."""
+def _units_into(vectors, denominators, code, n):
+    """vectors[i, e] = u_i at element e: v_i / (n_i + eps), rounded; in place, the first n elements."""
+    for i in range(vectors.shape[0]):
+        denominator, row = denominators[i], vectors[i]  # a row: see _block_vectors
+        for e in range(n):
+            row[e] = rnd(row[e] / denominator, code)
+
+
+@register_jitable(inline="always")
+def _means_into(units, weights, code, out, n):
+    """out[e] = m at element e: Σ_i w_i u_i, products rounded, summed from 0 in model order, the sum rounded
+    once; units [models, elements], the first n elements taken."""
     for e in range(n):
         out[e] = np.float32(0.0)
-    for i in range(vectors.shape[0]):
-        denominator, weight = denominators[i], weights[i]
+    for i in range(units.shape[0]):
+        weight, row = weights[i], units[i]
         for e in range(n):
-            out[e] += rnd(rnd(vectors[i, e] / denominator, code) * weight, code)
+            out[e] += rnd(row[e] * weight, code)
     for e in range(n):
         out[e] = rnd(out[e], code)
 
 
 @register_jitable(inline="always")
-def _mean_hats_into(vectors, denominators, weights, mean_norm, code, out, n):
+def _mean_hats_into(units, weights, mean_norm, code, out, n):
     """out[e] = m̂ at element e: m / |m|."""
-    _means_into(vectors, denominators, weights, code, out, n)
+    _means_into(units, weights, code, out, n)
     for e in range(n):
         out[e] = rnd(out[e] / mean_norm, code)
 
 
 @register_jitable(inline="always")
-def _tangents_into(vectors, denominators, weights, mean_hats, dots, code, out, n):
+def _tangents_into(units, weights, mean_hats, dots, code, out, n):
     """out[e] = r at element e: Σ_i w_i (u_i − d_i m̂), summed from 0 in model order, rounded once."""
     for e in range(n):
         out[e] = np.float32(0.0)
-    for i in range(vectors.shape[0]):
-        denominator, weight, dot = denominators[i], weights[i], dots[i]
+    for i in range(units.shape[0]):
+        weight, dot, row = weights[i], dots[i], units[i]
         for e in range(n):
-            unit = rnd(vectors[i, e] / denominator, code)
-            out[e] += rnd(rnd(unit - rnd(dot * mean_hats[e], code), code) * weight, code)
+            out[e] += rnd(rnd(row[e] - rnd(dot * mean_hats[e], code), code) * weight, code)
     for e in range(n):
         out[e] = rnd(out[e], code)
 
 
 @register_jitable(inline="always")
-def _means(constants, args):
-    code, = constants
-    vectors, denominators, weights, out = args
-    _means_into(vectors, denominators, weights, code, out, out.shape[0])
+def _block_vectors(code, with_base, base, inputs, start, n, b, v):
+    """v[:, :n] = the task vectors (without a base: the models' values) at elements start..start+n; b[:n] the
+    base's values (0 without one)."""
+    block = base[start:start + n]  # indexed from 0: `array[start + k]` would check for a negative index per
+    # element and not vectorise (10x slower)
+    for k in range(n):
+        b[k] = widen(block[k], code) if with_base else np.float32(0.0)
+    i = 0
+    for model in inputs:
+        block, row = model[start:start + n], v[i]
+        for k in range(n):
+            x = widen(block[k], code)
+            row[k] = rnd(x - b[k], code) if with_base else x
+        i += 1
 
 
 @register_jitable(inline="always")
-def _unit_products(constants, args):
-    """out[i, e] = u_i · m̂ at element e (rounded), for the dots; hats is scratch for m̂."""
-    code, = constants
-    vectors, denominators, weights, mean_norm, hats, out = args
-    _mean_hats_into(vectors, denominators, weights, mean_norm, code, hats, hats.shape[0])
-    for i in range(out.shape[0]):
-        denominator = denominators[i]
-        for e in range(out.shape[1]):
-            out[i, e] = rnd(rnd(vectors[i, e] / denominator, code) * hats[e], code)
+def _tail(row, used, n, tail):
+    """tail[:count] = the values of row[:n] after the `used` a reduction took (only a tensor's last block leaves
+    any: the values after its last whole vector, or row of vectors); returns the count."""
+    for k in range(n - used):
+        tail[k] = row[used + k]
+    return n - used
 
 
 @register_jitable(inline="always")
-def _tangents(constants, args):
-    code, = constants
-    vectors, denominators, weights, mean_norm, dots, hats, out = args
-    _mean_hats_into(vectors, denominators, weights, mean_norm, code, hats, out.shape[0])
-    _tangents_into(vectors, denominators, weights, hats, dots, code, out, out.shape[0])
+def _norms_reduced(values, rows, n, packed, norms, tail):
+    """values[:rows, :n] added in order to each row's 2-norm lanes (norms [rows, LANES]); returns the tail count."""
+    left = 0
+    for i in range(rows):
+        row = values[i, :n]
+        left = _tail(row, norm_add(row, packed, norms[i]), n, tail[i])
+    return left
 
 
-# the statistics passes' kernels on float32 host values [models, elements], specialised per dtype
-means, unit_products, tangents = _per_dtype(_means), _per_dtype(_unit_products), _per_dtype(_tangents)
+@register_jitable(inline="always")
+def _sums_reduced(values, rows, n, sums, states, tail):
+    """values[:rows, :n] added in order to each row's cascade sum (sums [rows, LEVELS, ILP, lanes], states
+    [rows, 8]); returns the tail count."""
+    left = 0
+    for i in range(rows):
+        row = values[i, :n]
+        left = _tail(row, sum_rows(row, sums[i], states[i]), n, tail[i])
+    return left
+
+
+@register_jitable(inline="always")
+def _units_and_hats(code, with_base, base, inputs, start, n, denominators, weights, mean_norm, b, v, hat):
+    """v[:, :n] = the unit vectors u_i at elements start..start+n, hat[:n] = m̂ there (b: the base's values)."""
+    _block_vectors(code, with_base, base, inputs, start, n, b, v)
+    _units_into(v, denominators, code, n)
+    _mean_hats_into(v, weights, mean_norm, code, hat, n)
+
+
+# A statistics pass over a segment of the raw inputs, a block of BLOCK elements at a time (in cache): the block's
+# task vectors, the pass's values, reduced (_norms_reduced, _sums_reduced). One loop per pass rather than one with
+# a branch per pass: numba's inlining numbers each inlined block after the caller's, and one loop holding all four
+# passes' inlined arithmetic reached block labels too long for LLVM (float32). Each takes what its pass needs, then
+# its accumulators (norms, or sums and states) and the tail.
+@register_jitable(inline="always")
+def _norms_pass(constants, args):
+    """The task vectors' norms (rows: the models)."""
+    code, with_base = constants
+    base, inputs, norms, tail = args
+    count, size = len(inputs), inputs[0].shape[0]
+    v, b = np.empty((count, BLOCK), np.float32), np.empty(BLOCK, np.float32)
+    left = 0
+    for start in range(0, size, BLOCK):
+        n = min(BLOCK, size - start)
+        _block_vectors(code, with_base, base, inputs, start, n, b, v)
+        left = _norms_reduced(v, count, n, code != F32, norms, tail)
+    return left
+
+
+@register_jitable(inline="always")
+def _means_pass(constants, args):
+    """|m| (one row)."""
+    code, with_base = constants
+    base, inputs, denominators, weights, norms, tail = args
+    v, b = np.empty((len(inputs), BLOCK), np.float32), np.empty(BLOCK, np.float32)
+    means = np.empty((1, BLOCK), np.float32)
+    left = 0
+    for start in range(0, inputs[0].shape[0], BLOCK):
+        n = min(BLOCK, inputs[0].shape[0] - start)
+        _block_vectors(code, with_base, base, inputs, start, n, b, v)
+        _units_into(v, denominators, code, n)
+        _means_into(v, weights, code, means[0], n)
+        left = _norms_reduced(means, 1, n, code != F32, norms, tail)
+    return left
+
+
+@register_jitable(inline="always")
+def _dots_pass(constants, args):
+    """The dots d_i = u_i · m̂ (rows: the models; sums)."""
+    code, with_base = constants
+    base, inputs, denominators, weights, mean_norm, sums, states, tail = args
+    count = len(inputs)
+    v, products = np.empty((count, BLOCK), np.float32), np.empty((count, BLOCK), np.float32)
+    b, hat = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    left = 0
+    for start in range(0, inputs[0].shape[0], BLOCK):
+        n = min(BLOCK, inputs[0].shape[0] - start)
+        _units_and_hats(code, with_base, base, inputs, start, n, denominators, weights, mean_norm, b, v, hat)
+        for i in range(count):
+            unit, product = v[i], products[i]
+            for k in range(n):
+                product[k] = rnd(unit[k] * hat[k], code)
+        left = _sums_reduced(products, count, n, sums, states, tail)
+    return left
+
+
+@register_jitable(inline="always")
+def _tangents_pass(constants, args):
+    """|r| (one row)."""
+    code, with_base = constants
+    base, inputs, denominators, weights, mean_norm, dots, norms, tail = args
+    tangents, hat = np.empty((1, BLOCK), np.float32), np.empty(BLOCK, np.float32)
+    v, b = np.empty((len(inputs), BLOCK), np.float32), np.empty(BLOCK, np.float32)
+    left = 0
+    for start in range(0, inputs[0].shape[0], BLOCK):
+        n = min(BLOCK, inputs[0].shape[0] - start)
+        _units_and_hats(code, with_base, base, inputs, start, n, denominators, weights, mean_norm, b, v, hat)
+        _tangents_into(v, weights, hat, dots, code, tangents[0], n)
+        left = _norms_reduced(tangents, 1, n, code != F32, norms, tail)
+    return left
+
+
+NORMS, MEANS, DOTS, TANGENTS = _norms_pass, _means_pass, _dots_pass, _tangents_pass  # the passes, in order
+
+
+def statistics_pass(code, kind, *args, with_base: bool) -> int:
+    """Runs the pass `kind` (NORMS, MEANS, DOTS or TANGENTS) over one segment; returns its rows' tail count."""
+    return _specialised(kind, int(code), bool(with_base))(args)
 
 
 @register_jitable(inline="always")
@@ -131,25 +244,21 @@ def _multislerp(constants, args):
     b, hat, tangent = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     for start in range(0, out.shape[0], BLOCK):
         n = min(BLOCK, out.shape[0] - start)
-        for k in range(n):
-            b[k] = widen(base[start + k], code) if with_base else np.float32(0.0)
-        i = 0
-        for model in inputs:
-            for k in range(n):
-                x = widen(model[start + k], code)
-                v[i, k] = rnd(x - b[k], code) if with_base else x
-            i += 1
+        _block_vectors(code, with_base, base, inputs, start, n, b, v)
+        block = out[start:start + n]  # indexed from 0: see _block_vectors
         if linear:
+            first, second = v[0], v[1]
             for k in range(n):
-                merged = rnd(rnd(v[0, k] * weights[0], code) + rnd(v[1, k] * weights[1], code), code)
-                store(out, start + k, b[k] + merged if with_base else merged, code)
+                merged = rnd(rnd(first[k] * weights[0], code) + rnd(second[k] * weights[1], code), code)
+                store(block, k, b[k] + merged if with_base else merged, code)
             continue
-        _mean_hats_into(v, denominators, weights, mean_norm, code, hat, n)
-        _tangents_into(v, denominators, weights, hat, dots, code, tangent, n)
+        _units_into(v, denominators, code, n)
+        _mean_hats_into(v, weights, mean_norm, code, hat, n)
+        _tangents_into(v, weights, hat, dots, code, tangent, n)
         for k in range(n):
             sphere = rnd(rnd(hat[k] * cos_rho, code) + rnd(tangent[k] * ratio, code), code)
             merged = rnd(sphere * scale, code)
-            store(out, start + k, b[k] + merged if with_base else merged, code)
+            store(block, k, b[k] + merged if with_base else merged, code)
 
 
 def multislerp_kernel(code, *args, with_base: bool = True):
@@ -178,30 +287,30 @@ class Multislerp(Method):
     def _round(self, values) -> np.ndarray:
         return rounded(values, self.merge.dtype.code)
 
-    def _segments(self, name: str, numel: int):
-        merge = self.merge
+    def _pass(self, name: str, numel: int, kind, *operands) -> np.ndarray:
+        """One statistics pass (NORMS, MEANS, DOTS or TANGENTS, given what it needs: `operands`) over the tensor, a
+        segment of the raw inputs at a time: each of its rows' 2-norm, or for DOTS sum, in torch's order, rounded
+        to the dtype."""
+        merge, code = self.merge, self.merge.dtype.code
+        count = len(merge.finetunes)
+        rows = count if kind in (NORMS, DOTS) else 1
+        tail = np.empty((rows, BLOCK), np.float32)
+        if kind == DOTS:
+            begun = [sum_begin(numel, code != F32) for _ in range(rows)]
+            accumulators = (np.stack([acc for acc, _ in begun]), np.stack([state for _, state in begun]))
+        else:
+            accumulators = (np.zeros((rows, LANES), np.float32),)
+        left = 0
         for start in range(0, numel, SEGMENT):
             stop = min(start + SEGMENT, numel)
-            models = tuple(host_values(merge, model, name, start, stop) for model in merge.finetunes)
-            vectors = np.empty((len(models), stop - start), np.float32)
-            if self.with_base:
-                task_vectors(merge.dtype.code, host_values(merge, merge.base, name, start, stop), models, vectors)
-            else:
-                vectors[:] = models
-            merge.progress.advance((len(models) + self.with_base) * (stop - start))
-            yield vectors
-
-    def _norm(self, name: str, numel: int, rows, values_of) -> np.ndarray:
-        """The 2-norms (torch's order, rounded to the dtype) of `rows` rows that values_of(vectors) gives per
-        segment."""
-        packed = self.merge.dtype.code != F32
-        acc = np.zeros((rows, LANES), np.float32)
-        tails = [np.empty(0, np.float32)] * rows
-        for vectors in self._segments(name, numel):
-            values = values_of(vectors).reshape(rows, -1)
-            for i in range(rows):
-                tails[i] = values[i, norm_add(values[i], packed, acc[i]):].copy()
-        return self._round([norm_finish(tails[i], acc[i]) for i in range(rows)])
+            models = tuple(host_raw(merge, model, name, start, stop) for model in merge.finetunes)
+            base = host_raw(merge, merge.base, name, start, stop) if self.with_base else models[0]
+            left = statistics_pass(code, kind, base, models, *operands, *accumulators, tail, with_base=self.with_base)
+            merge.progress.advance((count + self.with_base) * (stop - start))
+        if kind == DOTS:
+            return self._round([sum_finish(tail[i, :left].copy(), accumulators[0][i], accumulators[1][i])
+                                for i in range(rows)])
+        return self._round([norm_finish(tail[i, :left].copy(), accumulators[0][i]) for i in range(rows)])
 
     def tensor_state(self, plan) -> np.ndarray | None:
         """The tensor's scalars [|m|, cos ρ, sin ρ / ρ, Σ w_i n_i, linear?, d_0, ...], the denominators n_i + eps
@@ -215,15 +324,9 @@ class Multislerp(Method):
         weights = self._round([float(self.value("weight", tensor=name, model=i)) for i in range(count)])
         if self.value("normalize_weights", tensor=name):
             weights = self._round(weights / self._round(row_sum(weights, packed))[0])
-        norms = self._norm(name, numel, count, lambda vectors: vectors)
+        norms = self._pass(name, numel, NORMS)
         denominators = self._round(norms + eps)
-
-        def mean_of(vectors):
-            out = np.empty(vectors.shape[1], np.float32)
-            means(code, vectors, denominators, weights, out)
-            return out
-
-        mean_norm = self._norm(name, numel, 1, mean_of)[0]
+        mean_norm = self._pass(name, numel, MEANS, denominators, weights)[0]
         scalars = np.zeros(5 + count, np.float32)
         if float(mean_norm) < float(self.value("eps", tensor=name)):
             if count != 2:
@@ -231,23 +334,9 @@ class Multislerp(Method):
                                  "(antipodal models whose weights balance out); change model_parameters weights")
             scalars[4] = 1.0
             return denominators, weights, scalars
-        accumulators = [sum_begin(numel, packed) for _ in range(count)]
-        tails = [np.empty(0, np.float32)] * count
-        for vectors in self._segments(name, numel):
-            products = np.empty_like(vectors)
-            unit_products(code, vectors, denominators, weights, mean_norm, np.empty(vectors.shape[1], np.float32),
-                          products)
-            for i, (acc, state) in enumerate(accumulators):
-                tails[i] = products[i, sum_rows(products[i], acc, state):].copy()
-        dots = self._round([sum_finish(tails[i], *accumulators[i]) for i in range(count)])
-
-        def tangent_of(vectors):
-            out = np.empty(vectors.shape[1], np.float32)
-            tangents(code, vectors, denominators, weights, mean_norm, dots, np.empty(vectors.shape[1], np.float32),
-                     out)
-            return out
-
-        rho = self._round(self._norm(name, numel, 1, tangent_of)[0] + eps)[0]
+        dots = self._pass(name, numel, DOTS, denominators, weights, mean_norm)
+        tangent_norm = self._pass(name, numel, TANGENTS, denominators, weights, mean_norm, dots)[0]
+        rho = self._round(tangent_norm + eps)[0]
         cos_rho, sin_rho = (scalar_function(name, rho, code) for name in ("cos", "sin"))
         ratio = self._round(sin_rho / rho)[0]
         scale = self._round(row_sum(self._round(norms * weights), packed))[0]
@@ -288,3 +377,6 @@ class Multislerp(Method):
             tangent += rnd(rnd(unit - rnd(float(dot) * mean_hat)) * float(weight))
         sphere = rnd(rnd(mean_hat * float(scalars[1])) + rnd(rnd(tangent) * float(scalars[2])))
         return placed(rnd(sphere * float(scalars[3])))
+
+
+assert BLOCK % SUM_SEGMENT_MULTIPLE == 0 and SEGMENT % BLOCK == 0

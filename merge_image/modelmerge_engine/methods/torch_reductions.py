@@ -46,9 +46,21 @@ LEVELS = 4  # partial-sum levels of the cascade sum
 
 def host_values(merge, model, name: str, start: int, stop: int) -> np.ndarray:
     """Elements [start, stop) of tensor `name` of `model` (merge.base or one of merge.finetunes) as float32 host
-    values of the compute dtype: rounded to it first, as mergekit loads every input in the config's dtype. A
-    vocabulary tensor whose rows tokenizer_source moves is read with them moved (engine.moved_range), as every
-    range the engine merges is."""
+    values of the compute dtype: host_raw's values widened."""
+    raw = host_raw(merge, model, name, start, stop)
+    if merge.dtype.code == F32:
+        return raw
+    wide = np.empty(raw.shape[0], np.float32)
+    widen_into(raw, merge.dtype.code, wide)
+    return wide
+
+
+def host_raw(merge, model, name: str, start: int, stop: int) -> np.ndarray:
+    """Elements [start, stop) of tensor `name` of `model` (merge.base or one of merge.finetunes) in the compute
+    dtype's storage (float32, or bfloat16/float16 bit patterns; as stored, without a copy, where the checkpoint
+    holds that dtype): rounded to it first, as mergekit loads every input in the config's dtype. A vocabulary
+    tensor whose rows tokenizer_source moves is read with them moved (engine.moved_range), as every range the
+    engine merges is."""
     compute = merge.dtype
     if merge.moves_rows(name):
         position = BASE if model is merge.base else next(i for i, m in enumerate(merge.finetunes) if m is model)
@@ -60,12 +72,8 @@ def host_values(merge, model, name: str, start: int, stop: int) -> np.ndarray:
     if stored_code != compute.code:
         rounded = np.empty(raw.shape[0], compute.storage)
         convert(raw, stored_code, rounded, compute.code)
-        raw, stored_code = rounded, compute.code
-    if stored_code == F32:
-        return raw
-    wide = np.empty(raw.shape[0], np.float32)
-    widen_into(raw, stored_code, wide)
-    return wide
+        raw = rounded
+    return raw
 
 
 @register_jitable(inline="always")

@@ -151,10 +151,9 @@ def _units_and_hats(code, with_base, base, inputs, start, n, denominators, weigh
 
 
 # A statistics pass over a segment of the raw inputs, a block of BLOCK elements at a time (in cache): the block's
-# task vectors, the pass's values, reduced (_norms_reduced, _sums_reduced). One loop per pass rather than one with
-# a branch per pass: numba's inlining numbers each inlined block after the caller's, and one loop holding all four
-# passes' inlined arithmetic reached block labels too long for LLVM (float32). Each takes what its pass needs, then
-# its accumulators (norms, or sums and states) and the tail.
+# task vectors, the pass's values, reduced (_norms_reduced, _sums_reduced). One loop per pass, each taking only what
+# its pass needs, then its accumulators (norms, or sums and states) and the tail; each compiles only its own
+# arithmetic (numba inlines every helper a loop calls: see cpu_kernels._bf16_bits for what nesting cost).
 @register_jitable(inline="always")
 def _norms_pass(constants, args):
     """The task vectors' norms (rows: the models)."""

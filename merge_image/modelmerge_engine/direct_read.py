@@ -10,7 +10,10 @@ read asked of it, from a thread of its own (preadv releases the GIL: the disk wo
 `read(offset, nbytes)` waits for the blocks that hold those bytes and returns a copy of them (the blocks are
 reused for later reads). Reads are expected to move forwards; a read before the blocks held, or far past them,
 moves the read-ahead there. Blocks behind the reads are released as the reads move on, so the anonymous memory is
-(ahead + 2) blocks per file whatever the file's size. A file whose filesystem refuses O_DIRECT raises
+(ahead + 2) blocks per file whatever the file's size. The reads wait for blocks and the reader threads for work
+on two conditions of one lock, each woken only by what it waits for: with one condition, every read woke every
+reader thread (27 for 9 files) twice, and a cold 8-fine-tune task arithmetic spent 4.1 s of system time in
+futex wake-ups (9.7 s; 7.3-7.9 s and 1.8 s of system time with two). A file whose filesystem refuses O_DIRECT raises
 `DirectReadRefused` at open (EINVAL), and the caller maps it instead; a read error is raised by `read`.
 
 `resident_fraction` (mincore) says how much of a file the page cache already holds: a warm input is read faster
@@ -81,7 +84,9 @@ class DirectReader:
             self._wanted = self._next - 1
         self._error: BaseException | None = None
         self._closed = False
-        self._changed = threading.Condition()
+        lock = threading.Lock()
+        self._arrived = threading.Condition(lock)  # the reads wait here: a block arrived, an error, a close
+        self._work = threading.Condition(lock)  # the reader threads wait here: more blocks may be read, a close
         self._threads = [threading.Thread(target=self._run, name=f"read-ahead {path.name}", daemon=True)
                          for _ in range(READERS)]
         for thread in self._threads:
@@ -95,16 +100,17 @@ class DirectReader:
             return out
         first, last = offset // self.block, (offset + nbytes - 1) // self.block
         token = object()
-        with self._changed:
+        with self._arrived:
             self._reads[token] = (first, last)  # its blocks are kept until it is done
             try:
                 lowest = min(self._reading.union(self._blocks), default=self._next)  # in flight counts as held
                 if first < lowest or first > self._next + self.ahead:
                     self._move_to(first)  # a jump (backwards, or far ahead): the read-ahead starts there
-                self._wanted = max(self._wanted, last)
+                elif last > self._wanted:  # the read-ahead may go further
+                    self._wanted = last
+                    self._work.notify_all()
                 # behind the reads in progress, one block is kept for a read about to start behind them
                 self._release_unneeded(min(f for f, _ in self._reads.values()) - 1)
-                self._changed.notify_all()
                 for index in range(first, last + 1):
                     while index not in self._blocks:
                         if self._error is not None:
@@ -113,8 +119,7 @@ class DirectReader:
                             raise ValueError(f"{self.path}: read after close")
                         if index < self._next and index not in self._reading:
                             self._move_to(index)  # released before this read began: read it again
-                            self._changed.notify_all()
-                        self._changed.wait()
+                        self._arrived.wait()
             except BaseException:
                 del self._reads[token]
                 raise
@@ -124,24 +129,24 @@ class DirectReader:
             taken = min(self._blocks[index] - begin, nbytes - done)
             out[done:done + taken] = np.frombuffer(self._buffers[index], dtype=np.uint8, count=taken, offset=begin)
             done += taken
-        with self._changed:
+        with self._arrived:
             del self._reads[token]
             self._read_to_end |= offset + nbytes == self.size
             if self._read_to_end and not self._reads:  # the file's end: nothing more to read ahead, free it all
                 self._release_unneeded(self._count)
                 self._free_spares()
-            self._changed.notify_all()
         return out
 
     def buffers(self) -> int:
         """How many block buffers the reader holds now (its anonymous memory, in blocks)."""
-        with self._changed:
+        with self._arrived:
             return len(self._buffers) + len(self._spare) + len(self._reading)
 
     def close(self) -> None:
-        with self._changed:
+        with self._arrived:
             self._closed = True
-            self._changed.notify_all()
+            self._arrived.notify_all()
+            self._work.notify_all()
         for thread in self._threads:
             thread.join()
         os.close(self._fd)
@@ -151,13 +156,14 @@ class DirectReader:
         self._buffers.clear()
         self._free_spares()
 
-    # --- the read-ahead thread (all state changes under self._changed) ----------------------------------
+    # --- the read-ahead threads (all state changes under the one lock of self._arrived and self._work) ------
 
     def _move_to(self, index: int) -> None:
         self._release_unneeded(index)
         self._next = self._start = index
         self._wanted = max([index] + [last for _, last in self._reads.values()])
         self._read_to_end = False
+        self._work.notify_all()
 
     def _release_unneeded(self, below: int) -> None:
         """Release the blocks before `below` that no read in progress needs."""
@@ -173,10 +179,10 @@ class DirectReader:
 
     def _run(self) -> None:
         while True:
-            with self._changed:
+            with self._work:
                 while not self._closed and (self._wanted < 0 or self._next >= self._count
                                             or self._next > self._wanted + self.ahead):
-                    self._changed.wait()
+                    self._work.wait()
                 if self._closed:
                     return
                 while self._next in self._blocks or self._next in self._reading:  # held, or in flight, across a move
@@ -190,24 +196,24 @@ class DirectReader:
             try:
                 got = os.preadv(self._fd, [buffer], index * self.block)
             except OSError as exc:
-                with self._changed:
+                with self._arrived:
                     refused = exc.errno == errno.EINVAL
                     self._error = (DirectReadRefused if refused else OSError)(
                         exc.errno, f"reading {self.path}: {exc.strerror}")
                     self._spare.append(buffer)
                     self._reading.discard(index)
-                    self._changed.notify_all()
+                    self._arrived.notify_all()
                 return
-            with self._changed:
+            with self._arrived:
                 self._reading.discard(index)
                 self.bytes_read += got
                 if index < self._start:  # the read-ahead moved on past it meanwhile: unwanted
                     self._spare.append(buffer)
-                    self._changed.notify_all()
+                    self._arrived.notify_all()  # a read waiting for it reads it again
                     continue
                 self._buffers[index] = buffer
                 self._blocks[index] = got
-                self._changed.notify_all()
+                self._arrived.notify_all()
 
 
 def resident_fraction(path: Path) -> float:

@@ -27,7 +27,7 @@ from modelmerge_engine.methods.rows import per_element, to_kernels
 from modelmerge_engine.methods.torch_reductions import (
     LANES,
     SUM_SEGMENT_MULTIPLE,
-    host_values,
+    host_raw,
     norm_add,
     norm_finish,
     row_norm,
@@ -35,18 +35,11 @@ from modelmerge_engine.methods.torch_reductions import (
     sum_begin,
     sum_finish,
     sum_rows,
+    task_vectors,
 )
 
 SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of SUM_SEGMENT_MULTIPLE)
 EPS = 1e-6  # mergekit's clamp(min=1e-6) of the norms' product and its singular-denominator bound
-
-
-@njit(nogil=True, cache=True)
-def _offsets(base, models, code, out):
-    """out[i] = models[i] − base, rounded to the dtype (values widened to float32)."""
-    for i in range(len(models)):
-        for e in range(base.shape[0]):
-            out[i, e] = rnd(models[i][e] - base[e], code)
 
 
 @njit(nogil=True, cache=True)
@@ -156,10 +149,10 @@ class ModelStock(Method):
 
     def _read_offsets(self, name: str, start: int, stop: int) -> np.ndarray:
         merge = self.merge
-        base = host_values(merge, merge.base, name, start, stop)
-        models = tuple(host_values(merge, model, name, start, stop) for model in merge.finetunes)
+        base = host_raw(merge, merge.base, name, start, stop)
+        models = tuple(host_raw(merge, model, name, start, stop) for model in merge.finetunes)
         offsets = np.empty((len(models), stop - start), np.float32)
-        _offsets(base, models, merge.dtype.code, offsets)
+        task_vectors(merge.dtype.code, base, models, offsets)
         merge.progress.advance((stop - start) * (len(models) + 1))
         return offsets
 

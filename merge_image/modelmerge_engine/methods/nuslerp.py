@@ -43,6 +43,7 @@ from modelmerge_engine.methods.torch_reductions import (
     column_sum_begin,
     column_sum_finish,
     column_sum_rows,
+    host_raw,
     host_values,
     norm_add,
     norm_finish,
@@ -237,13 +238,12 @@ class Nuslerp(Method):
     def _task_vectors(self, name: str, start: int, stop: int) -> np.ndarray:
         """v_0 and v_1 of elements start:stop (without a base: the models' own values)."""
         merge = self.merge
-        first, second = (host_values(merge, model, name, start, stop) for model in merge.finetunes)
         vectors = np.empty((2, stop - start), np.float32)
         if self.with_base:
-            task_vectors(merge.dtype.code, host_values(merge, merge.base, name, start, stop), (first, second),
-                         vectors)
+            first, second = (host_raw(merge, model, name, start, stop) for model in merge.finetunes)
+            task_vectors(merge.dtype.code, host_raw(merge, merge.base, name, start, stop), (first, second), vectors)
         else:
-            vectors[0], vectors[1] = first, second
+            vectors[0], vectors[1] = (host_values(merge, model, name, start, stop) for model in merge.finetunes)
         merge.progress.advance((3 if self.with_base else 2) * (stop - start))
         return vectors
 

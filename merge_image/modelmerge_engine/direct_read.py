@@ -164,6 +164,7 @@ class DirectReader:
         self._wanted = max([index] + [last for _, last in self._reads.values()])
         self._read_to_end = False
         self._work.notify_all()
+        self._arrived.notify_all()  # a read waiting for a block the move left behind reads it again
 
     def _release_unneeded(self, below: int) -> None:
         """Release the blocks before `below` that no read in progress needs."""

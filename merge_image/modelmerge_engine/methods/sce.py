@@ -44,6 +44,7 @@ from modelmerge_engine.methods.torch_reductions import (
     sum_begin,
     sum_finish,
     sum_rows,
+    task_vectors,
 )
 from modelmerge_engine.progress import Step
 from modelmerge_engine.scratch import scratch_arrays
@@ -88,7 +89,7 @@ class Sce(Method):
 
     def _task_vectors(self, base: np.ndarray, models: tuple[np.ndarray, ...]) -> np.ndarray:
         vectors = np.empty((len(models), base.shape[0]), np.float32)
-        sk.task_vectors(base, models, self.merge.dtype.code, vectors)
+        task_vectors(self.merge.dtype.code, base, models, vectors)
         self.merge.progress.advance((len(models) + 1) * base.shape[0])
         return vectors
 

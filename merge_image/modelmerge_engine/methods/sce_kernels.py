@@ -22,14 +22,6 @@ from modelmerge_engine.methods.gta_kernels import (
 )
 
 
-@njit(nogil=True, cache=True)
-def task_vectors(base, models, code, out):
-    """out[i] = models[i] − base, rounded to the dtype (float32 host values of the compute dtype)."""
-    for i in range(len(models)):
-        for e in range(base.shape[0]):
-            out[i, e] = rnd(models[i][e] - base[e], code)
-
-
 @register_jitable(inline="always")
 def _variance(column, code):
     """torch.var(column, unbiased=False) of one element's task vectors, as torch computes it (in float64, rounded

@@ -85,14 +85,15 @@ def test_each_ranges_keep_flags_are_torchs_top_k_of_the_variances(dtype, fractio
     every tie at the boundary (small integer values: few distinct variances) decided as torch decides it."""
     from modelmerge_engine.dtype_codes import BF16, F16, F32
     from modelmerge_engine.methods.gta_kernels import window_selection
-    from modelmerge_engine.methods.sce_kernels import selection_mask, task_vectors, variances
+    from modelmerge_engine.methods.sce_kernels import selection_mask, variances
+    from modelmerge_engine.methods.torch_reductions import task_vectors
 
     size, code = 5003, {torch.bfloat16: BF16, torch.float16: F16, torch.float32: F32}[dtype]
     generator = torch.Generator().manual_seed(7)
     base, *models = (torch.randint(-4, 5, (size,), generator=generator).to(dtype) for _ in range(4))
     wide = [tensor.to(torch.float32).numpy() for tensor in (base, *models)]
     vectors = np.empty((len(models), size), np.float32)
-    task_vectors(wide[0], tuple(wide[1:]), code, vectors)
+    task_vectors(code, wide[0], tuple(wide[1:]), vectors)
     keys = np.empty(size, np.float32)
     variances(vectors, code, keys)
     expected_keys = torch.var(torch.stack([model - base for model in models]), dim=0, unbiased=False)

@@ -38,7 +38,7 @@ from modelmerge_engine.methods import sce_kernels as sk
 from modelmerge_engine.methods.base import Method
 from modelmerge_engine.methods.rows import to_kernels
 from modelmerge_engine.methods.torch_reductions import (
-    host_values,
+    host_raw,
     rounded,
     row_sum,
     sum_begin,
@@ -82,10 +82,11 @@ class Sce(Method):
         return [Step("merge", merge_work + statistics_work + statistics)]
 
     def _host(self, name: str, start: int, stop: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """The base's and the fine-tunes' values on a range, as float32 host values of the compute dtype."""
+        """The base's and the fine-tunes' values on a range in the compute dtype's storage (host_raw: no widened
+        copies; task_vectors and selection_mask widen a value at a time)."""
         merge = self.merge
-        return (host_values(merge, merge.base, name, start, stop),
-                tuple(host_values(merge, model, name, start, stop) for model in merge.finetunes))
+        return (host_raw(merge, merge.base, name, start, stop),
+                tuple(host_raw(merge, model, name, start, stop) for model in merge.finetunes))
 
     def _task_vectors(self, base: np.ndarray, models: tuple[np.ndarray, ...]) -> np.ndarray:
         vectors = np.empty((len(models), base.shape[0]), np.float32)

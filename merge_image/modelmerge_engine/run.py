@@ -19,6 +19,7 @@ from pathlib import Path
 
 from modelmerge import __version__
 from modelmerge.contract import MAX_SUMMARY_BYTES, MergeRequest, shard_size_bytes
+from modelmerge_engine.allocator import keep_freed_memory
 from modelmerge_engine.early_reads import ask_shared, budget_bytes, memory_headroom
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.evaluation import after_merge
@@ -44,6 +45,7 @@ def run_merge(request: MergeRequest, *, overwrite: bool = False, summary_file: s
     """`work_cache`: the directory of the work cache shared with other merges (work_cache.py), if any."""
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
     started = time.monotonic()
+    keep_freed_memory()  # each range's buffers reuse the pages the range before freed
     output = None
     try:
         evaluation = after_merge.check(request) if request.evaluation else None

@@ -1,7 +1,7 @@
 """allocator.keep_freed_memory: a merge's range buffers, allocated and freed by each thread range after range, reuse
 the pages freed before them instead of being mapped, faulted in and zeroed by the kernel again. Measured as the
-minor page faults of such a loop in a fresh process (ru_minflt): with glibc's defaults nearly every page of every
-range faults, with the merge's settings none do."""
+minor page faults of such a loop in a fresh process (ru_minflt): with glibc's defaults most pages of every range
+fault, with the merge's settings none do."""
 
 from __future__ import annotations
 

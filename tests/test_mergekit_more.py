@@ -92,8 +92,11 @@ def test_each_ranges_keep_flags_are_torchs_top_k_of_the_variances(dtype, fractio
     generator = torch.Generator().manual_seed(7)
     base, *models = (torch.randint(-4, 5, (size,), generator=generator).to(dtype) for _ in range(4))
     wide = [tensor.to(torch.float32).numpy() for tensor in (base, *models)]
+    stored = base.view(torch.int16).numpy().view(np.uint16) if dtype != torch.float32 else wide[0]
+    raws = [model.view(torch.int16).numpy().view(np.uint16) if dtype != torch.float32 else model.numpy()
+            for model in models]
     vectors = np.empty((len(models), size), np.float32)
-    task_vectors(code, wide[0], tuple(wide[1:]), vectors)
+    task_vectors(code, stored, tuple(raws), vectors)  # the inputs as stored, as sce's statistics read them
     keys = np.empty(size, np.float32)
     variances(vectors, code, keys)
     expected_keys = torch.var(torch.stack([model - base for model in models]), dim=0, unbiased=False)
@@ -104,9 +107,6 @@ def test_each_ranges_keep_flags_are_torchs_top_k_of_the_variances(dtype, fractio
     order = np.empty(size, np.int32)
     top_k(keys, order, k)
     selection = window_selection(keys.view(np.uint32), order, 0, k)
-    stored = base.view(torch.int16).numpy().view(np.uint16) if dtype != torch.float32 else wide[0]
-    raws = [model.view(torch.int16).numpy().view(np.uint16) if dtype != torch.float32 else model.numpy()
-            for model in models]
     for values in ((stored, raws), (wide[0], wide[1:])):  # bit patterns (CPU ranges), host values (GPU ranges)
         keep = np.ones(size, np.bool_)
         for start in range(0, size, 1000):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _specialised, rnd, store, widen
+from modelmerge_engine.cpu_kernels import _specialised, rnd, store
 from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.errors import MergeError
 from modelmerge_engine.methods import register
@@ -33,15 +33,16 @@ from modelmerge_engine.methods.base import Method
 from modelmerge_engine.methods.torch_reductions import (
     LANES,
     SUM_SEGMENT_MULTIPLE,
+    block_vectors,
     host_raw,
-    norm_add,
     norm_finish,
+    norms_reduced,
     rounded,
     row_sum,
     scalar_function,
     sum_begin,
     sum_finish,
-    sum_rows,
+    sums_reduced,
 )
 from modelmerge_engine.progress import Step
 
@@ -55,7 +56,7 @@ BLOCK = 512  # elements per step of the kernels' loops (each loop over a block v
 def _units_into(vectors, denominators, code, n):
     """vectors[i, e] = u_i at element e: v_i / (n_i + eps), rounded; in place, the first n elements."""
     for i in range(vectors.shape[0]):
-        denominator, row = denominators[i], vectors[i]  # a row: see _block_vectors
+        denominator, row = denominators[i], vectors[i]  # a row: see torch_reductions.block_vectors
         for e in range(n):
             row[e] = rnd(row[e] / denominator, code)
 
@@ -96,62 +97,15 @@ def _tangents_into(units, weights, mean_hats, dots, code, out, n):
 
 
 @register_jitable(inline="always")
-def _block_vectors(code, with_base, base, inputs, start, n, b, v):
-    """v[:, :n] = the task vectors (without a base: the models' values) at elements start..start+n; b[:n] the
-    base's values (0 without one)."""
-    block = base[start:start + n]  # indexed from 0: `array[start + k]` would check for a negative index per
-    # element and not vectorise (10x slower)
-    for k in range(n):
-        b[k] = widen(block[k], code) if with_base else np.float32(0.0)
-    i = 0
-    for model in inputs:
-        block, row = model[start:start + n], v[i]
-        for k in range(n):
-            x = widen(block[k], code)
-            row[k] = rnd(x - b[k], code) if with_base else x
-        i += 1
-
-
-@register_jitable(inline="always")
-def _tail(row, used, n, tail):
-    """tail[:count] = the values of row[:n] after the `used` a reduction took (only a tensor's last block leaves
-    any: the values after its last whole vector, or row of vectors); returns the count."""
-    for k in range(n - used):
-        tail[k] = row[used + k]
-    return n - used
-
-
-@register_jitable(inline="always")
-def _norms_reduced(values, rows, n, packed, norms, tail):
-    """values[:rows, :n] added in order to each row's 2-norm lanes (norms [rows, LANES]); returns the tail count."""
-    left = 0
-    for i in range(rows):
-        row = values[i, :n]
-        left = _tail(row, norm_add(row, packed, norms[i]), n, tail[i])
-    return left
-
-
-@register_jitable(inline="always")
-def _sums_reduced(values, rows, n, sums, states, tail):
-    """values[:rows, :n] added in order to each row's cascade sum (sums [rows, LEVELS, ILP, lanes], states
-    [rows, 8]); returns the tail count."""
-    left = 0
-    for i in range(rows):
-        row = values[i, :n]
-        left = _tail(row, sum_rows(row, sums[i], states[i]), n, tail[i])
-    return left
-
-
-@register_jitable(inline="always")
 def _units_and_hats(code, with_base, base, inputs, start, n, denominators, weights, mean_norm, b, v, hat):
     """v[:, :n] = the unit vectors u_i at elements start..start+n, hat[:n] = m̂ there (b: the base's values)."""
-    _block_vectors(code, with_base, base, inputs, start, n, b, v)
+    block_vectors(code, with_base, base, inputs, start, n, b, v)
     _units_into(v, denominators, code, n)
     _mean_hats_into(v, weights, mean_norm, code, hat, n)
 
 
 # A statistics pass over a segment of the raw inputs, a block of BLOCK elements at a time (in cache): the block's
-# task vectors, the pass's values, reduced (_norms_reduced, _sums_reduced). One loop per pass, each taking only what
+# task vectors, the pass's values, reduced (norms_reduced, sums_reduced). One loop per pass, each taking only what
 # its pass needs, then its accumulators (norms, or sums and states) and the tail; each compiles only its own
 # arithmetic (numba inlines every helper a loop calls: see cpu_kernels._bf16_bits for what nesting cost).
 @register_jitable(inline="always")
@@ -164,8 +118,8 @@ def _norms_pass(constants, args):
     left = 0
     for start in range(0, size, BLOCK):
         n = min(BLOCK, size - start)
-        _block_vectors(code, with_base, base, inputs, start, n, b, v)
-        left = _norms_reduced(v, count, n, code != F32, norms, tail)
+        block_vectors(code, with_base, base, inputs, start, n, b, v)
+        left = norms_reduced(v, count, n, code != F32, norms, tail)
     return left
 
 
@@ -179,10 +133,10 @@ def _means_pass(constants, args):
     left = 0
     for start in range(0, inputs[0].shape[0], BLOCK):
         n = min(BLOCK, inputs[0].shape[0] - start)
-        _block_vectors(code, with_base, base, inputs, start, n, b, v)
+        block_vectors(code, with_base, base, inputs, start, n, b, v)
         _units_into(v, denominators, code, n)
         _means_into(v, weights, code, means[0], n)
-        left = _norms_reduced(means, 1, n, code != F32, norms, tail)
+        left = norms_reduced(means, 1, n, code != F32, norms, tail)
     return left
 
 
@@ -202,7 +156,7 @@ def _dots_pass(constants, args):
             unit, product = v[i], products[i]
             for k in range(n):
                 product[k] = rnd(unit[k] * hat[k], code)
-        left = _sums_reduced(products, count, n, sums, states, tail)
+        left = sums_reduced(products, count, n, sums, states, tail)
     return left
 
 
@@ -218,7 +172,7 @@ def _tangents_pass(constants, args):
         n = min(BLOCK, inputs[0].shape[0] - start)
         _units_and_hats(code, with_base, base, inputs, start, n, denominators, weights, mean_norm, b, v, hat)
         _tangents_into(v, weights, hat, dots, code, tangents[0], n)
-        left = _norms_reduced(tangents, 1, n, code != F32, norms, tail)
+        left = norms_reduced(tangents, 1, n, code != F32, norms, tail)
     return left
 
 
@@ -243,8 +197,8 @@ def _multislerp(constants, args):
     b, hat, tangent = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     for start in range(0, out.shape[0], BLOCK):
         n = min(BLOCK, out.shape[0] - start)
-        _block_vectors(code, with_base, base, inputs, start, n, b, v)
-        block = out[start:start + n]  # indexed from 0: see _block_vectors
+        block_vectors(code, with_base, base, inputs, start, n, b, v)
+        block = out[start:start + n]  # indexed from 0: see block_vectors
         if linear:
             first, second = v[0], v[1]
             for k in range(n):

@@ -8,8 +8,10 @@ compute dtype as mergekit's torch ops are (every operation rounded to it):
     cos = mean of the cos_ij;  t = K cos / (1 + (K − 1) cos)  (0 where |1 + (K − 1) cos| < 1e-6)
     merged = t · ((w_1 + ... + w_K) / K) + (1 − t) · w_0
 
-The norms and dot products are reduced in torch's CPU order (torch_reductions.py), streamed a segment at a time
-(whole rows of the last dimension at once with filter_wise), so memory stays a few segments whatever the tensor.
+The norms and dot products are reduced in torch's CPU order (torch_reductions.py), in one pass over the raw
+inputs: a block of every input at a time (in cache), its task vectors derived and every norm and pairwise product
+accumulated before the next block (a segment of the mapped inputs per compiled call; whole rows at once with
+filter_wise), so memory stays a few blocks whatever the tensor and the number of fine-tunes.
 The combine step reads each element's row ratio from a per-range array the `inputs` hook appends (rows.py).
 """
 
@@ -19,7 +21,7 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from modelmerge_engine.cpu_kernels import _per_dtype, rnd, store, widen
+from modelmerge_engine.cpu_kernels import _per_dtype, _specialised, rnd, store, widen
 from modelmerge_engine.dtype_codes import F32
 from modelmerge_engine.methods import register
 from modelmerge_engine.methods.base import Method
@@ -27,44 +29,80 @@ from modelmerge_engine.methods.rows import per_element, to_kernels
 from modelmerge_engine.methods.torch_reductions import (
     LANES,
     SUM_SEGMENT_MULTIPLE,
+    block_vectors,
     host_raw,
-    norm_add,
     norm_finish,
-    row_norm,
-    row_sum,
+    norms_reduced,
     sum_begin,
     sum_finish,
-    sum_rows,
-    task_vectors,
+    sum_restart,
+    sums_reduced,
 )
 
-SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of SUM_SEGMENT_MULTIPLE)
+SEGMENT = 1 << 20  # values of each input per statistics step (a multiple of BLOCK)
+BLOCK = 512  # elements of every input derived and reduced at a time, in cache (a multiple of SUM_SEGMENT_MULTIPLE,
+# so only a row's last block leaves values to a tail)
 EPS = 1e-6  # mergekit's clamp(min=1e-6) of the norms' product and its singular-denominator bound
 
 
-@njit(nogil=True, cache=True)
-def _products(offsets, i, j, code, out):
-    for e in range(out.shape[0]):
-        out[e] = rnd(offsets[i, e] * offsets[j, e], code)
-
-
-@njit(nogil=True, cache=True)
-def _rows_statistics(offsets, width, code, packed, norms, dots):
-    """Norms [rows, K] and pairwise dot products [rows, pairs] of the whole rows of `width` values in `offsets`,
-    each rounded to the dtype."""
-    models = offsets.shape[0]
-    products = np.empty(width, np.float32)
-    for r in range(offsets.shape[1] // width):
-        row = offsets[:, r * width:(r + 1) * width]
-        for i in range(models):
-            norms[r, i] = rnd(row_norm(np.ascontiguousarray(row[i]), packed), code)
-        pair = 0
+@register_jitable(inline="always")
+def _row_statistics(code, base, inputs, first, last, buffers, norms, sums, states, norm_tail, sum_tail):
+    """Adds elements [first, last) of one row of the raw inputs to its accumulators: the task vectors' 2-norm
+    lanes (norms [K, LANES]) and their pairwise products' cascade sums (sums, states: one per pair, i < j), a
+    block at a time; returns the tail counts (norms', sums') the row's last block leaves."""
+    v, b, products = buffers
+    models, packed = len(inputs), code != F32
+    norm_left = sum_left = 0
+    for start in range(first, last, BLOCK):
+        n = min(BLOCK, last - start)
+        block_vectors(code, True, base, inputs, start, n, b, v)
+        norm_left = norms_reduced(v, models, n, packed, norms, norm_tail)
+        pair, row = 0, products[0]
         for i in range(models):
             for j in range(i + 1, models):
-                for e in range(width):
-                    products[e] = rnd(row[i, e] * row[j, e], code)
-                dots[r, pair] = rnd(row_sum(products, packed), code)
+                left_row, right_row = v[i], v[j]
+                for k in range(n):
+                    row[k] = rnd(left_row[k] * right_row[k], code)
+                sum_left = sums_reduced(products, 1, n, sums[pair:pair + 1], states[pair:pair + 1],
+                                        sum_tail[pair:pair + 1])
                 pair += 1
+    return norm_left, sum_left
+
+
+@register_jitable(inline="always")
+def _buffers(models):
+    return (np.empty((models, BLOCK), np.float32), np.empty(BLOCK, np.float32), np.empty((1, BLOCK), np.float32))
+
+
+@register_jitable(inline="always")
+def _segment(constants, args):
+    """A segment of a row longer than a segment, added to accumulators kept across segments."""
+    code, = constants
+    base, inputs, norms, sums, states, norm_tail, sum_tail = args
+    return _row_statistics(code, base, inputs, 0, base.shape[0], _buffers(len(inputs)), norms, sums, states,
+                           norm_tail, sum_tail)
+
+
+@register_jitable(inline="always")
+def _rows(constants, args):
+    """Norms [rows, K] and pairwise dot products [rows, pairs] of each whole row of `width` values, each rounded
+    to the dtype (sums, states: one sum_begin of a row per pair, restarted for each row)."""
+    code, = constants
+    base, inputs, width, sums, states, norms_out, dots_out = args
+    models, pairs = len(inputs), sums.shape[0]
+    buffers = _buffers(models)
+    norms = np.empty((models, LANES), np.float32)
+    norm_tail, sum_tail = np.empty((models, BLOCK), np.float32), np.empty((pairs, BLOCK), np.float32)
+    for r in range(base.shape[0] // width):
+        norms[:] = 0.0
+        for pair in range(pairs):
+            sum_restart(sums[pair], states[pair])
+        norm_left, sum_left = _row_statistics(code, base, inputs, r * width, (r + 1) * width, buffers, norms, sums,
+                                              states, norm_tail, sum_tail)
+        for i in range(models):
+            norms_out[r, i] = rnd(norm_finish(norm_tail[i, :norm_left], norms[i]), code)
+        for pair in range(pairs):
+            dots_out[r, pair] = rnd(sum_finish(sum_tail[pair, :sum_left], sums[pair], states[pair]), code)
 
 
 @njit(nogil=True, cache=True)
@@ -130,12 +168,15 @@ class ModelStock(Method):
         pairs = models * (models - 1) // 2
         norms = np.zeros((max(rows, 1), models), np.float32)
         dots = np.zeros((max(rows, 1), pairs), np.float32)
+        code = int(merge.dtype.code)
         if 0 < width <= SEGMENT:
+            sums, states = self._sums_begun(width, pairs)
             per_step = max(1, SEGMENT // width)
             for first in range(0, rows, per_step):
                 last = min(first + per_step, rows)
-                offsets = self._read_offsets(plan.name, first * width, last * width)
-                _rows_statistics(offsets, width, merge.dtype.code, self._packed, norms[first:last], dots[first:last])
+                base, models_raw = self._raw(plan.name, first * width, last * width)
+                _specialised(_rows, code)((base, models_raw, width, sums, states, norms[first:last],
+                                           dots[first:last]))
         else:
             for row in range(rows):
                 norms[row], dots[row] = self._streamed_row(plan.name, row * width, width, models, pairs)
@@ -143,47 +184,37 @@ class ModelStock(Method):
         _ratios(norms, dots, models, merge.dtype.code, ratios)
         self._ratios[plan.name] = (max(width, 1), ratios)
 
-    @property
-    def _packed(self) -> bool:
-        return self.merge.dtype.code != F32
+    def _sums_begun(self, width: int, pairs: int) -> tuple[np.ndarray, np.ndarray]:
+        """A cascade sum of a row of `width` values begun for each pair: (sums, states) stacked."""
+        begun = [sum_begin(width, self.merge.dtype.code != F32) for _ in range(pairs)]
+        return np.stack([acc for acc, _ in begun]), np.stack([state for _, state in begun])
 
-    def _read_offsets(self, name: str, start: int, stop: int) -> np.ndarray:
+    def _raw(self, name: str, start: int, stop: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """The base's and the fine-tunes' elements [start, stop) in the compute dtype's storage (host_raw)."""
         merge = self.merge
         base = host_raw(merge, merge.base, name, start, stop)
         models = tuple(host_raw(merge, model, name, start, stop) for model in merge.finetunes)
-        offsets = np.empty((len(models), stop - start), np.float32)
-        task_vectors(merge.dtype.code, base, models, offsets)
         merge.progress.advance((stop - start) * (len(models) + 1))
-        return offsets
+        return base, models
 
     def _streamed_row(self, name: str, start: int, width: int, models: int, pairs: int):
         """Norms and dot products of one row longer than a segment, a segment at a time."""
-        code, packed = self.merge.dtype.code, self._packed
-        norm_acc = np.zeros((models, LANES), np.float32)
-        sums = [sum_begin(width, packed) for _ in range(pairs)]
-        tails = [np.empty(0, np.float32)] * (models + pairs)
+        code = int(self.merge.dtype.code)
+        norms = np.zeros((models, LANES), np.float32)
+        sums, states = self._sums_begun(width, pairs)
+        norm_tail, sum_tail = np.empty((models, BLOCK), np.float32), np.empty((pairs, BLOCK), np.float32)
+        norm_left = sum_left = 0
         for offset in range(0, width, SEGMENT):
-            stop = min(offset + SEGMENT, width)
-            offsets = self._read_offsets(name, start + offset, start + stop)
-            for i in range(models):
-                used = norm_add(offsets[i], packed, norm_acc[i])
-                tails[i] = offsets[i, used:]
-            pair = 0
-            products = np.empty(stop - offset, np.float32)
-            for i in range(models):
-                for j in range(i + 1, models):
-                    _products(offsets, i, j, code, products)
-                    acc, state = sums[pair]
-                    used = sum_rows(products, acc, state)
-                    tails[models + pair] = products[used:].copy()
-                    pair += 1
-        rounded = np.empty(models + pairs, np.float32)
+            base, models_raw = self._raw(name, start + offset, start + min(offset + SEGMENT, width))
+            norm_left, sum_left = _specialised(_segment, code)((base, models_raw, norms, sums, states, norm_tail,
+                                                                sum_tail))
+        finished = np.empty(models + pairs, np.float32)
         for i in range(models):
-            rounded[i] = norm_finish(tails[i], norm_acc[i])
-        for pair, (acc, state) in enumerate(sums):
-            rounded[models + pair] = sum_finish(tails[models + pair], acc, state)
-        out = np.empty(models + pairs, rounded.dtype)
-        _round_all(rounded, code, out)
+            finished[i] = norm_finish(norm_tail[i, :norm_left].copy(), norms[i])
+        for pair in range(pairs):
+            finished[models + pair] = sum_finish(sum_tail[pair, :sum_left].copy(), sums[pair], states[pair])
+        out = np.empty(models + pairs, np.float32)
+        _round_all(finished, code, out)
         return out[:models], out[models:]
 
     def inputs(self, name, start, base, raws, models):
@@ -211,4 +242,4 @@ def _round_all(values, code, out):
         out[i] = rnd(values[i], code)
 
 
-assert SEGMENT % SUM_SEGMENT_MULTIPLE == 0
+assert BLOCK % SUM_SEGMENT_MULTIPLE == 0 and SEGMENT % BLOCK == 0

@@ -75,34 +75,33 @@ def _buffers(models):
 
 
 @register_jitable(inline="always")
-def _segment(constants, args):
-    """A segment of a row longer than a segment, added to accumulators kept across segments."""
+def _statistics(constants, args):
+    """Adds the raw inputs' elements offset..offset+size (`size`: base's length) of a tensor of rows of `width`
+    values to the running row's accumulators (norms [K, LANES]; sums, states: one cascade sum per pair), a row
+    begun where a row starts; where a row ends, its norms [rows, K] and pairwise dot products [rows, pairs] are
+    finished, each rounded to the dtype. The caller cuts a row only at multiples of SEGMENT from its start, so
+    every cut falls on a whole block. One kernel for short rows (many per call) and long ones (one over calls):
+    precompile's tiny merges compile what a model's large tensors run."""
     code, = constants
-    base, inputs, norms, sums, states, norm_tail, sum_tail = args
-    return _row_statistics(code, base, inputs, 0, base.shape[0], _buffers(len(inputs)), norms, sums, states,
-                           norm_tail, sum_tail)
-
-
-@register_jitable(inline="always")
-def _rows(constants, args):
-    """Norms [rows, K] and pairwise dot products [rows, pairs] of each whole row of `width` values, each rounded
-    to the dtype (sums, states: one sum_begin of a row per pair, restarted for each row)."""
-    code, = constants
-    base, inputs, width, sums, states, norms_out, dots_out = args
+    base, inputs, width, offset, norms, sums, states, norm_tail, sum_tail, norms_out, dots_out = args
     models, pairs = len(inputs), sums.shape[0]
     buffers = _buffers(models)
-    norms = np.empty((models, LANES), np.float32)
-    norm_tail, sum_tail = np.empty((models, BLOCK), np.float32), np.empty((pairs, BLOCK), np.float32)
-    for r in range(base.shape[0] // width):
-        norms[:] = 0.0
-        for pair in range(pairs):
-            sum_restart(sums[pair], states[pair])
-        norm_left, sum_left = _row_statistics(code, base, inputs, r * width, (r + 1) * width, buffers, norms, sums,
-                                              states, norm_tail, sum_tail)
-        for i in range(models):
-            norms_out[r, i] = rnd(norm_finish(norm_tail[i, :norm_left], norms[i]), code)
-        for pair in range(pairs):
-            dots_out[r, pair] = rnd(sum_finish(sum_tail[pair, :sum_left], sums[pair], states[pair]), code)
+    position, size = 0, base.shape[0]
+    while position < size:
+        row, column = divmod(offset + position, width)
+        if column == 0:
+            norms[:] = 0.0
+            for pair in range(pairs):
+                sum_restart(sums[pair], states[pair])
+        last = min(size, position + width - column)
+        norm_left, sum_left = _row_statistics(code, base, inputs, position, last, buffers, norms, sums, states,
+                                              norm_tail, sum_tail)
+        if column + last - position == width:
+            for i in range(models):
+                norms_out[row, i] = rnd(norm_finish(norm_tail[i, :norm_left], norms[i]), code)
+            for pair in range(pairs):
+                dots_out[row, pair] = rnd(sum_finish(sum_tail[pair, :sum_left], sums[pair], states[pair]), code)
+        position = last
 
 
 @njit(nogil=True, cache=True)
@@ -168,54 +167,34 @@ class ModelStock(Method):
         pairs = models * (models - 1) // 2
         norms = np.zeros((max(rows, 1), models), np.float32)
         dots = np.zeros((max(rows, 1), pairs), np.float32)
-        code = int(merge.dtype.code)
-        if 0 < width <= SEGMENT:
+        if rows:
             sums, states = self._sums_begun(width, pairs)
-            per_step = max(1, SEGMENT // width)
-            for first in range(0, rows, per_step):
-                last = min(first + per_step, rows)
-                base, models_raw = self._raw(plan.name, first * width, last * width)
-                _specialised(_rows, code)((base, models_raw, width, sums, states, norms[first:last],
-                                           dots[first:last]))
-        else:
-            for row in range(rows):
-                norms[row], dots[row] = self._streamed_row(plan.name, row * width, width, models, pairs)
+            accumulators = (np.zeros((models, LANES), np.float32), sums, states,
+                            np.empty((models, BLOCK), np.float32), np.empty((pairs, BLOCK), np.float32))
+            kernel = _specialised(_statistics, int(merge.dtype.code))
+            for start, stop in self._segments(width, rows):
+                base = host_raw(merge, merge.base, plan.name, start, stop)
+                finetunes = tuple(host_raw(merge, model, plan.name, start, stop) for model in merge.finetunes)
+                kernel((base, finetunes, width, start, *accumulators, norms, dots))
+                merge.progress.advance((stop - start) * (models + 1))
         ratios = np.empty(max(rows, 1), np.float32)
         _ratios(norms, dots, models, merge.dtype.code, ratios)
         self._ratios[plan.name] = (max(width, 1), ratios)
+
+    @staticmethod
+    def _segments(width: int, rows: int) -> list[tuple[int, int]]:
+        """The tensor's element ranges read per statistics call: whole rows up to SEGMENT values, or a row longer
+        than that in SEGMENT-long pieces from its start."""
+        if width > SEGMENT:
+            return [(row * width + piece, row * width + min(piece + SEGMENT, width))
+                    for row in range(rows) for piece in range(0, width, SEGMENT)]
+        step = SEGMENT // width * width
+        return [(start, min(start + step, rows * width)) for start in range(0, rows * width, step)]
 
     def _sums_begun(self, width: int, pairs: int) -> tuple[np.ndarray, np.ndarray]:
         """A cascade sum of a row of `width` values begun for each pair: (sums, states) stacked."""
         begun = [sum_begin(width, self.merge.dtype.code != F32) for _ in range(pairs)]
         return np.stack([acc for acc, _ in begun]), np.stack([state for _, state in begun])
-
-    def _raw(self, name: str, start: int, stop: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """The base's and the fine-tunes' elements [start, stop) in the compute dtype's storage (host_raw)."""
-        merge = self.merge
-        base = host_raw(merge, merge.base, name, start, stop)
-        models = tuple(host_raw(merge, model, name, start, stop) for model in merge.finetunes)
-        merge.progress.advance((stop - start) * (len(models) + 1))
-        return base, models
-
-    def _streamed_row(self, name: str, start: int, width: int, models: int, pairs: int):
-        """Norms and dot products of one row longer than a segment, a segment at a time."""
-        code = int(self.merge.dtype.code)
-        norms = np.zeros((models, LANES), np.float32)
-        sums, states = self._sums_begun(width, pairs)
-        norm_tail, sum_tail = np.empty((models, BLOCK), np.float32), np.empty((pairs, BLOCK), np.float32)
-        norm_left = sum_left = 0
-        for offset in range(0, width, SEGMENT):
-            base, models_raw = self._raw(name, start + offset, start + min(offset + SEGMENT, width))
-            norm_left, sum_left = _specialised(_segment, code)((base, models_raw, norms, sums, states, norm_tail,
-                                                                sum_tail))
-        finished = np.empty(models + pairs, np.float32)
-        for i in range(models):
-            finished[i] = norm_finish(norm_tail[i, :norm_left].copy(), norms[i])
-        for pair in range(pairs):
-            finished[models + pair] = sum_finish(sum_tail[pair, :sum_left].copy(), sums[pair], states[pair])
-        out = np.empty(models + pairs, np.float32)
-        _round_all(finished, code, out)
-        return out[:models], out[models:]
 
     def inputs(self, name, start, base, raws, models):
         """The fine-tunes, then each element's row ratio t (float32) for the combine step."""
@@ -234,12 +213,6 @@ class ModelStock(Method):
         for values in models[1:]:
             total = total + values
         return t * (total / len(models)) + (1 - t) * base
-
-
-@njit(nogil=True, cache=True)
-def _round_all(values, code, out):
-    for i in range(values.shape[0]):
-        out[i] = rnd(values[i], code)
 
 
 assert BLOCK % SUM_SEGMENT_MULTIPLE == 0 and SEGMENT % BLOCK == 0

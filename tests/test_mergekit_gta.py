@@ -10,6 +10,7 @@ rank-dependent keep probability) otherwise; seeded and identical on both kernel 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -224,6 +225,36 @@ def test_random_drop_fraction_and_rescale(families, tmp_path, method):
         assert torch.allclose(merged_delta[survived], delta[survived] * scale, rtol=1e-5, atol=1e-7), name
     sigma = (density * (1 - density) / total) ** 0.5
     assert abs(kept / total - density) < 6 * sigma, (kept, total)
+
+
+@pytest.mark.parametrize("code", [BF16, F32])
+def test_rescale_norms_are_exact_sums_whatever_the_ranges(code):
+    """l1_buckets: the L1 norms of a task vector and of its kept part, as exact sums (Fractions here), the same
+    for any cut of the tensor into ranges (lengths not a multiple of its partial bucket sets), with magnitudes
+    over 60 binary orders, zeros, subnormals and repeated exponents."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(7)
+    n = 20011
+    base = (rng.standard_normal(n) * np.exp2(rng.integers(-140, -80, n))).astype(np.float32)
+    finetuned = base + (rng.standard_normal(n) * np.exp2(rng.integers(-140, -80, n))).astype(np.float32)
+    finetuned[::13] = base[::13]  # zero task vectors
+    if code == BF16:
+        base, finetuned = [(x.view(np.uint32) >> 16).astype(np.uint16) for x in (base, finetuned)]
+        widened = [(x.astype(np.uint32) << 16).view(np.float32) for x in (base, finetuned)]
+    else:
+        widened = [base, finetuned]
+    deltas = torch.from_numpy(widened[1]) - torch.from_numpy(widened[0])
+    if code == BF16:
+        deltas = deltas.to(torch.bfloat16).to(torch.float32)
+    keep = rng.random(n) < 0.4
+    magnitudes = [Fraction(float(abs(d))) for d in deltas.tolist()]
+    exact = [sum(magnitudes, Fraction(0)), sum((m for m, k in zip(magnitudes, keep, strict=True) if k), Fraction(0))]
+    for cuts in ([0, n], [0, 1, 9, 4099, 13001, n]):
+        before, after = np.zeros(256, np.int64), np.zeros(256, np.int64)
+        for start, stop in itertools.pairwise(cuts):
+            gta_kernels.l1_buckets(code, base[start:stop], finetuned[start:stop], keep[start:stop], before, after)
+        assert [gta_kernels.exact_sum(b) for b in (before, after)] == [float(x) for x in exact], cuts
 
 
 def test_della_keeps_larger_magnitudes_more_often(families, tmp_path):

@@ -240,9 +240,12 @@ def window_selection(keys, order, window_start, window_stop):
             np.int64(high) if split_high else np.int64(-1), kept)
 
 
+PARTIAL_BUCKETS = 8  # sets of buckets an L1 pass fills in turn, element by element (see _l1_buckets)
+
+
 @njit(inline="always")
-def _add_exact(buckets, f):
-    """Adds |f| (a float32) exactly: its significand into the bucket of its exponent (see `exact_sum`)."""
+def _exact_parts(f):
+    """|f| (a float32) as (exponent, significand) for the bucket sums (see `exact_sum`)."""
     u = np.int64(_f32_as_u32(abs(np.float32(f))))
     exponent = u >> 23
     significand = u & 0x7FFFFF
@@ -250,21 +253,31 @@ def _add_exact(buckets, f):
         significand |= 0x800000
     else:
         exponent = 1
-    buckets[exponent] += significand
+    return exponent, significand
 
 
 @register_jitable(inline="always")
 def _l1_buckets(constants, args):
     """Exact L1 norms of one model's task vector and of its kept part over a range, as significand sums per
-    exponent (order-free, so they do not depend on ranges, threads or the device)."""
+    exponent (order-free, so they do not depend on ranges, threads or the device). Neighbouring values mostly
+    share an exponent, so adding each to one set of buckets made every add wait for the one before it, and the
+    kept part's branch on a random mask was mispredicted half the time (5 ns an element): element e adds to set
+    e % PARTIAL_BUCKETS, the kept part adds its significand times the mask, and the sets are summed at the end
+    (integer sums: the same totals)."""
     code, masked = constants
     base, raw, keep, before, after = args
+    partial_before = np.zeros((PARTIAL_BUCKETS, before.shape[0]), np.int64)
+    partial_after = np.zeros((PARTIAL_BUCKETS, after.shape[0]), np.int64)
     for e in range(base.shape[0]):
-        d = rnd(widen(raw[e], code) - widen(base[e], code), code)
-        _add_exact(before, d)
+        exponent, significand = _exact_parts(rnd(widen(raw[e], code) - widen(base[e], code), code))
+        lane = e % PARTIAL_BUCKETS
+        partial_before[lane, exponent] += significand
         if masked:
-            if keep[e]:
-                _add_exact(after, d)
+            partial_after[lane, exponent] += significand * np.int64(keep[e])
+    for lane in range(PARTIAL_BUCKETS):
+        for exponent in range(before.shape[0]):
+            before[exponent] += partial_before[lane, exponent]
+            after[exponent] += partial_after[lane, exponent]
 
 
 def l1_buckets(code, base, raw, keep, before, after):
